@@ -1,0 +1,1 @@
+//! vmkeep-qemu (under construction)

@@ -1,0 +1,1 @@
+//! vmkeep-repo (under construction)

@@ -1,0 +1,316 @@
+//! The embedded default: a repository in a local directory (or any mounted filesystem).
+//!
+//! Crash story: `put` writes `<dir>/.tmp-<random>` and renames it over the final name (a file
+//! rename inside one folder, atomic on POSIX filesystems), so a reader never sees a partial
+//! object; a kill -9 leaves at most a `.tmp-*` file that `list` ignores and `clean_temporaries`
+//! removes. Durability is one `syncfs` per commit point ([`Store::flush`]) rather than an fsync
+//! per object: a backup writes thousands of objects and fsyncs them once before its manifest.
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use crate::error::{Error, Result};
+use crate::key::{Key, Kind};
+use crate::{ObjectMeta, Store};
+
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+}
+
+impl LocalStore {
+    /// Open an existing folder (the repository layer decides whether it is a repository).
+    pub fn open(root: impl AsRef<Path>) -> Result<LocalStore> {
+        let root = root.as_ref().to_path_buf();
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => Ok(LocalStore { root }),
+            Ok(_) => Err(Error::io(
+                "open",
+                &root,
+                std::io::Error::new(ErrorKind::NotADirectory, "not a directory"),
+            )),
+            Err(e) => Err(Error::io("open", &root, e)),
+        }
+    }
+
+    /// Create the folder (and parents) if needed. Refuses a non-empty folder.
+    pub fn create(root: impl AsRef<Path>) -> Result<LocalStore> {
+        let root = root.as_ref().to_path_buf();
+        fs::create_dir_all(&root).map_err(|e| Error::io("create", &root, e))?;
+        let mut entries = fs::read_dir(&root).map_err(|e| Error::io("read", &root, e))?;
+        if entries.next().is_some() {
+            return Err(Error::io(
+                "create",
+                &root,
+                std::io::Error::new(ErrorKind::AlreadyExists, "folder is not empty"),
+            ));
+        }
+        for kind in Kind::ALL {
+            if kind != Kind::Config {
+                let d = root.join(kind.dir());
+                fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
+            }
+        }
+        Ok(LocalStore { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &Key) -> PathBuf {
+        self.root.join(key.path())
+    }
+
+    fn temp_path(&self, final_path: &Path) -> PathBuf {
+        let mut r = [0u8; 8];
+        getrandom::getrandom(&mut r).expect("OS random source");
+        final_path.with_file_name(format!(".tmp-{}", hex::encode(r)))
+    }
+
+    fn write_temp(&self, key: &Key, data: &[u8]) -> Result<(PathBuf, PathBuf)> {
+        let path = self.path(key);
+        let dir = path.parent().expect("object paths have a parent");
+        if key.kind == Kind::Pack {
+            fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+        }
+        let tmp = self.temp_path(&path);
+        let result = (|| {
+            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(data)?;
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::io("write", &tmp, e));
+        }
+        Ok((tmp, path))
+    }
+
+    /// Remove `.tmp-*` files older than `age` left by killed writers.
+    pub fn clean_temporaries(&self, age: Duration) -> Result<u64> {
+        let mut removed = 0;
+        let mut dirs = vec![self.root.clone()];
+        while let Some(d) = dirs.pop() {
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("read", &d, e)),
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                let name = e.file_name().to_string_lossy().into_owned();
+                let Ok(m) = e.metadata() else { continue };
+                if m.is_dir() {
+                    dirs.push(p);
+                } else if name.starts_with(".tmp-") {
+                    let old = m
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.elapsed().ok())
+                        .unwrap_or_default();
+                    if old >= age && fs::remove_file(&p).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn meta_of(key: Key, m: &fs::Metadata) -> ObjectMeta {
+    ObjectMeta {
+        key,
+        size: m.len(),
+        modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+impl Store for LocalStore {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn get(&self, key: &Key) -> Result<Vec<u8>> {
+        let p = self.path(key);
+        fs::read(&p).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::NotFound {
+                key: key.to_string(),
+            },
+            _ => Error::io("read", &p, e),
+        })
+    }
+
+    fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let p = self.path(key);
+        let f = File::open(&p).map_err(|e| match e.kind() {
+            ErrorKind::NotFound => Error::NotFound {
+                key: key.to_string(),
+            },
+            _ => Error::io("open", &p, e),
+        })?;
+        let mut buf = vec![0u8; len as usize];
+        f.read_exact_at(&mut buf, offset)
+            .map_err(|e| match e.kind() {
+                ErrorKind::UnexpectedEof => Error::ShortRead {
+                    key: key.to_string(),
+                    offset,
+                    len,
+                },
+                _ => Error::io("read", &p, e),
+            })?;
+        Ok(buf)
+    }
+
+    fn size(&self, key: &Key) -> Result<u64> {
+        let p = self.path(key);
+        fs::metadata(&p)
+            .map(|m| m.len())
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => Error::NotFound {
+                    key: key.to_string(),
+                },
+                _ => Error::io("stat", &p, e),
+            })
+    }
+
+    fn put(&self, key: &Key, data: &[u8]) -> Result<()> {
+        let (tmp, path) = self.write_temp(key, data)?;
+        fs::rename(&tmp, &path).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            Error::io("rename", &path, e)
+        })
+    }
+
+    fn put_if_absent(&self, key: &Key, data: &[u8]) -> Result<bool> {
+        let (tmp, path) = self.write_temp(key, data)?;
+        // link(2) fails with EEXIST atomically: a real conditional create on POSIX.
+        let r = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(Error::io("link", &path, e)),
+        }
+    }
+
+    fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        if kind == Kind::Config {
+            if let Ok(m) = fs::metadata(self.root.join("config")) {
+                out.push(meta_of(Key::config(), &m));
+            }
+            return Ok(out);
+        }
+        let base = self.root.join(kind.dir());
+        let mut dirs = vec![base.clone()];
+        while let Some(d) = dirs.pop() {
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io("list", &d, e)),
+            };
+            for e in rd {
+                let e = e.map_err(|e| Error::io("list", &d, e))?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let m = match e.metadata() {
+                    Ok(m) => m,
+                    Err(err) if err.kind() == ErrorKind::NotFound => continue,
+                    Err(err) => return Err(Error::io("stat", e.path(), err)),
+                };
+                if m.is_dir() {
+                    if kind == Kind::Pack && d == base {
+                        dirs.push(e.path());
+                    }
+                    continue;
+                }
+                if let Ok(key) = Key::new(kind, name) {
+                    out.push(meta_of(key, &m));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &Key) -> Result<()> {
+        let p = self.path(key);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("delete", &p, e)),
+        }
+    }
+
+    fn flush(&self) -> Result<()> {
+        let f = File::open(&self.root).map_err(|e| Error::io("open", &self.root, e))?;
+        // SAFETY: syncfs takes a valid open file descriptor, which `f` holds for the call.
+        let r = unsafe { libc::syncfs(f.as_raw_fd()) };
+        if r != 0 {
+            return Err(Error::io(
+                "syncfs",
+                &self.root,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::create(dir.path().join("r")).unwrap();
+        let k = Key::new(Kind::Pack, "abcdef").unwrap();
+        s.put(&k, b"hello").unwrap();
+        assert_eq!(s.get(&k).unwrap(), b"hello");
+        assert_eq!(s.get_range(&k, 1, 3).unwrap(), b"ell");
+        assert!(matches!(
+            s.get_range(&k, 3, 5),
+            Err(Error::ShortRead { .. })
+        ));
+        assert_eq!(s.size(&k).unwrap(), 5);
+        let l = s.list(Kind::Pack).unwrap();
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].key, k);
+        assert!(!s.put_if_absent(&k, b"other").unwrap());
+        assert_eq!(s.get(&k).unwrap(), b"hello");
+        let k2 = Key::new(Kind::Snapshot, "0123").unwrap();
+        assert!(s.put_if_absent(&k2, b"x").unwrap());
+        s.delete(&k).unwrap();
+        s.delete(&k).unwrap();
+        assert!(s.get(&k).unwrap_err().is_not_found());
+        s.flush().unwrap();
+        assert!(
+            LocalStore::create(dir.path().join("r")).is_err(),
+            "non-empty folder refused"
+        );
+    }
+
+    #[test]
+    fn temporaries_are_invisible_and_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::create(dir.path()).unwrap();
+        fs::write(dir.path().join("index/.tmp-dead"), b"partial").unwrap();
+        assert!(s.list(Kind::Index).unwrap().is_empty());
+        assert_eq!(s.clean_temporaries(Duration::ZERO).unwrap(), 1);
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        assert!(Key::new(Kind::Index, "../x").is_err());
+        assert!(Key::new(Kind::Index, "").is_err());
+        assert!(Key::new(Kind::Config, "other").is_err());
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what vmkeep's demo, tests and benchmarks need on Debian 12 (bookworm).
+# QEMU 10 comes from bookworm-backports (qemu-utils 10 is already on the machine image);
+# the backports source reuses the URI of the existing bookworm entry, never a hard-coded host.
+# Usage: scripts/install-deps.sh [test|bench|all]   (default: test)
+set -euo pipefail
+what="${1:-test}"
+pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd)
+case "$what" in
+  test) ;;
+  bench|all) pkgs+=(restic borgbackup time) ;;
+  *) echo "usage: $0 [test|bench|all]" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p"); done
+need_qemu=0
+if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-system-x86_64 --version | grep -q "version 10"; then need_qemu=1; fi
+
+if [ ${#missing[@]} -eq 0 ] && [ $need_qemu -eq 0 ]; then echo "install-deps: everything present"; exit 0; fi
+
+src=/etc/apt/sources.list.d/debian.sources
+bpo=/etc/apt/sources.list.d/vmkeep-backports.sources
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: not root; run as root:" >&2
+  echo "  sudo $0 $what" >&2
+  echo "  (needs: ${missing[*]} ${need_qemu:+qemu-system-x86 from bookworm-backports})" >&2
+  exit 1
+fi
+if [ $need_qemu -eq 1 ] && [ ! -f "$bpo" ]; then
+  uri=$(awk '/^URIs:/{u=$2} /^Suites:/{ for(i=2;i<=NF;i++) if ($i=="bookworm") {print u; exit} }' "$src" 2>/dev/null || true)
+  if [ -z "$uri" ]; then uri=$(awk '$1=="deb" && $3=="bookworm"{print $2; exit}' /etc/apt/sources.list 2>/dev/null || true); fi
+  [ -n "$uri" ] || { echo "install-deps: cannot find the bookworm apt source to derive a backports entry from" >&2; exit 1; }
+  printf 'Types: deb\nURIs: %s\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$uri" > "$bpo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+[ ${#missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${missing[@]}"
+[ $need_qemu -eq 0 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86
+echo "install-deps: done"
