@@ -1,1 +1,42 @@
-//! vmkeep-repo (under construction)
+//! vmkeep-repo: the repository. It turns disks and streams into restore points and back, over
+//! the object-store interface of vmkeep-store, with the formats of vmkeep-core.
+//!
+//! | module | use case |
+//! |---|---|
+//! | [`repository`] | init, open, keys |
+//! | [`backup`] | backup sessions: lease, dedup, parallel pipeline, packer, commit |
+//! | [`restore`] | restore a restore point's disks to sparse raw files |
+//! | [`check`] | verify structure and data |
+//! | [`forget`], [`prune`] | retention, change-map merging, GC |
+//! | [`lease`], [`gc_record`] | the concurrency protocol between backups and GC |
+//!
+//! Which operations may run together (FORMAT.md "Concurrency and GC"):
+//! backups of any VMs together, and beside one prune or forget; prune and forget exclude each
+//! other; check and restore beside anything (they may report a pack a concurrent prune just
+//! deleted only if the restore point using it was forgotten meanwhile).
+
+pub mod backup;
+pub mod check;
+mod error;
+pub mod forget;
+pub mod gc_record;
+pub mod hooks;
+pub mod index;
+pub mod lease;
+mod nodes;
+mod packer;
+pub mod progress;
+pub mod prune;
+pub mod repository;
+pub mod restore;
+mod snapshots;
+
+pub use backup::{BackupOptions, BackupSession, DiskReader, ImageBackupOptions, ReadPlan};
+pub use check::{CheckOptions, CheckReport, Damage};
+pub use error::{Error, Result};
+pub use hooks::Hooks;
+pub use progress::{NoProgress, Progress};
+pub use prune::{GcStats, PruneOptions, PrunePlan, PruneStats};
+pub use repository::{InitOptions, Repository, Tuning};
+pub use restore::{RestoreOptions, RestoreStats};
+pub use vmkeep_core::manifest::Manifest;

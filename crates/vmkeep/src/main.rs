@@ -1,1 +1,37 @@
-fn main() {}
+//! vmkeep: the command-line front end. The only crate that knows both the user and the
+//! repository: it parses arguments, opens repositories, draws progress and prints results.
+mod args;
+mod commands;
+mod context;
+mod output;
+mod progress;
+mod size;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Exit status when `check` found damage.
+pub const EXIT_DAMAGE: u8 = 3;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    init_tracing();
+    match commands::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            if output::is_broken_pipe(&e) {
+                return ExitCode::SUCCESS;
+            }
+            // One line: the error and its causes.
+            eprintln!("vmkeep: error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VMKEEP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}

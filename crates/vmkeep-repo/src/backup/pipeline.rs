@@ -1,0 +1,355 @@
+//! The data path of one disk: a reader thread, N worker threads (zero test, hash, dedup,
+//! compress, encrypt) and a collector (this thread) that builds the index tree in chunk order.
+//!
+//!   reader --batches--> workers --encoded blobs--> packer thread --> packs, indexes
+//!                          \--(chunk, id)--> collector --> TreeBuilder --> tree nodes --> packer
+//!
+//! Channels are bounded, so memory stays at a few MiB per thread whatever the disk size.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use vmkeep_core::blob;
+use vmkeep_core::changes::ChangeMap;
+use vmkeep_core::keys::BlobKind;
+use vmkeep_core::manifest::{Checkpoint, DiskEntry, Manifest};
+use vmkeep_core::tree::{self, TreeBuilder};
+use vmkeep_core::BlobId;
+
+use super::Dedup;
+use crate::error::{Error, Result};
+use crate::nodes::SessionNodes;
+use crate::packer::{EncodedBlob, Packer};
+use crate::progress::Progress;
+use crate::Repository;
+
+pub(crate) const PACKER_GONE: &str = "packer gone";
+
+/// Bytes read per batch (a batch is whole chunks; at least one).
+const BATCH_BYTES: u64 = 1 << 20;
+
+static ZEROS: [u8; 4 << 20] = [0u8; 4 << 20];
+
+/// A disk to read: a raw image file, a block device, or (later) an NBD export.
+pub trait DiskReader: Sync {
+    fn size(&self) -> u64;
+    /// Fill `buf` from `offset`; the range lies inside the disk.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// For messages: a path or an export name.
+    fn describe(&self) -> String;
+}
+
+/// What to read of a disk, and where the rest comes from.
+#[derive(Clone, Debug, Default)]
+pub struct ReadPlan {
+    /// Tree (of a disk of the same size) supplying every chunk not read; None = zeros.
+    pub base: Option<BlobId>,
+    /// Chunk runs (first, count) to read, ascending and disjoint.
+    pub runs: Vec<(u64, u64)>,
+    /// "used" | "rescan" | "none", recorded in the manifest.
+    pub cbt: String,
+    pub cbt_reason: Option<String>,
+    pub checkpoint: Option<Checkpoint>,
+}
+
+pub(crate) struct DiskOutcome {
+    pub entry: DiskEntry,
+    pub read_bytes: u64,
+    pub changed_bytes: u64,
+    pub new_bytes: u64,
+    pub chunks_new: u64,
+    pub chunks_reused: u64,
+}
+
+struct Batch {
+    seq: u64,
+    first: u64,
+    data: Vec<u8>,
+}
+
+#[derive(Default)]
+struct BatchResult {
+    seq: u64,
+    entries: Vec<(u64, BlobId)>,
+    read: u64,
+    new_bytes: u64,
+    chunks_new: u64,
+    chunks_reused: u64,
+}
+
+fn validate_plan(plan: &ReadPlan, chunks: u64) -> Result<()> {
+    let mut next = 0u64;
+    for &(first, count) in &plan.runs {
+        let end = first.checked_add(count);
+        if count == 0 || first < next || end.is_none_or(|e| e > chunks) {
+            return Err(Error::Internal(format!("invalid read plan run ({first}, {count}) for {chunks} chunks")));
+        }
+        next = first + count;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run(
+    repo: &Repository,
+    dedup: &Arc<Dedup>,
+    packer: &Packer,
+    name: &str,
+    reader: &dyn DiskReader,
+    plan: &ReadPlan,
+    parent: Option<&Manifest>,
+    progress: &dyn Progress,
+) -> Result<DiskOutcome> {
+    let cs = repo.config.chunk_size as u64;
+    let size = reader.size();
+    let chunks = size.div_ceil(cs);
+    validate_plan(plan, chunks)?;
+    let planned: u64 = plan.runs.iter().map(|&(f, n)| (n * cs).min(size - f * cs)).sum();
+    progress.phase(&format!("disk {name}"), planned);
+    let threads = repo.tuning.threads.max(1);
+    let batch_chunks = (BATCH_BYTES / cs).max(1);
+
+    let (batch_tx, batch_rx) = bounded::<Batch>(threads * 2);
+    let (res_tx, res_rx) = bounded::<BatchResult>(threads * 4);
+
+    let (reader_r, worker_rs, collect_r) = std::thread::scope(|s| {
+        let reader_h = s.spawn(move || read_batches(reader, plan, cs, size, batch_chunks, batch_tx));
+        let mut workers = Vec::new();
+        for _ in 0..threads {
+            let rx = batch_rx.clone();
+            let tx = res_tx.clone();
+            let ptx = packer.sender();
+            let dedup = dedup.clone();
+            workers.push(s.spawn(move || work(repo, &dedup, cs, rx, tx, ptx)));
+        }
+        drop(batch_rx);
+        drop(res_tx);
+        let collected = collect(repo, dedup, packer, plan, chunks, cs, size, res_rx, progress);
+        let reader_r = reader_h.join().unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
+        let worker_rs: Vec<Result<()>> = workers
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("worker panicked".into()))))
+            .collect();
+        (reader_r, worker_rs, collected)
+    });
+    progress.finish_phase();
+    // The root cause first: the source, then the workers (packer failures), then the collector.
+    let batches = reader_r?;
+    for r in worker_rs {
+        r?;
+    }
+    let c = collect_r?;
+    if c.batches != batches {
+        return Err(Error::Internal(format!("{} of {batches} batches processed", c.batches)));
+    }
+
+    // Change map against the parent's disk of the same name and size.
+    let parent_disk = parent.and_then(|p| p.disk(name)).filter(|d| d.size == size);
+    let mut nodes = c.nodes;
+    let (changes, changed_chunks) = match parent_disk {
+        Some(pd) => {
+            let changed = tree::changed_chunks(&nodes, &pd.root, &c.root, chunks)
+                .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
+            let n = changed.len() as u64;
+            (Some(ChangeMap::from_sorted(changed.iter().copied())), (n, changed))
+        }
+        None => (None, (0, Vec::new())),
+    };
+    let chunk_len = |i: u64| (size - i * cs).min(cs);
+    let data_bytes = match (plan.base, parent_disk) {
+        (None, _) => c.nonzero_bytes,
+        (Some(_), Some(pd)) => {
+            // Only chunks that changed can change the data total.
+            let store = &nodes;
+            let mut total = pd.data_bytes as i128;
+            for &i in &changed_chunks.1 {
+                let old = tree::chunk_id(store, &pd.root, chunks, i)
+                    .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
+                let new = tree::chunk_id(store, &c.root, chunks, i)
+                    .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
+                total += (!new.is_zero() as i128 - !old.is_zero() as i128) * chunk_len(i) as i128;
+            }
+            total.max(0) as u64
+        }
+        (Some(_), None) => {
+            let store = &nodes;
+            let mut total = 0;
+            tree::for_each_chunk(store, &c.root, chunks, &mut |i, _| {
+                total += chunk_len(i);
+                Ok(())
+            })
+            .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
+            total
+        }
+    };
+    let changed_bytes = match &changes {
+        Some(_) => changed_chunks.1.iter().map(|&i| chunk_len(i)).sum(),
+        None => data_bytes,
+    };
+    let _ = changed_chunks.0;
+    nodes.written.clear();
+    Ok(DiskOutcome {
+        entry: DiskEntry {
+            name: name.to_string(),
+            size,
+            root: c.root,
+            changes,
+            data_bytes,
+            cbt: if plan.cbt.is_empty() { "none".into() } else { plan.cbt.clone() },
+            cbt_reason: plan.cbt_reason.clone(),
+            checkpoint: plan.checkpoint.clone(),
+        },
+        read_bytes: c.read,
+        changed_bytes,
+        new_bytes: c.new_bytes,
+        chunks_new: c.chunks_new,
+        chunks_reused: c.chunks_reused,
+    })
+}
+
+/// Reads the planned runs in batches of whole chunks. Returns the number of batches sent.
+fn read_batches(
+    reader: &dyn DiskReader,
+    plan: &ReadPlan,
+    cs: u64,
+    size: u64,
+    batch_chunks: u64,
+    tx: Sender<Batch>,
+) -> Result<u64> {
+    let mut seq = 0;
+    for &(first, count) in &plan.runs {
+        let mut i = first;
+        while i < first + count {
+            let n = batch_chunks.min(first + count - i);
+            let off = i * cs;
+            let len = (n * cs).min(size - off);
+            let mut data = vec![0u8; len as usize];
+            reader.read_at(&mut data, off).map_err(|e| Error::SourceRead {
+                path: reader.describe().into(),
+                source: e,
+            })?;
+            if tx.send(Batch { seq, first: i, data }).is_err() {
+                return Ok(u64::MAX); // the consumers stopped; their error is reported
+            }
+            seq += 1;
+            i += n;
+        }
+    }
+    Ok(seq)
+}
+
+fn work(
+    repo: &Repository,
+    dedup: &Dedup,
+    cs: u64,
+    rx: Receiver<Batch>,
+    tx: Sender<BatchResult>,
+    ptx: Sender<EncodedBlob>,
+) -> Result<()> {
+    let keys = &repo.keys;
+    for b in rx {
+        let mut r = BatchResult { seq: b.seq, read: b.data.len() as u64, ..Default::default() };
+        for (k, data) in b.data.chunks(cs as usize).enumerate() {
+            let index = b.first + k as u64;
+            if data == &ZEROS[..data.len()] {
+                r.entries.push((index, BlobId::ZERO));
+                continue;
+            }
+            let id = keys.blob_id(BlobKind::Data, data);
+            if dedup.claim(&id) {
+                let encoded = blob::encode(keys, BlobKind::Data, &id, data);
+                r.new_bytes += data.len() as u64;
+                r.chunks_new += 1;
+                let msg = EncodedBlob { kind: BlobKind::Data, id, raw_len: data.len() as u32, data: encoded };
+                ptx.send(msg).map_err(|_| Error::Internal(PACKER_GONE.into()))?;
+            } else {
+                r.chunks_reused += 1;
+            }
+            r.entries.push((index, id));
+        }
+        if tx.send(r).is_err() {
+            return Ok(()); // the collector stopped; it reports why
+        }
+    }
+    Ok(())
+}
+
+struct Collected<'a> {
+    root: BlobId,
+    nodes: SessionNodes<'a>,
+    batches: u64,
+    read: u64,
+    nonzero_bytes: u64,
+    new_bytes: u64,
+    chunks_new: u64,
+    chunks_reused: u64,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn collect<'a>(
+    repo: &'a Repository,
+    dedup: &Arc<Dedup>,
+    packer: &Packer,
+    plan: &ReadPlan,
+    chunks: u64,
+    cs: u64,
+    size: u64,
+    rx: Receiver<BatchResult>,
+    progress: &dyn Progress,
+) -> Result<Collected<'a>> {
+    let mut nodes = SessionNodes {
+        repo,
+        index: dedup.index.clone(),
+        dedup: dedup.clone(),
+        packer: packer.sender(),
+        written: Default::default(),
+        packer_gone: false,
+    };
+    let mut out_stats = (0u64, 0u64, 0u64, 0u64, 0u64); // batches, read, nonzero, new, (new chunks)
+    let mut reused = 0u64;
+    let mut pending: BTreeMap<u64, BatchResult> = BTreeMap::new();
+    let root = {
+        let mut builder = TreeBuilder::new(&mut nodes, plan.base, chunks);
+        let mut next = 0u64;
+        for r in rx {
+            pending.insert(r.seq, r);
+            while let Some(r) = pending.remove(&next) {
+                for (i, id) in r.entries {
+                    if !id.is_zero() {
+                        out_stats.2 += (size - i * cs).min(cs);
+                    }
+                    builder.set(i, id).map_err(tree_error)?;
+                }
+                out_stats.0 += 1;
+                out_stats.1 += r.read;
+                out_stats.3 += r.new_bytes;
+                out_stats.4 += r.chunks_new;
+                reused += r.chunks_reused;
+                progress.advance(r.read);
+                next += 1;
+            }
+        }
+        builder.finish().map_err(tree_error)?
+    };
+    if nodes.packer_gone {
+        return Err(Error::Internal(PACKER_GONE.into()));
+    }
+    Ok(Collected {
+        root,
+        nodes,
+        batches: out_stats.0,
+        read: out_stats.1,
+        nonzero_bytes: out_stats.2,
+        new_bytes: out_stats.3,
+        chunks_new: out_stats.4,
+        chunks_reused: reused,
+    })
+}
+
+fn tree_error(e: vmkeep_core::Error) -> Error {
+    match e {
+        vmkeep_core::Error::Invalid { what: "repository write", .. } => Error::Internal(PACKER_GONE.into()),
+        other => Error::Core(other),
+    }
+}
+

@@ -1,0 +1,65 @@
+//! The one error type of vmkeep-repo. Messages say what happened and, where it helps, what to do.
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The location holds no repository (no `config` object).
+    #[error("no vmkeep repository at {location} (create one with `vmkeep init`)")]
+    NotARepository { location: String },
+    /// A `config` object exists but is not a vmkeep config.
+    #[error("{location} is not a vmkeep repository: {reason}")]
+    ForeignRepository { location: String, reason: String },
+    #[error("a repository already exists at {location}")]
+    AlreadyExists { location: String },
+    #[error("the repository is encrypted: give the passphrase with --password-file, VMKEEP_PASSWORD_FILE or VMKEEP_PASSWORD")]
+    PassphraseRequired,
+    #[error("wrong passphrase for the repository at {location}")]
+    WrongPassphrase { location: String },
+    #[error("no restore point matches {reference:?} (list them with `vmkeep snapshots`)")]
+    UnknownSnapshot { reference: String },
+    #[error("{reference:?} is ambiguous: it matches {candidates}; give more digits")]
+    AmbiguousSnapshot { reference: String, candidates: String },
+    #[error("a snapshot reference needs at least 6 hex digits, or VM@latest; got {reference:?}")]
+    ShortReference { reference: String },
+    #[error("restore point {snapshot} has no disk named {disk:?} (it has: {available})")]
+    NoSuchDisk { snapshot: String, disk: String, available: String },
+    /// Corrupt or undecodable repository object.
+    #[error("repository object {object} is damaged: {source}")]
+    CorruptObject { object: String, source: vmkeep_core::Error },
+    /// A blob referenced by a restore point is not in any pack.
+    #[error("blob {id} is missing from the repository (run `vmkeep check`)")]
+    BlobMissing { id: String },
+    #[error(transparent)]
+    Store(#[from] vmkeep_store::Error),
+    #[error(transparent)]
+    Core(#[from] vmkeep_core::Error),
+    #[error("cannot read {path}: {source}")]
+    SourceRead { path: PathBuf, source: std::io::Error },
+    #[error("{path} is a {format} image, not raw: {hint}")]
+    NotRaw { path: PathBuf, format: &'static str, hint: &'static str },
+    #[error("cannot write {path}: {source}")]
+    TargetWrite { path: PathBuf, source: std::io::Error },
+    #[error("{path} already exists; remove it or choose another target")]
+    TargetExists { path: PathBuf },
+    #[error("another {what} is running on this repository ({holder}); wait for it, or if it died remove the stale lock with `vmkeep unlock`")]
+    Locked { what: &'static str, holder: String },
+    #[error("this backup stalled longer than its lease and data it reused was reclaimed meanwhile; run the backup again")]
+    LeaseLost,
+    #[error("invalid {what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub(crate) fn corrupt(object: impl Into<String>, source: vmkeep_core::Error) -> Error {
+        Error::CorruptObject { object: object.into(), source }
+    }
+
+    /// True when retrying cannot help because the repository data is damaged.
+    pub fn is_damage(&self) -> bool {
+        matches!(self, Error::CorruptObject { .. } | Error::BlobMissing { .. })
+    }
+}

@@ -1,0 +1,32 @@
+//! Test instruments that production code carries at no cost: named kill points and callbacks at
+//! the instants where concurrency matters.
+use std::sync::Arc;
+
+use vmkeep_core::BlobId;
+
+/// Abort the process (as kill -9 would end it: no destructors, no cleanup) when the environment
+/// variable `VMKEEP_KILL_AT` names this point. Points: see docs/FORMAT.md "Crash points".
+pub fn kill_point(name: &str) {
+    if let Some(v) = std::env::var_os("VMKEEP_KILL_AT") {
+        if v == name {
+            eprintln!("vmkeep: VMKEEP_KILL_AT={name}: aborting");
+            std::process::abort();
+        }
+    }
+}
+
+/// Callbacks for deterministic concurrency tests.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Called by a backup right after it decided `id` already exists in the repository and will be
+    /// referenced without being written again. A test can block here and run prune meanwhile.
+    pub after_reuse_decision: Option<Arc<dyn Fn(&BlobId) + Send + Sync>>,
+    /// Called right before a backup writes its manifest.
+    pub before_commit: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hooks")
+    }
+}

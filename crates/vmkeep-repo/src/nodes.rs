@@ -1,0 +1,78 @@
+//! Index tree nodes as repository blobs: [`RepoNodes`] reads them for restore, check and GC;
+//! [`SessionNodes`] also writes new ones during a backup (deduplicated, through the packer) and
+//! keeps the nodes it wrote in memory so the change map can be computed before they are indexed.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use vmkeep_core::blob;
+use vmkeep_core::keys::BlobKind;
+use vmkeep_core::tree::{Node, NodeStore};
+use vmkeep_core::BlobId;
+
+use crate::backup::Dedup;
+use crate::index::BlobIndex;
+use crate::packer::EncodedBlob;
+use crate::Repository;
+
+fn to_core(e: crate::Error) -> vmkeep_core::Error {
+    match e {
+        crate::Error::CorruptObject { source, .. } => source,
+        other => vmkeep_core::Error::Corrupt { kind: "index node", reason: other.to_string() },
+    }
+}
+
+/// Read-only access to stored nodes.
+pub struct RepoNodes<'a> {
+    pub repo: &'a Repository,
+    pub index: &'a BlobIndex,
+}
+
+impl NodeStore for RepoNodes<'_> {
+    fn load(&self, id: &BlobId) -> vmkeep_core::Result<Node> {
+        let bytes = self.repo.read_blob(self.index, id).map_err(to_core)?;
+        Node::decode(&bytes)
+    }
+
+    fn store(&mut self, _node: &Node) -> vmkeep_core::Result<BlobId> {
+        Err(vmkeep_core::Error::Invalid { what: "operation", reason: "read-only node store".into() })
+    }
+}
+
+/// Nodes of a running backup.
+pub(crate) struct SessionNodes<'a> {
+    pub repo: &'a Repository,
+    pub index: Arc<BlobIndex>,
+    pub dedup: Arc<Dedup>,
+    pub packer: Sender<EncodedBlob>,
+    pub written: HashMap<BlobId, Node>,
+    /// Set when the packer went away (it failed); the caller fetches its error.
+    pub packer_gone: bool,
+}
+
+impl NodeStore for SessionNodes<'_> {
+    fn load(&self, id: &BlobId) -> vmkeep_core::Result<Node> {
+        if let Some(n) = self.written.get(id) {
+            return Ok(n.clone());
+        }
+        RepoNodes { repo: self.repo, index: &self.index }.load(id)
+    }
+
+    fn store(&mut self, node: &Node) -> vmkeep_core::Result<BlobId> {
+        let bytes = node.encode();
+        let id = self.repo.keys.blob_id(BlobKind::Tree, &bytes);
+        if self.dedup.claim(&id) {
+            let data = blob::encode(&self.repo.keys, BlobKind::Tree, &id, &bytes);
+            let msg = EncodedBlob { kind: BlobKind::Tree, id, raw_len: bytes.len() as u32, data };
+            if self.packer.send(msg).is_err() {
+                self.packer_gone = true;
+                return Err(vmkeep_core::Error::Invalid {
+                    what: "repository write",
+                    reason: "the packer stopped".into(),
+                });
+            }
+            self.written.insert(id, node.clone());
+        }
+        Ok(id)
+    }
+}

@@ -1,0 +1,160 @@
+//! Command-line arguments (docs/cli-contract: names and outputs are stable).
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "vmkeep", version, about = "Live backup, replication and disaster recovery of QEMU/KVM virtual machines")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Repository: a directory path
+    #[arg(long, global = true, env = "VMKEEP_REPO", value_name = "REPO")]
+    pub repo: Option<String>,
+    /// File holding the repository passphrase (or set VMKEEP_PASSWORD)
+    #[arg(long, global = true, env = "VMKEEP_PASSWORD_FILE", value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Print one JSON document on stdout instead of human text
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a repository
+    Init(InitArgs),
+    /// Manage the repository key
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Back up a VM
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// List restore points, oldest first
+    Snapshots(SnapshotsArgs),
+    /// Write a restore point's disks to files
+    Restore(RestoreArgs),
+    /// Verify the repository
+    Check(CheckArgs),
+    /// Drop restore points (space returns with a later prune)
+    Forget(ForgetArgs),
+    /// Apply a retention policy and reclaim unreferenced data
+    Prune(PruneArgs),
+    /// Remove stale locks left by killed vmkeep processes
+    Unlock(UnlockArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Encrypt the repository (asks for a passphrase, or reads --password-file / VMKEEP_PASSWORD)
+    #[arg(long)]
+    pub encrypt: bool,
+    /// Fixed chunk size for disks: a power of two from 64K to 4M
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    pub chunk_size: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Change the passphrase (new one from --new-password-file, VMKEEP_NEW_PASSWORD or a prompt)
+    Passwd {
+        #[arg(long, value_name = "FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Print the master key for safekeeping on paper
+    Export,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Back up disk image files or block devices of a stopped VM (raw images)
+    Image(BackupImageArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BackupImageArgs {
+    /// VM name
+    #[arg(long)]
+    pub vm: String,
+    /// NAME=PATH of a disk (repeat for every disk)
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+    pub disks: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct SnapshotsArgs {
+    /// Only this VM's restore points
+    #[arg(long)]
+    pub vm: Option<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+}
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Restore point: id, unique prefix (>= 6 hex digits) or VM@latest
+    pub snapshot: String,
+    /// Directory to write DISK.raw files into
+    #[arg(long, value_name = "DIR")]
+    pub target: PathBuf,
+    /// Only this disk
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Output format
+    #[arg(long, value_enum, default_value = "raw")]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    /// Also read and verify every chunk
+    #[arg(long)]
+    pub read_data: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Restore points to drop
+    #[arg(required = true, value_name = "SNAP")]
+    pub snapshots: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Only this VM's restore points
+    #[arg(long)]
+    pub vm: Option<String>,
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Print the plan and change nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct UnlockArgs {
+    /// Remove every lock, not only those of dead processes (make sure nothing runs)
+    #[arg(long)]
+    pub remove_all: bool,
+}

@@ -1,0 +1,60 @@
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use vmkeep_core::keys::KdfParams;
+use vmkeep_repo::{InitOptions, Repository};
+use vmkeep_store::LocalStore;
+
+use crate::args::{Global, InitArgs};
+use crate::context::{passphrase, repo_location};
+use crate::output::{print_json, print_line};
+use crate::size::parse_size;
+
+pub fn run(g: &Global, a: &InitArgs) -> Result<u8> {
+    let location = repo_location(g)?;
+    let chunk_size = parse_size(&a.chunk_size).map_err(anyhow::Error::msg)?;
+    let chunk_size = u32::try_from(chunk_size).context("chunk size too large")?;
+    vmkeep_core::config::RepoConfig::validate_chunk_size(chunk_size)?;
+    let pass = if a.encrypt {
+        match passphrase(g, true)? {
+            Some(p) => Some(p),
+            None => bail!("--encrypt needs a passphrase: use --password-file FILE, VMKEEP_PASSWORD, or run on a terminal"),
+        }
+    } else {
+        None
+    };
+    let path = Path::new(location);
+    if path.join("config").exists() {
+        return Err(vmkeep_repo::Error::AlreadyExists { location: location.into() }.into());
+    }
+    let store = LocalStore::create(path).with_context(|| format!("creating the repository folder {location}"))?;
+    let kdf = kdf_params();
+    let repo = Repository::init(Arc::new(store), InitOptions { chunk_size, passphrase: pass, kdf })?;
+    let c = repo.config();
+    if g.json {
+        print_json(&json!({"repo": location, "id": c.id, "encrypted": c.encrypted, "chunk_size": c.chunk_size}))?;
+    } else {
+        print_line(&format!(
+            "created {} repository {} at {location} (chunk size {})",
+            if c.encrypted { "encrypted" } else { "unencrypted" },
+            &c.id[..8],
+            crate::size::human(c.chunk_size as u64)
+        ))?;
+        if c.encrypted {
+            print_line("keep the passphrase safe, and a paper copy of the key (`vmkeep key export`): without them the data cannot be recovered")?;
+        }
+    }
+    Ok(0)
+}
+
+/// Argon2id cost; tests may lower it with VMKEEP_KDF_MEM_KIB (the value is stored in the key file).
+pub fn kdf_params() -> KdfParams {
+    let mut k = KdfParams::default();
+    if let Some(m) = std::env::var("VMKEEP_KDF_MEM_KIB").ok().and_then(|v| v.parse().ok()) {
+        k.m_cost_kib = m;
+        k.t_cost = 1;
+    }
+    k
+}

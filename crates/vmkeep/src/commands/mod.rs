@@ -1,0 +1,27 @@
+//! One module per command; each returns the process exit status.
+mod backup;
+mod check;
+mod init;
+mod key;
+mod maintenance;
+mod restore;
+mod snapshots;
+
+use anyhow::Result;
+
+use crate::args::{Cli, Command};
+
+pub fn run(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Init(a) => init::run(g, &a),
+        Command::Key(k) => key::run(g, &k),
+        Command::Backup(b) => backup::run(g, &b),
+        Command::Snapshots(a) => snapshots::run(g, &a),
+        Command::Restore(a) => restore::run(g, &a),
+        Command::Check(a) => check::run(g, &a),
+        Command::Forget(a) => maintenance::forget(g, &a),
+        Command::Prune(a) => maintenance::prune(g, &a),
+        Command::Unlock(a) => maintenance::unlock(g, &a),
+    }
+}

@@ -1,0 +1,102 @@
+//! Opening the repository a command names, with its passphrase.
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use vmkeep_repo::{Repository, Tuning};
+use vmkeep_store::{LocalStore, Store};
+
+use crate::args::Global;
+
+pub fn repo_location(g: &Global) -> Result<&str> {
+    match g.repo.as_deref() {
+        Some(r) if !r.is_empty() => Ok(r),
+        _ => bail!("no repository given: use --repo REPO or set VMKEEP_REPO"),
+    }
+}
+
+/// The store behind a repository location (a directory for now).
+pub fn open_store(location: &str) -> Result<Arc<dyn Store>> {
+    if location.contains("://") {
+        bail!("{location}: only local directories are supported by this version");
+    }
+    let path = Path::new(location);
+    if !path.exists() {
+        return Err(vmkeep_repo::Error::NotARepository { location: location.into() }.into());
+    }
+    Ok(Arc::new(LocalStore::open(path)?))
+}
+
+fn read_password_file(path: &Path) -> Result<Vec<u8>> {
+    let s = std::fs::read(path).with_context(|| format!("reading the password file {}", path.display()))?;
+    let mut s = s;
+    while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        s.pop();
+    }
+    if s.is_empty() {
+        bail!("the password file {} is empty", path.display());
+    }
+    Ok(s)
+}
+
+/// The passphrase from --password-file / VMKEEP_PASSWORD_FILE, VMKEEP_PASSWORD, or a prompt
+/// (only when stdin is a terminal). `confirm` asks twice (new passphrases).
+pub fn passphrase(g: &Global, confirm: bool) -> Result<Option<Vec<u8>>> {
+    if let Some(f) = &g.password_file {
+        return Ok(Some(read_password_file(f)?));
+    }
+    if let Ok(p) = std::env::var("VMKEEP_PASSWORD") {
+        return Ok(Some(p.into_bytes()));
+    }
+    prompt("passphrase", confirm)
+}
+
+pub fn prompt(what: &str, confirm: bool) -> Result<Option<Vec<u8>>> {
+    if !std::io::stdin().is_terminal() {
+        return Ok(None);
+    }
+    let p = rpassword::prompt_password(format!("enter {what}: "))?;
+    if confirm {
+        let q = rpassword::prompt_password(format!("repeat {what}: "))?;
+        if p != q {
+            bail!("the passphrases differ");
+        }
+    }
+    if p.is_empty() {
+        bail!("an empty passphrase is not allowed");
+    }
+    Ok(Some(p.into_bytes()))
+}
+
+fn env_secs(name: &str) -> Option<Duration> {
+    std::env::var(name).ok()?.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Tuning defaults, adjustable by environment for tests and odd setups.
+pub fn tuning() -> Tuning {
+    let mut t = Tuning::default();
+    if let Some(d) = env_secs("VMKEEP_LEASE_TIMEOUT_SECS") {
+        t.lease_timeout = d;
+    }
+    if let Some(d) = env_secs("VMKEEP_LEASE_REFRESH_SECS") {
+        t.lease_refresh = d;
+    }
+    if let Some(n) = std::env::var("VMKEEP_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+        t.threads = n.max(1);
+    }
+    t
+}
+
+pub fn open_repo(g: &Global) -> Result<Repository> {
+    let location = repo_location(g)?;
+    let store = open_store(location)?;
+    let pass = match vmkeep_repo::Repository::open(store.clone(), None) {
+        Ok(r) => return Ok(r.with_tuning(tuning())),
+        Err(vmkeep_repo::Error::PassphraseRequired) => passphrase(g, false)?
+            .ok_or_else(|| anyhow!(vmkeep_repo::Error::PassphraseRequired))?,
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Repository::open(store, Some(&pass))?.with_tuning(tuning()))
+}
