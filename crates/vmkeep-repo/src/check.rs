@@ -52,7 +52,9 @@ fn entries_by_pack(repo: &Repository) -> Result<(HashMap<PackId, Vec<PackEntry>>
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e.into()),
         };
-        match object::open(&repo.keys, ObjectKind::Index, &bytes).and_then(|b| IndexFile::decode(&b)) {
+        match object::open(&repo.keys, ObjectKind::Index, &bytes)
+            .and_then(|b| IndexFile::decode(&b))
+        {
             Ok(f) => {
                 for (p, es) in f.packs {
                     map.entry(p).or_default().extend(es);
@@ -69,15 +71,26 @@ impl Repository {
         let mut report = CheckReport::default();
         let (snapshots, bad_manifests) = self.snapshots_with_damage()?;
         for (name, why) in bad_manifests {
-            report.damaged.push(Damage { snapshot: name, disk: None, reason: why });
+            report.damaged.push(Damage {
+                snapshot: name,
+                disk: None,
+                reason: why,
+            });
         }
         let index = BlobIndex::load(self)?;
         let (by_pack, warnings) = entries_by_pack(self)?;
         report.warnings.extend(warnings);
-        let packs: HashMap<String, u64> =
-            self.store.list(Kind::Pack)?.into_iter().map(|m| (m.key.name, m.size)).collect();
+        let packs: HashMap<String, u64> = self
+            .store
+            .list(Kind::Pack)?
+            .into_iter()
+            .map(|m| (m.key.name, m.size))
+            .collect();
         for name in packs.keys() {
-            if !name.parse::<PackId>().is_ok_and(|p| by_pack.contains_key(&p)) {
+            if !name
+                .parse::<PackId>()
+                .is_ok_and(|p| by_pack.contains_key(&p))
+            {
                 report.warnings.push(format!(
                     "pack {name} is not indexed (left by an interrupted backup; prune reclaims it)"
                 ));
@@ -90,14 +103,18 @@ impl Repository {
             HashSet::new()
         };
 
-        let nodes = RepoNodes { repo: self, index: &index };
+        let nodes = RepoNodes {
+            repo: self,
+            index: &index,
+        };
         let cs = self.config.chunk_size as u64;
         let usable = |id: &BlobId| -> Option<String> {
             match index.get(id) {
                 None => Some(format!("blob {id:#} is not in any index")),
-                Some(l) if !packs.contains_key(&l.pack.to_hex()) => {
-                    Some(format!("blob {id:#} is in pack {:#}, which is missing", l.pack))
-                }
+                Some(l) if !packs.contains_key(&l.pack.to_hex()) => Some(format!(
+                    "blob {id:#} is in pack {:#}, which is missing",
+                    l.pack
+                )),
                 Some(_) if bad_blobs.contains(id) => Some(format!("blob {id:#} is damaged")),
                 Some(_) => None,
             }
@@ -130,7 +147,11 @@ impl Repository {
                     if n > 1 {
                         reason.push_str(&format!(" (and {} more problems)", n - 1));
                     }
-                    report.damaged.push(Damage { snapshot: m.id.to_hex(), disk: Some(d.name.clone()), reason });
+                    report.damaged.push(Damage {
+                        snapshot: m.id.to_hex(),
+                        disk: Some(d.name.clone()),
+                        reason,
+                    });
                 }
             }
             for s in &m.streams {
@@ -140,10 +161,15 @@ impl Repository {
                         problems.push(p);
                         continue;
                     }
-                    match self.read_blob(&index, id).map_err(|e| e.to_string()).and_then(|b| {
-                        vmkeep_core::stream::decode_index_blob(&b).map_err(|e| e.to_string())
-                    }) {
-                        Ok(entries) => problems.extend(entries.iter().filter_map(|e| usable(&e.id))),
+                    match self
+                        .read_blob(&index, id)
+                        .map_err(|e| e.to_string())
+                        .and_then(|b| {
+                            vmkeep_core::stream::decode_index_blob(&b).map_err(|e| e.to_string())
+                        }) {
+                        Ok(entries) => {
+                            problems.extend(entries.iter().filter_map(|e| usable(&e.id)))
+                        }
                         Err(e) => problems.push(format!("stream index unreadable: {e}")),
                     }
                 }
@@ -184,7 +210,13 @@ impl Repository {
             for _ in 0..threads {
                 let rx = rx.clone();
                 hs.push(s.spawn(move || -> Result<Out> {
-                    let mut o = Out { bad: HashSet::new(), warnings: Vec::new(), packs: 0, blobs: 0, bytes: 0 };
+                    let mut o = Out {
+                        bad: HashSet::new(),
+                        warnings: Vec::new(),
+                        packs: 0,
+                        blobs: 0,
+                        bytes: 0,
+                    };
                     for (pack, entries) in rx {
                         if !packs.contains_key(&pack.to_hex()) {
                             continue; // reported by the structural pass for referenced blobs
@@ -197,7 +229,8 @@ impl Repository {
                         o.packs += 1;
                         o.bytes += bytes.len() as u64;
                         if blake3::hash(&bytes).as_bytes() != pack.as_bytes() {
-                            o.warnings.push(format!("pack {pack} does not hash to its name"));
+                            o.warnings
+                                .push(format!("pack {pack} does not hash to its name"));
                         }
                         for e in entries {
                             o.blobs += 1;
@@ -205,7 +238,10 @@ impl Repository {
                             let ok = start
                                 .checked_add(e.length as usize)
                                 .and_then(|end| bytes.get(start..end))
-                                .is_some_and(|stored| blob::decode(&self.keys, e.kind, &e.id, e.raw_len, stored).is_ok());
+                                .is_some_and(|stored| {
+                                    blob::decode(&self.keys, e.kind, &e.id, e.raw_len, stored)
+                                        .is_ok()
+                                });
                             if !ok {
                                 o.bad.insert(e.id);
                             }
@@ -223,7 +259,11 @@ impl Repository {
             }
             drop(tx);
             hs.into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(crate::Error::Internal("check worker panicked".into()))))
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(crate::Error::Internal("check worker panicked".into()))
+                    })
+                })
                 .collect()
         });
         progress.finish_phase();

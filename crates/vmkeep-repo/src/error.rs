@@ -20,14 +20,24 @@ pub enum Error {
     #[error("no restore point matches {reference:?} (list them with `vmkeep snapshots`)")]
     UnknownSnapshot { reference: String },
     #[error("{reference:?} is ambiguous: it matches {candidates}; give more digits")]
-    AmbiguousSnapshot { reference: String, candidates: String },
+    AmbiguousSnapshot {
+        reference: String,
+        candidates: String,
+    },
     #[error("a snapshot reference needs at least 6 hex digits, or VM@latest; got {reference:?}")]
     ShortReference { reference: String },
     #[error("restore point {snapshot} has no disk named {disk:?} (it has: {available})")]
-    NoSuchDisk { snapshot: String, disk: String, available: String },
+    NoSuchDisk {
+        snapshot: String,
+        disk: String,
+        available: String,
+    },
     /// Corrupt or undecodable repository object.
-    #[error("repository object {object} is damaged: {source}")]
-    CorruptObject { object: String, source: vmkeep_core::Error },
+    #[error("repository object {object} is damaged: {cause}")]
+    CorruptObject {
+        object: String,
+        cause: vmkeep_core::Error,
+    },
     /// A blob referenced by a restore point is not in any pack.
     #[error("blob {id} is missing from the repository (run `vmkeep check`)")]
     BlobMissing { id: String },
@@ -35,12 +45,22 @@ pub enum Error {
     Store(#[from] vmkeep_store::Error),
     #[error(transparent)]
     Core(#[from] vmkeep_core::Error),
-    #[error("cannot read {path}: {source}")]
-    SourceRead { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {cause}")]
+    SourceRead {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("{path} is a {format} image, not raw: {hint}")]
-    NotRaw { path: PathBuf, format: &'static str, hint: &'static str },
-    #[error("cannot write {path}: {source}")]
-    TargetWrite { path: PathBuf, source: std::io::Error },
+    NotRaw {
+        path: PathBuf,
+        format: &'static str,
+        hint: &'static str,
+    },
+    #[error("cannot write {path}: {cause}")]
+    TargetWrite {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
     #[error("{path} already exists; remove it or choose another target")]
     TargetExists { path: PathBuf },
     #[error("another {what} is running on this repository ({holder}); wait for it, or if it died remove the stale lock with `vmkeep unlock`")]
@@ -55,11 +75,17 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn corrupt(object: impl Into<String>, source: vmkeep_core::Error) -> Error {
-        Error::CorruptObject { object: object.into(), source }
+        Error::CorruptObject {
+            object: object.into(),
+            cause: source,
+        }
     }
 
     /// True when retrying cannot help because the repository data is damaged.
     pub fn is_damage(&self) -> bool {
-        matches!(self, Error::CorruptObject { .. } | Error::BlobMissing { .. })
+        matches!(
+            self,
+            Error::CorruptObject { .. } | Error::BlobMissing { .. }
+        )
     }
 }

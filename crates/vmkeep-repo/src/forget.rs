@@ -41,7 +41,9 @@ impl Repository {
         order.dedup();
         let mut done = Vec::new();
         for id in order {
-            let Some(pos) = all.iter().position(|m| m.id == *id) else { continue };
+            let Some(pos) = all.iter().position(|m| m.id == *id) else {
+                continue;
+            };
             let gone = all.remove(pos);
             for succ in all.iter_mut().filter(|m| m.parent == Some(gone.id)) {
                 merge_into_successor(&gone, succ);
@@ -116,15 +118,41 @@ mod tests {
     #[test]
     fn merge_unions_maps_and_relinks_parent() {
         let a = m(None, vec![("d", 1 << 20, None)]);
-        let b = m(Some(a.id), vec![("d", 1 << 20, Some(vec![1, 2])), ("e", 1 << 20, Some(vec![0]))]);
-        let mut c = m(Some(b.id), vec![("d", 1 << 20, Some(vec![2, 5])), ("e", 2 << 20, Some(vec![3]))]);
+        let b = m(
+            Some(a.id),
+            vec![
+                ("d", 1 << 20, Some(vec![1, 2])),
+                ("e", 1 << 20, Some(vec![0])),
+            ],
+        );
+        let mut c = m(
+            Some(b.id),
+            vec![
+                ("d", 1 << 20, Some(vec![2, 5])),
+                ("e", 2 << 20, Some(vec![3])),
+            ],
+        );
         merge_into_successor(&b, &mut c);
         assert_eq!(c.parent, Some(a.id));
-        assert_eq!(c.disks[0].changes.as_ref().unwrap().iter().collect::<Vec<_>>(), vec![1, 2, 5]);
-        assert_eq!(c.disks[1].changes, None, "size changed: whole disk counts as changed");
+        assert_eq!(
+            c.disks[0]
+                .changes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![1, 2, 5]
+        );
+        assert_eq!(
+            c.disks[1].changes, None,
+            "size changed: whole disk counts as changed"
+        );
         let mut c2 = c.clone();
         merge_into_successor(&a, &mut c2);
         assert_eq!(c2.parent, None);
-        assert_eq!(c2.disks[0].changes, None, "the first point's map covers everything");
+        assert_eq!(
+            c2.disks[0].changes, None,
+            "the first point's map covers everything"
+        );
     }
 }

@@ -32,7 +32,10 @@ pub fn load_all(repo: &Repository) -> Result<Vec<(Key, GcRecord)>> {
                 serde_json::from_slice::<GcRecord>(&body).map_err(|e| {
                     Error::corrupt(
                         meta.key.to_string(),
-                        vmkeep_core::Error::Corrupt { kind: "gc record", reason: e.to_string() },
+                        vmkeep_core::Error::Corrupt {
+                            kind: "gc record",
+                            reason: e.to_string(),
+                        },
                     )
                 })
             })?;
@@ -45,6 +48,7 @@ pub fn load_all(repo: &Repository) -> Result<Vec<(Key, GcRecord)>> {
 pub fn write(repo: &Repository, rec: &GcRecord) -> Result<Key> {
     let body = serde_json::to_vec(rec).expect("gc records serialise");
     let key = Key::new(Kind::Gc, hex::encode(vmkeep_core::SnapshotId::random().0))?;
-    repo.store.put(&key, &object::seal(&repo.keys, ObjectKind::GcRecord, &body))?;
+    repo.store
+        .put(&key, &object::seal(&repo.keys, ObjectKind::GcRecord, &body))?;
     Ok(key)
 }

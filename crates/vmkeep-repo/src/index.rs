@@ -24,7 +24,13 @@ pub struct Location {
 
 impl Location {
     pub fn from_entry(pack: PackId, e: &PackEntry) -> Location {
-        Location { pack, offset: e.offset, length: e.length, raw_len: e.raw_len, kind: e.kind }
+        Location {
+            pack,
+            offset: e.offset,
+            length: e.length,
+            raw_len: e.raw_len,
+            kind: e.kind,
+        }
     }
 }
 
@@ -93,7 +99,9 @@ impl BlobIndex {
 
     /// Present in a pack that is not condemned: a backup may reference it without writing it.
     pub fn usable(&self, id: &BlobId) -> bool {
-        self.map.get(id).is_some_and(|l| !self.condemned.contains(&l.pack))
+        self.map
+            .get(id)
+            .is_some_and(|l| !self.condemned.contains(&l.pack))
     }
 
     pub fn is_condemned(&self, pack: &PackId) -> bool {
@@ -114,26 +122,38 @@ impl BlobIndex {
 
     /// Ids usable for deduplication.
     pub fn usable_ids(&self) -> HashSet<BlobId> {
-        self.map.iter().filter(|(_, l)| !self.condemned.contains(&l.pack)).map(|(id, _)| *id).collect()
+        self.map
+            .iter()
+            .filter(|(_, l)| !self.condemned.contains(&l.pack))
+            .map(|(id, _)| *id)
+            .collect()
     }
 }
 
 impl Repository {
     /// Read, decrypt, decompress and verify one blob.
     pub fn read_blob(&self, index: &BlobIndex, id: &BlobId) -> Result<Vec<u8>> {
-        let loc = index.get(id).ok_or_else(|| Error::BlobMissing { id: id.to_hex() })?;
+        let loc = index
+            .get(id)
+            .ok_or_else(|| Error::BlobMissing { id: id.to_hex() })?;
         self.read_blob_at(id, loc)
     }
 
     pub fn read_blob_at(&self, id: &BlobId, loc: &Location) -> Result<Vec<u8>> {
         let key = pack_key(&loc.pack);
-        let stored = match self.store.get_range(&key, loc.offset as u64, loc.length as u64) {
+        let stored = match self
+            .store
+            .get_range(&key, loc.offset as u64, loc.length as u64)
+        {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(Error::BlobMissing { id: id.to_hex() }),
             Err(vmkeep_store::Error::ShortRead { .. }) => {
                 return Err(Error::corrupt(
                     key.to_string(),
-                    vmkeep_core::Error::Corrupt { kind: "pack", reason: "truncated".into() },
+                    vmkeep_core::Error::Corrupt {
+                        kind: "pack",
+                        reason: "truncated".into(),
+                    },
                 ))
             }
             Err(e) => return Err(e.into()),

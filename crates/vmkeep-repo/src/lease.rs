@@ -34,7 +34,13 @@ impl LeaseRecord {
     }
 
     pub fn describe(&self) -> String {
-        format!("{} by pid {} on {} since {}", self.kind, self.pid, self.host, self.created.to_rfc3339())
+        format!(
+            "{} by pid {} on {} since {}",
+            self.kind,
+            self.pid,
+            self.host,
+            self.created.to_rfc3339()
+        )
     }
 }
 
@@ -56,7 +62,11 @@ pub struct Lease {
 }
 
 fn encode(repo_keys: &vmkeep_core::keys::Keys, rec: &LeaseRecord) -> Vec<u8> {
-    object::seal(repo_keys, ObjectKind::Lock, &serde_json::to_vec(rec).expect("serialises"))
+    object::seal(
+        repo_keys,
+        ObjectKind::Lock,
+        &serde_json::to_vec(rec).expect("serialises"),
+    )
 }
 
 impl Lease {
@@ -163,7 +173,13 @@ pub fn list(repo: &Repository) -> Result<Vec<(Key, LeaseRecord)>> {
             .and_then(|b| serde_json::from_slice::<LeaseRecord>(&b).ok())
             .unwrap_or_else(|| {
                 let t: DateTime<Utc> = meta.modified.into();
-                LeaseRecord { kind: "unknown".into(), host: "?".into(), pid: 0, created: t, refreshed: t }
+                LeaseRecord {
+                    kind: "unknown".into(),
+                    host: "?".into(),
+                    pid: 0,
+                    created: t,
+                    refreshed: t,
+                }
             });
         out.push((meta.key, rec));
     }

@@ -17,8 +17,11 @@ use crate::Repository;
 
 fn to_core(e: crate::Error) -> vmkeep_core::Error {
     match e {
-        crate::Error::CorruptObject { source, .. } => source,
-        other => vmkeep_core::Error::Corrupt { kind: "index node", reason: other.to_string() },
+        crate::Error::CorruptObject { cause, .. } => cause,
+        other => vmkeep_core::Error::Corrupt {
+            kind: "index node",
+            reason: other.to_string(),
+        },
     }
 }
 
@@ -35,7 +38,10 @@ impl NodeStore for RepoNodes<'_> {
     }
 
     fn store(&mut self, _node: &Node) -> vmkeep_core::Result<BlobId> {
-        Err(vmkeep_core::Error::Invalid { what: "operation", reason: "read-only node store".into() })
+        Err(vmkeep_core::Error::Invalid {
+            what: "operation",
+            reason: "read-only node store".into(),
+        })
     }
 }
 
@@ -55,7 +61,11 @@ impl NodeStore for SessionNodes<'_> {
         if let Some(n) = self.written.get(id) {
             return Ok(n.clone());
         }
-        RepoNodes { repo: self.repo, index: &self.index }.load(id)
+        RepoNodes {
+            repo: self.repo,
+            index: &self.index,
+        }
+        .load(id)
     }
 
     fn store(&mut self, node: &Node) -> vmkeep_core::Result<BlobId> {
@@ -63,7 +73,12 @@ impl NodeStore for SessionNodes<'_> {
         let id = self.repo.keys.blob_id(BlobKind::Tree, &bytes);
         if self.dedup.claim(&id) {
             let data = blob::encode(&self.repo.keys, BlobKind::Tree, &id, &bytes);
-            let msg = EncodedBlob { kind: BlobKind::Tree, id, raw_len: bytes.len() as u32, data };
+            let msg = EncodedBlob {
+                kind: BlobKind::Tree,
+                id,
+                raw_len: bytes.len() as u32,
+                data,
+            };
             if self.packer.send(msg).is_err() {
                 self.packer_gone = true;
                 return Err(vmkeep_core::Error::Invalid {

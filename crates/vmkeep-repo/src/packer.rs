@@ -98,7 +98,8 @@ impl Worker {
                 self.stats.data_blob_bytes += blob.data.len() as u64;
             }
             self.stats.blobs += 1;
-            self.builder.add(blob.kind, blob.id, blob.raw_len, &blob.data);
+            self.builder
+                .add(blob.kind, blob.id, blob.raw_len, &blob.data);
             if self.builder.len() >= self.pack_size {
                 self.write_pack()?;
             }
@@ -125,7 +126,10 @@ impl Packer {
             .name("vmkeep-packer".into())
             .spawn(move || worker.run(rx))
             .map_err(|e| Error::Internal(format!("spawning the packer: {e}")))?;
-        Ok(Packer { tx: Some(tx), thread: Some(thread) })
+        Ok(Packer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     pub fn sender(&self) -> Sender<EncodedBlob> {
@@ -140,7 +144,9 @@ impl Packer {
 
     fn join(&mut self) -> Result<PackerStats> {
         match self.thread.take() {
-            Some(t) => t.join().map_err(|_| Error::Internal("the packer thread panicked".into()))?,
+            Some(t) => t
+                .join()
+                .map_err(|_| Error::Internal("the packer thread panicked".into()))?,
             None => Err(Error::Internal("packer already finished".into())),
         }
     }

@@ -54,10 +54,18 @@ pub struct PrunePlan {
 
 impl PrunePlan {
     pub fn kept(&self) -> Vec<SnapshotId> {
-        self.points.iter().filter(|p| p.keep).map(|p| p.id).collect()
+        self.points
+            .iter()
+            .filter(|p| p.keep)
+            .map(|p| p.id)
+            .collect()
     }
     pub fn forgotten(&self) -> Vec<SnapshotId> {
-        self.points.iter().filter(|p| !p.keep).map(|p| p.id).collect()
+        self.points
+            .iter()
+            .filter(|p| !p.keep)
+            .map(|p| p.id)
+            .collect()
     }
 }
 
@@ -124,9 +132,16 @@ impl Repository {
         }
         let mut points = Vec::new();
         for (_, ms) in by_vm {
-            let input: Vec<(SnapshotId, DateTime<Utc>)> = ms.iter().map(|m| (m.id, m.time)).collect();
+            let input: Vec<(SnapshotId, DateTime<Utc>)> =
+                ms.iter().map(|m| (m.id, m.time)).collect();
             for (m, d) in ms.iter().zip(retention::plan(&opts.policy, &input)) {
-                points.push(PlannedPoint { id: m.id, vm: m.vm.clone(), time: m.time, keep: d.keep, reasons: d.reasons });
+                points.push(PlannedPoint {
+                    id: m.id,
+                    vm: m.vm.clone(),
+                    time: m.time,
+                    keep: d.keep,
+                    reasons: d.reasons,
+                });
             }
         }
         points.sort_by(|a, b| a.time.cmp(&b.time).then(a.id.cmp(&b.id)));
@@ -140,7 +155,11 @@ impl Repository {
         let forgotten = self.forget_locked(&plan.forgotten())?;
         let gc = self.gc_locked(lease.name(), progress)?;
         drop(lease);
-        Ok(PruneStats { kept: plan.kept(), forgotten, gc })
+        Ok(PruneStats {
+            kept: plan.kept(),
+            forgotten,
+            gc,
+        })
     }
 
     fn gc_locked(&self, my_lease: &str, progress: &dyn Progress) -> Result<GcStats> {
@@ -157,19 +176,26 @@ impl Repository {
         progress.phase("mark", 0);
         let referenced = referenced_blobs(self, &index)?;
         progress.finish_phase();
-        let condemned_before: HashSet<PackId> =
-            records.iter().flat_map(|(_, r)| r.condemned.iter().copied()).collect();
+        let condemned_before: HashSet<PackId> = records
+            .iter()
+            .flat_map(|(_, r)| r.condemned.iter().copied())
+            .collect();
 
         // 1. Condemn: choose one home pack per referenced blob (the most used pack holding it),
         //    then condemn packs that are home to nothing, and repack sparsely used ones.
         let mut used: HashMap<PackId, u64> = HashMap::new();
         for (p, es) in &by_pack {
             if pack_sizes.contains_key(p) && !condemned_before.contains(p) {
-                let u = es.iter().filter(|e| referenced.contains(&e.id)).map(|e| e.length as u64).sum();
+                let u = es
+                    .iter()
+                    .filter(|e| referenced.contains(&e.id))
+                    .map(|e| e.length as u64)
+                    .sum();
                 used.insert(*p, u);
             }
         }
-        let frac = |p: &PackId| used.get(p).copied().unwrap_or(0) as f64 / pack_sizes[p].max(1) as f64;
+        let frac =
+            |p: &PackId| used.get(p).copied().unwrap_or(0) as f64 / pack_sizes[p].max(1) as f64;
         let mut home: HashMap<BlobId, PackId> = HashMap::new();
         for (p, es) in &by_pack {
             if !used.contains_key(p) {
@@ -188,7 +214,9 @@ impl Repository {
         let mut homed: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
         for (p, es) in &by_pack {
             for e in es {
-                if home.get(&e.id) == Some(p) && !homed.get(p).is_some_and(|v| v.iter().any(|x| x.id == e.id)) {
+                if home.get(&e.id) == Some(p)
+                    && !homed.get(p).is_some_and(|v| v.iter().any(|x| x.id == e.id))
+                {
                     homed.entry(*p).or_default().push(*e);
                 }
             }
@@ -210,8 +238,18 @@ impl Repository {
             }
         }
         if !repack.is_empty() {
-            progress.phase("repack", repack.iter().map(|(_, es)| es.iter().map(|e| e.length as u64).sum::<u64>()).sum());
-            let packer = Packer::start(self.store.clone(), self.keys.clone(), self.config.pack_size as usize)?;
+            progress.phase(
+                "repack",
+                repack
+                    .iter()
+                    .map(|(_, es)| es.iter().map(|e| e.length as u64).sum::<u64>())
+                    .sum(),
+            );
+            let packer = Packer::start(
+                self.store.clone(),
+                self.keys.clone(),
+                self.config.pack_size as usize,
+            )?;
             let tx = packer.sender();
             for (p, es) in &repack {
                 for e in es {
@@ -219,7 +257,12 @@ impl Repository {
                     let encoded = vmkeep_core::blob::encode(&self.keys, e.kind, &e.id, &data);
                     stats.bytes_repacked += e.length as u64;
                     progress.advance(e.length as u64);
-                    let msg = crate::packer::EncodedBlob { kind: e.kind, id: e.id, raw_len: e.raw_len, data: encoded };
+                    let msg = crate::packer::EncodedBlob {
+                        kind: e.kind,
+                        id: e.id,
+                        raw_len: e.raw_len,
+                        data: encoded,
+                    };
                     if tx.send(msg).is_err() {
                         drop(tx);
                         return Err(packer.failure());
@@ -237,7 +280,12 @@ impl Repository {
         if !condemn.is_empty() {
             condemn.sort();
             stats.packs_condemned = condemn.len() as u64;
-            let rec = GcRecord { created: Utc::now(), host: hostname(), pid: std::process::id(), condemned: condemn };
+            let rec = GcRecord {
+                created: Utc::now(),
+                host: hostname(),
+                pid: std::process::id(),
+                condemned: condemn,
+            };
             let key = gc_record::write(self, &rec)?;
             self.store.flush()?;
             crate::hooks::kill_point("after-gc-record");
@@ -254,7 +302,9 @@ impl Repository {
                 if k.name == my_lease || !lease::holder_alive(l, now, self.tuning.lease_timeout) {
                     return false;
                 }
-                let margin = if l.host == me { chrono::Duration::zero() } else {
+                let margin = if l.host == me {
+                    chrono::Duration::zero()
+                } else {
                     chrono::Duration::from_std(self.tuning.clock_skew).unwrap_or_default()
                 };
                 l.created <= rec.created + margin
@@ -284,7 +334,9 @@ impl Repository {
                         referenced.contains(&e.id)
                             && !copies.get(&e.id).is_some_and(|qs| {
                                 qs.iter().any(|q| {
-                                    q != p && pack_sizes.contains_key(q) && !deleted.contains(q)
+                                    q != p
+                                        && pack_sizes.contains_key(q)
+                                        && !deleted.contains(q)
                                         && !rec.condemned.contains(q)
                                 })
                             })
@@ -301,7 +353,10 @@ impl Repository {
                 stats.reclaimed_bytes += pack_sizes.get(p).copied().unwrap_or(0);
             }
             if !kept.is_empty() {
-                tracing::info!(packs = kept.len(), "condemned packs are referenced again; kept");
+                tracing::info!(
+                    packs = kept.len(),
+                    "condemned packs are referenced again; kept"
+                );
             }
             swept.push(key.clone());
         }
@@ -349,7 +404,9 @@ fn by_pack_for_file(by_pack: &HashMap<PackId, Vec<PackEntry>>, p: &PackId) -> Ve
 
 /// Index entries grouped by pack, and for each index object the packs it names.
 #[allow(clippy::type_complexity)]
-fn raw_index(repo: &Repository) -> Result<(HashMap<PackId, Vec<PackEntry>>, Vec<(String, Vec<PackId>)>)> {
+fn raw_index(
+    repo: &Repository,
+) -> Result<(HashMap<PackId, Vec<PackEntry>>, Vec<(String, Vec<PackId>)>)> {
     let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
     let mut files = Vec::new();
     for meta in repo.store.list(Kind::Index)? {

@@ -27,7 +27,9 @@ impl Default for Tuning {
             lease_timeout: Duration::from_secs(15 * 60),
             lease_refresh: Duration::from_secs(60),
             clock_skew: Duration::from_secs(5 * 60),
-            threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
         }
     }
 }
@@ -84,7 +86,11 @@ impl Repository {
     pub fn init(store: Arc<dyn Store>, opts: InitOptions) -> Result<Repository> {
         RepoConfig::validate_chunk_size(opts.chunk_size)?;
         match store.get(&Key::config()) {
-            Ok(_) => return Err(Error::AlreadyExists { location: store.location() }),
+            Ok(_) => {
+                return Err(Error::AlreadyExists {
+                    location: store.location(),
+                })
+            }
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e.into()),
         }
@@ -101,10 +107,18 @@ impl Repository {
         };
         store.flush()?;
         if !store.put_if_absent(&Key::config(), &config.to_json(&keys))? {
-            return Err(Error::AlreadyExists { location: store.location() });
+            return Err(Error::AlreadyExists {
+                location: store.location(),
+            });
         }
         store.flush()?;
-        Ok(Repository { store, config, keys, tuning: Tuning::default(), key_name })
+        Ok(Repository {
+            store,
+            config,
+            keys,
+            tuning: Tuning::default(),
+            key_name,
+        })
     }
 
     /// Open a repository; `passphrase` is needed when it is encrypted.
@@ -115,18 +129,30 @@ impl Repository {
             Err(e) if e.is_not_found() => return Err(Error::NotARepository { location }),
             Err(e) => return Err(e.into()),
         };
-        let config = RepoConfig::parse(&bytes)
-            .map_err(|e| Error::ForeignRepository { location: location.clone(), reason: e.to_string() })?;
+        let config = RepoConfig::parse(&bytes).map_err(|e| Error::ForeignRepository {
+            location: location.clone(),
+            reason: e.to_string(),
+        })?;
         let (keys, key_name) = if config.encrypted {
             let pass = passphrase.ok_or(Error::PassphraseRequired)?;
-            let (master, name) = unlock(store.as_ref(), pass)?
-                .ok_or_else(|| Error::WrongPassphrase { location: location.clone() })?;
+            let (master, name) =
+                unlock(store.as_ref(), pass)?.ok_or_else(|| Error::WrongPassphrase {
+                    location: location.clone(),
+                })?;
             (Keys::encrypted(master), Some(name))
         } else {
             (Keys::plain(), None)
         };
-        config.verify(&keys).map_err(|e| Error::corrupt("config", e))?;
-        Ok(Repository { store, config, keys, tuning: Tuning::default(), key_name })
+        config
+            .verify(&keys)
+            .map_err(|e| Error::corrupt("config", e))?;
+        Ok(Repository {
+            store,
+            config,
+            keys,
+            tuning: Tuning::default(),
+            key_name,
+        })
     }
 
     pub fn with_tuning(mut self, tuning: Tuning) -> Repository {
@@ -168,7 +194,8 @@ impl Repository {
             });
         };
         let kf = KeyFile::wrap(master, new_passphrase, kdf, &hostname())?;
-        self.store.put(&Key::new(Kind::Key, random_name())?, &kf.to_json())?;
+        self.store
+            .put(&Key::new(Kind::Key, random_name())?, &kf.to_json())?;
         self.store.flush()?;
         self.store.delete(&Key::new(Kind::Key, old.clone())?)?;
         self.store.flush()?;

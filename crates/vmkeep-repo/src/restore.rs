@@ -42,20 +42,35 @@ pub struct RestoreStats {
 pub(crate) fn select_disks<'m>(m: &'m Manifest, disk: Option<&str>) -> Result<Vec<&'m DiskEntry>> {
     match disk {
         None => Ok(m.disks.iter().collect()),
-        Some(name) => m.disk(name).map(|d| vec![d]).ok_or_else(|| Error::NoSuchDisk {
-            snapshot: format!("{:#}", m.id),
-            disk: name.into(),
-            available: m.disks.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
-        }),
+        Some(name) => m
+            .disk(name)
+            .map(|d| vec![d])
+            .ok_or_else(|| Error::NoSuchDisk {
+                snapshot: format!("{:#}", m.id),
+                disk: name.into(),
+                available: m
+                    .disks
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
     }
 }
 
 impl Repository {
-    pub fn restore(&self, m: &Manifest, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreStats> {
+    pub fn restore(
+        &self,
+        m: &Manifest,
+        opts: &RestoreOptions,
+        progress: &dyn Progress,
+    ) -> Result<RestoreStats> {
         let started = std::time::Instant::now();
         let disks = select_disks(m, opts.disk.as_deref())?;
-        std::fs::create_dir_all(&opts.target)
-            .map_err(|e| Error::TargetWrite { path: opts.target.clone(), source: e })?;
+        std::fs::create_dir_all(&opts.target).map_err(|e| Error::TargetWrite {
+            path: opts.target.clone(),
+            cause: e,
+        })?;
         for d in &disks {
             let path = opts.target.join(format!("{}.raw", d.name));
             if path.exists() {
@@ -72,8 +87,14 @@ impl Repository {
                 .create(true)
                 .truncate(true)
                 .open(&partial)
-                .map_err(|e| Error::TargetWrite { path: partial.clone(), source: e })?;
-            file.set_len(d.size).map_err(|e| Error::TargetWrite { path: partial.clone(), source: e })?;
+                .map_err(|e| Error::TargetWrite {
+                    path: partial.clone(),
+                    cause: e,
+                })?;
+            file.set_len(d.size).map_err(|e| Error::TargetWrite {
+                path: partial.clone(),
+                cause: e,
+            })?;
             progress.phase(&format!("restore {}", d.name), d.data_bytes);
             let written = self.write_disk(&index, d, &file, &partial, progress);
             progress.finish_phase();
@@ -84,10 +105,20 @@ impl Repository {
                     return Err(e);
                 }
             };
-            std::fs::rename(&partial, &path).map_err(|e| Error::TargetWrite { path: path.clone(), source: e })?;
-            out.push(RestoredDisk { name: d.name.clone(), path, bytes_written: written });
+            std::fs::rename(&partial, &path).map_err(|e| Error::TargetWrite {
+                path: path.clone(),
+                cause: e,
+            })?;
+            out.push(RestoredDisk {
+                name: d.name.clone(),
+                path,
+                bytes_written: written,
+            });
         }
-        Ok(RestoreStats { disks: out, seconds: started.elapsed().as_secs_f64() })
+        Ok(RestoreStats {
+            disks: out,
+            seconds: started.elapsed().as_secs_f64(),
+        })
     }
 
     /// Write every non-zero chunk of `d` into `file` at its offset. Returns bytes written.
@@ -118,12 +149,18 @@ impl Repository {
                                     format!("chunk {id}"),
                                     vmkeep_core::Error::Corrupt {
                                         kind: "chunk",
-                                        reason: format!("{} bytes where the disk needs {expect}", data.len()),
+                                        reason: format!(
+                                            "{} bytes where the disk needs {expect}",
+                                            data.len()
+                                        ),
                                     },
                                 ));
                             }
                             file.write_all_at(&data, i * cs)
-                                .map_err(|e| Error::TargetWrite { path: path.to_path_buf(), source: e })?;
+                                .map_err(|e| Error::TargetWrite {
+                                    path: path.to_path_buf(),
+                                    cause: e,
+                                })?;
                             written += data.len() as u64;
                             progress.advance(data.len() as u64);
                         }
@@ -137,9 +174,11 @@ impl Repository {
             let walk = tree::for_each_chunk(&nodes, &d.root, chunks, &mut |i, id| {
                 batch.push((i, *id));
                 if batch.len() == 16 {
-                    tx.send(std::mem::take(&mut batch)).map_err(|_| vmkeep_core::Error::Invalid {
-                        what: "restore",
-                        reason: "workers stopped".into(),
+                    tx.send(std::mem::take(&mut batch)).map_err(|_| {
+                        vmkeep_core::Error::Invalid {
+                            what: "restore",
+                            reason: "workers stopped".into(),
+                        }
                     })?;
                 }
                 Ok(())
@@ -151,7 +190,10 @@ impl Repository {
             let mut total = 0;
             let mut first_err = None;
             for w in workers {
-                match w.join().unwrap_or_else(|_| Err(Error::Internal("restore worker panicked".into()))) {
+                match w
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Internal("restore worker panicked".into())))
+                {
                     Ok(n) => total += n,
                     Err(e) => {
                         first_err.get_or_insert(e);

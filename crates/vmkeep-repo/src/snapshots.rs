@@ -18,7 +18,9 @@ impl Repository {
         let bytes = match self.store.get(&key) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
-                return Err(Error::UnknownSnapshot { reference: id.to_hex() })
+                return Err(Error::UnknownSnapshot {
+                    reference: id.to_hex(),
+                })
             }
             Err(e) => return Err(e.into()),
         };
@@ -91,13 +93,15 @@ impl Repository {
     /// Resolve a reference: a full id, a unique prefix of at least 6 hex digits, or `VM@latest`.
     pub fn resolve(&self, reference: &str) -> Result<Manifest> {
         if let Some(vm) = reference.strip_suffix("@latest") {
-            return self
-                .latest(vm)?
-                .ok_or_else(|| Error::UnknownSnapshot { reference: reference.into() });
+            return self.latest(vm)?.ok_or_else(|| Error::UnknownSnapshot {
+                reference: reference.into(),
+            });
         }
         let r = reference.to_ascii_lowercase();
         if r.len() < 6 || !r.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(Error::ShortReference { reference: reference.into() });
+            return Err(Error::ShortReference {
+                reference: reference.into(),
+            });
         }
         let matches: Vec<SnapshotId> = self
             .store
@@ -107,11 +111,17 @@ impl Repository {
             .filter_map(|m| m.key.name.parse().ok())
             .collect();
         match matches.as_slice() {
-            [] => Err(Error::UnknownSnapshot { reference: reference.into() }),
+            [] => Err(Error::UnknownSnapshot {
+                reference: reference.into(),
+            }),
             [one] => self.load_manifest(one),
             many => Err(Error::AmbiguousSnapshot {
                 reference: reference.into(),
-                candidates: many.iter().map(|i| format!("{i:#}")).collect::<Vec<_>>().join(", "),
+                candidates: many
+                    .iter()
+                    .map(|i| format!("{i:#}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
             }),
         }
     }

@@ -13,11 +13,11 @@ pub enum Error {
     NoSpace { path: PathBuf },
     #[error("permission denied on {path}")]
     PermissionDenied { path: PathBuf },
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}: {cause}")]
     Io {
         op: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("invalid object name {name:?}")]
     InvalidName { name: String },
@@ -38,7 +38,11 @@ impl Error {
             Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
                 Error::PermissionDenied { path }
             }
-            _ => Error::Io { op, path, source },
+            _ => Error::Io {
+                op,
+                path,
+                cause: source,
+            },
         }
     }
 }

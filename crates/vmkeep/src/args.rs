@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "vmkeep", version, about = "Live backup, replication and disaster recovery of QEMU/KVM virtual machines")]
+#[command(
+    name = "vmkeep",
+    version,
+    about = "Live backup, replication and disaster recovery of QEMU/KVM virtual machines"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,

@@ -24,13 +24,17 @@ pub fn open_store(location: &str) -> Result<Arc<dyn Store>> {
     }
     let path = Path::new(location);
     if !path.exists() {
-        return Err(vmkeep_repo::Error::NotARepository { location: location.into() }.into());
+        return Err(vmkeep_repo::Error::NotARepository {
+            location: location.into(),
+        }
+        .into());
     }
     Ok(Arc::new(LocalStore::open(path)?))
 }
 
 fn read_password_file(path: &Path) -> Result<Vec<u8>> {
-    let s = std::fs::read(path).with_context(|| format!("reading the password file {}", path.display()))?;
+    let s = std::fs::read(path)
+        .with_context(|| format!("reading the password file {}", path.display()))?;
     let mut s = s;
     while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         s.pop();
@@ -71,7 +75,11 @@ pub fn prompt(what: &str, confirm: bool) -> Result<Option<Vec<u8>>> {
 }
 
 fn env_secs(name: &str) -> Option<Duration> {
-    std::env::var(name).ok()?.parse::<u64>().ok().map(Duration::from_secs)
+    std::env::var(name)
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
 }
 
 /// Tuning defaults, adjustable by environment for tests and odd setups.
@@ -83,7 +91,10 @@ pub fn tuning() -> Tuning {
     if let Some(d) = env_secs("VMKEEP_LEASE_REFRESH_SECS") {
         t.lease_refresh = d;
     }
-    if let Some(n) = std::env::var("VMKEEP_THREADS").ok().and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(n) = std::env::var("VMKEEP_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         t.threads = n.max(1);
     }
     t
@@ -94,8 +105,9 @@ pub fn open_repo(g: &Global) -> Result<Repository> {
     let store = open_store(location)?;
     let pass = match vmkeep_repo::Repository::open(store.clone(), None) {
         Ok(r) => return Ok(r.with_tuning(tuning())),
-        Err(vmkeep_repo::Error::PassphraseRequired) => passphrase(g, false)?
-            .ok_or_else(|| anyhow!(vmkeep_repo::Error::PassphraseRequired))?,
+        Err(vmkeep_repo::Error::PassphraseRequired) => {
+            passphrase(g, false)?.ok_or_else(|| anyhow!(vmkeep_repo::Error::PassphraseRequired))?
+        }
         Err(e) => return Err(e.into()),
     };
     Ok(Repository::open(store, Some(&pass))?.with_tuning(tuning()))

@@ -12,7 +12,10 @@ pub struct Bars {
 
 impl Bars {
     pub fn new(quiet: bool) -> Bars {
-        Bars { enabled: !quiet && std::io::stderr().is_terminal(), bar: Mutex::new(None) }
+        Bars {
+            enabled: !quiet && std::io::stderr().is_terminal(),
+            bar: Mutex::new(None),
+        }
     }
 }
 
@@ -21,9 +24,15 @@ impl Progress for Bars {
         if !self.enabled {
             return;
         }
-        let bar = if total > 0 { ProgressBar::new(total) } else { ProgressBar::new_spinner() };
+        let bar = if total > 0 {
+            ProgressBar::new(total)
+        } else {
+            ProgressBar::new_spinner()
+        };
         let style = if total > 0 {
-            ProgressStyle::with_template("{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            ProgressStyle::with_template(
+                "{msg:24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
         } else {
             ProgressStyle::with_template("{msg:24} {spinner} {bytes} {bytes_per_sec}")
         };

@@ -46,12 +46,17 @@ fn container_format(head: &[u8]) -> Option<&'static str> {
 
 /// Open and inspect an image: refuse non-raw formats, find its size and data extents.
 pub fn probe_image(path: &Path) -> Result<RawImage> {
-    let read_err = |e| Error::SourceRead { path: path.to_path_buf(), source: e };
+    let read_err = |e| Error::SourceRead {
+        path: path.to_path_buf(),
+        cause: e,
+    };
     let mut file = File::open(path).map_err(read_err)?;
     let meta = file.metadata().map_err(read_err)?;
     let block_device = meta.file_type().is_block_device();
     if !meta.is_file() && !block_device {
-        return Err(read_err(std::io::Error::other("not a regular file or block device")));
+        return Err(read_err(std::io::Error::other(
+            "not a regular file or block device",
+        )));
     }
     let size = file.seek(SeekFrom::End(0)).map_err(read_err)?;
     let mut head = vec![0u8; 512.min(size as usize)];
@@ -63,8 +68,20 @@ pub fn probe_image(path: &Path) -> Result<RawImage> {
             hint: "only raw images are read directly; convert it with `qemu-img convert -O raw`, or back up the running VM with `vmkeep backup vm`",
         });
     }
-    let data = if block_device { vec![(0, size)] } else { data_extents(&file, size).map_err(read_err)? };
-    Ok(RawImage { file, path: path.to_path_buf(), info: ImageInfo { size, block_device, data } })
+    let data = if block_device {
+        vec![(0, size)]
+    } else {
+        data_extents(&file, size).map_err(read_err)?
+    };
+    Ok(RawImage {
+        file,
+        path: path.to_path_buf(),
+        info: ImageInfo {
+            size,
+            block_device,
+            data,
+        },
+    })
 }
 
 /// Data extents by SEEK_DATA / SEEK_HOLE; the whole file when the filesystem cannot tell.
@@ -155,7 +172,10 @@ mod tests {
         assert_eq!(chunk_runs(&[(0, 1)], cs), vec![(0, 1)]);
         assert_eq!(chunk_runs(&[(0, 65536), (65536, 10)], cs), vec![(0, 2)]);
         assert_eq!(chunk_runs(&[(100, 10), (200, 10)], cs), vec![(0, 1)]);
-        assert_eq!(chunk_runs(&[(0, 10), (3 * 65536 + 5, 65536)], cs), vec![(0, 1), (3, 2)]);
+        assert_eq!(
+            chunk_runs(&[(0, 10), (3 * 65536 + 5, 65536)], cs),
+            vec![(0, 1), (3, 2)]
+        );
     }
 
     #[test]
@@ -169,7 +189,11 @@ mod tests {
         assert_eq!(img.info().size, 64 << 20);
         let data: u64 = img.info().data.iter().map(|e| e.1).sum();
         assert!(data < 8 << 20, "holes detected: {:?}", img.info().data);
-        assert!(img.info().data.iter().any(|&(o, l)| o <= 10 << 20 && o + l > 10 << 20));
+        assert!(img
+            .info()
+            .data
+            .iter()
+            .any(|&(o, l)| o <= 10 << 20 && o + l > 10 << 20));
     }
 
     #[test]
@@ -179,6 +203,12 @@ mod tests {
         let mut head = b"QFI\xfb".to_vec();
         head.resize(4096, 0);
         std::fs::write(&p, head).unwrap();
-        assert!(matches!(probe_image(&p), Err(Error::NotRaw { format: "qcow2", .. })));
+        assert!(matches!(
+            probe_image(&p),
+            Err(Error::NotRaw {
+                format: "qcow2",
+                ..
+            })
+        ));
     }
 }

@@ -18,9 +18,16 @@ pub struct ImageBackupOptions {
 impl Repository {
     /// Back up raw images / block devices as one restore point of a VM. Every image is probed
     /// (format, size, extents) before anything is written, so a bad argument costs nothing.
-    pub fn backup_image(&self, opts: &ImageBackupOptions, progress: &dyn Progress) -> Result<Manifest> {
+    pub fn backup_image(
+        &self,
+        opts: &ImageBackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<Manifest> {
         if opts.disks.is_empty() {
-            return Err(Error::Invalid { what: "arguments", reason: "no --disk given".into() });
+            return Err(Error::Invalid {
+                what: "arguments",
+                reason: "no --disk given".into(),
+            });
         }
         let images = opts
             .disks
@@ -33,7 +40,11 @@ impl Repository {
         let mut session = self.begin_backup(opts.backup.clone())?;
         let cs = self.config.chunk_size as u64;
         for (name, image) in &images {
-            let plan = ReadPlan { runs: image.data_runs(cs), cbt: "none".into(), ..Default::default() };
+            let plan = ReadPlan {
+                runs: image.data_runs(cs),
+                cbt: "none".into(),
+                ..Default::default()
+            };
             session.add_disk(name, image, plan, progress)?;
         }
         session.commit()

@@ -85,10 +85,21 @@ impl Repository {
         let started = Instant::now();
         let lease = Lease::acquire(self, "backup")?;
         let index = Arc::new(BlobIndex::load(self)?);
-        let parent = if opts.no_parent { None } else { self.latest(&opts.vm)? };
-        let packer =
-            Packer::start(self.store.clone(), self.keys.clone(), self.config.pack_size as usize)?;
-        let dedup = Arc::new(Dedup { index, claimed: Mutex::new(HashSet::new()), hooks: opts.hooks.clone() });
+        let parent = if opts.no_parent {
+            None
+        } else {
+            self.latest(&opts.vm)?
+        };
+        let packer = Packer::start(
+            self.store.clone(),
+            self.keys.clone(),
+            self.config.pack_size as usize,
+        )?;
+        let dedup = Arc::new(Dedup {
+            index,
+            claimed: Mutex::new(HashSet::new()),
+            hooks: opts.hooks.clone(),
+        });
         Ok(BackupSession {
             repo: self,
             lease,
@@ -125,7 +136,10 @@ impl<'r> BackupSession<'r> {
     fn check_new_disk_name(&self, name: &str) -> Result<()> {
         vmkeep_core::manifest::validate_name("disk name", name)?;
         if self.disks.iter().any(|d| d.name == name) {
-            return Err(Error::Invalid { what: "disk name", reason: format!("{name:?} given twice") });
+            return Err(Error::Invalid {
+                what: "disk name",
+                reason: format!("{name:?} given twice"),
+            });
         }
         Ok(())
     }
@@ -141,7 +155,16 @@ impl<'r> BackupSession<'r> {
     ) -> Result<&DiskEntry> {
         self.check_new_disk_name(name)?;
         let packer = self.packer.as_ref().expect("session open");
-        let out = pipeline::run(self.repo, &self.dedup, packer, name, reader, &plan, self.parent.as_ref(), progress);
+        let out = pipeline::run(
+            self.repo,
+            &self.dedup,
+            packer,
+            name,
+            reader,
+            &plan,
+            self.parent.as_ref(),
+            progress,
+        );
         let out = match out {
             Ok(o) => o,
             Err(Error::Internal(msg)) if msg == pipeline::PACKER_GONE => {
@@ -172,8 +195,7 @@ impl<'r> BackupSession<'r> {
         self.repo.store.flush()?;
         let mut stats = self.stats.clone();
         stats.stored_bytes = pstats.pack_bytes + pstats.index_bytes;
-        stats.metadata_bytes =
-            pstats.pack_bytes - pstats.data_blob_bytes + pstats.index_bytes;
+        stats.metadata_bytes = pstats.pack_bytes - pstats.data_blob_bytes + pstats.index_bytes;
         stats.seconds = self.started.elapsed().as_secs_f64();
         let mut m = Manifest {
             version: MANIFEST_VERSION,
@@ -190,7 +212,12 @@ impl<'r> BackupSession<'r> {
             pause_ms: self.pause_ms,
         };
         // The manifest's own size counts as stored metadata; estimate it before writing.
-        let estimate = vmkeep_core::object::seal(&self.repo.keys, vmkeep_core::object::ObjectKind::Manifest, &m.to_json()).len() as u64;
+        let estimate = vmkeep_core::object::seal(
+            &self.repo.keys,
+            vmkeep_core::object::ObjectKind::Manifest,
+            &m.to_json(),
+        )
+        .len() as u64;
         m.stats.stored_bytes += estimate;
         m.stats.metadata_bytes += estimate;
         kill_point("before-manifest");
@@ -210,12 +237,22 @@ impl<'r> BackupSession<'r> {
     fn verify_after_stall(&self) -> Result<()> {
         tracing::warn!("the backup's lease may have expired; verifying reused data still exists");
         let index = BlobIndex::load(self.repo)?;
-        let packs: HashSet<String> =
-            self.repo.store.list(vmkeep_store::Kind::Pack)?.into_iter().map(|m| m.key.name).collect();
+        let packs: HashSet<String> = self
+            .repo
+            .store
+            .list(vmkeep_store::Kind::Pack)?
+            .into_iter()
+            .map(|m| m.key.name)
+            .collect();
         let ok = |id: &BlobId| {
-            index.get(id).is_some_and(|l| !index.is_condemned(&l.pack) && packs.contains(&l.pack.to_hex()))
+            index
+                .get(id)
+                .is_some_and(|l| !index.is_condemned(&l.pack) && packs.contains(&l.pack.to_hex()))
         };
-        let nodes = crate::nodes::RepoNodes { repo: self.repo, index: &index };
+        let nodes = crate::nodes::RepoNodes {
+            repo: self.repo,
+            index: &index,
+        };
         for d in &self.disks {
             let chunks = d.size.div_ceil(self.repo.config.chunk_size as u64);
             let mut bad = false;

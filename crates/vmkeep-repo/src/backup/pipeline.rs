@@ -82,7 +82,9 @@ fn validate_plan(plan: &ReadPlan, chunks: u64) -> Result<()> {
     for &(first, count) in &plan.runs {
         let end = first.checked_add(count);
         if count == 0 || first < next || end.is_none_or(|e| e > chunks) {
-            return Err(Error::Internal(format!("invalid read plan run ({first}, {count}) for {chunks} chunks")));
+            return Err(Error::Internal(format!(
+                "invalid read plan run ({first}, {count}) for {chunks} chunks"
+            )));
         }
         next = first + count;
     }
@@ -104,7 +106,11 @@ pub(crate) fn run(
     let size = reader.size();
     let chunks = size.div_ceil(cs);
     validate_plan(plan, chunks)?;
-    let planned: u64 = plan.runs.iter().map(|&(f, n)| (n * cs).min(size - f * cs)).sum();
+    let planned: u64 = plan
+        .runs
+        .iter()
+        .map(|&(f, n)| (n * cs).min(size - f * cs))
+        .sum();
     progress.phase(&format!("disk {name}"), planned);
     let threads = repo.tuning.threads.max(1);
     let batch_chunks = (BATCH_BYTES / cs).max(1);
@@ -113,7 +119,8 @@ pub(crate) fn run(
     let (res_tx, res_rx) = bounded::<BatchResult>(threads * 4);
 
     let (reader_r, worker_rs, collect_r) = std::thread::scope(|s| {
-        let reader_h = s.spawn(move || read_batches(reader, plan, cs, size, batch_chunks, batch_tx));
+        let reader_h =
+            s.spawn(move || read_batches(reader, plan, cs, size, batch_chunks, batch_tx));
         let mut workers = Vec::new();
         for _ in 0..threads {
             let rx = batch_rx.clone();
@@ -124,11 +131,18 @@ pub(crate) fn run(
         }
         drop(batch_rx);
         drop(res_tx);
-        let collected = collect(repo, dedup, packer, plan, chunks, cs, size, res_rx, progress);
-        let reader_r = reader_h.join().unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
+        let collected = collect(
+            repo, dedup, packer, plan, chunks, cs, size, res_rx, progress,
+        );
+        let reader_r = reader_h
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
         let worker_rs: Vec<Result<()>> = workers
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("worker panicked".into()))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(Error::Internal("worker panicked".into())))
+            })
             .collect();
         (reader_r, worker_rs, collected)
     });
@@ -140,7 +154,10 @@ pub(crate) fn run(
     }
     let c = collect_r?;
     if c.batches != batches {
-        return Err(Error::Internal(format!("{} of {batches} batches processed", c.batches)));
+        return Err(Error::Internal(format!(
+            "{} of {batches} batches processed",
+            c.batches
+        )));
     }
 
     // Change map against the parent's disk of the same name and size.
@@ -151,7 +168,10 @@ pub(crate) fn run(
             let changed = tree::changed_chunks(&nodes, &pd.root, &c.root, chunks)
                 .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
             let n = changed.len() as u64;
-            (Some(ChangeMap::from_sorted(changed.iter().copied())), (n, changed))
+            (
+                Some(ChangeMap::from_sorted(changed.iter().copied())),
+                (n, changed),
+            )
         }
         None => (None, (0, Vec::new())),
     };
@@ -195,7 +215,11 @@ pub(crate) fn run(
             root: c.root,
             changes,
             data_bytes,
-            cbt: if plan.cbt.is_empty() { "none".into() } else { plan.cbt.clone() },
+            cbt: if plan.cbt.is_empty() {
+                "none".into()
+            } else {
+                plan.cbt.clone()
+            },
             cbt_reason: plan.cbt_reason.clone(),
             checkpoint: plan.checkpoint.clone(),
         },
@@ -224,11 +248,20 @@ fn read_batches(
             let off = i * cs;
             let len = (n * cs).min(size - off);
             let mut data = vec![0u8; len as usize];
-            reader.read_at(&mut data, off).map_err(|e| Error::SourceRead {
-                path: reader.describe().into(),
-                source: e,
-            })?;
-            if tx.send(Batch { seq, first: i, data }).is_err() {
+            reader
+                .read_at(&mut data, off)
+                .map_err(|e| Error::SourceRead {
+                    path: reader.describe().into(),
+                    cause: e,
+                })?;
+            if tx
+                .send(Batch {
+                    seq,
+                    first: i,
+                    data,
+                })
+                .is_err()
+            {
                 return Ok(u64::MAX); // the consumers stopped; their error is reported
             }
             seq += 1;
@@ -248,7 +281,11 @@ fn work(
 ) -> Result<()> {
     let keys = &repo.keys;
     for b in rx {
-        let mut r = BatchResult { seq: b.seq, read: b.data.len() as u64, ..Default::default() };
+        let mut r = BatchResult {
+            seq: b.seq,
+            read: b.data.len() as u64,
+            ..Default::default()
+        };
         for (k, data) in b.data.chunks(cs as usize).enumerate() {
             let index = b.first + k as u64;
             if data == &ZEROS[..data.len()] {
@@ -260,8 +297,14 @@ fn work(
                 let encoded = blob::encode(keys, BlobKind::Data, &id, data);
                 r.new_bytes += data.len() as u64;
                 r.chunks_new += 1;
-                let msg = EncodedBlob { kind: BlobKind::Data, id, raw_len: data.len() as u32, data: encoded };
-                ptx.send(msg).map_err(|_| Error::Internal(PACKER_GONE.into()))?;
+                let msg = EncodedBlob {
+                    kind: BlobKind::Data,
+                    id,
+                    raw_len: data.len() as u32,
+                    data: encoded,
+                };
+                ptx.send(msg)
+                    .map_err(|_| Error::Internal(PACKER_GONE.into()))?;
             } else {
                 r.chunks_reused += 1;
             }
@@ -348,8 +391,10 @@ fn collect<'a>(
 
 fn tree_error(e: vmkeep_core::Error) -> Error {
     match e {
-        vmkeep_core::Error::Invalid { what: "repository write", .. } => Error::Internal(PACKER_GONE.into()),
+        vmkeep_core::Error::Invalid {
+            what: "repository write",
+            ..
+        } => Error::Internal(PACKER_GONE.into()),
         other => Error::Core(other),
     }
 }
-

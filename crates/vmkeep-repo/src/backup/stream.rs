@@ -20,7 +20,12 @@ impl BackupSession<'_> {
             return Ok((id, false));
         }
         let encoded = blob::encode(&self.repo.keys, kind, &id, data);
-        let msg = EncodedBlob { kind, id, raw_len: data.len() as u32, data: encoded };
+        let msg = EncodedBlob {
+            kind,
+            id,
+            raw_len: data.len() as u32,
+            data: encoded,
+        };
         let packer = self.packer.as_ref().expect("session open");
         if packer.sender().send(msg).is_err() {
             return Err(self.packer.take().expect("session open").failure());
@@ -38,7 +43,10 @@ impl BackupSession<'_> {
     ) -> Result<&StreamRecord> {
         vmkeep_core::manifest::validate_name("stream name", name)?;
         if self.streams.iter().any(|s| s.name == name) {
-            return Err(Error::Invalid { what: "stream name", reason: format!("{name:?} given twice") });
+            return Err(Error::Invalid {
+                what: "stream name",
+                reason: format!("{name:?} given twice"),
+            });
         }
         progress.phase(&format!("stream {name}"), 0);
         let mut chunker = StreamChunker::new(params);
@@ -50,7 +58,12 @@ impl BackupSession<'_> {
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(Error::SourceRead { path: format!("stream {name}").into(), source: e }),
+                Err(e) => {
+                    return Err(Error::SourceRead {
+                        path: format!("stream {name}").into(),
+                        cause: e,
+                    })
+                }
             };
             size += n as u64;
             self.stats.read_bytes += n as u64;
@@ -69,7 +82,11 @@ impl BackupSession<'_> {
             index.push(self.put_blob(BlobKind::Tree, &bytes)?.0);
         }
         progress.finish_phase();
-        self.streams.push(StreamRecord { name: name.to_string(), size, index });
+        self.streams.push(StreamRecord {
+            name: name.to_string(),
+            size,
+            index,
+        });
         Ok(self.streams.last().expect("just pushed"))
     }
 
@@ -81,6 +98,9 @@ impl BackupSession<'_> {
         } else {
             self.stats.chunks_reused += 1;
         }
-        Ok(StreamEntry { id, len: chunk.len() as u32 })
+        Ok(StreamEntry {
+            id,
+            len: chunk.len() as u32,
+        })
     }
 }

@@ -29,7 +29,13 @@ fn parse_disks(specs: &[String]) -> Result<Vec<(String, PathBuf)>> {
 fn image(g: &Global, a: &BackupImageArgs) -> Result<u8> {
     let disks = parse_disks(&a.disks)?;
     let repo = open_repo(g)?;
-    let opts = ImageBackupOptions { backup: BackupOptions { vm: a.vm.clone(), ..Default::default() }, disks };
+    let opts = ImageBackupOptions {
+        backup: BackupOptions {
+            vm: a.vm.clone(),
+            ..Default::default()
+        },
+        disks,
+    };
     let bars = Bars::new(g.quiet);
     let m = repo.backup_image(&opts, &bars)?;
     report(g, &m)
@@ -63,7 +69,9 @@ pub fn report(g: &Global, m: &Manifest) -> Result<u8> {
         "restore point {} of {} saved{}",
         m.id,
         m.vm,
-        m.parent.map(|p| format!(" (parent {p:#})")).unwrap_or_default()
+        m.parent
+            .map(|p| format!(" (parent {p:#})"))
+            .unwrap_or_default()
     ))?;
     print_line(&format!(
         "  read {}, changed {}, new {}, stored {} (metadata {}) in {:.2} s ({}/s)",

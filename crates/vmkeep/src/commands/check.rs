@@ -11,7 +11,12 @@ use crate::EXIT_DAMAGE;
 pub fn run(g: &Global, a: &CheckArgs) -> Result<u8> {
     let repo = open_repo(g)?;
     let bars = Bars::new(g.quiet);
-    let r = repo.check(&CheckOptions { read_data: a.read_data }, &bars)?;
+    let r = repo.check(
+        &CheckOptions {
+            read_data: a.read_data,
+        },
+        &bars,
+    )?;
     if g.json {
         print_json(&json!({
             "ok": r.ok,
@@ -29,14 +34,24 @@ pub fn run(g: &Global, a: &CheckArgs) -> Result<u8> {
             print_line(&format!(
                 "DAMAGED restore point {}{}: {}",
                 d.snapshot,
-                d.disk.as_ref().map(|x| format!(" disk {x}")).unwrap_or_default(),
+                d.disk
+                    .as_ref()
+                    .map(|x| format!(" disk {x}"))
+                    .unwrap_or_default(),
                 d.reason
             ))?;
         }
         print_line(&format!(
             "checked {} restore points{}: {}",
             r.snapshots_checked,
-            if a.read_data { format!(", {} packs, {} blobs read", r.packs_checked, r.blobs_checked) } else { String::new() },
+            if a.read_data {
+                format!(
+                    ", {} packs, {} blobs read",
+                    r.packs_checked, r.blobs_checked
+                )
+            } else {
+                String::new()
+            },
             if r.ok { "no errors" } else { "DAMAGE FOUND" }
         ))?;
     }

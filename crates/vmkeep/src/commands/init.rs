@@ -27,18 +27,35 @@ pub fn run(g: &Global, a: &InitArgs) -> Result<u8> {
     };
     let path = Path::new(location);
     if path.join("config").exists() {
-        return Err(vmkeep_repo::Error::AlreadyExists { location: location.into() }.into());
+        return Err(vmkeep_repo::Error::AlreadyExists {
+            location: location.into(),
+        }
+        .into());
     }
-    let store = LocalStore::create(path).with_context(|| format!("creating the repository folder {location}"))?;
+    let store = LocalStore::create(path)
+        .with_context(|| format!("creating the repository folder {location}"))?;
     let kdf = kdf_params();
-    let repo = Repository::init(Arc::new(store), InitOptions { chunk_size, passphrase: pass, kdf })?;
+    let repo = Repository::init(
+        Arc::new(store),
+        InitOptions {
+            chunk_size,
+            passphrase: pass,
+            kdf,
+        },
+    )?;
     let c = repo.config();
     if g.json {
-        print_json(&json!({"repo": location, "id": c.id, "encrypted": c.encrypted, "chunk_size": c.chunk_size}))?;
+        print_json(
+            &json!({"repo": location, "id": c.id, "encrypted": c.encrypted, "chunk_size": c.chunk_size}),
+        )?;
     } else {
         print_line(&format!(
             "created {} repository {} at {location} (chunk size {})",
-            if c.encrypted { "encrypted" } else { "unencrypted" },
+            if c.encrypted {
+                "encrypted"
+            } else {
+                "unencrypted"
+            },
             &c.id[..8],
             crate::size::human(c.chunk_size as u64)
         ))?;
@@ -52,7 +69,10 @@ pub fn run(g: &Global, a: &InitArgs) -> Result<u8> {
 /// Argon2id cost; tests may lower it with VMKEEP_KDF_MEM_KIB (the value is stored in the key file).
 pub fn kdf_params() -> KdfParams {
     let mut k = KdfParams::default();
-    if let Some(m) = std::env::var("VMKEEP_KDF_MEM_KIB").ok().and_then(|v| v.parse().ok()) {
+    if let Some(m) = std::env::var("VMKEEP_KDF_MEM_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         k.m_cost_kib = m;
         k.t_cost = 1;
     }

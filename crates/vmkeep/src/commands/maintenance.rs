@@ -11,7 +11,11 @@ use crate::size::human;
 
 pub fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
     let repo = open_repo(g)?;
-    let ids = a.snapshots.iter().map(|s| Ok(repo.resolve(s)?.id)).collect::<Result<Vec<_>>>()?;
+    let ids = a
+        .snapshots
+        .iter()
+        .map(|s| Ok(repo.resolve(s)?.id))
+        .collect::<Result<Vec<_>>>()?;
     let done = repo.forget(&ids)?;
     if g.json {
         print_json(&json!({"forgotten": done}))?;
@@ -34,10 +38,15 @@ pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
         monthly: a.keep_monthly,
         yearly: a.keep_yearly,
     };
-    let plan = repo.prune_plan(&PruneOptions { vm: a.vm.clone(), policy })?;
+    let plan = repo.prune_plan(&PruneOptions {
+        vm: a.vm.clone(),
+        policy,
+    })?;
     if a.dry_run {
         if g.json {
-            print_json(&json!({"dry_run": true, "kept": plan.kept(), "forgotten": plan.forgotten(), "plan": plan.points, "reclaimed_bytes": 0}))?;
+            print_json(
+                &json!({"dry_run": true, "kept": plan.kept(), "forgotten": plan.forgotten(), "plan": plan.points, "reclaimed_bytes": 0}),
+            )?;
         } else {
             for p in &plan.points {
                 print_line(&format!(
@@ -46,10 +55,18 @@ pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
                     p.id,
                     p.vm,
                     p.time.format("%Y-%m-%d %H:%M:%S"),
-                    if p.keep { format!("  ({})", p.reasons.join(", ")) } else { String::new() }
+                    if p.keep {
+                        format!("  ({})", p.reasons.join(", "))
+                    } else {
+                        String::new()
+                    }
                 ))?;
             }
-            print_line(&format!("would keep {}, forget {} (dry run: nothing changed)", plan.kept().len(), plan.forgotten().len()))?;
+            print_line(&format!(
+                "would keep {}, forget {} (dry run: nothing changed)",
+                plan.kept().len(),
+                plan.forgotten().len()
+            ))?;
         }
         return Ok(0);
     }

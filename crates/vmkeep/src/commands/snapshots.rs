@@ -8,7 +8,11 @@ use crate::size::human;
 
 pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
     let repo = open_repo(g)?;
-    let list: Vec<_> = repo.snapshots()?.into_iter().filter(|m| a.vm.as_deref().is_none_or(|v| v == m.vm)).collect();
+    let list: Vec<_> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|m| a.vm.as_deref().is_none_or(|v| v == m.vm))
+        .collect();
     if g.json {
         let v: Vec<_> = list
             .iter()
@@ -31,7 +35,10 @@ pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
         print_line("no restore points")?;
         return Ok(0);
     }
-    print_line(&format!("{:<10} {:<20} {:<25} {:>10} {:>10}  disks", "id", "vm", "time", "changed", "stored"))?;
+    print_line(&format!(
+        "{:<10} {:<20} {:<25} {:>10} {:>10}  disks",
+        "id", "vm", "time", "changed", "stored"
+    ))?;
     for m in &list {
         print_line(&format!(
             "{:<10} {:<20} {:<25} {:>10} {:>10}  {}",
@@ -40,7 +47,11 @@ pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
             m.time.format("%Y-%m-%d %H:%M:%S UTC"),
             human(m.stats.changed_bytes),
             human(m.stats.stored_bytes),
-            m.disks.iter().map(|d| format!("{} ({})", d.name, human(d.size))).collect::<Vec<_>>().join(", ")
+            m.disks
+                .iter()
+                .map(|d| format!("{} ({})", d.name, human(d.size)))
+                .collect::<Vec<_>>()
+                .join(", ")
         ))?;
     }
     print_line(&format!("{} restore points", list.len()))?;
