@@ -6,7 +6,10 @@
 //! ([`KeyFile`], Argon2id). Secrets never appear in `Debug` output and are zeroed on drop.
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use ring::aead;
+use zeroize::Zeroize;
+
+use crate::error::{Error, Result};
 use crate::id::BlobId;
 
 /// The repository master key. `Debug` prints no key material.
@@ -25,17 +28,111 @@ impl std::fmt::Debug for MasterKey {
 impl MasterKey {
     /// A fresh random key from the OS.
     pub fn generate() -> MasterKey {
-        todo!()
+        let mut key = MasterKey {
+            id_key: [0u8; 32],
+            data_key: [0u8; 32],
+        };
+        getrandom::getrandom(&mut key.id_key).expect("the OS random source failed");
+        getrandom::getrandom(&mut key.data_key).expect("the OS random source failed");
+        key
     }
 
     /// Paper-copy text: human-readable, with a checksum, that [`MasterKey::import`] reads back.
+    ///
+    /// ```text
+    /// vmkeep master key v1
+    /// 0123 4567 89ab cdef 0123 4567 89ab cdef      (4 lines of 16 key bytes each)
+    /// ...
+    /// checksum: 89abcdef                           (first 8 hex digits of BLAKE3(key bytes))
+    /// ```
     pub fn export(&self) -> String {
-        todo!()
+        let bytes = self.to_bytes();
+        let mut out = String::from(EXPORT_HEADER);
+        out.push('\n');
+        for line in bytes.chunks(16) {
+            let groups: Vec<String> = line.chunks(2).map(hex::encode).collect();
+            out.push_str(&groups.join(" "));
+            out.push('\n');
+        }
+        out.push_str("checksum: ");
+        out.push_str(&export_checksum(&bytes));
+        out.push('\n');
+        out
     }
 
+    /// Parse the text of [`MasterKey::export`]. Whitespace (spaces, tabs, line breaks) is
+    /// ignored wherever it is; letters may be upper or lower case.
     pub fn import(text: &str) -> Result<MasterKey> {
-        todo!()
+        let invalid = |reason: String| Error::Invalid {
+            what: "master key",
+            reason,
+        };
+        if text.len() > 64 * 1024 {
+            return Err(invalid("the text is far too long for a master key".into()));
+        }
+        // Whitespace carries no meaning: drop it all, then read header, digits, checksum.
+        let mut compact = zeroize::Zeroizing::new(String::with_capacity(text.len()));
+        compact.extend(
+            text.chars()
+                .filter(|c| !c.is_whitespace())
+                .map(|c| c.to_ascii_lowercase()),
+        );
+        let header: String = EXPORT_HEADER.split_whitespace().collect();
+        let rest = compact
+            .strip_prefix(header.as_str())
+            .ok_or_else(|| invalid(format!("the text does not start with {EXPORT_HEADER:?}")))?;
+        let (digits, checksum) = rest
+            .split_once("checksum")
+            .ok_or_else(|| invalid("the checksum line is missing".into()))?;
+        let checksum = checksum.strip_prefix(':').unwrap_or(checksum);
+        if let Some(c) = digits.chars().find(|c| !c.is_ascii_hexdigit()) {
+            return Err(invalid(format!("{c:?} is not a hexadecimal digit")));
+        }
+        if digits.len() != 128 {
+            return Err(invalid(format!(
+                "expected 128 hex digits (64 bytes), found {}",
+                digits.len()
+            )));
+        }
+        if checksum.len() != 8 || !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(format!(
+                "the checksum must be 8 hex digits, found {checksum:?}"
+            )));
+        }
+        let mut bytes = zeroize::Zeroizing::new([0u8; 64]);
+        hex::decode_to_slice(digits, &mut bytes[..])
+            .map_err(|e| invalid(format!("the key is not hexadecimal: {e}")))?;
+        if checksum != export_checksum(&bytes) {
+            return Err(invalid(
+                "checksum mismatch: the key was mistyped or damaged".into(),
+            ));
+        }
+        Ok(MasterKey::from_bytes(&bytes))
     }
+
+    /// id_key || data_key.
+    fn to_bytes(&self) -> zeroize::Zeroizing<[u8; 64]> {
+        let mut b = zeroize::Zeroizing::new([0u8; 64]);
+        b[..32].copy_from_slice(&self.id_key);
+        b[32..].copy_from_slice(&self.data_key);
+        b
+    }
+
+    fn from_bytes(bytes: &[u8; 64]) -> MasterKey {
+        let mut key = MasterKey {
+            id_key: [0u8; 32],
+            data_key: [0u8; 32],
+        };
+        key.id_key.copy_from_slice(&bytes[..32]);
+        key.data_key.copy_from_slice(&bytes[32..]);
+        key
+    }
+}
+
+const EXPORT_HEADER: &str = "vmkeep master key v1";
+
+fn export_checksum(bytes: &[u8; 64]) -> String {
+    hex::encode(&blake3::hash(bytes).as_bytes()[..4])
 }
 
 /// Argon2id cost parameters. Defaults: m = 64 MiB, t = 3, p = 1 (about 0.15 s here).
@@ -71,28 +168,200 @@ pub struct KeyFile {
     pub hostname: String,
 }
 
+/// Current key file format version.
+const KEY_FILE_VERSION: u32 = 1;
+const KEY_FILE_KDF: &str = "argon2id";
+const KEY_FILE_MAX: usize = 64 * 1024;
+const SALT_LEN: usize = 16;
+const WRAP_NONCE_LEN: usize = 12;
+/// nonce(12) || AES-256-GCM(64 key bytes) || tag(16)
+const WRAPPED_LEN: usize = WRAP_NONCE_LEN + 64 + 16;
+/// Bounds a hostile key file cannot exceed: 4 GiB of memory, 100 passes, 64 lanes.
+const KDF_MAX_M_COST_KIB: u32 = 4 * 1024 * 1024;
+const KDF_MAX_T_COST: u32 = 100;
+const KDF_MAX_P_COST: u32 = 64;
+
+impl KdfParams {
+    /// Check the parameters are usable and within the bounds vmkeep accepts (memory at most
+    /// 4 GiB, at most 100 passes, at most 64 lanes), so a hostile key file cannot make us
+    /// allocate or spin absurdly.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |reason: String| Error::Invalid {
+            what: "key derivation parameters",
+            reason,
+        };
+        if self.p_cost == 0 || self.p_cost > KDF_MAX_P_COST {
+            return Err(invalid(format!(
+                "parallelism must be 1..={KDF_MAX_P_COST}, got {}",
+                self.p_cost
+            )));
+        }
+        if self.t_cost == 0 || self.t_cost > KDF_MAX_T_COST {
+            return Err(invalid(format!(
+                "passes must be 1..={KDF_MAX_T_COST}, got {}",
+                self.t_cost
+            )));
+        }
+        let min_m = 8 * self.p_cost;
+        if self.m_cost_kib < min_m || self.m_cost_kib > KDF_MAX_M_COST_KIB {
+            return Err(invalid(format!(
+                "memory must be {min_m}..={KDF_MAX_M_COST_KIB} KiB, got {}",
+                self.m_cost_kib
+            )));
+        }
+        Ok(())
+    }
+
+    /// Argon2id(passphrase, salt) -> 32-byte key-encryption key.
+    fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<zeroize::Zeroizing<[u8; 32]>> {
+        self.validate()?;
+        let params = argon2::Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32))
+            .map_err(|e| Error::Invalid {
+                what: "key derivation parameters",
+                reason: e.to_string(),
+            })?;
+        let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let mut kek = zeroize::Zeroizing::new([0u8; 32]);
+        kdf.hash_password_into(passphrase, salt, &mut kek[..])
+            .map_err(|e| Error::Invalid {
+                what: "key derivation input",
+                reason: e.to_string(),
+            })?;
+        Ok(kek)
+    }
+}
+
+fn aes_key(key: &[u8; 32]) -> aead::LessSafeKey {
+    aead::LessSafeKey::new(
+        aead::UnboundKey::new(&aead::AES_256_GCM, key).expect("AES-256-GCM takes 32-byte keys"),
+    )
+}
+
 impl KeyFile {
+    /// Wrap `master` under `passphrase`: KEK = Argon2id(passphrase, random 16-byte salt, params);
+    /// wrapped = hex(nonce(12) || AES-256-GCM(KEK, nonce, aad = "", id_key || data_key)).
     pub fn wrap(
         master: &MasterKey,
         passphrase: &[u8],
         params: KdfParams,
         hostname: &str,
     ) -> Result<KeyFile> {
-        todo!()
+        let mut salt = [0u8; SALT_LEN];
+        getrandom::getrandom(&mut salt).expect("the OS random source failed");
+        let mut nonce = [0u8; WRAP_NONCE_LEN];
+        getrandom::getrandom(&mut nonce).expect("the OS random source failed");
+        let kek = params.derive(passphrase, &salt)?;
+        let mut in_out = zeroize::Zeroizing::new(Vec::with_capacity(WRAPPED_LEN));
+        in_out.extend_from_slice(&master.to_bytes()[..]);
+        aes_key(&kek)
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::empty(),
+                &mut *in_out,
+            )
+            .expect("AES-GCM sealing 64 bytes cannot fail");
+        let mut wrapped = Vec::with_capacity(WRAPPED_LEN);
+        wrapped.extend_from_slice(&nonce);
+        wrapped.extend_from_slice(&in_out);
+        Ok(KeyFile {
+            version: KEY_FILE_VERSION,
+            kdf: KEY_FILE_KDF.to_string(),
+            params,
+            salt: hex::encode(salt),
+            wrapped: hex::encode(wrapped),
+            created: chrono::Utc::now(),
+            hostname: hostname.to_string(),
+        })
     }
 
     /// Err(Error::WrongPassphrase) when the passphrase does not unlock it.
     pub fn unwrap_key(&self, passphrase: &[u8]) -> Result<MasterKey> {
-        todo!()
+        self.validate()?;
+        let salt = hex::decode(&self.salt).map_err(|e| corrupt_key_file(format!("salt: {e}")))?;
+        let wrapped = hex::decode(&self.wrapped)
+            .map_err(|e| corrupt_key_file(format!("wrapped key: {e}")))?;
+        if wrapped.len() != WRAPPED_LEN {
+            return Err(corrupt_key_file(format!(
+                "wrapped key is {} bytes, expected {WRAPPED_LEN}",
+                wrapped.len()
+            )));
+        }
+        let kek = self.params.derive(passphrase, &salt)?;
+        let mut nonce = [0u8; WRAP_NONCE_LEN];
+        nonce.copy_from_slice(&wrapped[..WRAP_NONCE_LEN]);
+        let mut in_out = zeroize::Zeroizing::new(wrapped[WRAP_NONCE_LEN..].to_vec());
+        let plain = aes_key(&kek)
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::empty(),
+                &mut in_out[..],
+            )
+            .map_err(|_| Error::WrongPassphrase)?;
+        let bytes: &[u8; 64] = (&*plain)
+            .try_into()
+            .map_err(|_| corrupt_key_file("wrapped key has the wrong length".into()))?;
+        Ok(MasterKey::from_bytes(bytes))
     }
 
     pub fn to_json(&self) -> Vec<u8> {
-        todo!()
+        serde_json::to_vec_pretty(self).expect("a key file always serialises")
     }
 
     /// Bounded (64 KiB) and validated.
     pub fn from_json(bytes: &[u8]) -> Result<KeyFile> {
-        todo!()
+        if bytes.len() > KEY_FILE_MAX {
+            return Err(Error::TooLarge {
+                kind: "key file",
+                size: bytes.len() as u64,
+                max: KEY_FILE_MAX as u64,
+            });
+        }
+        let file: KeyFile =
+            serde_json::from_slice(bytes).map_err(|e| corrupt_key_file(e.to_string()))?;
+        file.validate()?;
+        Ok(file)
+    }
+
+    /// Version, KDF name, KDF parameter bounds, salt and wrapped-key lengths.
+    fn validate(&self) -> Result<()> {
+        if self.version != KEY_FILE_VERSION {
+            return Err(Error::UnsupportedVersion {
+                kind: "key file",
+                version: self.version,
+                supported: KEY_FILE_VERSION,
+            });
+        }
+        if self.kdf != KEY_FILE_KDF {
+            return Err(corrupt_key_file(format!(
+                "unknown key derivation {:?} (expected {KEY_FILE_KDF:?})",
+                self.kdf
+            )));
+        }
+        self.params
+            .validate()
+            .map_err(|e| corrupt_key_file(e.to_string()))?;
+        if self.salt.len() != 2 * SALT_LEN || !self.salt.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(corrupt_key_file(format!(
+                "salt must be {} hex digits",
+                2 * SALT_LEN
+            )));
+        }
+        if self.wrapped.len() != 2 * WRAPPED_LEN
+            || !self.wrapped.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(corrupt_key_file(format!(
+                "wrapped key must be {} hex digits",
+                2 * WRAPPED_LEN
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn corrupt_key_file(reason: String) -> Error {
+    Error::Corrupt {
+        kind: "key file",
+        reason,
     }
 }
 
@@ -108,7 +377,47 @@ pub enum BlobKind {
 
 impl BlobKind {
     pub fn from_u8(v: u8) -> Result<BlobKind> {
-        todo!()
+        match v {
+            0 => Ok(BlobKind::Data),
+            1 => Ok(BlobKind::Tree),
+            _ => Err(Error::Corrupt {
+                kind: "blob kind",
+                reason: format!("unknown blob kind {v}"),
+            }),
+        }
+    }
+}
+
+/// Key-derivation contexts (BLAKE3 derive_key). Frozen: changing one changes every id or MAC.
+const TREE_NODE_CONTEXT: &str = "vmkeep 2026-11 tree node v1";
+const TREE_ID_KEY_CONTEXT: &str = "vmkeep 2026-11 tree id key v1";
+const CONFIG_MAC_CONTEXT: &str = "vmkeep 2026-11 config mac v1";
+
+/// Length of [`Keys::seal`]'s overhead: nonce(24) + tag(16).
+pub const SEAL_OVERHEAD: usize = SEAL_NONCE_LEN + 16;
+const SEAL_NONCE_LEN: usize = 24;
+
+/// Keys derived once from the master key.
+#[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+struct DerivedKeys {
+    /// BLAKE3 key for Tree blob ids: derive_key(TREE_ID_KEY_CONTEXT, id_key).
+    tree_id_key: [u8; 32],
+    /// BLAKE3 key for the config MAC: derive_key(CONFIG_MAC_CONTEXT, id_key || data_key).
+    config_mac_key: [u8; 32],
+}
+
+impl DerivedKeys {
+    fn new(master: &MasterKey) -> DerivedKeys {
+        DerivedKeys {
+            tree_id_key: blake3::derive_key(TREE_ID_KEY_CONTEXT, &master.id_key),
+            config_mac_key: blake3::derive_key(CONFIG_MAC_CONTEXT, &master.to_bytes()[..]),
+        }
+    }
+}
+
+impl std::fmt::Debug for DerivedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DerivedKeys(<redacted>)")
     }
 }
 
@@ -118,16 +427,22 @@ impl BlobKind {
 pub struct Keys {
     // implementation detail
     master: Option<std::sync::Arc<MasterKey>>,
+    derived: Option<std::sync::Arc<DerivedKeys>>,
 }
 
 impl Keys {
     pub fn plain() -> Keys {
-        Keys { master: None }
+        Keys {
+            master: None,
+            derived: None,
+        }
     }
 
     pub fn encrypted(master: MasterKey) -> Keys {
+        let derived = DerivedKeys::new(&master);
         Keys {
             master: Some(std::sync::Arc::new(master)),
+            derived: Some(std::sync::Arc::new(derived)),
         }
     }
 
@@ -142,24 +457,514 @@ impl Keys {
     /// Content id of a blob's plaintext. Data: BLAKE3 (keyed by id_key when encrypted).
     /// Tree: a separate domain so a chunk and a node never share an id by accident.
     /// NOTE: callers detect all-zero chunks themselves and use BlobId::ZERO; this never returns ZERO.
+    ///
+    /// Exactly: Data plain = BLAKE3(p); Data encrypted = BLAKE3-keyed(id_key, p);
+    /// Tree plain = BLAKE3-derive-key("vmkeep 2026-11 tree node v1", p);
+    /// Tree encrypted = BLAKE3-keyed(derive_key("vmkeep 2026-11 tree id key v1", id_key), p).
+    /// (An all-zero 256-bit output has probability 2^-256: it is not checked for.)
     pub fn blob_id(&self, kind: BlobKind, plaintext: &[u8]) -> BlobId {
-        todo!()
+        let hash = match (kind, &self.master, &self.derived) {
+            (BlobKind::Data, None, _) => blake3::hash(plaintext),
+            (BlobKind::Data, Some(m), _) => blake3::keyed_hash(&m.id_key, plaintext),
+            (BlobKind::Tree, Some(_), Some(d)) => blake3::keyed_hash(&d.tree_id_key, plaintext),
+            (BlobKind::Tree, _, _) => blake3::Hasher::new_derive_key(TREE_NODE_CONTEXT)
+                .update(plaintext)
+                .finalize(),
+        };
+        BlobId(*hash.as_bytes())
     }
 
     /// AEAD-seal `plaintext` with associated data `aad`. Output: nonce(24) || ciphertext || tag(16).
     /// Construction (FORMAT.md): per-message subkey = BLAKE3-keyed(data_key, nonce[..16]),
     /// AES-256-GCM (ring) with nonce[16..24] || 0u32. Panics if the repository is plain.
     pub fn seal(&self, aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-        todo!()
+        let master = self
+            .master
+            .as_ref()
+            .expect("Keys::seal called on a plain repository");
+        let mut nonce = [0u8; SEAL_NONCE_LEN];
+        getrandom::getrandom(&mut nonce).expect("the OS random source failed");
+        let (key, gcm_nonce) = message_key(&master.data_key, &nonce);
+        let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plaintext);
+        let tag = key
+            .seal_in_place_separate_tag(gcm_nonce, aead::Aad::from(aad), &mut out[SEAL_NONCE_LEN..])
+            .expect("AES-GCM sealing fails only beyond 64 GiB");
+        out.extend_from_slice(tag.as_ref());
+        out
     }
 
     /// Inverse of [`Keys::seal`]; Err(Error::Integrity) on any tampering or a wrong key.
+    /// With plain keys: Err(Error::Corrupt) (sealed data cannot occur in a plain repository).
     pub fn open(&self, aad: &[u8], sealed: &[u8]) -> Result<Vec<u8>> {
-        todo!()
+        let Some(master) = self.master.as_ref() else {
+            return Err(Error::Corrupt {
+                kind: "sealed data",
+                reason: "found encrypted data, but the repository is not encrypted".into(),
+            });
+        };
+        if sealed.len() < SEAL_OVERHEAD {
+            return Err(Error::Integrity {
+                kind: "sealed data",
+            });
+        }
+        let nonce: &[u8; SEAL_NONCE_LEN] = sealed[..SEAL_NONCE_LEN]
+            .try_into()
+            .expect("length checked above");
+        let (key, gcm_nonce) = message_key(&master.data_key, nonce);
+        let mut out = sealed[SEAL_NONCE_LEN..].to_vec();
+        let len = key
+            .open_in_place(gcm_nonce, aead::Aad::from(aad), &mut out)
+            .map_err(|_| Error::Integrity {
+                kind: "sealed data",
+            })?
+            .len();
+        out.truncate(len);
+        Ok(out)
     }
 
     /// Keyed MAC (BLAKE3 in its own derive-key domain) used to authenticate the repository config.
+    /// MAC = BLAKE3-keyed(derive_key("vmkeep 2026-11 config mac v1", id_key || data_key), bytes);
+    /// None for a plain repository.
     pub fn config_mac(&self, bytes: &[u8]) -> Option<[u8; 32]> {
-        todo!()
+        self.derived
+            .as_ref()
+            .map(|d| *blake3::keyed_hash(&d.config_mac_key, bytes).as_bytes())
+    }
+}
+
+/// The per-message AES-256-GCM key and nonce of [`Keys::seal`].
+fn message_key(
+    data_key: &[u8; 32],
+    nonce: &[u8; SEAL_NONCE_LEN],
+) -> (aead::LessSafeKey, aead::Nonce) {
+    let mut subkey = *blake3::keyed_hash(data_key, &nonce[..16]).as_bytes();
+    let key = aes_key(&subkey);
+    subkey.zeroize();
+    let mut gcm_nonce = [0u8; 12];
+    gcm_nonce[..8].copy_from_slice(&nonce[16..]);
+    (key, aead::Nonce::assume_unique_for_key(gcm_nonce))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Cheap KDF parameters for tests.
+    const FAST: KdfParams = KdfParams {
+        m_cost_kib: 64,
+        t_cost: 1,
+        p_cost: 1,
+    };
+
+    fn encrypted() -> Keys {
+        Keys::encrypted(MasterKey::generate())
+    }
+
+    #[test]
+    fn generate_is_random() {
+        let a = MasterKey::generate();
+        let b = MasterKey::generate();
+        assert_ne!(a.to_bytes()[..], b.to_bytes()[..]);
+        assert_ne!(a.id_key, a.data_key);
+    }
+
+    #[test]
+    fn export_import_round_trip() {
+        let key = MasterKey::generate();
+        let text = key.export();
+        assert!(text.starts_with("vmkeep master key v1\n"));
+        assert_eq!(text.lines().count(), 6, "{text}");
+        let back = MasterKey::import(&text).unwrap();
+        assert_eq!(back.to_bytes()[..], key.to_bytes()[..]);
+    }
+
+    #[test]
+    fn import_is_tolerant_of_whitespace_and_case() {
+        let key = MasterKey::generate();
+        let text = key.export();
+        let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        let squashed = text
+            .lines()
+            .map(|l| l.replace(' ', ""))
+            .collect::<Vec<_>>()
+            .join("\r\n");
+        let spaced = format!("\n\n   {}\t\n\n", text.replace('\n', "\n\t  "));
+        let upper = text.to_uppercase();
+        let colon_apart = text.replace("checksum: ", "checksum : ");
+        for variant in [one_line, squashed, spaced, upper, colon_apart] {
+            let back = MasterKey::import(&variant).unwrap_or_else(|e| panic!("{variant:?}: {e}"));
+            assert_eq!(back.to_bytes()[..], key.to_bytes()[..]);
+        }
+    }
+
+    #[test]
+    fn import_rejects_damage() {
+        let key = MasterKey::generate();
+        let text = key.export();
+        // One mistyped digit in the key: the checksum catches it.
+        let line1 = text.lines().nth(1).unwrap();
+        let first = line1.chars().next().unwrap();
+        let other = if first == '0' { '1' } else { '0' };
+        let typo = text.replacen(line1, &format!("{other}{}", &line1[1..]), 1);
+        assert!(matches!(
+            MasterKey::import(&typo),
+            Err(Error::Invalid { what: "master key", ref reason }) if reason.contains("checksum")
+        ));
+        // A wrong checksum.
+        let sum = text.lines().last().unwrap();
+        let bad_sum = text.replace(sum, "checksum: 00000000");
+        if sum != "checksum: 00000000" {
+            assert!(MasterKey::import(&bad_sum).is_err());
+        }
+        // Missing pieces.
+        let no_header = text.replacen("vmkeep master key v1", "", 1);
+        let no_sum = text.replace(sum, "");
+        let short = text.replacen(line1, "", 1);
+        let junk = text.replacen(line1, "zz", 1);
+        for bad in [
+            no_header,
+            no_sum,
+            short,
+            junk,
+            String::new(),
+            "vmkeep".into(),
+        ] {
+            assert!(
+                matches!(MasterKey::import(&bad), Err(Error::Invalid { .. })),
+                "{bad:?}"
+            );
+        }
+        let extra = format!("{text} trailing");
+        assert!(MasterKey::import(&extra).is_err());
+    }
+
+    #[test]
+    fn debug_prints_no_key_material() {
+        let key = MasterKey::generate();
+        let bytes = key.to_bytes();
+        let keys = Keys::encrypted(key.clone());
+        let outputs = [
+            format!("{key:?}"),
+            format!("{key:#?}"),
+            format!("{keys:?}"),
+            format!("{keys:#?}"),
+        ];
+        let derived = DerivedKeys::new(&key);
+        let secrets: Vec<&[u8]> = vec![
+            &bytes[..32],
+            &bytes[32..],
+            &derived.tree_id_key,
+            &derived.config_mac_key,
+        ];
+        for out in &outputs {
+            assert!(out.contains("redacted"), "{out}");
+            for secret in &secrets {
+                // No 4-byte window of any secret, in hex or as decimal bytes.
+                for w in secret.windows(4) {
+                    assert!(!out.contains(&hex::encode(w)), "{out}");
+                    assert!(!out.contains(&format!("{}, {}, {}, {}", w[0], w[1], w[2], w[3])));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn key_file_wrap_unwrap() {
+        let key = MasterKey::generate();
+        let file = KeyFile::wrap(&key, b"correct horse", FAST, "host1").unwrap();
+        assert_eq!(file.version, 1);
+        assert_eq!(file.kdf, "argon2id");
+        assert_eq!(file.hostname, "host1");
+        assert_eq!(file.salt.len(), 32);
+        assert_eq!(file.wrapped.len(), 2 * WRAPPED_LEN);
+        let back = file.unwrap_key(b"correct horse").unwrap();
+        assert_eq!(back.to_bytes()[..], key.to_bytes()[..]);
+        assert!(matches!(
+            file.unwrap_key(b"correct horsf"),
+            Err(Error::WrongPassphrase)
+        ));
+        assert!(matches!(file.unwrap_key(b""), Err(Error::WrongPassphrase)));
+        // The same key wrapped twice: different salt and nonce.
+        let again = KeyFile::wrap(&key, b"correct horse", FAST, "host1").unwrap();
+        assert_ne!(again.salt, file.salt);
+        assert_ne!(again.wrapped, file.wrapped);
+    }
+
+    #[test]
+    fn key_file_tampering_is_detected() {
+        let key = MasterKey::generate();
+        let file = KeyFile::wrap(&key, b"pw", FAST, "h").unwrap();
+        let mut flipped = file.clone();
+        let mut w = hex::decode(&flipped.wrapped).unwrap();
+        w[30] ^= 1;
+        flipped.wrapped = hex::encode(w);
+        assert!(matches!(
+            flipped.unwrap_key(b"pw"),
+            Err(Error::WrongPassphrase)
+        ));
+        let mut salted = file.clone();
+        salted.salt = hex::encode([7u8; 16]);
+        assert!(matches!(
+            salted.unwrap_key(b"pw"),
+            Err(Error::WrongPassphrase)
+        ));
+        let mut costlier = file.clone();
+        costlier.params.t_cost = 2;
+        assert!(matches!(
+            costlier.unwrap_key(b"pw"),
+            Err(Error::WrongPassphrase)
+        ));
+        let mut short = file;
+        short.wrapped.truncate(20);
+        assert!(matches!(
+            short.unwrap_key(b"pw"),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn key_file_json_round_trip_and_validation() {
+        let key = MasterKey::generate();
+        let file = KeyFile::wrap(&key, b"pw", FAST, "host").unwrap();
+        let json = file.to_json();
+        let back = KeyFile::from_json(&json).unwrap();
+        assert_eq!(back, file);
+        assert_eq!(
+            back.unwrap_key(b"pw").unwrap().to_bytes()[..],
+            key.to_bytes()[..]
+        );
+
+        let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            f(&mut v);
+            KeyFile::from_json(&serde_json::to_vec(&v).unwrap())
+        };
+        assert!(matches!(
+            edit(&|v| v["version"] = 2.into()),
+            Err(Error::UnsupportedVersion { version: 2, .. })
+        ));
+        assert!(edit(&|v| v["kdf"] = "scrypt".into()).is_err());
+        assert!(edit(&|v| v["params"]["m_cost_kib"] = (4u32 * 1024 * 1024 + 1).into()).is_err());
+        assert!(edit(&|v| v["params"]["m_cost_kib"] = 4.into()).is_err());
+        assert!(edit(&|v| v["params"]["t_cost"] = 101.into()).is_err());
+        assert!(edit(&|v| v["params"]["t_cost"] = 0.into()).is_err());
+        assert!(edit(&|v| v["params"]["p_cost"] = 65.into()).is_err());
+        assert!(edit(&|v| v["params"]["p_cost"] = 0.into()).is_err());
+        assert!(edit(&|v| v["salt"] = "00".into()).is_err());
+        assert!(edit(&|v| v["wrapped"] = "zz".into()).is_err());
+        assert!(edit(&|v| v["extra"] = 1.into()).is_err());
+        assert!(edit(&|v| v["params"]["m_cost_kib"] = (4u32 * 1024 * 1024).into()).is_ok());
+
+        let mut big = json.clone();
+        big.extend(std::iter::repeat_n(b' ', 64 * 1024));
+        assert!(matches!(
+            KeyFile::from_json(&big),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(KeyFile::from_json(b"not json").is_err());
+    }
+
+    #[test]
+    fn default_kdf_params_are_valid() {
+        KdfParams::default().validate().unwrap();
+    }
+
+    #[test]
+    fn blob_kind_from_u8() {
+        assert_eq!(BlobKind::from_u8(0).unwrap(), BlobKind::Data);
+        assert_eq!(BlobKind::from_u8(1).unwrap(), BlobKind::Tree);
+        assert!(matches!(BlobKind::from_u8(2), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn blob_ids_by_domain() {
+        let data = b"some chunk";
+        let plain = Keys::plain();
+        let key = MasterKey::generate();
+        let enc = Keys::encrypted(key.clone());
+        let enc2 = encrypted();
+        assert_eq!(
+            plain.blob_id(BlobKind::Data, data).0,
+            *blake3::hash(data).as_bytes()
+        );
+        assert_eq!(
+            enc.blob_id(BlobKind::Data, data).0,
+            *blake3::keyed_hash(&key.id_key, data).as_bytes()
+        );
+        let mut h = blake3::Hasher::new_derive_key("vmkeep 2026-11 tree node v1");
+        h.update(data);
+        assert_eq!(
+            plain.blob_id(BlobKind::Tree, data).0,
+            *h.finalize().as_bytes()
+        );
+        let tree_key = blake3::derive_key("vmkeep 2026-11 tree id key v1", &key.id_key);
+        assert_eq!(
+            enc.blob_id(BlobKind::Tree, data).0,
+            *blake3::keyed_hash(&tree_key, data).as_bytes()
+        );
+        let ids = [
+            plain.blob_id(BlobKind::Data, data),
+            plain.blob_id(BlobKind::Tree, data),
+            enc.blob_id(BlobKind::Data, data),
+            enc.blob_id(BlobKind::Tree, data),
+            enc2.blob_id(BlobKind::Data, data),
+            enc2.blob_id(BlobKind::Tree, data),
+        ];
+        for (i, a) in ids.iter().enumerate() {
+            assert!(!a.is_zero());
+            for b in &ids[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        // Deterministic, and zero data does not hash to ZERO.
+        assert_eq!(enc.blob_id(BlobKind::Data, data), ids[2]);
+        assert!(!plain.blob_id(BlobKind::Data, &[0u8; 4096]).is_zero());
+    }
+
+    #[test]
+    fn seal_open_round_trip() {
+        let keys = encrypted();
+        for len in [0usize, 1, 15, 16, 17, 1000, 70_000] {
+            let msg: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let sealed = keys.seal(b"aad", &msg);
+            assert_eq!(sealed.len(), len + SEAL_OVERHEAD);
+            assert_eq!(keys.open(b"aad", &sealed).unwrap(), msg);
+            // Random nonces: sealing twice differs.
+            assert_ne!(keys.seal(b"aad", &msg), sealed);
+        }
+    }
+
+    #[test]
+    fn open_rejects_tampering() {
+        let keys = encrypted();
+        let sealed = keys.seal(b"aad", b"hello world");
+        for i in 0..sealed.len() {
+            let mut bad = sealed.clone();
+            bad[i] ^= 0x80;
+            assert!(matches!(
+                keys.open(b"aad", &bad),
+                Err(Error::Integrity {
+                    kind: "sealed data"
+                })
+            ));
+        }
+        assert!(matches!(
+            keys.open(b"aae", &sealed),
+            Err(Error::Integrity { .. })
+        ));
+        assert!(matches!(
+            keys.open(b"", &sealed),
+            Err(Error::Integrity { .. })
+        ));
+        assert!(matches!(
+            encrypted().open(b"aad", &sealed),
+            Err(Error::Integrity { .. })
+        ));
+        for n in 0..SEAL_OVERHEAD {
+            assert!(matches!(
+                keys.open(b"aad", &sealed[..n]),
+                Err(Error::Integrity { .. })
+            ));
+        }
+        assert!(keys.open(b"aad", &sealed[..sealed.len() - 1]).is_err());
+        assert!(matches!(
+            Keys::plain().open(b"aad", &sealed),
+            Err(Error::Corrupt { .. })
+        ));
+    }
+
+    /// Pins the construction: a message sealed by hand with ring opens with Keys::open.
+    #[test]
+    fn seal_construction_matches_the_spec() {
+        let key = MasterKey::generate();
+        let keys = Keys::encrypted(key.clone());
+        let nonce: [u8; 24] = std::array::from_fn(|i| i as u8 * 3 + 1);
+        let subkey = blake3::keyed_hash(&key.data_key, &nonce[..16]);
+        let mut gcm_nonce = [0u8; 12];
+        gcm_nonce[..8].copy_from_slice(&nonce[16..]);
+        let mut buf = b"by hand".to_vec();
+        aes_key(subkey.as_bytes())
+            .seal_in_place_append_tag(
+                aead::Nonce::assume_unique_for_key(gcm_nonce),
+                aead::Aad::from(b"ad"),
+                &mut buf,
+            )
+            .unwrap();
+        let sealed = [&nonce[..], &buf].concat();
+        assert_eq!(keys.open(b"ad", &sealed).unwrap(), b"by hand");
+    }
+
+    #[test]
+    #[should_panic(expected = "plain repository")]
+    fn seal_panics_when_plain() {
+        Keys::plain().seal(b"", b"x");
+    }
+
+    #[test]
+    fn config_mac() {
+        let key = MasterKey::generate();
+        let keys = Keys::encrypted(key.clone());
+        assert_eq!(Keys::plain().config_mac(b"x"), None);
+        let mac = keys.config_mac(b"config").unwrap();
+        let mut material = [0u8; 64];
+        material[..32].copy_from_slice(&key.id_key);
+        material[32..].copy_from_slice(&key.data_key);
+        let mac_key = blake3::derive_key("vmkeep 2026-11 config mac v1", &material);
+        assert_eq!(mac, *blake3::keyed_hash(&mac_key, b"config").as_bytes());
+        assert_ne!(keys.config_mac(b"config2").unwrap(), mac);
+        assert_ne!(encrypted().config_mac(b"config").unwrap(), mac);
+    }
+
+    #[test]
+    fn keys_are_send_sync_and_cheap_to_clone() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Keys>();
+        let keys = encrypted();
+        let clone = keys.clone();
+        assert!(std::ptr::eq(
+            keys.master().unwrap(),
+            clone.master().unwrap()
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn prop_seal_open(aad in proptest::collection::vec(any::<u8>(), 0..64),
+                          msg in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let keys = encrypted();
+            let sealed = keys.seal(&aad, &msg);
+            prop_assert_eq!(keys.open(&aad, &sealed).unwrap(), msg);
+        }
+
+        #[test]
+        fn prop_open_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let keys = encrypted();
+            prop_assert!(keys.open(b"x", &bytes).is_err());
+            prop_assert!(Keys::plain().open(b"x", &bytes).is_err());
+        }
+
+        #[test]
+        fn prop_import_never_panics(text in ".{0,300}") {
+            let _ = MasterKey::import(&text);
+        }
+
+        #[test]
+        fn prop_import_never_panics_near_valid(noise in "[0-9a-fA-F :\n]{0,200}") {
+            let text = format!("vmkeep master key v1\n{noise}");
+            let _ = MasterKey::import(&text);
+        }
+
+        #[test]
+        fn prop_key_file_from_json_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = KeyFile::from_json(&bytes);
+        }
+
+        #[test]
+        fn prop_blob_kind_from_u8(v in any::<u8>()) {
+            prop_assert_eq!(BlobKind::from_u8(v).is_ok(), v <= 1);
+        }
     }
 }

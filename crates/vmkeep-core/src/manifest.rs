@@ -4,7 +4,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::changes::ChangeMap;
-use crate::error::Result;
+use crate::config::RepoConfig;
+use crate::error::{Error, Result};
 use crate::id::{BlobId, SnapshotId};
 
 pub const MANIFEST_VERSION: u32 = 1;
@@ -105,7 +106,71 @@ impl Manifest {
     /// Validates: version, name syntax, unique disk names, chunk_size a power of two in
     /// [64 KiB, 4 MiB], change maps within each disk's chunk count.
     pub fn from_json(bytes: &[u8]) -> Result<Manifest> {
-        todo!()
+        if bytes.len() > MANIFEST_MAX {
+            return Err(Error::TooLarge {
+                kind: "manifest",
+                size: bytes.len() as u64,
+                max: MANIFEST_MAX as u64,
+            });
+        }
+        let corrupt = |reason: String| Error::Corrupt {
+            kind: "manifest",
+            reason,
+        };
+        // The version first: a newer manifest may carry fields this build rejects.
+        #[derive(Deserialize)]
+        struct VersionProbe {
+            version: u32,
+        }
+        if let Ok(probe) = serde_json::from_slice::<VersionProbe>(bytes) {
+            if probe.version > MANIFEST_VERSION {
+                return Err(Error::UnsupportedVersion {
+                    kind: "manifest",
+                    version: probe.version,
+                    supported: MANIFEST_VERSION,
+                });
+            }
+        }
+        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
+        m.validate().map_err(|e| match e {
+            Error::Invalid { what, reason } => corrupt(format!("{what}: {reason}")),
+            other => other,
+        })?;
+        Ok(m)
+    }
+
+    /// The checks of [`Manifest::from_json`] on a manifest in memory (Err(Invalid)).
+    pub fn validate(&self) -> Result<()> {
+        if self.version != MANIFEST_VERSION {
+            return Err(Error::Invalid {
+                what: "manifest version",
+                reason: format!("expected {MANIFEST_VERSION}, got {}", self.version),
+            });
+        }
+        validate_name("VM name", &self.vm)?;
+        RepoConfig::validate_chunk_size(self.chunk_size)?;
+        let mut names = std::collections::HashSet::new();
+        for d in &self.disks {
+            validate_name("disk name", &d.name)?;
+            if !names.insert(d.name.as_str()) {
+                return Err(Error::Invalid {
+                    what: "disk name",
+                    reason: format!("{:?} appears twice", d.name),
+                });
+            }
+            if let Some(changes) = &d.changes {
+                changes
+                    .validate(self.chunks_of(d.size))
+                    .map_err(|e| Error::Invalid {
+                        what: "change map",
+                        reason: format!("disk {:?}: {e}", d.name),
+                    })?;
+            }
+        }
+        for s in &self.streams {
+            validate_name("stream name", &s.name)?;
+        }
+        Ok(())
     }
 
     /// Number of chunks of a disk of `size` bytes.
@@ -118,7 +183,268 @@ impl Manifest {
     }
 }
 
+/// Largest manifest `from_json` accepts.
+const MANIFEST_MAX: usize = 64 << 20;
+
 /// Disk, VM and stream names: 1-64 of [A-Za-z0-9._-], not starting with '.' or '-'.
 pub fn validate_name(what: &'static str, name: &str) -> Result<()> {
-    todo!()
+    let invalid = |reason: String| Err(Error::Invalid { what, reason });
+    if name.is_empty() {
+        return invalid("must not be empty".into());
+    }
+    if name.len() > 64 {
+        return invalid(format!(
+            "{:?}... is {} bytes long, at most 64 allowed",
+            name.chars().take(16).collect::<String>(),
+            name.len()
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return invalid(format!(
+            "{name:?} contains {c:?}: only letters, digits, '.', '_' and '-' are allowed"
+        ));
+    }
+    if name.starts_with(['.', '-']) {
+        return invalid(format!("{name:?} must not start with '.' or '-'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            id: SnapshotId([7; 16]),
+            vm: "web-01".into(),
+            time: "2026-11-02T03:04:05.123456789Z".parse().unwrap(),
+            parent: Some(SnapshotId([6; 16])),
+            hostname: "host.example".into(),
+            tool_version: "0.1.0".into(),
+            chunk_size: 64 << 10,
+            disks: vec![
+                DiskEntry {
+                    name: "drive-virtio-disk0".into(),
+                    size: 10 << 30,
+                    root: BlobId([1; 32]),
+                    changes: Some(ChangeMap::from_sorted([0, 1, 2, 10, 163_839])),
+                    data_bytes: 5 << 30,
+                    cbt: "used".into(),
+                    cbt_reason: None,
+                    checkpoint: Some(Checkpoint {
+                        bitmap: "vmkeep-0707".into(),
+                        node: "libvirt-1-format".into(),
+                        granularity: 65536,
+                        source: "qemu:1234".into(),
+                    }),
+                },
+                DiskEntry {
+                    name: "data.img".into(),
+                    size: 12345,
+                    root: BlobId::ZERO,
+                    changes: None,
+                    data_bytes: 0,
+                    cbt: "none".into(),
+                    cbt_reason: Some("image backup".into()),
+                    checkpoint: None,
+                },
+            ],
+            streams: vec![StreamRecord {
+                name: "memory".into(),
+                size: 1 << 30,
+                index: vec![BlobId([2; 32]), BlobId([3; 32])],
+            }],
+            stats: BackupStats {
+                read_bytes: 1,
+                changed_bytes: 2,
+                new_bytes: 3,
+                stored_bytes: 4,
+                metadata_bytes: 5,
+                chunks_new: 6,
+                chunks_reused: 7,
+                seconds: 1.5,
+            },
+            pause_ms: 12,
+        }
+    }
+
+    fn edit(f: impl Fn(&mut Manifest)) -> Result<Manifest> {
+        let mut m = sample();
+        f(&mut m);
+        Manifest::from_json(&m.to_json())
+    }
+
+    #[test]
+    fn round_trip() {
+        let m = sample();
+        let back = Manifest::from_json(&m.to_json()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.chunks_of(back.disks[0].size), 163_840);
+        assert_eq!(back.chunks_of(12345), 1);
+        assert_eq!(back.disk("data.img").unwrap().size, 12345);
+        assert!(back.disk("nope").is_none());
+    }
+
+    #[test]
+    fn defaults_for_optional_fields() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("streams");
+        o.remove("pause_ms");
+        for d in o["disks"].as_array_mut().unwrap() {
+            let d = d.as_object_mut().unwrap();
+            d.remove("data_bytes");
+            d.remove("cbt");
+            d.remove("cbt_reason");
+            d.remove("checkpoint");
+        }
+        let m = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(m.streams.is_empty());
+        assert_eq!(m.pause_ms, 0);
+        assert_eq!(m.disks[0].cbt, "");
+    }
+
+    #[test]
+    fn validation() {
+        assert!(matches!(
+            edit(|m| m.version = 2),
+            Err(Error::UnsupportedVersion { version: 2, .. })
+        ));
+        assert!(matches!(
+            edit(|m| m.version = 0),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(edit(|m| m.vm = "bad name".into()).is_err());
+        assert!(edit(|m| m.vm = String::new()).is_err());
+        assert!(edit(|m| m.disks[1].name = ".hidden".into()).is_err());
+        assert!(edit(|m| m.disks[1].name = "drive-virtio-disk0".into()).is_err());
+        assert!(edit(|m| m.streams[0].name = "a/b".into()).is_err());
+        assert!(edit(|m| m.chunk_size = 1000).is_err());
+        assert!(edit(|m| m.chunk_size = 8 << 20).is_err());
+        // A change map beyond the disk's chunks.
+        assert!(edit(|m| m.disks[1].changes = Some(ChangeMap::from_sorted([1]))).is_err());
+        assert!(edit(|m| m.disks[1].changes = Some(ChangeMap::from_sorted([0]))).is_ok());
+        assert!(edit(|m| m.disks.clear()).is_ok());
+        let err = edit(|m| m.disks[1].name = "x y".into())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("disk name") && err.contains("' '"), "{err}");
+        // A newer version may carry unknown fields: the version error wins.
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["version"] = 3.into();
+        v["future"] = true.into();
+        assert!(matches!(
+            Manifest::from_json(&serde_json::to_vec(&v).unwrap()),
+            Err(Error::UnsupportedVersion { version: 3, .. })
+        ));
+        v["version"] = 1.into();
+        assert!(matches!(
+            Manifest::from_json(&serde_json::to_vec(&v).unwrap()),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(Manifest::from_json(b"").is_err());
+        assert!(Manifest::from_json(b"{\"version\":1}").is_err());
+    }
+
+    #[test]
+    fn size_bound() {
+        let mut json = sample().to_json();
+        json.extend(std::iter::repeat_n(b' ', 64 << 20));
+        assert!(matches!(
+            Manifest::from_json(&json),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn names() {
+        for ok in [
+            "a",
+            "A0",
+            "vm_1",
+            "disk-0",
+            "x.qcow2",
+            "0",
+            "a..b",
+            &"a".repeat(64),
+        ] {
+            validate_name("disk name", ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        let cases: &[(&str, &str)] = &[
+            ("", "empty"),
+            (&"a".repeat(65), "at most 64"),
+            (".a", "start"),
+            ("-a", "start"),
+            ("a b", "' '"),
+            ("a/b", "'/'"),
+            ("é", "'é'"),
+            ("a\n", "'\\n'"),
+        ];
+        for (bad, hint) in cases {
+            let err = validate_name("VM name", bad).unwrap_err();
+            assert!(matches!(
+                err,
+                Error::Invalid {
+                    what: "VM name",
+                    ..
+                }
+            ));
+            assert!(err.to_string().contains(hint), "{bad:?}: {err}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn prop_round_trip(vm in "[A-Za-z0-9_][A-Za-z0-9._-]{0,63}",
+                           sizes in proptest::collection::vec(0u64..(1 << 40), 0..4),
+                           shift in 0u32..=6,
+                           changed in proptest::collection::btree_set(0u64..64, 0..20)) {
+            let chunk_size = (64u32 << 10) << shift;
+            let mut m = sample();
+            m.vm = vm;
+            m.chunk_size = chunk_size;
+            m.disks = sizes.iter().enumerate().map(|(i, &size)| {
+                let chunks = size.div_ceil(chunk_size as u64);
+                DiskEntry {
+                    name: format!("disk{i}"),
+                    size,
+                    root: BlobId([i as u8; 32]),
+                    changes: Some(ChangeMap::from_sorted(changed.iter().copied().filter(|&c| c < chunks))),
+                    data_bytes: size / 2,
+                    cbt: "rescan".into(),
+                    cbt_reason: None,
+                    checkpoint: None,
+                }
+            }).collect();
+            let back = Manifest::from_json(&m.to_json()).unwrap();
+            prop_assert_eq!(back, m);
+        }
+
+        #[test]
+        fn prop_validate_name_matches_the_rule(name in "[ -~]{0,70}") {
+            let ok = (1..=64).contains(&name.len())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+                && !name.starts_with(['.', '-']);
+            prop_assert_eq!(validate_name("name", &name).is_ok(), ok);
+        }
+
+        #[test]
+        fn prop_from_json_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Manifest::from_json(&bytes);
+        }
+
+        #[test]
+        fn prop_from_json_never_panics_on_mutations(at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut json = sample().to_json();
+            let i = at.index(json.len());
+            json[i] = byte;
+            let _ = Manifest::from_json(&json);
+        }
+    }
 }

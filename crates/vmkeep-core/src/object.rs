@@ -3,7 +3,7 @@
 //!
 //! header: magic "VMKO"(4) || version u8 (=1) || kind u8 || flags u8 (bit0 encrypted) || reserved u8
 //! body:   plain: body || BLAKE3(header || body) (32)   encrypted: seal(aad = header, body)
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::keys::Keys;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,11 +27,257 @@ impl ObjectKind {
     }
 }
 
+/// "VMKO"
+pub const OBJECT_MAGIC: [u8; 4] = *b"VMKO";
+pub const OBJECT_VERSION: u8 = 1;
+const HEADER_LEN: usize = 8;
+const FLAG_ENCRYPTED: u8 = 1;
+
+impl ObjectKind {
+    /// Name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            ObjectKind::Manifest => "manifest",
+            ObjectKind::Index => "index",
+            ObjectKind::GcRecord => "gc record",
+            ObjectKind::Lock => "lock",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<ObjectKind> {
+        match v {
+            1 => Some(ObjectKind::Manifest),
+            2 => Some(ObjectKind::Index),
+            3 => Some(ObjectKind::GcRecord),
+            4 => Some(ObjectKind::Lock),
+            _ => None,
+        }
+    }
+}
+
+fn header(keys: &Keys, kind: ObjectKind) -> [u8; HEADER_LEN] {
+    let flags = if keys.is_encrypted() {
+        FLAG_ENCRYPTED
+    } else {
+        0
+    };
+    let m = OBJECT_MAGIC;
+    [m[0], m[1], m[2], m[3], OBJECT_VERSION, kind as u8, flags, 0]
+}
+
 pub fn seal(keys: &Keys, kind: ObjectKind, body: &[u8]) -> Vec<u8> {
-    todo!()
+    let header = header(keys, kind);
+    if keys.is_encrypted() {
+        let sealed = keys.seal(&header, body);
+        let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&sealed);
+        out
+    } else {
+        let mut out = Vec::with_capacity(HEADER_LEN + body.len() + 32);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(body);
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
 }
 
 /// Bounded by kind.max_size(); checks magic, version, kind, checksum or AEAD tag.
 pub fn open(keys: &Keys, kind: ObjectKind, bytes: &[u8]) -> Result<Vec<u8>> {
-    todo!()
+    let name = kind.name();
+    let corrupt = |reason: String| Error::Corrupt { kind: name, reason };
+    if bytes.len() > kind.max_size() {
+        return Err(Error::TooLarge {
+            kind: name,
+            size: bytes.len() as u64,
+            max: kind.max_size() as u64,
+        });
+    }
+    if bytes.len() < 4 || bytes[..4] != OBJECT_MAGIC {
+        return Err(Error::BadMagic { kind: name });
+    }
+    if bytes.len() < HEADER_LEN {
+        return Err(corrupt(format!("truncated header ({} bytes)", bytes.len())));
+    }
+    let (header, rest) = bytes.split_at(HEADER_LEN);
+    let (version, found_kind, flags, reserved) = (header[4], header[5], header[6], header[7]);
+    if version != OBJECT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            kind: name,
+            version: version as u32,
+            supported: OBJECT_VERSION as u32,
+        });
+    }
+    if found_kind != kind as u8 {
+        let found = ObjectKind::from_u8(found_kind)
+            .map(|k| format!("a {} object", k.name()))
+            .unwrap_or_else(|| format!("unknown object kind {found_kind}"));
+        return Err(corrupt(format!("expected a {name} object, found {found}")));
+    }
+    if flags & !FLAG_ENCRYPTED != 0 || reserved != 0 {
+        return Err(corrupt(format!(
+            "unknown header flags {flags:#04x} / reserved byte {reserved:#04x}"
+        )));
+    }
+    let encrypted = flags & FLAG_ENCRYPTED != 0;
+    match (encrypted, keys.is_encrypted()) {
+        (true, false) => Err(corrupt(
+            "the object is encrypted but the repository is not".into(),
+        )),
+        (false, true) => Err(corrupt(
+            "the object is not encrypted but the repository is (refusing unauthenticated data)"
+                .into(),
+        )),
+        (true, true) => keys.open(header, rest).map_err(|e| match e {
+            Error::Integrity { .. } => Error::Integrity { kind: name },
+            other => other,
+        }),
+        (false, false) => {
+            if rest.len() < 32 {
+                return Err(corrupt(format!(
+                    "truncated: {} bytes, no room for the checksum",
+                    bytes.len()
+                )));
+            }
+            let (body, sum) = rest.split_at(rest.len() - 32);
+            let expected = blake3::hash(&bytes[..bytes.len() - 32]);
+            // blake3::Hash compares in constant time.
+            if expected != blake3::Hash::from_bytes(sum.try_into().expect("32 bytes")) {
+                return Err(Error::Integrity { kind: name });
+            }
+            Ok(body.to_vec())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::MasterKey;
+    use proptest::prelude::*;
+
+    const KINDS: [ObjectKind; 4] = [
+        ObjectKind::Manifest,
+        ObjectKind::Index,
+        ObjectKind::GcRecord,
+        ObjectKind::Lock,
+    ];
+
+    fn both_keys() -> [Keys; 2] {
+        [Keys::plain(), Keys::encrypted(MasterKey::generate())]
+    }
+
+    #[test]
+    fn round_trip_every_kind() {
+        for keys in both_keys() {
+            for kind in KINDS {
+                assert_eq!(ObjectKind::from_u8(kind as u8), Some(kind));
+                for body in [&b""[..], b"x", &[9u8; 10_000]] {
+                    let sealed = seal(&keys, kind, body);
+                    assert_eq!(&sealed[..4], b"VMKO");
+                    assert_eq!(sealed[4], 1);
+                    assert_eq!(sealed[5], kind as u8);
+                    assert_eq!(sealed[6], keys.is_encrypted() as u8);
+                    assert_eq!(sealed[7], 0);
+                    assert_eq!(open(&keys, kind, &sealed).unwrap(), body);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn plain_layout() {
+        let sealed = seal(&Keys::plain(), ObjectKind::Lock, b"body");
+        assert_eq!(sealed.len(), 8 + 4 + 32);
+        assert_eq!(&sealed[8..12], b"body");
+        assert_eq!(&sealed[12..], blake3::hash(&sealed[..12]).as_bytes());
+    }
+
+    #[test]
+    fn errors() {
+        for keys in both_keys() {
+            let sealed = seal(&keys, ObjectKind::Manifest, b"{\"a\":1}");
+            assert!(matches!(
+                open(&keys, ObjectKind::Index, &sealed),
+                Err(Error::Corrupt { kind: "index", .. })
+            ));
+            let mut bad = sealed.clone();
+            bad[0] = b'X';
+            assert!(matches!(
+                open(&keys, ObjectKind::Manifest, &bad),
+                Err(Error::BadMagic { .. })
+            ));
+            let mut bad = sealed.clone();
+            bad[4] = 2;
+            assert!(matches!(
+                open(&keys, ObjectKind::Manifest, &bad),
+                Err(Error::UnsupportedVersion { version: 2, .. })
+            ));
+            let mut bad = sealed.clone();
+            bad[7] = 1;
+            assert!(matches!(
+                open(&keys, ObjectKind::Manifest, &bad),
+                Err(Error::Corrupt { .. })
+            ));
+            for i in 8..sealed.len() {
+                let mut bad = sealed.clone();
+                bad[i] ^= 4;
+                assert!(matches!(
+                    open(&keys, ObjectKind::Manifest, &bad),
+                    Err(Error::Integrity { kind: "manifest" })
+                ));
+            }
+            for n in 0..sealed.len() {
+                assert!(open(&keys, ObjectKind::Manifest, &sealed[..n]).is_err());
+            }
+            let huge = vec![0u8; ObjectKind::Lock.max_size() + 1];
+            assert!(matches!(
+                open(&keys, ObjectKind::Lock, &huge),
+                Err(Error::TooLarge { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn plain_and_encrypted_do_not_mix() {
+        let plain = Keys::plain();
+        let enc = Keys::encrypted(MasterKey::generate());
+        let p = seal(&plain, ObjectKind::Manifest, b"hello");
+        let e = seal(&enc, ObjectKind::Manifest, b"hello");
+        let err = open(&enc, ObjectKind::Manifest, &p).unwrap_err();
+        assert!(err.to_string().contains("not encrypted"), "{err}");
+        let err = open(&plain, ObjectKind::Manifest, &e).unwrap_err();
+        assert!(err.to_string().contains("encrypted"), "{err}");
+        // Flipping the flag in an encrypted object breaks the AEAD (the header is the aad).
+        let mut forged = e.clone();
+        forged[6] = 0;
+        assert!(open(&enc, ObjectKind::Manifest, &forged).is_err());
+        // Another key cannot open it.
+        let other = Keys::encrypted(MasterKey::generate());
+        assert!(matches!(
+            open(&other, ObjectKind::Manifest, &e),
+            Err(Error::Integrity { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn prop_round_trip(body in proptest::collection::vec(any::<u8>(), 0..4096), k in 0usize..4) {
+            for keys in both_keys() {
+                let sealed = seal(&keys, KINDS[k], &body);
+                prop_assert_eq!(open(&keys, KINDS[k], &sealed).unwrap(), body.clone());
+            }
+        }
+
+        #[test]
+        fn prop_open_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256), k in 0usize..4) {
+            let mut with_magic = b"VMKO\x01".to_vec();
+            with_magic.extend_from_slice(&bytes);
+            for keys in both_keys() {
+                let _ = open(&keys, KINDS[k], &bytes);
+                let _ = open(&keys, KINDS[k], &with_magic);
+            }
+        }
+    }
 }

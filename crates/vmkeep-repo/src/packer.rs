@@ -100,7 +100,7 @@ impl Worker {
             self.stats.blobs += 1;
             self.builder
                 .add(blob.kind, blob.id, blob.raw_len, &blob.data);
-            if self.builder.len() >= self.pack_size {
+            if self.builder.is_full(self.pack_size) {
                 self.write_pack()?;
             }
         }

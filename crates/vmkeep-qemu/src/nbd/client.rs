@@ -1,0 +1,782 @@
+//! The async NBD client: handshake, pipelined requests matched by cookie, reply validation.
+//!
+//! One reader task owns the receiving half of the socket and completes requests; senders
+//! share the sending half behind a mutex. A protocol violation, an EOF or a request timeout
+//! closes the connection: every outstanding and later request fails with a typed error.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::proto::{self, BlockSize, Chunk, Extent, ReadReply, Request, RequestKind, ServerError};
+use crate::error::{Error, Result};
+
+/// Tunables of an NBD connection.
+#[derive(Debug, Clone)]
+pub struct NbdOptions {
+    /// Limit for the whole handshake (greeting to NBD_OPT_GO's ACK).
+    pub handshake_timeout: Duration,
+    /// Limit for one request's reply; a request that times out closes the connection.
+    pub request_timeout: Duration,
+    /// Requests kept in flight by [`NbdClient::read`] on this connection.
+    pub max_in_flight: usize,
+}
+
+impl Default for NbdOptions {
+    fn default() -> Self {
+        NbdOptions {
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            max_in_flight: 8,
+        }
+    }
+}
+
+/// What the handshake established.
+#[derive(Debug, Clone)]
+struct Negotiated {
+    size: u64,
+    flags: u16,
+    block_size: Option<BlockSize>,
+    contexts: Vec<(u32, String)>,
+}
+
+enum Assembler {
+    Read(proto::ReadAssembler),
+    Status(proto::BlockStatusAssembler),
+}
+
+enum Outcome {
+    Read(ReadReply),
+    Status(Vec<(u32, Vec<Extent>)>),
+}
+
+struct Slot {
+    req: Request,
+    asm: Assembler,
+    tx: oneshot::Sender<Result<Outcome>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    slots: HashMap<u64, Slot>,
+    /// Set once the connection is unusable; the reason is reported to later callers.
+    closed: Option<String>,
+}
+
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+
+struct Shared {
+    pending: Mutex<Pending>,
+    ids: Vec<u32>,
+}
+
+/// A connection to one NBD export.
+pub struct NbdClient {
+    shared: Arc<Shared>,
+    writer: tokio::sync::Mutex<Writer>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    next_cookie: AtomicU64,
+    neg: Negotiated,
+    export: String,
+    opts: NbdOptions,
+}
+
+impl std::fmt::Debug for NbdClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NbdClient")
+            .field("export", &self.export)
+            .field("size", &self.neg.size)
+            .field("flags", &self.neg.flags)
+            .field("contexts", &self.neg.contexts)
+            .finish()
+    }
+}
+
+/// One piece of a read: data, or a hole (reads as zeros).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SparseRead {
+    /// The bytes; holes are zero-filled.
+    pub data: Vec<u8>,
+    /// Ranges `(offset, len)` (absolute, sorted, merged) the server reported as holes.
+    pub holes: Vec<(u64, u64)>,
+}
+
+impl NbdClient {
+    /// Connects to a unix-socket NBD server and opens `export`, negotiating the meta
+    /// `contexts` (e.g. `base:allocation`, `qemu:dirty-bitmap:NAME`). Every requested context
+    /// must be granted.
+    pub async fn connect_unix(
+        path: impl AsRef<Path>,
+        export: &str,
+        contexts: &[&str],
+    ) -> Result<Self> {
+        Self::connect_unix_with(path, export, contexts, NbdOptions::default()).await
+    }
+
+    /// [`connect_unix`](Self::connect_unix) with explicit options.
+    pub async fn connect_unix_with(
+        path: impl AsRef<Path>,
+        export: &str,
+        contexts: &[&str],
+        opts: NbdOptions,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let s = tokio::time::timeout(
+            opts.handshake_timeout,
+            tokio::net::UnixStream::connect(path),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: format!("connect to NBD socket {}", path.display()),
+            timeout: opts.handshake_timeout,
+        })?
+        .map_err(|e| Error::io(format!("connect to NBD socket {}", path.display()), e))?;
+        Self::from_stream(s, export, contexts, opts).await
+    }
+
+    /// Connects over TCP (`addr` like `127.0.0.1:10809`).
+    pub async fn connect_tcp(addr: &str, export: &str, contexts: &[&str]) -> Result<Self> {
+        Self::connect_tcp_with(addr, export, contexts, NbdOptions::default()).await
+    }
+
+    /// [`connect_tcp`](Self::connect_tcp) with explicit options.
+    pub async fn connect_tcp_with(
+        addr: &str,
+        export: &str,
+        contexts: &[&str],
+        opts: NbdOptions,
+    ) -> Result<Self> {
+        let s = tokio::time::timeout(opts.handshake_timeout, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("connect to NBD server {addr}"),
+                timeout: opts.handshake_timeout,
+            })?
+            .map_err(|e| Error::io(format!("connect to NBD server {addr}"), e))?;
+        let _ = s.set_nodelay(true);
+        Self::from_stream(s, export, contexts, opts).await
+    }
+
+    /// Runs the handshake on an already connected stream.
+    pub async fn from_stream<S>(
+        mut stream: S,
+        export: &str,
+        contexts: &[&str],
+        opts: NbdOptions,
+    ) -> Result<Self>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let neg = tokio::time::timeout(
+            opts.handshake_timeout,
+            handshake(&mut stream, export, contexts),
+        )
+        .await
+        .map_err(|_| Error::Timeout {
+            what: "NBD handshake".into(),
+            timeout: opts.handshake_timeout,
+        })??;
+        debug!(export, size = neg.size, flags = neg.flags, ?neg.contexts, "NBD export opened");
+        let (r, w) = tokio::io::split(stream);
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            ids: neg.contexts.iter().map(|(id, _)| *id).collect(),
+        });
+        let reader = tokio::spawn(reader_task(Box::new(r), shared.clone()));
+        Ok(NbdClient {
+            shared,
+            writer: tokio::sync::Mutex::new(Box::new(w)),
+            reader: Mutex::new(Some(reader)),
+            next_cookie: AtomicU64::new(1),
+            neg,
+            export: export.to_owned(),
+            opts,
+        })
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.neg.size
+    }
+
+    /// Raw transmission flags (`proto::TFLAG_*`).
+    pub fn transmission_flags(&self) -> u16 {
+        self.neg.flags
+    }
+
+    /// The server allows several connections to this export with consistent results.
+    pub fn can_multi_conn(&self) -> bool {
+        self.neg.flags & proto::TFLAG_CAN_MULTI_CONN != 0
+    }
+
+    /// The export is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.neg.flags & proto::TFLAG_READ_ONLY != 0
+    }
+
+    /// Block size constraints, if the server sent them.
+    pub fn block_size(&self) -> Option<BlockSize> {
+        self.neg.block_size
+    }
+
+    /// Negotiated meta contexts: `(id, name)`.
+    pub fn contexts(&self) -> &[(u32, String)] {
+        &self.neg.contexts
+    }
+
+    /// Export name.
+    pub fn export_name(&self) -> &str {
+        &self.export
+    }
+
+    /// Reads `len` bytes at `offset`; holes read as zeros. Large reads are split and pipelined.
+    pub async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        Ok(self.read_sparse(offset, len).await?.data)
+    }
+
+    /// Like [`read`](Self::read) but also reports which ranges the server sent as holes.
+    pub async fn read_sparse(&self, offset: u64, len: u64) -> Result<SparseRead> {
+        self.check_range(offset, len)?;
+        let piece = self.max_read_piece();
+        let mut data =
+            Vec::with_capacity(usize::try_from(len).map_err(|_| Error::NbdInvalidRequest {
+                offset,
+                len,
+                detail: "too large for this platform".into(),
+            })?);
+        let mut holes: Vec<(u64, u64)> = Vec::new();
+        let mut next = offset;
+        let end = offset + len;
+        let mut in_flight = VecDeque::new();
+        while next < end || !in_flight.is_empty() {
+            while next < end && in_flight.len() < self.opts.max_in_flight.max(1) {
+                let l = (end - next).min(u64::from(piece)) as u32;
+                in_flight.push_back(self.submit(RequestKind::Read, next, l).await?);
+                next += u64::from(l);
+            }
+            if let Some(rx) = in_flight.pop_front() {
+                match self.wait(rx).await? {
+                    Outcome::Read(r) => {
+                        data.extend_from_slice(&r.data);
+                        for (o, l) in r.holes {
+                            match holes.last_mut() {
+                                Some((po, pl)) if *po + *pl == o => *pl += l,
+                                _ => holes.push((o, l)),
+                            }
+                        }
+                    }
+                    Outcome::Status(_) => unreachable!("read slot completed with status"),
+                }
+            }
+        }
+        Ok(SparseRead { data, holes })
+    }
+
+    /// Block status of `[offset, offset+len)` in the negotiated `context`, covering the
+    /// whole range by repeated requests. Adjacent extents with equal flags are merged.
+    pub async fn block_status(&self, context: &str, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        self.check_range(offset, len)?;
+        let id = self
+            .neg
+            .contexts
+            .iter()
+            .find(|(_, n)| n == context)
+            .map(|(id, _)| *id)
+            .ok_or_else(|| Error::NbdContextUnavailable(context.to_owned()))?;
+        let align = u64::from(self.neg.block_size.map_or(1, |b| b.minimum));
+        let max_req = ((1u64 << 31) / align * align).max(align);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let l = (end - pos).min(max_req) as u32;
+            let rx = self.submit(RequestKind::BlockStatus, pos, l).await?;
+            let per_ctx = match self.wait(rx).await? {
+                Outcome::Status(s) => s,
+                Outcome::Read(_) => unreachable!("status slot completed with read"),
+            };
+            let extents = per_ctx
+                .into_iter()
+                .find(|(c, _)| *c == id)
+                .map(|(_, e)| e)
+                .ok_or_else(|| {
+                    self.fail(Error::nbd(
+                        "NBD_CMD_BLOCK_STATUS reply",
+                        format!("no extents for context {context}"),
+                    ))
+                })?;
+            for e in proto::clip_extents(extents, u64::from(l)) {
+                pos += e.length;
+                match out.last_mut() {
+                    Some(last) if last.flags == e.flags => last.length += e.length,
+                    _ => out.push(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sends NBD_CMD_DISC and closes the connection.
+    pub async fn disconnect(self) -> Result<()> {
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let hdr = proto::encode_request(0, proto::CMD_DISC, cookie, 0, 0);
+        let res = {
+            let mut w = self.writer.lock().await;
+            let r = w.write_all(&hdr).await;
+            let _ = w.flush().await;
+            let _ = w.shutdown().await;
+            r
+        };
+        self.close("disconnected");
+        res.map_err(|e| Error::io("send NBD_CMD_DISC", e))
+    }
+
+    fn max_read_piece(&self) -> u32 {
+        let mut piece = proto::MAX_READ_REQUEST;
+        if let Some(bs) = self.neg.block_size {
+            piece = piece.min(bs.maximum);
+            piece = (piece / bs.minimum * bs.minimum).max(bs.minimum);
+        }
+        piece
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let bad = |detail: String| {
+            Err(Error::NbdInvalidRequest {
+                offset,
+                len,
+                detail,
+            })
+        };
+        match offset.checked_add(len) {
+            Some(end) if end <= self.neg.size => {}
+            _ => return bad(format!("beyond the export size {}", self.neg.size)),
+        }
+        if len == 0 {
+            return bad("zero length".into());
+        }
+        if let Some(bs) = self.neg.block_size {
+            let m = u64::from(bs.minimum);
+            if offset % m != 0 || (len % m != 0 && offset + len != self.neg.size) {
+                return bad(format!("not aligned to the minimum block size {m}"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn submit(
+        &self,
+        kind: RequestKind,
+        offset: u64,
+        len: u32,
+    ) -> Result<oneshot::Receiver<Result<Outcome>>> {
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let req = Request {
+            kind,
+            offset,
+            len,
+            export_size: self.neg.size,
+        };
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(reason) = &p.closed {
+                return Err(Error::NbdClosed {
+                    reason: Some(reason.clone()),
+                });
+            }
+            let asm = match kind {
+                RequestKind::Read => Assembler::Read(proto::ReadAssembler::new(offset, len)),
+                RequestKind::BlockStatus => Assembler::Status(proto::BlockStatusAssembler::new()),
+            };
+            p.slots.insert(cookie, Slot { req, asm, tx });
+        }
+        let cmd = match kind {
+            RequestKind::Read => proto::CMD_READ,
+            RequestKind::BlockStatus => proto::CMD_BLOCK_STATUS,
+        };
+        let hdr = proto::encode_request(0, cmd, cookie, offset, len);
+        let mut w = self.writer.lock().await;
+        if let Err(e) = w.write_all(&hdr).await {
+            drop(w);
+            return Err(self.fail(Error::io("send NBD request", e)));
+        }
+        Ok(rx)
+    }
+
+    async fn wait(&self, rx: oneshot::Receiver<Result<Outcome>>) -> Result<Outcome> {
+        match tokio::time::timeout(self.opts.request_timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::NbdClosed {
+                reason: self.closed_reason(),
+            }),
+            Err(_) => {
+                let e = Error::Timeout {
+                    what: "NBD reply".into(),
+                    timeout: self.opts.request_timeout,
+                };
+                self.close(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    fn closed_reason(&self) -> Option<String> {
+        let p = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        p.closed.clone()
+    }
+
+    /// Marks the connection broken by `e` and returns `e`.
+    fn fail(&self, e: Error) -> Error {
+        self.close(&e.to_string());
+        e
+    }
+
+    fn close(&self, reason: &str) {
+        if let Some(h) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
+        }
+        fail_all(&self.shared, reason, None);
+    }
+}
+
+impl Drop for NbdClient {
+    fn drop(&mut self) {
+        if let Some(h) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            h.abort();
+        }
+    }
+}
+
+/// Closes the connection's bookkeeping: every waiting request gets an error.
+fn fail_all(shared: &Shared, reason: &str, err: Option<&Error>) {
+    let slots: Vec<Slot> = {
+        let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.closed.is_none() {
+            p.closed = Some(reason.to_owned());
+        }
+        p.slots.drain().map(|(_, s)| s).collect()
+    };
+    for s in slots {
+        let e = match err {
+            Some(e) => duplicate(e),
+            None => Error::NbdClosed {
+                reason: Some(reason.to_owned()),
+            },
+        };
+        let _ = s.tx.send(Err(e));
+    }
+}
+
+async fn reader_task(mut r: Reader, shared: Arc<Shared>) {
+    let err = match read_replies(&mut r, &shared).await {
+        Ok(()) => Error::NbdClosed {
+            reason: Some("server closed the connection".into()),
+        },
+        Err(e) => e,
+    };
+    if matches!(err, Error::NbdProtocol { .. }) {
+        warn!(error = %err, "NBD connection failed");
+    } else {
+        debug!(error = %err, "NBD reader finished");
+    }
+    fail_all(&shared, &err.to_string(), Some(&err));
+}
+
+/// Reads replies until EOF (Ok) or a fatal error.
+async fn read_replies(r: &mut Reader, shared: &Shared) -> Result<()> {
+    let mut magic = [0u8; 4];
+    loop {
+        match r.read_exact(&mut magic).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(Error::io("read NBD reply", e)),
+        }
+        match proto::parse_reply_magic(&magic)? {
+            proto::ReplyKind::Simple => {
+                let mut b = [0u8; proto::SIMPLE_REPLY_REST];
+                read_exact(r, &mut b, "simple reply").await?;
+                let sr = proto::parse_simple_reply(&b)?;
+                let slot = take_slot(shared, sr.cookie)?;
+                if sr.errno == 0 {
+                    // Structured replies were negotiated: READ and BLOCK_STATUS must use them.
+                    let e = Error::nbd(
+                        "simple reply",
+                        format!("successful simple reply to {}", slot.req.command_name()),
+                    );
+                    return Err(fail_slot(slot, e));
+                }
+                let e = Error::NbdServer {
+                    command: slot.req.command_name(),
+                    offset: slot.req.offset,
+                    errno: sr.errno,
+                    message: String::new(),
+                };
+                let _ = slot.tx.send(Err(e));
+            }
+            proto::ReplyKind::Structured => {
+                let mut b = [0u8; proto::CHUNK_HEADER_REST];
+                read_exact(r, &mut b, "structured reply header").await?;
+                let h = proto::parse_chunk_header(&b)?;
+                let req = {
+                    let p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    p.slots.get(&h.cookie).map(|s| s.req)
+                };
+                let req = req.ok_or_else(|| {
+                    Error::nbd("structured reply", format!("unknown cookie {}", h.cookie))
+                })?;
+                proto::max_chunk_payload(&h, &req)?;
+                let mut payload = vec![0u8; h.len as usize];
+                read_exact(r, &mut payload, "structured reply payload").await?;
+                let chunk = proto::parse_chunk(&h, &payload, &req, &shared.ids)?;
+                apply_chunk(shared, &h, chunk)?;
+            }
+        }
+    }
+}
+
+async fn read_exact(r: &mut Reader, b: &mut [u8], what: &'static str) -> Result<()> {
+    r.read_exact(b).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::nbd(what, "connection closed mid-reply")
+        } else {
+            Error::io(format!("read NBD {what}"), e)
+        }
+    })?;
+    Ok(())
+}
+
+fn take_slot(shared: &Shared, cookie: u64) -> Result<Slot> {
+    let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+    p.slots
+        .remove(&cookie)
+        .ok_or_else(|| Error::nbd("reply", format!("unknown cookie {cookie}")))
+}
+
+/// Gives the waiter of an already removed slot the connection-fatal error `e`; returns `e`.
+fn fail_slot(slot: Slot, e: Error) -> Error {
+    let _ = slot.tx.send(Err(duplicate(&e)));
+    e
+}
+
+/// A copy of a protocol error for another waiter (other errors become `NbdClosed`).
+fn duplicate(e: &Error) -> Error {
+    match e {
+        Error::NbdProtocol { what, detail } => Error::NbdProtocol {
+            what,
+            detail: detail.clone(),
+        },
+        other => Error::NbdClosed {
+            reason: Some(other.to_string()),
+        },
+    }
+}
+
+fn server_error(req: &Request, e: ServerError) -> Error {
+    Error::NbdServer {
+        command: req.command_name(),
+        offset: e.offset.unwrap_or(req.offset),
+        errno: e.errno,
+        message: e.message,
+    }
+}
+
+fn apply_chunk(shared: &Shared, h: &proto::ChunkHeader, chunk: Chunk<'_>) -> Result<()> {
+    let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+    let slot = p
+        .slots
+        .get_mut(&h.cookie)
+        .ok_or_else(|| Error::nbd("structured reply", format!("unknown cookie {}", h.cookie)))?;
+    match &mut slot.asm {
+        Assembler::Read(a) => a.apply(&chunk)?,
+        Assembler::Status(a) => a.apply(chunk)?,
+    }
+    if !h.done() {
+        return Ok(());
+    }
+    let slot = p.slots.remove(&h.cookie).expect("slot present");
+    drop(p);
+    let req = slot.req;
+    let finished = match slot.asm {
+        Assembler::Read(a) => a.finish().map(|r| r.map(Outcome::Read)),
+        Assembler::Status(a) => a.finish().map(|r| r.map(Outcome::Status)),
+    };
+    let result = match finished {
+        Ok(r) => r,
+        Err(e) => {
+            let dup = duplicate(&e);
+            let _ = slot.tx.send(Err(dup));
+            return Err(e);
+        }
+    };
+    let _ = slot.tx.send(result.map_err(|e| server_error(&req, e)));
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Handshake
+
+async fn handshake<S>(s: &mut S, export: &str, contexts: &[&str]) -> Result<Negotiated>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut g = [0u8; 18];
+    s.read_exact(&mut g)
+        .await
+        .map_err(|e| Error::io("read NBD greeting", e))?;
+    let hflags = proto::parse_greeting(&g)?;
+    let mut cflags = proto::CLIENT_FIXED_NEWSTYLE;
+    if hflags & proto::FLAG_NO_ZEROES != 0 {
+        cflags |= proto::CLIENT_NO_ZEROES;
+    }
+    write(s, &cflags.to_be_bytes()).await?;
+
+    // Structured replies.
+    write(s, &proto::encode_option(proto::OPT_STRUCTURED_REPLY, &[])).await?;
+    let (h, payload) = read_option_reply(s, proto::OPT_STRUCTURED_REPLY).await?;
+    match h.reply_type {
+        proto::REP_ACK => {}
+        t if t & proto::REP_FLAG_ERROR != 0 => {
+            return Err(Error::NbdUnsupported(format!(
+                "structured replies ({}: {})",
+                proto::reply_type_name(t),
+                proto::parse_option_error(&payload)
+            )))
+        }
+        t => return Err(unexpected_reply(proto::OPT_STRUCTURED_REPLY, t)),
+    }
+
+    // Meta contexts.
+    let mut granted: Vec<(u32, String)> = Vec::new();
+    if !contexts.is_empty() {
+        let req = proto::encode_meta_context_request(export, contexts);
+        write(s, &proto::encode_option(proto::OPT_SET_META_CONTEXT, &req)).await?;
+        loop {
+            let (h, payload) = read_option_reply(s, proto::OPT_SET_META_CONTEXT).await?;
+            match h.reply_type {
+                proto::REP_META_CONTEXT => {
+                    let (id, name) = proto::parse_meta_context(&payload)?;
+                    if !contexts.contains(&name.as_str()) {
+                        return Err(Error::nbd(
+                            "NBD_REP_META_CONTEXT",
+                            format!("server granted context {name:?} that was not requested"),
+                        ));
+                    }
+                    if granted.iter().any(|(i, n)| *i == id || *n == name) {
+                        return Err(Error::nbd(
+                            "NBD_REP_META_CONTEXT",
+                            format!("context {name:?} (id {id}) granted twice"),
+                        ));
+                    }
+                    granted.push((id, name));
+                }
+                proto::REP_ACK => break,
+                t if t & proto::REP_FLAG_ERROR != 0 => {
+                    return Err(rejected(proto::OPT_SET_META_CONTEXT, t, &payload))
+                }
+                t => return Err(unexpected_reply(proto::OPT_SET_META_CONTEXT, t)),
+            }
+        }
+        if let Some(missing) = contexts
+            .iter()
+            .find(|c| !granted.iter().any(|(_, n)| n == *c))
+        {
+            return Err(Error::NbdContextUnavailable((*missing).to_owned()));
+        }
+    }
+
+    // Open the export.
+    write(
+        s,
+        &proto::encode_option(proto::OPT_GO, &proto::encode_go_request(export)),
+    )
+    .await?;
+    let mut export_info = None;
+    let mut block_size = None;
+    for _ in 0..64 {
+        let (h, payload) = read_option_reply(s, proto::OPT_GO).await?;
+        match h.reply_type {
+            proto::REP_INFO => match proto::parse_info(&payload)? {
+                proto::Info::Export { size, flags } => export_info = Some((size, flags)),
+                proto::Info::BlockSize(bs) => block_size = Some(bs),
+                other => debug!(?other, "NBD info ignored"),
+            },
+            proto::REP_ACK => {
+                let (size, flags) = export_info
+                    .ok_or_else(|| Error::nbd("NBD_OPT_GO", "ACK without NBD_INFO_EXPORT"))?;
+                return Ok(Negotiated {
+                    size,
+                    flags,
+                    block_size,
+                    contexts: granted,
+                });
+            }
+            t if t & proto::REP_FLAG_ERROR != 0 => {
+                return Err(rejected(proto::OPT_GO, t, &payload))
+            }
+            t => return Err(unexpected_reply(proto::OPT_GO, t)),
+        }
+    }
+    Err(Error::nbd("NBD_OPT_GO", "too many replies"))
+}
+
+fn rejected(option: u32, t: u32, payload: &[u8]) -> Error {
+    Error::NbdOptionRejected {
+        option: proto::option_name(option),
+        reply: proto::reply_type_name(t),
+        message: proto::parse_option_error(payload),
+    }
+}
+
+fn unexpected_reply(option: u32, t: u32) -> Error {
+    Error::nbd(
+        "option reply",
+        format!(
+            "unexpected {} to {}",
+            proto::reply_type_name(t),
+            proto::option_name(option)
+        ),
+    )
+}
+
+async fn write<S: AsyncWrite + Unpin>(s: &mut S, b: &[u8]) -> Result<()> {
+    s.write_all(b)
+        .await
+        .map_err(|e| Error::io("write NBD handshake", e))?;
+    s.flush()
+        .await
+        .map_err(|e| Error::io("write NBD handshake", e))
+}
+
+async fn read_option_reply<S: AsyncRead + Unpin>(
+    s: &mut S,
+    option: u32,
+) -> Result<(proto::OptionReplyHeader, Vec<u8>)> {
+    let mut b = [0u8; 20];
+    s.read_exact(&mut b)
+        .await
+        .map_err(|e| Error::io("read NBD option reply", e))?;
+    let h = proto::parse_option_reply_header(&b, option)?;
+    let mut payload = vec![0u8; h.len as usize];
+    s.read_exact(&mut payload)
+        .await
+        .map_err(|e| Error::io("read NBD option reply", e))?;
+    Ok((h, payload))
+}

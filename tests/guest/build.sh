@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Builds vmkeep's tiny test guest: a Debian cloud kernel + a busybox initramfs whose /init
+# loads the virtio modules and runs a workload chosen on the kernel command line.
+#
+# Usage: tests/guest/build.sh [OUTDIR]
+#   Prints the directory holding `vmlinuz` and `initrd.gz`. The result is cached in
+#   ${XDG_CACHE_HOME:-$HOME/.cache}/vmkeep-guest/<hash of this script>/ so reruns are instant;
+#   with OUTDIR the two files are also copied there.
+#
+# Kernel command line (besides console=ttyS0):
+#   vmkeep.workload=seqwrite  loop i=0,1,2...: write a 4 KiB block "SEQ %010d" (zero padded)
+#                             to block (i*97) mod N of /dev/vda, then (if present) of /dev/vdb,
+#                             each with dd conv=sync,fsync; then print "C i" to the console.
+#                             N = blocks of the smaller disk. Point-in-time images must contain
+#                             SEQ 0..K without gaps, and vdb's K is vda's K or one less.
+#   vmkeep.workload=idle      print "IDLE" and sleep.
+#   vmkeep.count=M            stop seqwrite after M writes and print "DONE" (default: forever).
+# Every workload prints "VMKEEP READY" once the disks are visible.
+#
+# Needs: apt-get (download only, no root), dpkg-deb, busybox-static, cpio, gzip, sha256sum.
+set -euo pipefail
+
+script="$(readlink -f "${BASH_SOURCE[0]}")"
+hash="$(sha256sum "$script" | cut -c1-16)"
+cache="${XDG_CACHE_HOME:-$HOME/.cache}/vmkeep-guest/$hash"
+out="${1:-}"
+
+publish() {
+  if [ -n "$out" ]; then
+    mkdir -p "$out"
+    cp "$cache/vmlinuz" "$cache/initrd.gz" "$out/"
+  fi
+  echo "$cache"
+}
+
+if [ -f "$cache/vmlinuz" ] && [ -f "$cache/initrd.gz" ]; then
+  publish
+  exit 0
+fi
+
+for tool in apt-get dpkg-deb cpio gzip; do
+  command -v "$tool" >/dev/null || { echo "build.sh: $tool missing: run scripts/install-deps.sh" >&2; exit 1; }
+done
+busybox="$(command -v busybox || true)"
+if [ -z "$busybox" ] || ! { ldd "$busybox" 2>&1 || true; } | grep -q "not a dynamic executable"; then
+  echo "build.sh: a static busybox is needed (package busybox-static): run scripts/install-deps.sh" >&2
+  exit 1
+fi
+
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+# Kernel: the package linux-image-cloud-amd64 depends on.
+pkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')"
+[ -n "$pkg" ] || { echo "build.sh: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2; exit 1; }
+if ! (cd "$work" && apt-get download "$pkg" >"$work/apt.log" 2>&1); then
+  cat "$work/apt.log" >&2
+  echo "build.sh: apt-get download $pkg failed" >&2
+  exit 1
+fi
+dpkg-deb -x "$work"/"$pkg"_*.deb "$work/k"
+kver="$(ls "$work/k/lib/modules")"
+moddir="$work/k/lib/modules/$kver/kernel"
+
+root="$work/root"
+mkdir -p "$root"/{bin,dev,proc,sys,lib/modules,tmp}
+cp "$busybox" "$root/bin/busybox"
+
+# Modules in load order (virtio_ring before virtio: the other order fails with "Unknown symbol").
+mods="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
+      scsi_common scsi_mod virtio_scsi virtio_console"
+: > "$root/lib/modules/order"
+for m in $mods; do
+  f="$(find "$moddir" -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" | head -1)"
+  if [ -z "$f" ]; then
+    # Built into this kernel: nothing to load.
+    continue
+  fi
+  case "$f" in
+    *.xz) xz -dc "$f" > "$root/lib/modules/$m.ko" ;;
+    *.zst) zstd -qdc "$f" > "$root/lib/modules/$m.ko" ;;
+    *) cp "$f" "$root/lib/modules/$m.ko" ;;
+  esac
+  echo "$m" >> "$root/lib/modules/order"
+done
+
+cat > "$root/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in $(cat /lib/modules/order); do
+  insmod /lib/modules/$m.ko || echo "VMKEEP insmod $m failed"
+done
+workload=idle
+count=-1
+for a in $(cat /proc/cmdline); do
+  case "$a" in
+    vmkeep.workload=*) workload="${a#vmkeep.workload=}" ;;
+    vmkeep.count=*) count="${a#vmkeep.count=}" ;;
+  esac
+done
+# Wait (briefly) for the first disk.
+n=0
+while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+echo "VMKEEP READY workload=$workload disks=$(ls /sys/block | tr '\n' ' ')"
+
+blocks_of() { echo $(( $(cat /sys/block/$1/size) / 8 )); }
+
+case "$workload" in
+  seqwrite)
+    disks=vda
+    [ -b /dev/vdb ] && disks="vda vdb"
+    nblk=$(blocks_of vda)
+    if [ -b /dev/vdb ] && [ "$(blocks_of vdb)" -lt "$nblk" ]; then nblk=$(blocks_of vdb); fi
+    i=0
+    while [ "$count" -lt 0 ] || [ "$i" -lt "$count" ]; do
+      blk=$(( (i * 97) % nblk ))
+      for d in $disks; do
+        printf 'SEQ %010d\n' "$i" | dd of=/dev/$d bs=4096 seek=$blk conv=sync,fsync 2>/dev/null \
+          || echo "VMKEEP write $d $i failed"
+      done
+      echo "C $i"
+      i=$((i+1))
+    done
+    echo "DONE"
+    ;;
+  idle)
+    echo "IDLE"
+    ;;
+  *)
+    echo "VMKEEP unknown workload $workload"
+    ;;
+esac
+while true; do sleep 3600; done
+INIT
+chmod +x "$root/init"
+
+mkdir -p "$cache.tmp.$$"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$cache.tmp.$$/initrd.gz"
+cp "$work/k/boot/vmlinuz-$kver" "$cache.tmp.$$/vmlinuz"
+echo "$kver" > "$cache.tmp.$$/kernel-version"
+cp "$root/lib/modules/order" "$cache.tmp.$$/modules"
+mkdir -p "$(dirname "$cache")"
+rm -rf "$cache"
+mv "$cache.tmp.$$" "$cache"
+publish
