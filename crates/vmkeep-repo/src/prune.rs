@@ -93,7 +93,18 @@ pub(crate) fn referenced_blobs(repo: &Repository, index: &BlobIndex) -> Result<H
     let nodes = RepoNodes { repo, index };
     let cs = repo.config.chunk_size as u64;
     let mut set = HashSet::new();
-    for m in repo.snapshots()? {
+    // A manifest that cannot be read still owns its data: never collect garbage around it.
+    let (manifests, damaged) = repo.snapshots_with_damage()?;
+    if let Some((name, why)) = damaged.into_iter().next() {
+        return Err(crate::Error::Invalid {
+            what: "repository state",
+            reason: format!(
+                "restore point {name} is unreadable ({why}); prune refuses to run so its data is \
+                 not collected; run `vmkeep check`, then `vmkeep forget` it if it is beyond repair"
+            ),
+        });
+    }
+    for m in manifests {
         for d in &m.disks {
             let chunks = d.size.div_ceil(cs);
             tree::for_each_node(&nodes, &d.root, chunks, &mut |id, _| {

@@ -92,10 +92,19 @@ impl Repository {
 
     /// Resolve a reference: a full id, a unique prefix of at least 6 hex digits, or `VM@latest`.
     pub fn resolve(&self, reference: &str) -> Result<Manifest> {
+        let id = self.resolve_id(reference)?;
+        self.load_manifest(&id)
+    }
+
+    /// Resolve a reference to an id without reading the manifest (works for damaged ones).
+    pub fn resolve_id(&self, reference: &str) -> Result<SnapshotId> {
         if let Some(vm) = reference.strip_suffix("@latest") {
-            return self.latest(vm)?.ok_or_else(|| Error::UnknownSnapshot {
-                reference: reference.into(),
-            });
+            return self
+                .latest(vm)?
+                .map(|m| m.id)
+                .ok_or_else(|| Error::UnknownSnapshot {
+                    reference: reference.into(),
+                });
         }
         let r = reference.to_ascii_lowercase();
         if r.len() < 6 || !r.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -114,7 +123,7 @@ impl Repository {
             [] => Err(Error::UnknownSnapshot {
                 reference: reference.into(),
             }),
-            [one] => self.load_manifest(one),
+            [one] => Ok(*one),
             many => Err(Error::AmbiguousSnapshot {
                 reference: reference.into(),
                 candidates: many
