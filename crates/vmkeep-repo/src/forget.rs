@@ -42,6 +42,21 @@ impl Repository {
         let mut done = Vec::new();
         for id in order {
             let Some(pos) = all.iter().position(|m| m.id == *id) else {
+                // Unreadable (damaged) manifest: its change maps are unknown, so its successors
+                // lose theirs (null = everything changed) and their parent link.
+                let key = snapshot_key(id);
+                if self.store.size(&key).is_ok() {
+                    for succ in all.iter_mut().filter(|m| m.parent == Some(*id)) {
+                        succ.parent = None;
+                        for d in &mut succ.disks {
+                            d.changes = None;
+                        }
+                        self.write_manifest(succ)?;
+                    }
+                    self.store.flush()?;
+                    self.store.delete(&key)?;
+                    done.push(*id);
+                }
                 continue;
             };
             let gone = all.remove(pos);

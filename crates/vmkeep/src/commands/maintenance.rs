@@ -14,7 +14,7 @@ pub fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
     let ids = a
         .snapshots
         .iter()
-        .map(|s| Ok(repo.resolve(s)?.id))
+        .map(|s| Ok(repo.resolve_id(s)?))
         .collect::<Result<Vec<_>>>()?;
     let done = repo.forget(&ids)?;
     if g.json {
