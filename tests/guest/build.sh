@@ -51,7 +51,13 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
 # Kernel: the package linux-image-cloud-amd64 depends on.
-pkg="$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/{print $2; exit}')"
+resolve() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}'; }
+pkg="$(resolve)"
+if [ -z "$pkg" ] && [ "$(id -u)" -eq 0 ]; then
+  # A fresh machine may have no package index yet.
+  apt-get update -qq >/dev/null 2>&1 || true
+  pkg="$(resolve)"
+fi
 [ -n "$pkg" ] || { echo "build.sh: cannot resolve linux-image-cloud-amd64 (apt-get update?)" >&2; exit 1; }
 if ! (cd "$work" && apt-get download "$pkg" >"$work/apt.log" 2>&1); then
   cat "$work/apt.log" >&2

@@ -287,6 +287,23 @@ impl Repository {
             self.store.flush()?;
             progress.finish_phase();
         }
+        // The sweep must see the copies just repacked (and their packs): otherwise every repacked
+        // pack counts as the only home of its live blobs and is kept until a later prune.
+        let (by_pack, index_files, pack_sizes) = if repack.is_empty() {
+            (by_pack, index_files, pack_sizes)
+        } else {
+            let (b, f) = raw_index(self)?;
+            // A pack condemned as unindexed (left by a dead repack) may just have been written
+            // again, same bytes and name, by this repack: it is a live home now.
+            condemn.retain(|p| by_pack.contains_key(p) || !b.contains_key(p));
+            let sizes: HashMap<PackId, u64> = self
+                .store
+                .list(Kind::Pack)?
+                .into_iter()
+                .filter_map(|m| m.key.name.parse().ok().map(|p| (p, m.size)))
+                .collect();
+            (b, f, sizes)
+        };
         let mut records = records;
         if !condemn.is_empty() {
             condemn.sort();

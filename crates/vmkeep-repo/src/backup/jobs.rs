@@ -32,8 +32,15 @@ impl Repository {
         let images = opts
             .disks
             .iter()
-            .map(|(name, path)| {
+            .enumerate()
+            .map(|(i, (name, path))| {
                 vmkeep_core::manifest::validate_name("disk name", name)?;
+                if opts.disks[..i].iter().any(|(n, _)| n == name) {
+                    return Err(Error::Invalid {
+                        what: "disk name",
+                        reason: format!("{name:?} given twice"),
+                    });
+                }
                 Ok((name.clone(), probe_image(path)?))
             })
             .collect::<Result<Vec<_>>>()?;
