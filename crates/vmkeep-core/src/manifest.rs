@@ -57,6 +57,11 @@ pub struct DiskEntry {
     /// bitmap belongs to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<Checkpoint>,
+    /// Image files only: "dev:inode:size:mtime_ns:ctime_ns" of the file, taken before it was
+    /// read. An identical identity at the next backup means the file was not written since
+    /// (ctime cannot be set by user tools), so its index is reused without reading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identity: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +248,7 @@ mod tests {
                         granularity: 65536,
                         source: "qemu:1234".into(),
                     }),
+                    source_identity: Some("2049:12:5368709120:1:2".into()),
                 },
                 DiskEntry {
                     name: "data.img".into(),
@@ -253,6 +259,7 @@ mod tests {
                     cbt: "none".into(),
                     cbt_reason: Some("image backup".into()),
                     checkpoint: None,
+                    source_identity: None,
                 },
             ],
             streams: vec![StreamRecord {
@@ -420,6 +427,7 @@ mod tests {
                     cbt: "rescan".into(),
                     cbt_reason: None,
                     checkpoint: None,
+                    source_identity: None,
                 }
             }).collect();
             let back = Manifest::from_json(&m.to_json()).unwrap();

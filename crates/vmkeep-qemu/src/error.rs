@@ -82,6 +82,10 @@ pub enum Error {
         detail: String,
     },
 
+    /// A write to an export the server offers read-only (nothing was sent).
+    #[error("NBD export {export:?} is read-only")]
+    NbdReadOnly { export: String },
+
     /// The NBD connection is closed (after a protocol error, a disconnect, or EOF).
     #[error("NBD connection closed{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     NbdClosed { reason: Option<String> },

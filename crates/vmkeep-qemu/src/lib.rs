@@ -4,12 +4,21 @@
 //!   per-command timeouts, typed errors, an event stream, and file-descriptor passing (`getfd`).
 //! - [`nbd`]: an async NBD client (fixed newstyle, structured replies, meta contexts, block
 //!   status) that validates every byte the server sends before using it.
+//! - [`disk_reader`]: an NBD export as the backup pipeline's `DiskReader`, and read plans from
+//!   `base:allocation` and dirty-bitmap block status.
+//! - [`capture`]: live backup of a running VM's disks (pause-free fleecing, checkpoint bitmaps,
+//!   change-tracking decisions), and of stopped VMs' images through qemu-storage-daemon.
+//! - [`qcow2_target`]: a new qcow2 image, written through a private qemu-nbd, as a restore
+//!   target (`vmkeep_repo::DiskWriter`).
 //!
 //! Both speak to programs we do not control, so every reply is size-bounded and checked;
 //! hostile or broken peers produce an [`Error`], never a panic or an unbounded allocation.
 
+pub mod capture;
+pub mod disk_reader;
 pub mod error;
 pub mod nbd;
+pub mod qcow2_target;
 pub mod qmp;
 
 pub use error::{Error, Result};

@@ -42,8 +42,12 @@ pub struct CheckReport {
     pub warnings: Vec<String>,
 }
 
-/// Every index entry grouped by pack (all copies, not only the preferred location).
-fn entries_by_pack(repo: &Repository) -> Result<(HashMap<PackId, Vec<PackEntry>>, Vec<String>)> {
+/// Index entries grouped by pack.
+type EntriesByPack = HashMap<PackId, Vec<PackEntry>>;
+
+/// Every index entry grouped by pack (all copies, not only the preferred location), and
+/// warnings for index objects that could not be read.
+fn entries_by_pack(repo: &Repository) -> Result<(EntriesByPack, Vec<String>)> {
     let mut map: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
     let mut warnings = Vec::new();
     for meta in repo.store.list(Kind::Index)? {

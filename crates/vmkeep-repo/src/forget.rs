@@ -122,6 +122,7 @@ mod tests {
                     cbt: "none".into(),
                     cbt_reason: None,
                     checkpoint: None,
+                    source_identity: None,
                 })
                 .collect(),
             streams: vec![],

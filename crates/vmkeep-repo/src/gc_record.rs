@@ -41,7 +41,7 @@ pub fn load_all(repo: &Repository) -> Result<Vec<(Key, GcRecord)>> {
             })?;
         out.push((meta.key, rec));
     }
-    out.sort_by(|a, b| a.1.created.cmp(&b.1.created));
+    out.sort_by_key(|(_, r)| r.created);
     Ok(out)
 }
 

@@ -15,12 +15,15 @@ pub fn kill_point(name: &str) {
     }
 }
 
+/// A callback given the id of a blob.
+pub type BlobHook = Arc<dyn Fn(&BlobId) + Send + Sync>;
+
 /// Callbacks for deterministic concurrency tests.
 #[derive(Clone, Default)]
 pub struct Hooks {
     /// Called by a backup right after it decided `id` already exists in the repository and will be
     /// referenced without being written again. A test can block here and run prune meanwhile.
-    pub after_reuse_decision: Option<Arc<dyn Fn(&BlobId) + Send + Sync>>,
+    pub after_reuse_decision: Option<BlobHook>,
     /// Called right before a backup writes its manifest.
     pub before_commit: Option<Arc<dyn Fn() + Send + Sync>>,
 }

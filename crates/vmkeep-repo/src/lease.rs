@@ -97,6 +97,11 @@ impl Lease {
                 .name("vmkeep-lease".into())
                 .spawn(move || loop {
                     let stop = shared.stop.lock().unwrap();
+                    // Check before waiting: a stop signalled before this thread first waited
+                    // would otherwise be missed, and release would block a whole period.
+                    if *stop {
+                        return;
+                    }
                     let (stop, _) = shared.wake.wait_timeout(stop, every).unwrap();
                     if *stop {
                         return;

@@ -5,7 +5,7 @@
 //! |---|---|
 //! | [`repository`] | init, open, keys |
 //! | [`backup`] | backup sessions: lease, dedup, parallel pipeline, packer, commit |
-//! | [`restore`] | restore a restore point's disks to sparse raw files |
+//! | [`restore`] | restore a restore point's disks to sparse raw files or any [`DiskWriter`] |
 //! | [`check`] | verify structure and data |
 //! | [`forget`], [`prune`] | retention, change-map merging, GC |
 //! | [`lease`], [`gc_record`] | the concurrency protocol between backups and GC |
@@ -38,5 +38,5 @@ pub use hooks::Hooks;
 pub use progress::{NoProgress, Progress};
 pub use prune::{GcStats, PruneOptions, PrunePlan, PruneStats};
 pub use repository::{InitOptions, Repository, Tuning};
-pub use restore::{RestoreOptions, RestoreStats};
+pub use restore::{DiskWriter, RawFileWriter, RestoreOptions, RestoreStats};
 pub use vmkeep_core::manifest::Manifest;

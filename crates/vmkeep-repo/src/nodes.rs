@@ -86,8 +86,10 @@ impl NodeStore for SessionNodes<'_> {
                     reason: "the packer stopped".into(),
                 });
             }
-            self.written.insert(id, node.clone());
         }
+        // Keep the node readable even when another disk of this session claimed (wrote) it:
+        // it is not in the index until the session commits.
+        self.written.insert(id, node.clone());
         Ok(id)
     }
 }

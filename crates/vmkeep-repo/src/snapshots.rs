@@ -55,7 +55,8 @@ impl Repository {
         Ok(sealed.len() as u64)
     }
 
-    /// Every readable restore point, oldest first, and the names of unreadable manifests with why.
+    /// Every readable restore point, oldest first, and (name, reason) of each unreadable manifest.
+    #[allow(clippy::type_complexity)]
     pub fn snapshots_with_damage(&self) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {
         let mut ok = Vec::new();
         let mut bad = Vec::new();

@@ -79,8 +79,44 @@ pub enum KeyCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum BackupCommand {
-    /// Back up disk image files or block devices of a stopped VM (raw images)
+    /// Back up disk image files or block devices of a stopped VM (raw read directly; qcow2 and
+    /// other formats through qemu-storage-daemon, with change tracking)
     Image(BackupImageArgs),
+    /// Back up a running QEMU VM through its QMP socket (all disks at one instant, no pause)
+    Vm(BackupVmArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FreezeMode {
+    /// Freeze guest filesystems when the VM has a guest agent; skip otherwise
+    #[default]
+    Auto,
+    /// Require the guest agent
+    On,
+    /// Never freeze
+    Off,
+}
+
+#[derive(Args, Debug)]
+pub struct BackupVmArgs {
+    /// The VM's QMP socket (a unix socket no other client holds)
+    #[arg(long, value_name = "SOCKET")]
+    pub qmp: PathBuf,
+    /// VM name
+    #[arg(long)]
+    pub vm: String,
+    /// Ignore change tracking: read every allocated chunk (tracking restarts from this backup)
+    #[arg(long)]
+    pub full: bool,
+    /// Guest filesystem freeze through the QEMU guest agent
+    #[arg(long, value_enum, default_value = "auto")]
+    pub freeze: FreezeMode,
+    /// Stop the VM for the capture and resume it right after the cut
+    #[arg(long)]
+    pub suspend: bool,
+    /// Internal: run as the capture guard of a vmkeep process (state on stdin)
+    #[arg(long, hide = true)]
+    pub guard: bool,
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +127,9 @@ pub struct BackupImageArgs {
     /// NAME=PATH of a disk (repeat for every disk)
     #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
     pub disks: Vec<String>,
+    /// Read every image in full, even files unchanged since the last restore point
+    #[arg(long)]
+    pub full: bool,
 }
 
 #[derive(Args, Debug)]
@@ -102,7 +141,10 @@ pub struct SnapshotsArgs {
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
+    /// Sparse raw files DISK.raw
     Raw,
+    /// qcow2 images DISK.qcow2 (written through qemu-nbd; needs qemu-img and qemu-nbd)
+    Qcow2,
 }
 
 #[derive(Args, Debug)]

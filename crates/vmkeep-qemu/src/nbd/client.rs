@@ -1,4 +1,5 @@
 //! The async NBD client: handshake, pipelined requests matched by cookie, reply validation.
+//! Reads, block status, and (on writable exports) writes and flushes.
 //!
 //! One reader task owns the receiving half of the socket and completes requests; senders
 //! share the sending half behind a mutex. A protocol violation, an EOF or a request timeout
@@ -25,7 +26,7 @@ pub struct NbdOptions {
     pub handshake_timeout: Duration,
     /// Limit for one request's reply; a request that times out closes the connection.
     pub request_timeout: Duration,
-    /// Requests kept in flight by [`NbdClient::read`] on this connection.
+    /// Requests kept in flight by one [`NbdClient::read`] or [`NbdClient::write`] call.
     pub max_in_flight: usize,
 }
 
@@ -51,11 +52,14 @@ struct Negotiated {
 enum Assembler {
     Read(proto::ReadAssembler),
     Status(proto::BlockStatusAssembler),
+    Ack(proto::AckAssembler),
 }
 
 enum Outcome {
     Read(ReadReply),
     Status(Vec<(u32, Vec<Extent>)>),
+    /// A command without reply data (write, flush) succeeded.
+    Done,
 }
 
 struct Slot {
@@ -260,7 +264,7 @@ impl NbdClient {
         while next < end || !in_flight.is_empty() {
             while next < end && in_flight.len() < self.opts.max_in_flight.max(1) {
                 let l = (end - next).min(u64::from(piece)) as u32;
-                in_flight.push_back(self.submit(RequestKind::Read, next, l).await?);
+                in_flight.push_back(self.submit(RequestKind::Read, next, l, &[]).await?);
                 next += u64::from(l);
             }
             if let Some(rx) = in_flight.pop_front() {
@@ -274,7 +278,7 @@ impl NbdClient {
                             }
                         }
                     }
-                    Outcome::Status(_) => unreachable!("read slot completed with status"),
+                    _ => unreachable!("read slot completed with another outcome"),
                 }
             }
         }
@@ -299,10 +303,10 @@ impl NbdClient {
         let end = offset + len;
         while pos < end {
             let l = (end - pos).min(max_req) as u32;
-            let rx = self.submit(RequestKind::BlockStatus, pos, l).await?;
+            let rx = self.submit(RequestKind::BlockStatus, pos, l, &[]).await?;
             let per_ctx = match self.wait(rx).await? {
                 Outcome::Status(s) => s,
-                Outcome::Read(_) => unreachable!("status slot completed with read"),
+                _ => unreachable!("status slot completed with another outcome"),
             };
             let extents = per_ctx
                 .into_iter()
@@ -325,6 +329,58 @@ impl NbdClient {
         Ok(out)
     }
 
+    /// Writes `data` at `offset` (NBD_CMD_WRITE). Large writes are split and pipelined. The
+    /// data is durable only after [`flush`](Self::flush). A read-only export gives
+    /// [`Error::NbdReadOnly`] without sending anything; a server-side failure gives
+    /// [`Error::NbdServer`] (the connection stays usable).
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        if self.is_read_only() {
+            return Err(Error::NbdReadOnly {
+                export: self.export.clone(),
+            });
+        }
+        self.check_range(offset, data.len() as u64)?;
+        let piece = self.max_write_piece() as usize;
+        let mut pos = 0usize;
+        let mut in_flight = VecDeque::new();
+        while pos < data.len() || !in_flight.is_empty() {
+            while pos < data.len() && in_flight.len() < self.opts.max_in_flight.max(1) {
+                let part = &data[pos..data.len().min(pos + piece)];
+                let at = offset + pos as u64;
+                in_flight.push_back(
+                    self.submit(RequestKind::Write, at, part.len() as u32, part)
+                        .await?,
+                );
+                pos += part.len();
+            }
+            if let Some(rx) = in_flight.pop_front() {
+                match self.wait(rx).await? {
+                    Outcome::Done => {}
+                    _ => unreachable!("write slot completed with another outcome"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The server accepts NBD_CMD_FLUSH (it has a write cache to flush).
+    pub fn can_flush(&self) -> bool {
+        self.neg.flags & proto::TFLAG_SEND_FLUSH != 0
+    }
+
+    /// Makes every completed write durable (NBD_CMD_FLUSH). A no-op when the server does not
+    /// advertise flush (its writes are durable when acknowledged) or the export is read-only.
+    pub async fn flush(&self) -> Result<()> {
+        if !self.can_flush() || self.is_read_only() {
+            return Ok(());
+        }
+        let rx = self.submit(RequestKind::Flush, 0, 0, &[]).await?;
+        match self.wait(rx).await? {
+            Outcome::Done => Ok(()),
+            _ => unreachable!("flush slot completed with another outcome"),
+        }
+    }
+
     /// Sends NBD_CMD_DISC and closes the connection.
     pub async fn disconnect(self) -> Result<()> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -342,6 +398,15 @@ impl NbdClient {
 
     fn max_read_piece(&self) -> u32 {
         let mut piece = proto::MAX_READ_REQUEST;
+        if let Some(bs) = self.neg.block_size {
+            piece = piece.min(bs.maximum);
+            piece = (piece / bs.minimum * bs.minimum).max(bs.minimum);
+        }
+        piece
+    }
+
+    fn max_write_piece(&self) -> u32 {
+        let mut piece = proto::MAX_WRITE_REQUEST;
         if let Some(bs) = self.neg.block_size {
             piece = piece.min(bs.maximum);
             piece = (piece / bs.minimum * bs.minimum).max(bs.minimum);
@@ -373,12 +438,15 @@ impl NbdClient {
         Ok(())
     }
 
+    /// Registers and sends one request; `payload` follows the header (writes only).
     async fn submit(
         &self,
         kind: RequestKind,
         offset: u64,
         len: u32,
+        payload: &[u8],
     ) -> Result<oneshot::Receiver<Result<Outcome>>> {
+        debug_assert!(kind == RequestKind::Write || payload.is_empty());
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let req = Request {
             kind,
@@ -401,20 +469,42 @@ impl NbdClient {
             let asm = match kind {
                 RequestKind::Read => Assembler::Read(proto::ReadAssembler::new(offset, len)),
                 RequestKind::BlockStatus => Assembler::Status(proto::BlockStatusAssembler::new()),
+                RequestKind::Write | RequestKind::Flush => {
+                    Assembler::Ack(proto::AckAssembler::new())
+                }
             };
             p.slots.insert(cookie, Slot { req, asm, tx });
         }
-        let cmd = match kind {
-            RequestKind::Read => proto::CMD_READ,
-            RequestKind::BlockStatus => proto::CMD_BLOCK_STATUS,
-        };
-        let hdr = proto::encode_request(0, cmd, cookie, offset, len);
+        let hdr = proto::encode_request(0, kind.command(), cookie, offset, len);
         let mut w = self.writer.lock().await;
-        if let Err(e) = w.write_all(&hdr).await {
-            drop(w);
-            return Err(self.fail(Error::io("send NBD request", e)));
+        // A request cut off half-sent (caller dropped, timeout) leaves the stream unusable.
+        let mut guard = CloseUnlessSent {
+            client: self,
+            sent: false,
+        };
+        let send = async {
+            w.write_all(&hdr).await?;
+            if !payload.is_empty() {
+                w.write_all(payload).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let res = tokio::time::timeout(self.opts.request_timeout, send).await;
+        guard.sent = true;
+        match res {
+            Ok(Ok(())) => Ok(rx),
+            Ok(Err(e)) => {
+                drop(w);
+                Err(self.fail(Error::io("send NBD request", e)))
+            }
+            Err(_) => {
+                drop(w);
+                Err(self.fail(Error::Timeout {
+                    what: "sending an NBD request".into(),
+                    timeout: self.opts.request_timeout,
+                }))
+            }
         }
-        Ok(rx)
     }
 
     async fn wait(&self, rx: oneshot::Receiver<Result<Outcome>>) -> Result<Outcome> {
@@ -454,6 +544,21 @@ impl NbdClient {
             h.abort();
         }
         fail_all(&self.shared, reason, None);
+    }
+}
+
+/// Closes the connection when dropped before `sent` is set.
+struct CloseUnlessSent<'a> {
+    client: &'a NbdClient,
+    sent: bool,
+}
+
+impl Drop for CloseUnlessSent<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            self.client
+                .close("a request was abandoned while being sent");
+        }
     }
 }
 
@@ -515,6 +620,10 @@ async fn read_replies(r: &mut Reader, shared: &Shared) -> Result<()> {
                 read_exact(r, &mut b, "simple reply").await?;
                 let sr = proto::parse_simple_reply(&b)?;
                 let slot = take_slot(shared, sr.cookie)?;
+                if sr.errno == 0 && slot.req.kind.simple_success_allowed() {
+                    let _ = slot.tx.send(Ok(Outcome::Done));
+                    continue;
+                }
                 if sr.errno == 0 {
                     // Structured replies were negotiated: READ and BLOCK_STATUS must use them.
                     let e = Error::nbd(
@@ -607,6 +716,7 @@ fn apply_chunk(shared: &Shared, h: &proto::ChunkHeader, chunk: Chunk<'_>) -> Res
     match &mut slot.asm {
         Assembler::Read(a) => a.apply(&chunk)?,
         Assembler::Status(a) => a.apply(chunk)?,
+        Assembler::Ack(a) => a.apply(chunk)?,
     }
     if !h.done() {
         return Ok(());
@@ -617,6 +727,7 @@ fn apply_chunk(shared: &Shared, h: &proto::ChunkHeader, chunk: Chunk<'_>) -> Res
     let finished = match slot.asm {
         Assembler::Read(a) => a.finish().map(|r| r.map(Outcome::Read)),
         Assembler::Status(a) => a.finish().map(|r| r.map(Outcome::Status)),
+        Assembler::Ack(a) => a.finish().map(|r| r.map(|()| Outcome::Done)),
     };
     let result = match finished {
         Ok(r) => r,

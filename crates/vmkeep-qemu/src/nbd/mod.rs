@@ -1,4 +1,5 @@
-//! Async NBD client for reading exports (QEMU fleecing nodes, qemu-nbd, qemu-storage-daemon).
+//! Async NBD client for reading exports (QEMU fleecing nodes, qemu-nbd, qemu-storage-daemon)
+//! and writing writable ones ([`NbdClient::write`], [`NbdClient::flush`]).
 //!
 //! ```no_run
 //! # async fn demo() -> vmkeep_qemu::Result<()> {

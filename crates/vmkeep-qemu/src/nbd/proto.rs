@@ -63,7 +63,9 @@ pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // Commands.
 pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
 pub const CMD_BLOCK_STATUS: u16 = 7;
 
 // Structured reply chunk flags and types.
@@ -81,6 +83,8 @@ pub const MAX_OPTION_REPLY: u32 = 64 * 1024;
 pub const MAX_ERROR_MESSAGE: u16 = 4096;
 /// Largest read request this client sends (one request; larger reads are split).
 pub const MAX_READ_REQUEST: u32 = 32 * 1024 * 1024;
+/// Largest write request this client sends (one request; larger writes are split).
+pub const MAX_WRITE_REQUEST: u32 = 32 * 1024 * 1024;
 /// Largest number of extents accepted in one BLOCK_STATUS chunk.
 pub const MAX_EXTENTS_PER_CHUNK: u32 = 1 << 20;
 /// Length of a structured reply chunk header, after the 4-byte magic.
@@ -420,6 +424,28 @@ pub fn parse_chunk_header(b: &[u8]) -> Result<ChunkHeader> {
 pub enum RequestKind {
     Read,
     BlockStatus,
+    /// NBD_CMD_WRITE: the reply carries no data (a simple reply, or NONE / ERROR chunks).
+    Write,
+    /// NBD_CMD_FLUSH: replied to like a write.
+    Flush,
+}
+
+impl RequestKind {
+    /// The command's wire number.
+    pub fn command(self) -> u16 {
+        match self {
+            RequestKind::Read => CMD_READ,
+            RequestKind::BlockStatus => CMD_BLOCK_STATUS,
+            RequestKind::Write => CMD_WRITE,
+            RequestKind::Flush => CMD_FLUSH,
+        }
+    }
+
+    /// A successful *simple* reply is legal for this command even with structured replies
+    /// negotiated (commands that return no data).
+    pub fn simple_success_allowed(self) -> bool {
+        matches!(self, RequestKind::Write | RequestKind::Flush)
+    }
 }
 
 /// An outstanding request as the reply validators see it.
@@ -437,6 +463,8 @@ impl Request {
         match self.kind {
             RequestKind::Read => "NBD_CMD_READ",
             RequestKind::BlockStatus => "NBD_CMD_BLOCK_STATUS",
+            RequestKind::Write => "NBD_CMD_WRITE",
+            RequestKind::Flush => "NBD_CMD_FLUSH",
         }
     }
     fn end(&self) -> u64 {
@@ -649,7 +677,8 @@ pub fn parse_chunk<'a>(
 
 mod assemble;
 pub use assemble::{
-    clip_extents, BlockStatusAssembler, ContextExtents, ReadAssembler, ReadReply, ServerError,
+    clip_extents, AckAssembler, BlockStatusAssembler, ContextExtents, ReadAssembler, ReadReply,
+    ServerError,
 };
 
 #[cfg(test)]

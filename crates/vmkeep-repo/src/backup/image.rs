@@ -3,7 +3,7 @@
 //! Images in container formats (qcow2, VMDK, ...) are refused: their bytes are not the disk.
 use std::fs::File;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -22,6 +22,7 @@ pub struct RawImage {
     file: File,
     path: PathBuf,
     info: ImageInfo,
+    identity: Option<String>,
 }
 
 /// Container formats recognised by their magic, so they are never backed up as if raw.
@@ -73,6 +74,26 @@ pub fn probe_image(path: &Path) -> Result<RawImage> {
     } else {
         data_extents(&file, size).map_err(read_err)?
     };
+    // Taken before any read: a write during the backup changes ctime, so the next backup reads.
+    // Recorded only when the last change is over a second old: timestamps can be as coarse as a
+    // timer tick, so a write in the same tick as the last change might not move ctime ("racy
+    // clean", as git calls it); such a file is simply read in full next time.
+    let ctime_ns = meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128;
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0);
+    let settled = now_ns - ctime_ns >= 1_000_000_000;
+    let identity = (!block_device && settled).then(|| {
+        format!(
+            "{}:{}:{}:{}:{}",
+            meta.dev(),
+            meta.ino(),
+            meta.size(),
+            meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128
+        )
+    });
     Ok(RawImage {
         file,
         path: path.to_path_buf(),
@@ -81,6 +102,7 @@ pub fn probe_image(path: &Path) -> Result<RawImage> {
             block_device,
             data,
         },
+        identity,
     })
 }
 
@@ -141,6 +163,11 @@ impl RawImage {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// "dev:inode:size:mtime_ns:ctime_ns" of a regular file (None for block devices).
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
     }
 
     pub fn data_runs(&self, chunk_size: u64) -> Vec<(u64, u64)> {

@@ -13,6 +13,8 @@ pub struct ImageBackupOptions {
     pub backup: BackupOptions,
     /// (disk name, path of a raw image or block device)
     pub disks: Vec<(String, PathBuf)>,
+    /// Read every image even when its file is unchanged since the parent restore point.
+    pub full: bool,
 }
 
 impl Repository {
@@ -47,10 +49,36 @@ impl Repository {
         let mut session = self.begin_backup(opts.backup.clone())?;
         let cs = self.config.chunk_size as u64;
         for (name, image) in &images {
-            let plan = ReadPlan {
-                runs: image.data_runs(cs),
-                cbt: "none".into(),
-                ..Default::default()
+            // An image file not written since the parent (same device, inode, size, mtime and
+            // ctime) has the parent's content: reuse its index without reading (restic's
+            // unchanged-file rule, on ctime which user tools cannot set). `full` reads anyway.
+            let unchanged = session
+                .parent()
+                .and_then(|p| p.disk(name))
+                .filter(|d| {
+                    !opts.full
+                        && d.size == image.info().size
+                        && d.source_identity.is_some()
+                        && d.source_identity.as_deref() == image.identity()
+                })
+                .map(|d| d.root);
+            let plan = match unchanged {
+                Some(root) => ReadPlan {
+                    base: Some(root),
+                    cbt: "none".into(),
+                    cbt_reason: Some(
+                        "file unchanged since the parent restore point (same inode, size, mtime and ctime): nothing read"
+                            .into(),
+                    ),
+                    source_identity: image.identity().map(str::to_string),
+                    ..Default::default()
+                },
+                None => ReadPlan {
+                    runs: image.data_runs(cs),
+                    cbt: "none".into(),
+                    source_identity: image.identity().map(str::to_string),
+                    ..Default::default()
+                },
             };
             session.add_disk(name, image, plan, progress)?;
         }

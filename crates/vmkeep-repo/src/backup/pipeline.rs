@@ -50,6 +50,8 @@ pub struct ReadPlan {
     pub cbt: String,
     pub cbt_reason: Option<String>,
     pub checkpoint: Option<Checkpoint>,
+    /// Identity of an image file, recorded in the manifest (see DiskEntry::source_identity).
+    pub source_identity: Option<String>,
 }
 
 pub(crate) struct DiskOutcome {
@@ -222,6 +224,7 @@ pub(crate) fn run(
             },
             cbt_reason: plan.cbt_reason.clone(),
             checkpoint: plan.checkpoint.clone(),
+            source_identity: plan.source_identity.clone(),
         },
         read_bytes: c.read,
         changed_bytes,

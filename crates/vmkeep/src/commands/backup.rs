@@ -4,7 +4,7 @@ use anyhow::{bail, Result};
 use serde_json::json;
 use vmkeep_repo::{BackupOptions, ImageBackupOptions, Manifest};
 
-use crate::args::{BackupCommand, BackupImageArgs, Global};
+use crate::args::{BackupCommand, BackupImageArgs, BackupVmArgs, FreezeMode, Global};
 use crate::context::open_repo;
 use crate::output::{print_json, print_line};
 use crate::progress::Bars;
@@ -13,6 +13,7 @@ use crate::size::human;
 pub fn run(g: &Global, b: &BackupCommand) -> Result<u8> {
     match b {
         BackupCommand::Image(a) => image(g, a),
+        BackupCommand::Vm(a) => vm(g, a),
     }
 }
 
@@ -35,9 +36,62 @@ fn image(g: &Global, a: &BackupImageArgs) -> Result<u8> {
             ..Default::default()
         },
         disks,
+        full: a.full,
     };
     let bars = Bars::new(g.quiet);
-    let m = repo.backup_image(&opts, &bars)?;
+    // Container formats (qcow2, ...) are read through qemu-storage-daemon, raw images directly.
+    let non_raw = opts.disks.iter().any(|(_, p)| {
+        matches!(
+            vmkeep_repo::backup::probe_image(p),
+            Err(vmkeep_repo::Error::NotRaw { .. })
+        )
+    });
+    let m = if non_raw {
+        vmkeep_qemu::capture::backup_images(&repo, opts.backup, &opts.disks, a.full, &bars)?
+    } else {
+        repo.backup_image(&opts, &bars)?
+    };
+    report(g, &m)
+}
+
+fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
+    use vmkeep_qemu::capture::{backup_vm, run_guard, Freeze, GuardCommand, VmBackupOptions};
+    if a.guard {
+        // The guard of another vmkeep process: undo its capture if it dies (see capture::guard).
+        for line in run_guard(std::io::stdin().lock()) {
+            eprintln!("vmkeep guard: {line}");
+        }
+        return Ok(0);
+    }
+    let guard = std::env::current_exe().ok().map(|exe| GuardCommand {
+        program: exe,
+        args: vec![
+            "backup".into(),
+            "vm".into(),
+            "--qmp".into(),
+            a.qmp.display().to_string(),
+            "--vm".into(),
+            a.vm.clone(),
+            "--guard".into(),
+        ],
+        env: Vec::new(),
+    });
+    let repo = open_repo(g)?;
+    let opts = VmBackupOptions {
+        qmp: a.qmp.clone(),
+        vm: a.vm.clone(),
+        full: a.full,
+        suspend: a.suspend,
+        freeze: match a.freeze {
+            FreezeMode::Auto => Freeze::Auto,
+            FreezeMode::On => Freeze::On,
+            FreezeMode::Off => Freeze::Off,
+        },
+        hooks: Default::default(),
+        guard,
+    };
+    let bars = Bars::new(g.quiet);
+    let m = backup_vm(&repo, &opts, &bars)?;
     report(g, &m)
 }
 
@@ -83,5 +137,22 @@ pub fn report(g: &Global, m: &Manifest) -> Result<u8> {
         s.seconds,
         human((s.read_bytes as f64 / s.seconds.max(1e-6)) as u64)
     ))?;
+    for d in &m.disks {
+        if d.cbt == "none" && d.cbt_reason.is_none() {
+            continue;
+        }
+        print_line(&format!(
+            "  disk {}: change tracking {}{}",
+            d.name,
+            d.cbt,
+            d.cbt_reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        ))?;
+    }
+    if m.pause_ms > 0 {
+        print_line(&format!("  VM paused {} ms", m.pause_ms))?;
+    }
     Ok(0)
 }

@@ -211,3 +211,49 @@ pub fn clip_extents(extents: Vec<Extent>, len: u64) -> Vec<Extent> {
     }
     out
 }
+
+/// Collects the structured chunks of a command that returns no data (WRITE, FLUSH): only
+/// NONE and ERROR chunks are legal.
+#[derive(Debug, Default)]
+pub struct AckAssembler {
+    error: Option<ServerError>,
+}
+
+impl AckAssembler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies one validated chunk.
+    pub fn apply(&mut self, chunk: Chunk<'_>) -> Result<()> {
+        match chunk {
+            Chunk::None => Ok(()),
+            Chunk::Error {
+                errno,
+                message,
+                offset,
+            } => {
+                if self.error.is_none() {
+                    self.error = Some(ServerError {
+                        errno,
+                        message,
+                        offset,
+                    });
+                }
+                Ok(())
+            }
+            Chunk::Data { .. } | Chunk::Hole { .. } | Chunk::BlockStatus { .. } => Err(Error::nbd(
+                "NBD_CMD_WRITE reply",
+                "data or status chunk in a write reply",
+            )),
+        }
+    }
+
+    /// Called after the DONE chunk: success, or the server's error.
+    pub fn finish(self) -> Result<Result<(), ServerError>> {
+        Ok(match self.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        })
+    }
+}

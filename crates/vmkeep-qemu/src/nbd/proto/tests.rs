@@ -231,6 +231,55 @@ fn none_requires_done() {
 }
 
 #[test]
+fn write_replies_carry_no_data() {
+    let req = Request {
+        kind: RequestKind::Write,
+        offset: 4096,
+        len: 4096,
+        export_size: 1 << 20,
+    };
+    assert_eq!(req.command_name(), "NBD_CMD_WRITE");
+    assert_eq!(req.kind.command(), CMD_WRITE);
+    assert!(RequestKind::Write.simple_success_allowed());
+    assert!(RequestKind::Flush.simple_success_allowed());
+    assert!(!RequestKind::Read.simple_success_allowed());
+    // Data, hole and status chunks are illegal for a write, whatever their length.
+    for t in [
+        REPLY_TYPE_OFFSET_DATA,
+        REPLY_TYPE_OFFSET_HOLE,
+        REPLY_TYPE_BLOCK_STATUS,
+    ] {
+        assert!(is_protocol(
+            &max_chunk_payload(&hdr(REPLY_FLAG_DONE, t, 12), &req).unwrap_err()
+        ));
+    }
+    // NONE: success.
+    let mut a = AckAssembler::new();
+    a.apply(parse_chunk(&hdr(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0), &[], &req, &[]).unwrap())
+        .unwrap();
+    assert_eq!(a.finish().unwrap(), Ok(()));
+    // ERROR (with an offset inside the request): the server's error.
+    let mut p = 28u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&6u16.to_be_bytes());
+    p.extend_from_slice(b"no spc");
+    p.extend_from_slice(&5000u64.to_be_bytes());
+    let h = hdr(REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, p.len() as u32);
+    let mut a = AckAssembler::new();
+    a.apply(parse_chunk(&h, &p, &req, &[]).unwrap()).unwrap();
+    let e = a.finish().unwrap().unwrap_err();
+    assert_eq!((e.errno, e.offset), (28, Some(5000)));
+    // A data chunk handed to the assembler directly is a protocol violation.
+    let mut a = AckAssembler::new();
+    assert!(is_protocol(
+        &a.apply(Chunk::Data {
+            offset: 4096,
+            data: b"x"
+        })
+        .unwrap_err()
+    ));
+}
+
+#[test]
 fn clip() {
     let e = vec![
         Extent {
@@ -258,22 +307,19 @@ fn clip() {
 }
 
 fn arb_request() -> impl Strategy<Value = Request> {
-    (
-        any::<bool>(),
-        0u64..(1 << 40),
-        1u32..(1 << 16),
-        any::<u64>(),
-    )
-        .prop_map(|(read, offset, len, export_size)| Request {
-            kind: if read {
-                RequestKind::Read
-            } else {
-                RequestKind::BlockStatus
+    (0u8..4, 0u64..(1 << 40), 1u32..(1 << 16), any::<u64>()).prop_map(
+        |(kind, offset, len, export_size)| Request {
+            kind: match kind {
+                0 => RequestKind::Read,
+                1 => RequestKind::BlockStatus,
+                2 => RequestKind::Write,
+                _ => RequestKind::Flush,
             },
             offset,
             len,
             export_size,
-        })
+        },
+    )
 }
 
 proptest! {
@@ -304,6 +350,7 @@ proptest! {
     ) {
         let mut ra = ReadAssembler::new(req.offset, req.len);
         let mut sa = BlockStatusAssembler::new();
+        let mut aa = AckAssembler::new();
         for (flags, t, payload, realistic_offset) in chunks {
             let mut payload = payload;
             if realistic_offset && payload.len() >= 8 {
@@ -317,6 +364,12 @@ proptest! {
                 match req.kind {
                     RequestKind::Read => { let _ = ra.apply(&c); }
                     RequestKind::BlockStatus => { let _ = sa.apply(c); }
+                    RequestKind::Write | RequestKind::Flush => {
+                        // Only NONE and ERROR chunks get past the payload bound for writes.
+                        let no_data = matches!(c, Chunk::None | Chunk::Error { .. });
+                        prop_assert!(no_data, "write reply chunk {:?}", c);
+                        let _ = aa.apply(c);
+                    }
                 }
             }
         }
@@ -324,6 +377,7 @@ proptest! {
             prop_assert_eq!(r.data.len(), req.len as usize);
         }
         let _ = sa.finish();
+        let _ = aa.finish();
     }
 
     /// A correct split of a read into data and hole chunks always reassembles exactly.

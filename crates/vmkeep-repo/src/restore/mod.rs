@@ -1,10 +1,11 @@
-//! Restore: write a restore point's disks as sparse raw files. A tree walker lists the non-zero
-//! chunks in order, N workers read, verify and write them with positional writes; zero chunks are
-//! never written (the file is created sparse at its full size). The file is written under a
-//! `.partial` name and renamed when complete, so a killed restore never leaves a file that looks
-//! finished.
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+//! Restore: write a restore point's disks. A tree walker lists the non-zero chunks in order, N
+//! workers read, verify and write them with positional writes through a [`DiskWriter`]; zero
+//! chunks are never read or written, so the target must read as zeros where nothing is written.
+//!
+//! [`Repository::restore`] writes sparse raw files ([`raw::RawFileWriter`]), each under a
+//! `.partial` name renamed when complete, so a killed restore never leaves a file that looks
+//! finished. [`Repository::restore_disk_to`] writes one disk into any other target (e.g. a
+//! qcow2 image behind an NBD server, in vmkeep-qemu).
 use std::path::{Path, PathBuf};
 
 use crossbeam_channel::bounded;
@@ -18,6 +19,22 @@ use crate::index::BlobIndex;
 use crate::nodes::RepoNodes;
 use crate::progress::Progress;
 use crate::Repository;
+
+pub mod raw;
+
+pub use raw::RawFileWriter;
+
+/// Where a restored disk goes: positional writes of whole chunks from several worker threads
+/// at once, then one `finish`. Ranges never written must read as zeros (a fresh sparse file,
+/// a new qcow2 image).
+pub trait DiskWriter: Sync {
+    /// Writes `data` at `offset`. Called concurrently for disjoint ranges.
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Called once after every chunk was written (flush; not called after a failure).
+    fn finish(&self) -> std::io::Result<()>;
+    /// What is being written, for error messages.
+    fn target(&self) -> &Path;
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {
@@ -39,7 +56,8 @@ pub struct RestoreStats {
     pub seconds: f64,
 }
 
-pub(crate) fn select_disks<'m>(m: &'m Manifest, disk: Option<&str>) -> Result<Vec<&'m DiskEntry>> {
+/// The disks of `m` a restore covers: all, or the one named (else [`Error::NoSuchDisk`]).
+pub fn select_disks<'m>(m: &'m Manifest, disk: Option<&str>) -> Result<Vec<&'m DiskEntry>> {
     match disk {
         None => Ok(m.disks.iter().collect()),
         Some(name) => m
@@ -82,22 +100,9 @@ impl Repository {
         for d in disks {
             let path = opts.target.join(format!("{}.raw", d.name));
             let partial = opts.target.join(format!("{}.raw.partial", d.name));
-            let file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&partial)
-                .map_err(|e| Error::TargetWrite {
-                    path: partial.clone(),
-                    cause: e,
-                })?;
-            file.set_len(d.size).map_err(|e| Error::TargetWrite {
-                path: partial.clone(),
-                cause: e,
-            })?;
-            progress.phase(&format!("restore {}", d.name), d.data_bytes);
-            let written = self.write_disk(&index, d, &file, &partial, progress);
-            progress.finish_phase();
+            let file = RawFileWriter::create(&partial, d.size)?;
+            let written = self.restore_disk_with(&index, d, &file, progress);
+            drop(file);
             let written = match written {
                 Ok(w) => w,
                 Err(e) => {
@@ -121,13 +126,47 @@ impl Repository {
         })
     }
 
-    /// Write every non-zero chunk of `d` into `file` at its offset. Returns bytes written.
+    /// Writes disk `disk` of restore point `m` into `writer` (every non-zero chunk at its
+    /// offset, then [`DiskWriter::finish`]). Returns the bytes written. The caller creates the
+    /// target (at least the disk's size, reading as zeros) and makes it final afterwards.
+    pub fn restore_disk_to(
+        &self,
+        m: &Manifest,
+        disk: &str,
+        writer: &dyn DiskWriter,
+        progress: &dyn Progress,
+    ) -> Result<u64> {
+        let d = select_disks(m, Some(disk))?[0];
+        let index = BlobIndex::load(self)?;
+        self.restore_disk_with(&index, d, writer, progress)
+    }
+
+    /// One disk into `writer`, with a progress phase, then `finish`.
+    fn restore_disk_with(
+        &self,
+        index: &BlobIndex,
+        d: &DiskEntry,
+        writer: &dyn DiskWriter,
+        progress: &dyn Progress,
+    ) -> Result<u64> {
+        progress.phase(&format!("restore {}", d.name), d.data_bytes);
+        let written = self.write_disk(index, d, writer, progress).and_then(|n| {
+            writer.finish().map_err(|e| Error::TargetWrite {
+                path: writer.target().to_path_buf(),
+                cause: e,
+            })?;
+            Ok(n)
+        });
+        progress.finish_phase();
+        written
+    }
+
+    /// Write every non-zero chunk of `d` into `writer` at its offset. Returns bytes written.
     pub(crate) fn write_disk(
         &self,
         index: &BlobIndex,
         d: &DiskEntry,
-        file: &File,
-        path: &Path,
+        writer: &dyn DiskWriter,
         progress: &dyn Progress,
     ) -> Result<u64> {
         let cs = self.config.chunk_size as u64;
@@ -156,9 +195,10 @@ impl Repository {
                                     },
                                 ));
                             }
-                            file.write_all_at(&data, i * cs)
+                            writer
+                                .write_at(&data, i * cs)
                                 .map_err(|e| Error::TargetWrite {
-                                    path: path.to_path_buf(),
+                                    path: writer.target().to_path_buf(),
                                     cause: e,
                                 })?;
                             written += data.len() as u64;

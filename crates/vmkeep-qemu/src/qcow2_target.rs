@@ -1,0 +1,316 @@
+//! A new qcow2 image as a restore target, written through qemu-nbd.
+//!
+//! [`Qcow2Target::create`] runs `qemu-img create -f qcow2 PATH.partial SIZE`, serves it with a
+//! private `qemu-nbd` (unix socket in a fresh 0700 temporary directory, write-back cache) and
+//! connects one pipelined [`NbdClient`]. Writes come from the restore's worker threads; each
+//! one blocks on the client through a small tokio runtime owned by the target, so several
+//! writes are in flight at once. Ranges never written stay unallocated in the image (they
+//! read as zeros), so a sparse disk gives a small qcow2 and no full-size temporary file ever
+//! exists. [`Qcow2Target::commit`] flushes, disconnects, waits for qemu-nbd to close the
+//! image and renames `PATH.partial` to `PATH`. Dropping an uncommitted target kills qemu-nbd
+//! and removes the partial image.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::nbd::{NbdClient, NbdOptions};
+
+/// Export name used on the private socket.
+const EXPORT: &str = "disk";
+/// How long qemu-nbd may take to listen, and to exit after the disconnect.
+const SERVER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A qcow2 image being written; see the module documentation.
+pub struct Qcow2Target {
+    client: Option<NbdClient>,
+    rt: tokio::runtime::Runtime,
+    server: Option<Child>,
+    /// Holds the socket and qemu-nbd's stderr; removed on drop.
+    sockdir: tempfile::TempDir,
+    partial: PathBuf,
+    path: PathBuf,
+    size: u64,
+    committed: bool,
+}
+
+impl std::fmt::Debug for Qcow2Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Target")
+            .field("path", &self.path)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+/// The `.partial` name a target at `path` is written under.
+pub fn partial_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+/// Full path of `program` in `PATH`, or an error naming the install script.
+pub fn find_program(program: &'static str) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::io(
+                format!(
+                    "{program} is required for qcow2 output but is not installed \
+                     (install the QEMU tools: scripts/install-deps.sh, as root)"
+                ),
+                std::io::Error::new(std::io::ErrorKind::NotFound, "not found in PATH"),
+            )
+        })
+}
+
+impl Qcow2Target {
+    /// Creates `path.partial` as an empty qcow2 of virtual size `size` and opens it for
+    /// writing. `path` itself must not exist (the caller checks; it is only renamed onto).
+    pub fn create(path: &Path, size: u64) -> Result<Self> {
+        let qemu_img = find_program("qemu-img")?;
+        let qemu_nbd = find_program("qemu-nbd")?;
+        let partial = partial_path(path);
+        let _ = std::fs::remove_file(&partial);
+        let out = Command::new(&qemu_img)
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&partial)
+            .arg(size.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&partial);
+            return Err(Error::io(
+                format!("qemu-img create {}", partial.display()),
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+        let sockdir = tempfile::Builder::new()
+            .prefix("vmkeep-qcow2-")
+            .tempdir()
+            .map_err(|e| Error::io("create a private directory for the NBD socket", e))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("vmkeep-qcow2")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the NBD runtime", e))?;
+        let mut t = Qcow2Target {
+            client: None,
+            rt,
+            server: None,
+            sockdir,
+            partial,
+            path: path.to_path_buf(),
+            size,
+            committed: false,
+        };
+        // From here on, Drop cleans up (kills qemu-nbd, removes the partial image).
+        t.start_server(&qemu_nbd)?;
+        Ok(t)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.sockdir.path().join("nbd.sock")
+    }
+
+    fn stderr_path(&self) -> PathBuf {
+        self.sockdir.path().join("qemu-nbd.err")
+    }
+
+    /// What qemu-nbd said on stderr (trimmed, bounded).
+    fn server_stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(f) = std::fs::File::open(self.stderr_path()) {
+            let _ = f.take(4096).read_to_string(&mut s);
+        }
+        s.trim().to_owned()
+    }
+
+    fn start_server(&mut self, qemu_nbd: &Path) -> Result<()> {
+        let sock = self.socket();
+        let err = std::fs::File::create(self.stderr_path())
+            .map_err(|e| Error::io("create qemu-nbd's log", e))?;
+        // Not persistent: qemu-nbd exits once our connection closes, after closing the image.
+        // So readiness is probed by our real connection only (connect retries), never by a
+        // throwaway connection.
+        let child = Command::new(qemu_nbd)
+            .args(["-f", "qcow2", "-x", EXPORT, "-e", "2"])
+            .args(["--cache=writeback", "--discard=unmap", "--aio=threads"])
+            .arg("-k")
+            .arg(&sock)
+            .arg(&self.partial)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| Error::io(format!("start {}", qemu_nbd.display()), e))?;
+        self.server = Some(child);
+        let start = Instant::now();
+        let opts = NbdOptions {
+            handshake_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(120),
+            max_in_flight: 8,
+        };
+        let client = loop {
+            if let Some(st) = self
+                .server
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.server = None;
+                return Err(Error::io(
+                    format!("qemu-nbd serving {}", self.partial.display()),
+                    std::io::Error::other(format!("exited ({st}): {}", self.server_stderr())),
+                ));
+            }
+            if sock.exists() {
+                let r = self.rt.block_on(NbdClient::connect_unix_with(
+                    &sock,
+                    EXPORT,
+                    &[],
+                    opts.clone(),
+                ));
+                match r {
+                    Ok(c) => break c,
+                    // Bound but not yet listening: try again.
+                    Err(Error::Io { .. }) if start.elapsed() < SERVER_TIMEOUT => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if start.elapsed() >= SERVER_TIMEOUT {
+                return Err(Error::Timeout {
+                    what: format!("qemu-nbd to listen on {}", sock.display()),
+                    timeout: SERVER_TIMEOUT,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        if client.is_read_only() || client.size() < self.size {
+            return Err(Error::io(
+                format!("qemu-nbd serving {}", self.partial.display()),
+                std::io::Error::other(format!(
+                    "export is {} bytes{}, the disk needs {}",
+                    client.size(),
+                    if client.is_read_only() {
+                        " and read-only"
+                    } else {
+                        ""
+                    },
+                    self.size
+                )),
+            ));
+        }
+        self.client = Some(client);
+        Ok(())
+    }
+
+    fn client(&self) -> Result<&NbdClient> {
+        self.client
+            .as_ref()
+            .ok_or(Error::NbdClosed { reason: None })
+    }
+
+    /// The final path (valid after [`commit`](Self::commit)).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path written until [`commit`](Self::commit).
+    pub fn partial(&self) -> &Path {
+        &self.partial
+    }
+
+    /// Virtual size of the image.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Writes `data` at `offset`. Safe to call from several threads at once (outside any
+    /// tokio runtime).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let c = self.client()?;
+        self.rt.block_on(c.write(offset, data))
+    }
+
+    /// Makes every completed write durable in the image file.
+    pub fn flush(&self) -> Result<()> {
+        let c = self.client()?;
+        self.rt.block_on(c.flush())
+    }
+
+    /// Flushes, disconnects, waits for qemu-nbd to close the image, and renames the partial
+    /// image to its final path, which it returns.
+    pub fn commit(mut self) -> Result<PathBuf> {
+        self.flush()?;
+        if let Some(c) = self.client.take() {
+            self.rt.block_on(c.disconnect())?;
+        }
+        let mut child = self.server.take().expect("server running until commit");
+        let start = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(st)) => break st,
+                Ok(None) if start.elapsed() < SERVER_TIMEOUT => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(Error::Timeout {
+                        what: "qemu-nbd to close the image".into(),
+                        timeout: SERVER_TIMEOUT,
+                    });
+                }
+                Err(e) => return Err(Error::io("wait for qemu-nbd", e)),
+            }
+        };
+        if !status.success() {
+            return Err(Error::io(
+                format!("qemu-nbd serving {}", self.partial.display()),
+                std::io::Error::other(format!("exited ({status}): {}", self.server_stderr())),
+            ));
+        }
+        std::fs::rename(&self.partial, &self.path)
+            .map_err(|e| Error::io(format!("rename to {}", self.path.display()), e))?;
+        self.committed = true;
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for Qcow2Target {
+    fn drop(&mut self) {
+        // Close the connection before the runtime goes away.
+        self.client = None;
+        if let Some(mut c) = self.server.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.partial);
+        }
+    }
+}
+
+impl vmkeep_repo::DiskWriter for Qcow2Target {
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        Qcow2Target::write_at(self, data, offset).map_err(std::io::Error::other)
+    }
+
+    fn finish(&self) -> std::io::Result<()> {
+        self.flush().map_err(std::io::Error::other)
+    }
+
+    fn target(&self) -> &Path {
+        &self.partial
+    }
+}
