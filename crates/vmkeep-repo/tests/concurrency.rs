@@ -14,6 +14,14 @@ use vmkeep_core::retention::RetentionPolicy;
 use vmkeep_repo::{BackupOptions, Hooks, NoProgress, PruneOptions, PruneStats, Repository};
 use vmkeep_store::Kind;
 
+struct Resume(crossbeam_channel::Sender<()>);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        let _ = self.0.try_send(());
+    }
+}
+
 fn prune_all_kept(repo: &Repository) -> PruneStats {
     let plan = repo.prune_plan(&PruneOptions::default()).unwrap();
     repo.prune(&plan, &NoProgress).unwrap()
@@ -56,13 +64,17 @@ fn prune_waits_for_a_backup_that_reuses_its_packs() {
         let hooks = Hooks {
             after_reuse_decision: Some(Arc::new(move |_id| {
                 if !first.swap(true, Ordering::SeqCst) {
-                    paused_tx.send(()).unwrap();
-                    resume_rx.recv().unwrap();
+                    let _ = paused_tx.send(());
+                    let _ = resume_rx.recv(); // returns when resumed, or if the test gave up
                 }
             })),
             before_commit: None,
         };
-        let m2 = std::thread::scope(|s| {
+        // While B2 waits: forget S1 and prune. B2 is resumed before anything is asserted, so a
+        // failed assertion cannot leave it blocked (and the test hanging).
+        let (m2, during) = std::thread::scope(|s| {
+            // Resumes B2 when dropped: also when this closure unwinds from a panic.
+            let resume = Resume(resume_tx.clone());
             let b2 = s.spawn(|| {
                 backup_with(
                     &repo,
@@ -74,33 +86,39 @@ fn prune_waits_for_a_backup_that_reuses_its_packs() {
                     &d2,
                 )
             });
-            paused_rx
+            let during = paused_rx
                 .recv_timeout(Duration::from_secs(120))
-                .expect("B2 reached a reuse decision");
-            assert_eq!(repo.forget(&[m1.id]).unwrap(), vec![m1.id]);
-            assert!(repo.snapshots().unwrap().is_empty());
-            let st = prune_all_kept(&repo);
-            println!("prune during B2 (encrypted={encrypted}): {:?}", st.gc);
-            assert!(st.gc.packs_condemned > 0, "S1's packs are unreferenced");
-            assert!(st.gc.packs_waiting > 0, "B2's lease holds them back");
-            assert_eq!(
-                st.gc.packs_deleted, 0,
-                "nothing deleted under a running backup"
-            );
-            // (B2 may have written a pack of its own already; not indexed yet, it is condemned
-            // too, and kept alike.)
-            assert!(
-                packs_of_s1.is_subset(&pack_names(&repo)),
-                "S1's packs all kept"
-            );
-            assert_eq!(
-                count(&repo, Kind::Gc),
-                1,
-                "the record waits for a later prune"
-            );
-            resume_tx.send(()).unwrap();
-            b2.join().unwrap().expect("B2 commits")
+                .map_err(|e| format!("B2 did not reach a reuse decision: {e}"))
+                .and_then(|()| {
+                    let forgotten = repo.forget(&[m1.id]).map_err(|e| e.to_string())?;
+                    let listed = repo.snapshots().map_err(|e| e.to_string())?.len();
+                    let st = prune_all_kept(&repo);
+                    Ok((
+                        forgotten,
+                        listed,
+                        st,
+                        pack_names(&repo),
+                        count(&repo, Kind::Gc),
+                    ))
+                });
+            drop(resume);
+            (b2.join().unwrap(), during)
         });
+        let (forgotten, listed, st, packs_after, gc_records) = during.unwrap();
+        assert_eq!(forgotten, vec![m1.id]);
+        assert_eq!(listed, 0, "no restore point left");
+        println!("prune during B2 (encrypted={encrypted}): {:?}", st.gc);
+        assert!(st.gc.packs_condemned > 0, "S1's packs are unreferenced");
+        assert!(st.gc.packs_waiting > 0, "B2's lease holds them back");
+        assert_eq!(
+            st.gc.packs_deleted, 0,
+            "nothing deleted under a running backup"
+        );
+        // (B2 may have written a pack of its own already; not indexed yet, it is condemned too,
+        // and kept alike.)
+        assert!(packs_of_s1.is_subset(&packs_after), "S1's packs all kept");
+        assert_eq!(gc_records, 1, "the record waits for a later prune");
+        let m2 = m2.expect("B2 commits");
         assert!(m2.stats.chunks_reused > 0, "B2 reused S1's data");
         assert_eq!(m2.parent, Some(m1.id), "B2 began before S1 was forgotten");
         assert_check_ok(&repo, "after B2");
