@@ -15,6 +15,13 @@
 #                             SEQ 0..K without gaps, and vdb's K is vda's K or one less.
 #   vmkeep.workload=idle      print "IDLE" and sleep.
 #   vmkeep.count=M            stop seqwrite after M writes and print "DONE" (default: forever).
+#   vmkeep.workload=randwrite prints "RANDWRITE WAIT", waits for a line on /dev/ttyS0 (the host
+#                             sends one through a socket chardev), then writes M (vmkeep.count,
+#                             default 16) 64 KiB extents of /dev/urandom data to /dev/vda at
+#                             64 KiB-aligned offsets x>>4 mod (extents of vda), x from the LCG
+#                             x = (x*1103515245 + 12345) mod 2^31 started at vmkeep.seed (default
+#                             1), each with dd conv=notrunc,fsync; prints "RANDWRITE START" after
+#                             the line and "RANDWRITE DONE M" at the end.
 # Every workload prints "VMKEEP READY" once the disks are visible.
 #
 # Needs: apt-get (download only, no root), dpkg-deb, busybox-static, cpio, gzip, sha256sum.
@@ -102,10 +109,12 @@ for m in $(cat /lib/modules/order); do
 done
 workload=idle
 count=-1
+seed=1
 for a in $(cat /proc/cmdline); do
   case "$a" in
     vmkeep.workload=*) workload="${a#vmkeep.workload=}" ;;
     vmkeep.count=*) count="${a#vmkeep.count=}" ;;
+    vmkeep.seed=*) seed="${a#vmkeep.seed=}" ;;
   esac
 done
 # Wait (briefly) for the first disk.
@@ -132,6 +141,23 @@ case "$workload" in
       i=$((i+1))
     done
     echo "DONE"
+    ;;
+  randwrite)
+    [ "$count" -lt 0 ] && count=16
+    next=$(( $(cat /sys/block/vda/size) / 128 ))
+    echo "RANDWRITE WAIT count=$count seed=$seed extents=$next"
+    read -r go < /dev/ttyS0
+    echo "RANDWRITE START"
+    x=$seed
+    i=0
+    while [ "$i" -lt "$count" ]; do
+      x=$(( (x * 1103515245 + 12345) % 2147483648 ))
+      off=$(( (x >> 4) % next ))
+      dd if=/dev/urandom of=/dev/vda bs=65536 count=1 seek=$off conv=notrunc,fsync 2>/dev/null \
+        || echo "VMKEEP randwrite $i failed"
+      i=$((i+1))
+    done
+    echo "RANDWRITE DONE $count"
     ;;
   idle)
     echo "IDLE"
