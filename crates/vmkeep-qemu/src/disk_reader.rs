@@ -16,6 +16,10 @@ pub const BASE_ALLOCATION: &str = "base:allocation";
 /// A read-only view of one NBD export for the backup pipeline.
 pub struct NbdDisk {
     client: NbdClient,
+    /// More connections to the same export when the server allows several (multi-conn);
+    /// reads are spread over all of them.
+    extra: Vec<NbdClient>,
+    next: std::sync::atomic::AtomicUsize,
     handle: Handle,
     /// `(offset, length)` ranges that read as zeros, ascending, merged.
     zeros: Vec<(u64, u64)>,
@@ -37,6 +41,8 @@ impl NbdDisk {
         let zeros = ranges_with(&allocation, |f| f & STATE_ZERO != 0);
         Ok(NbdDisk {
             client,
+            extra: Vec::new(),
+            next: Default::default(),
             handle,
             zeros,
             allocation,
@@ -59,7 +65,35 @@ impl NbdDisk {
             contexts.push(c);
         }
         let client = handle.block_on(NbdClient::connect_unix(socket, export, &contexts))?;
-        Self::new(handle, client, what)
+        let multi = client.can_multi_conn();
+        let mut disk = Self::new(handle, client, what)?;
+        if multi {
+            // The server promises consistent results across connections: read over two (the
+            // pipeline runs a reader thread per connection).
+            let extra = disk.handle.block_on(NbdClient::connect_unix(
+                socket,
+                export,
+                &[BASE_ALLOCATION],
+            ))?;
+            disk.extra.push(extra);
+        }
+        Ok(disk)
+    }
+
+    /// The connection for the next read (round robin).
+    fn pick(&self) -> &NbdClient {
+        let i =
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % (1 + self.extra.len());
+        if i == 0 {
+            &self.client
+        } else {
+            &self.extra[i - 1]
+        }
+    }
+
+    /// Number of connections reads are spread over.
+    pub fn connections(&self) -> usize {
+        1 + self.extra.len()
     }
 
     pub fn client(&self) -> &NbdClient {
@@ -87,7 +121,15 @@ impl NbdDisk {
 
     /// Closes the connection politely.
     pub fn disconnect(self) -> Result<()> {
-        let NbdDisk { client, handle, .. } = self;
+        let NbdDisk {
+            client,
+            extra,
+            handle,
+            ..
+        } = self;
+        for c in extra {
+            handle.block_on(c.disconnect())?;
+        }
         handle.block_on(client.disconnect())
     }
 }
@@ -108,7 +150,7 @@ impl vmkeep_repo::DiskReader for NbdDisk {
             }
             let data = self
                 .handle
-                .block_on(self.client.read(from, to - from))
+                .block_on(self.pick().read(from, to - from))
                 .map_err(std::io::Error::other)?;
             let a = (from - offset) as usize;
             buf[a..a + data.len()].copy_from_slice(&data);
@@ -131,6 +173,11 @@ impl vmkeep_repo::DiskReader for NbdDisk {
 
     fn describe(&self) -> String {
         self.what.clone()
+    }
+
+    fn parallel_reads(&self) -> usize {
+        // Requests are pipelined by cookie, so even one connection serves two readers.
+        2.max(self.connections())
     }
 }
 

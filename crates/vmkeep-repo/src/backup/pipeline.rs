@@ -37,6 +37,11 @@ pub trait DiskReader: Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
     /// For messages: a path or an export name.
     fn describe(&self) -> String;
+    /// How many `read_at` calls may usefully run at once (an NBD export over several
+    /// connections); the pipeline runs that many reader threads. Local files: 1.
+    fn parallel_reads(&self) -> usize {
+        1
+    }
 }
 
 /// What to read of a disk, and where the rest comes from.
@@ -121,8 +126,15 @@ pub(crate) fn run(
     let (res_tx, res_rx) = bounded::<BatchResult>(threads * 4);
 
     let (reader_r, worker_rs, collect_r) = std::thread::scope(|s| {
-        let reader_h =
-            s.spawn(move || read_batches(reader, plan, cs, size, batch_chunks, batch_tx));
+        let readers = reader.parallel_reads().clamp(1, 8) as u64;
+        let reader_hs: Vec<_> = (0..readers)
+            .map(|r| {
+                let tx = batch_tx.clone();
+                let part = (r, readers);
+                s.spawn(move || read_batches(reader, plan, cs, size, batch_chunks, part, tx))
+            })
+            .collect();
+        drop(batch_tx);
         let mut workers = Vec::new();
         for _ in 0..threads {
             let rx = batch_rx.clone();
@@ -136,9 +148,16 @@ pub(crate) fn run(
         let collected = collect(
             repo, dedup, packer, plan, chunks, cs, size, res_rx, progress,
         );
-        let reader_r = reader_h
-            .join()
-            .unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
+        // Every reader counts all batches (skipping the others'); keep the first error.
+        let mut reader_r = Ok(0);
+        for h in reader_hs {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Err(Error::Internal("reader panicked".into())));
+            if reader_r.is_ok() {
+                reader_r = r;
+            }
+        }
         let worker_rs: Vec<Result<()>> = workers
             .into_iter()
             .map(|h| {
@@ -235,12 +254,15 @@ pub(crate) fn run(
 }
 
 /// Reads the planned runs in batches of whole chunks. Returns the number of batches sent.
+/// Reader `part.0` of `part.1` reads the batches whose sequence number is its own modulo the
+/// reader count; the collector puts batches back in order.
 fn read_batches(
     reader: &dyn DiskReader,
     plan: &ReadPlan,
     cs: u64,
     size: u64,
     batch_chunks: u64,
+    part: (u64, u64),
     tx: Sender<Batch>,
 ) -> Result<u64> {
     let mut seq = 0;
@@ -248,6 +270,11 @@ fn read_batches(
         let mut i = first;
         while i < first + count {
             let n = batch_chunks.min(first + count - i);
+            if seq % part.1 != part.0 {
+                seq += 1;
+                i += n;
+                continue;
+            }
             let off = i * cs;
             let len = (n * cs).min(size - off);
             let mut data = vec![0u8; len as usize];
