@@ -16,6 +16,7 @@
 //! In `qemu:dirty-bitmap:NAME`: bit 0 = dirty.
 
 mod client;
+mod handshake;
 pub mod proto;
 
 pub use client::{NbdClient, NbdOptions, SparseRead};
