@@ -7,13 +7,13 @@ use std::collections::{HashMap, HashSet};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 use vmkeep_core::blob;
-use vmkeep_core::object::{self, ObjectKind};
-use vmkeep_core::pack::{IndexFile, PackEntry};
+use vmkeep_core::pack::PackEntry;
 use vmkeep_core::{tree, BlobId, PackId};
 use vmkeep_store::Kind;
 
 use crate::error::Result;
-use crate::index::{pack_key, BlobIndex};
+use crate::gc_record;
+use crate::index::{pack_key, BlobIndex, RawIndex};
 use crate::nodes::RepoNodes;
 use crate::progress::Progress;
 use crate::Repository;
@@ -42,34 +42,6 @@ pub struct CheckReport {
     pub warnings: Vec<String>,
 }
 
-/// Index entries grouped by pack.
-type EntriesByPack = HashMap<PackId, Vec<PackEntry>>;
-
-/// Every index entry grouped by pack (all copies, not only the preferred location), and
-/// warnings for index objects that could not be read.
-fn entries_by_pack(repo: &Repository) -> Result<(EntriesByPack, Vec<String>)> {
-    let mut map: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
-    let mut warnings = Vec::new();
-    for meta in repo.store.list(Kind::Index)? {
-        let bytes = match repo.store.get(&meta.key) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e.into()),
-        };
-        match object::open(&repo.keys, ObjectKind::Index, &bytes)
-            .and_then(|b| IndexFile::decode(&b))
-        {
-            Ok(f) => {
-                for (p, es) in f.packs {
-                    map.entry(p).or_default().extend(es);
-                }
-            }
-            Err(e) => warnings.push(format!("index object {} is damaged: {e}", meta.key)),
-        }
-    }
-    Ok((map, warnings))
-}
-
 impl Repository {
     pub fn check(&self, opts: &CheckOptions, progress: &dyn Progress) -> Result<CheckReport> {
         let mut report = CheckReport::default();
@@ -81,9 +53,20 @@ impl Repository {
                 reason: why,
             });
         }
-        let index = BlobIndex::load(self)?;
-        let (by_pack, warnings) = entries_by_pack(self)?;
-        report.warnings.extend(warnings);
+        let condemned = gc_record::load_all(self)?
+            .into_iter()
+            .flat_map(|(_, rec)| rec.condemned)
+            .collect();
+        let raw = RawIndex::load(self)?;
+        let index = BlobIndex::from_raw(&raw, condemned);
+        let RawIndex {
+            by_pack, damaged, ..
+        } = raw;
+        for (key, e) in damaged {
+            report
+                .warnings
+                .push(format!("index object {key} is damaged: {e}"));
+        }
         let packs: HashMap<String, u64> = self
             .store
             .list(Kind::Pack)?

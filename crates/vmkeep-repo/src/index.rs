@@ -39,49 +39,89 @@ impl Location {
 pub struct BlobIndex {
     map: HashMap<BlobId, Location>,
     condemned: HashSet<PackId>,
-    /// Names of the index objects loaded.
-    pub files: Vec<String>,
-    /// Index objects that could not be read (check reports them; others skip them).
-    pub damaged: Vec<(String, String)>,
 }
 
 pub(crate) fn pack_key(id: &PackId) -> Key {
     Key::new(Kind::Pack, id.to_hex()).expect("hex names are valid keys")
 }
 
-impl BlobIndex {
-    /// Load pending GC records first, then every index object (docs/FORMAT.md: a backup reads
-    /// in this order after writing its lease).
-    pub fn load(repo: &Repository) -> Result<BlobIndex> {
-        let mut idx = BlobIndex::default();
-        for (_, rec) in gc_record::load_all(repo)? {
-            idx.condemned.extend(rec.condemned.iter().copied());
-        }
+/// Every index object as stored, read once: entries grouped by pack (every copy), the packs
+/// each object names, and the objects that could not be read. `check` and `prune` work on it
+/// directly; [`BlobIndex::from_raw`] turns it into the lookup table.
+#[derive(Default, Debug)]
+pub struct RawIndex {
+    pub by_pack: HashMap<PackId, Vec<PackEntry>>,
+    /// (object name, packs it names)
+    pub files: Vec<(String, Vec<PackId>)>,
+    /// Objects that could not be read: check reports them, prune refuses to run, backups and
+    /// restores skip them.
+    pub damaged: Vec<(Key, vmkeep_core::Error)>,
+}
+
+impl RawIndex {
+    pub fn load(repo: &Repository) -> Result<RawIndex> {
+        let mut raw = RawIndex::default();
         for meta in repo.store.list(Kind::Index)? {
-            let name = meta.key.name.clone();
-            let file = match repo.store.get(&meta.key) {
+            let bytes = match repo.store.get(&meta.key) {
                 Ok(b) => b,
                 Err(e) if e.is_not_found() => continue, // deleted by a concurrent prune
                 Err(e) => return Err(e.into()),
             };
-            match object::open(&repo.keys, ObjectKind::Index, &file)
+            match object::open(&repo.keys, ObjectKind::Index, &bytes)
                 .and_then(|body| IndexFile::decode(&body))
             {
                 Ok(f) => {
-                    for (pack, entries) in &f.packs {
-                        for e in entries {
-                            idx.insert(e.id, Location::from_entry(*pack, e));
-                        }
+                    let mut names = Vec::with_capacity(f.packs.len());
+                    for (pack, entries) in f.packs {
+                        names.push(pack);
+                        raw.by_pack.entry(pack).or_default().extend(entries);
                     }
-                    idx.files.push(name);
+                    raw.files.push((meta.key.name, names));
                 }
-                Err(e) => {
-                    tracing::warn!(index = %name, error = %e, "skipping a damaged index object");
-                    idx.damaged.push((name, e.to_string()));
-                }
+                Err(e) => raw.damaged.push((meta.key, e)),
             }
         }
-        Ok(idx)
+        Ok(raw)
+    }
+}
+
+/// Size of every pack in the store.
+pub(crate) fn pack_sizes(repo: &Repository) -> Result<HashMap<PackId, u64>> {
+    Ok(repo
+        .store
+        .list(Kind::Pack)?
+        .into_iter()
+        .filter_map(|m| m.key.name.parse().ok().map(|p| (p, m.size)))
+        .collect())
+}
+
+impl BlobIndex {
+    /// Load pending GC records first, then every index object (docs/FORMAT.md: a backup reads
+    /// in this order after writing its lease).
+    pub fn load(repo: &Repository) -> Result<BlobIndex> {
+        let condemned = gc_record::load_all(repo)?
+            .into_iter()
+            .flat_map(|(_, rec)| rec.condemned)
+            .collect();
+        Ok(BlobIndex::from_raw(&RawIndex::load(repo)?, condemned))
+    }
+
+    /// The lookup table of `raw`, treating the packs in `condemned` as about to disappear.
+    /// Damaged index objects are skipped with a warning.
+    pub fn from_raw(raw: &RawIndex, condemned: HashSet<PackId>) -> BlobIndex {
+        let mut idx = BlobIndex {
+            map: HashMap::new(),
+            condemned,
+        };
+        for (key, e) in &raw.damaged {
+            tracing::warn!(index = %key, error = %e, "skipping a damaged index object");
+        }
+        for (pack, entries) in &raw.by_pack {
+            for e in entries {
+                idx.insert(e.id, Location::from_entry(*pack, e));
+            }
+        }
+        idx
     }
 
     pub fn insert(&mut self, id: BlobId, loc: Location) {

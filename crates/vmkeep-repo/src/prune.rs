@@ -21,7 +21,7 @@ use vmkeep_store::{Key, Kind};
 
 use crate::error::Result;
 use crate::gc_record::{self, GcRecord};
-use crate::index::{pack_key, BlobIndex, Location};
+use crate::index::{pack_key, pack_sizes, BlobIndex, Location, RawIndex};
 use crate::lease::{self, LeaseRecord};
 use crate::nodes::RepoNodes;
 use crate::packer::Packer;
@@ -176,21 +176,19 @@ impl Repository {
     fn gc_locked(&self, my_lease: &str, progress: &dyn Progress) -> Result<GcStats> {
         let mut stats = GcStats::default();
         let records = gc_record::load_all(self)?;
-        let index = BlobIndex::load(self)?;
-        let (by_pack, index_files) = raw_index(self)?;
-        let pack_sizes: HashMap<PackId, u64> = self
-            .store
-            .list(Kind::Pack)?
-            .into_iter()
-            .filter_map(|m| m.key.name.parse().ok().map(|p| (p, m.size)))
-            .collect();
-        progress.phase("mark", 0);
-        let referenced = referenced_blobs(self, &index)?;
-        progress.finish_phase();
         let condemned_before: HashSet<PackId> = records
             .iter()
             .flat_map(|(_, r)| r.condemned.iter().copied())
             .collect();
+        let (by_pack, index_files, index) = {
+            let raw = intact_index(self)?;
+            let index = BlobIndex::from_raw(&raw, condemned_before.clone());
+            (raw.by_pack, raw.files, index)
+        };
+        let pack_sizes = pack_sizes(self)?;
+        progress.phase("mark", 0);
+        let referenced = referenced_blobs(self, &index)?;
+        progress.finish_phase();
 
         // 1. Condemn: choose one home pack per referenced blob (the most used pack holding it),
         //    then condemn packs that are home to nothing, and repack sparsely used ones.
@@ -292,17 +290,11 @@ impl Repository {
         let (by_pack, index_files, pack_sizes) = if repack.is_empty() {
             (by_pack, index_files, pack_sizes)
         } else {
-            let (b, f) = raw_index(self)?;
+            let raw = intact_index(self)?;
             // A pack condemned as unindexed (left by a dead repack) may just have been written
             // again, same bytes and name, by this repack: it is a live home now.
-            condemn.retain(|p| by_pack.contains_key(p) || !b.contains_key(p));
-            let sizes: HashMap<PackId, u64> = self
-                .store
-                .list(Kind::Pack)?
-                .into_iter()
-                .filter_map(|m| m.key.name.parse().ok().map(|p| (p, m.size)))
-                .collect();
-            (b, f, sizes)
+            condemn.retain(|p| by_pack.contains_key(p) || !raw.by_pack.contains_key(p));
+            (raw.by_pack, raw.files, crate::index::pack_sizes(self)?)
         };
         let mut records = records;
         if !condemn.is_empty() {
@@ -430,28 +422,12 @@ fn by_pack_for_file(by_pack: &HashMap<PackId, Vec<PackEntry>>, p: &PackId) -> Ve
     v
 }
 
-/// Index entries grouped by pack, and for each index object the packs it names.
-#[allow(clippy::type_complexity)]
-fn raw_index(
-    repo: &Repository,
-) -> Result<(HashMap<PackId, Vec<PackEntry>>, Vec<(String, Vec<PackId>)>)> {
-    let mut by_pack: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
-    let mut files = Vec::new();
-    for meta in repo.store.list(Kind::Index)? {
-        let bytes = match repo.store.get(&meta.key) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let f = object::open(&repo.keys, ObjectKind::Index, &bytes)
-            .and_then(|b| IndexFile::decode(&b))
-            .map_err(|e| crate::Error::corrupt(meta.key.to_string(), e))?;
-        let mut names = Vec::new();
-        for (p, es) in f.packs {
-            names.push(p);
-            by_pack.entry(p).or_default().extend(es);
-        }
-        files.push((meta.key.name, names));
+/// Every index object, or the first damaged one as an error: GC must not decide what is
+/// unreferenced while part of the index is unreadable.
+fn intact_index(repo: &Repository) -> Result<RawIndex> {
+    let mut raw = RawIndex::load(repo)?;
+    match raw.damaged.pop() {
+        Some((key, e)) => Err(crate::Error::corrupt(key.to_string(), e)),
+        None => Ok(raw),
     }
-    Ok((by_pack, files))
 }

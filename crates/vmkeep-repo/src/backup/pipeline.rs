@@ -183,52 +183,43 @@ pub(crate) fn run(
 
     // Change map against the parent's disk of the same name and size.
     let parent_disk = parent.and_then(|p| p.disk(name)).filter(|d| d.size == size);
-    let mut nodes = c.nodes;
-    let (changes, changed_chunks) = match parent_disk {
-        Some(pd) => {
-            let changed = tree::changed_chunks(&nodes, &pd.root, &c.root, chunks)
-                .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
-            let n = changed.len() as u64;
-            (
-                Some(ChangeMap::from_sorted(changed.iter().copied())),
-                (n, changed),
-            )
-        }
-        None => (None, (0, Vec::new())),
+    let nodes = c.nodes;
+    let corrupt = |e| Error::corrupt(format!("index of disk {name}"), e);
+    // Chunks whose id differs from the parent's (none to compare against without a parent).
+    let changed: Vec<u64> = match parent_disk {
+        Some(pd) => tree::changed_chunks(&nodes, &pd.root, &c.root, chunks).map_err(corrupt)?,
+        None => Vec::new(),
     };
     let chunk_len = |i: u64| (size - i * cs).min(cs);
     let data_bytes = match (plan.base, parent_disk) {
         (None, _) => c.nonzero_bytes,
         (Some(_), Some(pd)) => {
             // Only chunks that changed can change the data total.
-            let store = &nodes;
             let mut total = pd.data_bytes as i128;
-            for &i in &changed_chunks.1 {
-                let old = tree::chunk_id(store, &pd.root, chunks, i)
-                    .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
-                let new = tree::chunk_id(store, &c.root, chunks, i)
-                    .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
+            for &i in &changed {
+                let old = tree::chunk_id(&nodes, &pd.root, chunks, i).map_err(corrupt)?;
+                let new = tree::chunk_id(&nodes, &c.root, chunks, i).map_err(corrupt)?;
                 total += (!new.is_zero() as i128 - !old.is_zero() as i128) * chunk_len(i) as i128;
             }
             total.max(0) as u64
         }
         (Some(_), None) => {
-            let store = &nodes;
             let mut total = 0;
-            tree::for_each_chunk(store, &c.root, chunks, &mut |i, _| {
+            tree::for_each_chunk(&nodes, &c.root, chunks, &mut |i, _| {
                 total += chunk_len(i);
                 Ok(())
             })
-            .map_err(|e| Error::corrupt(format!("index of disk {name}"), e))?;
+            .map_err(corrupt)?;
             total
         }
     };
-    let changed_bytes = match &changes {
-        Some(_) => changed_chunks.1.iter().map(|&i| chunk_len(i)).sum(),
-        None => data_bytes,
+    let (changes, changed_bytes) = match parent_disk {
+        Some(_) => (
+            Some(ChangeMap::from_sorted(changed.iter().copied())),
+            changed.iter().map(|&i| chunk_len(i)).sum(),
+        ),
+        None => (None, data_bytes),
     };
-    let _ = changed_chunks.0;
-    nodes.written.clear();
     Ok(DiskOutcome {
         entry: DiskEntry {
             name: name.to_string(),

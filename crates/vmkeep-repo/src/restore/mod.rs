@@ -101,7 +101,7 @@ impl Repository {
             let path = opts.target.join(format!("{}.raw", d.name));
             let partial = opts.target.join(format!("{}.raw.partial", d.name));
             let file = RawFileWriter::create(&partial, d.size)?;
-            let written = self.restore_disk_with(&index, d, &file, progress);
+            let written = self.restore_disk_to(&index, d, &file, progress);
             drop(file);
             let written = match written {
                 Ok(w) => w,
@@ -126,23 +126,11 @@ impl Repository {
         })
     }
 
-    /// Writes disk `disk` of restore point `m` into `writer` (every non-zero chunk at its
-    /// offset, then [`DiskWriter::finish`]). Returns the bytes written. The caller creates the
-    /// target (at least the disk's size, reading as zeros) and makes it final afterwards.
+    /// Writes disk `d` into `writer` (every non-zero chunk at its offset, then
+    /// [`DiskWriter::finish`]), reading blobs through `index` (load it once for all disks with
+    /// [`BlobIndex::load`]). Returns the bytes written. The caller creates the target (at least
+    /// the disk's size, reading as zeros) and makes it final afterwards.
     pub fn restore_disk_to(
-        &self,
-        m: &Manifest,
-        disk: &str,
-        writer: &dyn DiskWriter,
-        progress: &dyn Progress,
-    ) -> Result<u64> {
-        let d = select_disks(m, Some(disk))?[0];
-        let index = BlobIndex::load(self)?;
-        self.restore_disk_with(&index, d, writer, progress)
-    }
-
-    /// One disk into `writer`, with a progress phase, then `finish`.
-    fn restore_disk_with(
         &self,
         index: &BlobIndex,
         d: &DiskEntry,

@@ -66,10 +66,11 @@ fn restore_qcow2(
             return Err(vmkeep_repo::Error::TargetExists { path }.into());
         }
     }
+    let index = vmkeep_repo::index::BlobIndex::load(repo)?;
     let mut out = Vec::new();
     for d in disks {
         let target = Qcow2Target::create(&path_of(&d.name), d.size)?;
-        let written = repo.restore_disk_to(m, &d.name, &target, progress)?;
+        let written = repo.restore_disk_to(&index, d, &target, progress)?;
         let path = target.commit()?;
         out.push(RestoredDisk {
             name: d.name.clone(),
