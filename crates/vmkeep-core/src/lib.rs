@@ -20,4 +20,4 @@ pub mod stream;
 pub mod tree;
 
 pub use error::{Error, Result};
-pub use id::{BlobId, PackId, SnapshotId};
+pub use id::{BlobId, GcRecordId, HostId, LeaseId, PackId, SnapshotId};

@@ -486,9 +486,12 @@ fn dead_pid() -> u32 {
 pub fn simulate_death(repo: &Repository) -> usize {
     let pid = dead_pid();
     let leases = vmkeep_repo::lease::list(repo).unwrap();
-    for (key, mut rec) in leases.iter().cloned() {
+    for l in &leases {
+        let mut rec = l.record.clone().expect("readable lease");
         rec.pid = pid;
+        rec.pid_start = None;
         let body = serde_json::to_vec(&rec).unwrap();
+        let key = Key::new(Kind::Lock, l.id.to_hex()).unwrap();
         repo.store()
             .put(&key, &object::seal(repo.keys(), ObjectKind::Lock, &body))
             .unwrap();

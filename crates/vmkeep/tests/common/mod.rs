@@ -21,6 +21,7 @@ const SCRUB: &[&str] = &[
     "VMKEEP_PASSWORD_FILE",
     "VMKEEP_NEW_PASSWORD",
     "VMKEEP_KILL_AT",
+    "VMKEEP_STOP_AT",
     "VMKEEP_TOKEN",
     "VMKEEP_LOG",
     "VMKEEP_THREADS",
