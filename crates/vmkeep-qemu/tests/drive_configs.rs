@@ -41,21 +41,16 @@ fn virtio_drive_and_scsi_hd_are_captured_and_named() {
     .unwrap();
 
     let _lock = qemu_lock();
-    let sock = d.join("qmp.sock");
-    let mut qemu = ChildGuard::spawn(
-        Command::new(require("qemu-system-x86_64"))
-            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S"])
-            .args(["-m", "64"])
-            .arg("-drive")
-            .arg(format!("file={},format=qcow2,if=virtio", a.display()))
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=none,id=drive1", b.display()))
-            .args(["-device", "virtio-scsi-pci,id=scsi0"])
-            .args(["-device", "scsi-hd,drive=drive1,id=sd0"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display())),
-    );
-    wait_for_socket(&sock, &mut qemu);
+    let mut vm = VmBuilder::new(d, "")
+        .memory_mib(64)
+        .arg("-drive")
+        .arg(format!("file={},format=qcow2,if=virtio", a.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=none,id=drive1", b.display()))
+        .args(["-device", "virtio-scsi-pci,id=scsi0"])
+        .args(["-device", "scsi-hd,drive=drive1,id=sd0"])
+        .boot();
+    let sock = vm.qmp.clone();
     let opts = VmBackupOptions {
         qmp: sock.clone(),
         vm: "cfg".into(),
@@ -126,7 +121,7 @@ fn virtio_drive_and_scsi_hd_are_captured_and_named() {
         );
         let _ = c.quit().await;
     });
-    let _ = qemu.0.wait();
+    let _ = vm.qemu.0.wait();
 }
 
 /// `--freeze`: the agent channel is found through QMP; nobody answers on it (no agent runs in
@@ -151,17 +146,14 @@ fn freeze_on_needs_an_answering_agent_auto_goes_on_without() {
     .unwrap();
     let _lock = qemu_lock();
     for with_channel in [true, false] {
-        let sock = d.join(format!("qmp-{with_channel}.sock"));
         let qga = d.join(format!("qga-{with_channel}.sock"));
-        let mut cmd = Command::new(require("qemu-system-x86_64"));
-        cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S"])
-            .args(["-m", "64"])
+        let mut b = VmBuilder::new(d, &format!("-{with_channel}"))
+            .memory_mib(64)
             .arg("-drive")
-            .arg(format!("file={},format=qcow2,if=virtio", a.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()));
+            .arg(format!("file={},format=qcow2,if=virtio", a.display()));
         if with_channel {
-            cmd.args(["-device", "virtio-serial-pci,id=vser0"])
+            b = b
+                .args(["-device", "virtio-serial-pci,id=vser0"])
                 .arg("-chardev")
                 .arg(format!(
                     "socket,path={},server=on,wait=off,id=qga0",
@@ -172,8 +164,8 @@ fn freeze_on_needs_an_answering_agent_auto_goes_on_without() {
                     "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
                 ]);
         }
-        let mut qemu = ChildGuard::spawn(&mut cmd);
-        wait_for_socket(&sock, &mut qemu);
+        let mut vm = b.boot();
+        let sock = vm.qmp.clone();
         let opts = |freeze| VmBackupOptions {
             qmp: sock.clone(),
             vm: format!("fz{with_channel}"),
@@ -203,7 +195,7 @@ fn freeze_on_needs_an_answering_agent_auto_goes_on_without() {
             assert!(nodes.iter().all(|n| !n.node_name.starts_with("vmkeep")));
             let _ = c.quit().await;
         });
-        let _ = qemu.0.wait();
+        let _ = vm.qemu.0.wait();
     }
 }
 
@@ -231,20 +223,11 @@ fn qcow2_v2_image_falls_back_to_a_non_persistent_checkpoint() {
     )
     .unwrap();
     let _lock = qemu_lock();
-    let sock = d.join("qmp.sock");
-    let mut qemu = ChildGuard::spawn(
-        Command::new(require("qemu-system-x86_64"))
-            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S"])
-            .args(["-m", "64"])
-            .arg("-blockdev")
-            .arg(format!("driver=file,filename={},node-name=f0", a.display()))
-            .arg("-blockdev")
-            .arg("driver=qcow2,file=f0,node-name=disk0")
-            .args(["-device", "virtio-blk-pci,drive=disk0,id=vd0"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display())),
-    );
-    wait_for_socket(&sock, &mut qemu);
+    let vm = VmBuilder::new(d, "")
+        .memory_mib(64)
+        .blockdev_qcow2(&a, "vd0")
+        .boot();
+    let sock = vm.qmp.clone();
     let opts = VmBackupOptions {
         qmp: sock.clone(),
         vm: "v2".into(),

@@ -105,9 +105,7 @@ fn killed_vmkeep_leaves_the_vm_unharmed() {
         // Running again (the guest makes progress), nothing left behind.
         let at = vm.progress();
         vm.wait_progress(at + 2);
-        let mut running = false;
-        vm.qmp(async |c| running = c.query_status().await.unwrap().running);
-        assert!(running, "{point}: VM not running; guard: {log}");
+        assert!(vm.running(), "{point}: VM not running; guard: {log}");
         assert!(
             vm.leftovers().is_empty(),
             "{point}: {:?}; guard: {log}",

@@ -18,21 +18,9 @@ use vmkeep_qemu::nbd::proto::*;
 use vmkeep_qemu::nbd::{NbdClient, NbdOptions};
 use vmkeep_qemu::qcow2_target::{partial_path, Qcow2Target};
 use vmkeep_qemu::Error;
+use vmkeep_testkit::data::pattern;
 
 const MIB: u64 = 1024 * 1024;
-
-/// A deterministic, incompressible-looking pattern.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn qemu_nbd(img: &Path, sock: &Path, read_only: bool) -> ChildGuard {
     let mut cmd = Command::new(require("qemu-nbd"));
