@@ -10,6 +10,8 @@
 //! - [`qmp`]: a small blocking QMP client, independent of the client under test.
 //! - [`data`]: reproducible pseudo-random data (splitmix64, seeds that can be replayed).
 //! - [`image`]: chunk-by-chunk test images (holes, zeros, text, random) for repository tests.
+//! - [`store`]: `Store` wrappers for tests: faults at the Nth write, ignored conditional writes,
+//!   slow calls, counted calls.
 //!
 //! A dev-dependency only (`publish = false`): nothing here is part of vmkeep's API.
 
@@ -18,5 +20,6 @@ pub mod guest;
 pub mod image;
 pub mod process;
 pub mod qmp;
+pub mod store;
 pub mod tools;
 pub mod vm;

@@ -17,9 +17,10 @@ use vmkeep_repo::{
     BackupOptions, CheckOptions, CheckReport, ImageBackupOptions, InitOptions, Manifest,
     NoProgress, Repository, RestoreOptions, Tuning,
 };
-use vmkeep_store::{FaultStore, IgnoreConditionalStore, Key, Kind, LocalStore, Store};
+use vmkeep_store::{Key, Kind, LocalStore, Store};
 pub use vmkeep_testkit::data::Rng;
 pub use vmkeep_testkit::image::{differing_chunks, Chunk, Spec};
+pub use vmkeep_testkit::store::{is_injected, FaultStore, IgnoreConditionalStore, SlowStore};
 
 pub const CS: u64 = vmkeep_testkit::image::CHUNK;
 pub const PACK_SIZE: u32 = 1 << 20;
@@ -114,6 +115,21 @@ pub fn open_faulty(
         Stack::IgnoreConditional => Arc::new(IgnoreConditionalStore::new(fault.clone())),
     };
     (open_store(top, encrypted, threads), fault)
+}
+
+/// Open `root` through a SlowStore that delays every call by `delay` (until changed with
+/// `SlowStore::set_delay`).
+pub fn open_slow(
+    root: &Path,
+    encrypted: bool,
+    delay: Duration,
+    threads: usize,
+) -> (Repository, Arc<SlowStore>) {
+    let slow = Arc::new(SlowStore::new(
+        Arc::new(LocalStore::open(root).unwrap()),
+        delay,
+    ));
+    (open_store(slow.clone(), encrypted, threads), slow)
 }
 
 pub type Disks = Vec<(String, PathBuf)>;
