@@ -102,7 +102,3 @@ pub fn cbt(m: &Manifest) -> Vec<(String, String, Option<String>)> {
         .map(|d| (d.name.clone(), d.cbt.clone(), d.cbt_reason.clone()))
         .collect()
 }
-
-pub fn open_repo(d: &Path) -> Repository {
-    Repository::open(Arc::new(LocalStore::open(d.join("repo")).unwrap()), None).unwrap()
-}
