@@ -6,13 +6,11 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Arc;
 
 use common::*;
 use vmkeep_qemu::capture::{backup_vm, VmBackupOptions};
 use vmkeep_qemu::qmp::QmpClient;
-use vmkeep_repo::{InitOptions, NoProgress, Repository, RestoreOptions};
-use vmkeep_store::LocalStore;
+use vmkeep_repo::NoProgress;
 
 #[test]
 fn virtio_drive_and_scsi_hd_are_captured_and_named() {
@@ -29,16 +27,7 @@ fn virtio_drive_and_scsi_hd_are_captured_and_named() {
     let want_a = raw_content(&a, d);
     let want_b = std::fs::read(&b).unwrap();
 
-    let store = Arc::new(LocalStore::create(d.join("repo")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: 65536,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap();
+    let repo = plain_repo(&d.join("repo"));
 
     let _lock = qemu_lock();
     let mut vm = VmBuilder::new(d, "")
@@ -94,24 +83,9 @@ fn virtio_drive_and_scsi_hd_are_captured_and_named() {
     assert!(m2.disks.iter().all(|x| x.cbt == "used"), "{:?}", m2.disks);
     assert_eq!(m2.stats.read_bytes, 0, "nothing changed");
 
-    let st = repo
-        .restore(
-            &m2,
-            &RestoreOptions {
-                target: d.join("r"),
-                disk: None,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-    for x in &st.disks {
-        let got = std::fs::read(&x.path).unwrap();
-        let want = if x.name == "virtio0" {
-            &want_a
-        } else {
-            &want_b
-        };
-        assert!(&got == want, "disk {} differs", x.name);
+    for (name, got) in restore_disks(&repo, &m2, &d.join("r")) {
+        let want = if name == "virtio0" { &want_a } else { &want_b };
+        assert!(&got == want, "disk {name} differs");
     }
     rt.block_on(async {
         let c = QmpClient::connect(&sock).await.unwrap();
@@ -134,16 +108,7 @@ fn freeze_on_needs_an_answering_agent_auto_goes_on_without() {
     let d = dir.path();
     let a = d.join("a.qcow2");
     make_qcow2(&a, "4M");
-    let store = Arc::new(LocalStore::create(d.join("repo")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: 65536,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap();
+    let repo = plain_repo(&d.join("repo"));
     let _lock = qemu_lock();
     for with_channel in [true, false] {
         let qga = d.join(format!("qga-{with_channel}.sock"));
@@ -212,16 +177,7 @@ fn qcow2_v2_image_falls_back_to_a_non_persistent_checkpoint() {
         .arg("4M"));
     qemu_io(&a, &["write -P 0x44 64k 64k"]);
     let want = raw_content(&a, d);
-    let store = Arc::new(LocalStore::create(d.join("repo")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: 65536,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap();
+    let repo = plain_repo(&d.join("repo"));
     let _lock = qemu_lock();
     let vm = VmBuilder::new(d, "")
         .memory_mib(64)
@@ -238,15 +194,6 @@ fn qcow2_v2_image_falls_back_to_a_non_persistent_checkpoint() {
     assert!(cp.source.starts_with("qemu-pid:"), "{cp:?}");
     let m2 = backup_vm(&repo, &opts, &NoProgress).unwrap();
     assert_eq!(m2.disks[0].cbt, "used", "{:?}", m2.disks[0].cbt_reason);
-    let st = repo
-        .restore(
-            &m2,
-            &RestoreOptions {
-                target: d.join("r"),
-                disk: None,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-    assert!(std::fs::read(&st.disks[0].path).unwrap() == want);
+    let restored = restore_disks(&repo, &m2, &d.join("r"));
+    assert!(restored[0].1 == want);
 }

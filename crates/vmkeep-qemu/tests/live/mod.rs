@@ -3,17 +3,17 @@
 #![allow(dead_code, unused_imports)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
+use crate::common::{plain_repo, restore_disks};
 use vmkeep_core::manifest::Manifest;
 use vmkeep_qemu::capture::{backup_vm, VmBackupOptions};
-use vmkeep_repo::{InitOptions, NoProgress, Repository, RestoreOptions};
-use vmkeep_store::LocalStore;
+use vmkeep_repo::{NoProgress, Repository};
 use vmkeep_testkit::guest::{check_two_disk_cut, two_disk_vm};
 pub use vmkeep_testkit::guest::{guest, make_filled_disks as make_disks, DISK_MIB};
 pub use vmkeep_testkit::vm::Vm;
 
 pub const MIB: u64 = 1 << 20;
+/// The chunk size of [`plain_repo`].
 pub const CS: u64 = 65536;
 
 /// Boots the guest on the two disks (vda: -blockdev, device id `vd0`; vdb: -drive `drive1`,
@@ -39,16 +39,7 @@ pub fn boot_with(
 }
 
 pub fn repo(d: &Path) -> Repository {
-    let store = Arc::new(LocalStore::create(d.join("repo")).unwrap());
-    Repository::init(
-        store,
-        InitOptions {
-            chunk_size: CS as u32,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap()
+    plain_repo(&d.join("repo"))
 }
 
 pub fn backup(repo: &Repository, vm: &Vm, full: bool) -> Manifest {
@@ -66,21 +57,7 @@ pub fn backup(repo: &Repository, vm: &Vm, full: bool) -> Manifest {
 }
 
 pub fn restore(repo: &Repository, m: &Manifest, dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let stats = repo
-        .restore(
-            m,
-            &RestoreOptions {
-                target: dir.to_path_buf(),
-                disk: None,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-    stats
-        .disks
-        .iter()
-        .map(|d| (d.name.clone(), std::fs::read(&d.path).unwrap()))
-        .collect()
+    restore_disks(repo, m, dir)
 }
 
 /// Both disks of a restore point: each a prefix, vdb's K equal to vda's or one less.
