@@ -249,10 +249,7 @@ fn matrix(op: Op, encrypted: bool, stack: Stack) {
             Err(e) => {
                 failed += 1;
                 assert!(
-                    matches!(
-                        e,
-                        vmkeep_repo::Error::Store(vmkeep_store::Error::Injected { .. })
-                    ),
+                    matches!(e, vmkeep_repo::Error::Store(s) if is_injected(s)),
                     "{ctx}: the injected fault is reported, not something else: {e}"
                 );
             }
