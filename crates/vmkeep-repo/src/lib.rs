@@ -29,6 +29,7 @@ mod packer;
 pub mod progress;
 pub mod prune;
 mod relink;
+pub mod repair;
 pub mod repository;
 pub mod restore;
 mod snapshots;
