@@ -24,6 +24,14 @@ pub enum Error {
         reference: String,
         candidates: String,
     },
+    /// `VM@latest` cannot be answered while a manifest is unreadable (it may be the newest).
+    #[error("cannot tell which restore point is {reference}: restore point {snapshot} is unreadable ({reason}){} and may be the newest; run `vmkeep check`, restore by id, or `vmkeep forget {snapshot}` if it is beyond repair", others_note(*.others))]
+    LatestUnknown {
+        reference: String,
+        snapshot: String,
+        reason: String,
+        others: usize,
+    },
     #[error("a snapshot reference needs at least 6 hex digits, or VM@latest; got {reference:?}")]
     ShortReference { reference: String },
     #[error("restore point {snapshot} has no disk named {disk:?} (it has: {available})")]
@@ -85,7 +93,15 @@ impl Error {
     pub fn is_damage(&self) -> bool {
         matches!(
             self,
-            Error::CorruptObject { .. } | Error::BlobMissing { .. }
+            Error::CorruptObject { .. } | Error::BlobMissing { .. } | Error::LatestUnknown { .. }
         )
+    }
+}
+
+fn others_note(others: usize) -> String {
+    match others {
+        0 => String::new(),
+        1 => " (and 1 other)".into(),
+        n => format!(" (and {n} others)"),
     }
 }
