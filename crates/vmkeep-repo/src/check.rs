@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 use vmkeep_core::blob;
-use vmkeep_core::pack::PackEntry;
+use vmkeep_core::pack::{PackEntry, MAX_PACK_LEN};
 use vmkeep_core::{tree, BlobId, PackId};
 use vmkeep_store::Kind;
 
@@ -208,9 +208,14 @@ impl Repository {
                         if !packs.contains_key(&pack.to_hex()) {
                             continue; // reported by the structural pass for referenced blobs
                         }
-                        let bytes = match self.store.get(&pack_key(pack)) {
+                        let bytes = match self.store.get(&pack_key(pack), MAX_PACK_LEN) {
                             Ok(b) => b,
                             Err(e) if e.is_not_found() => continue,
+                            Err(e) if e.is_too_large() => {
+                                o.warnings.push(e.to_string());
+                                o.bad.extend(entries.iter().map(|e| e.id));
+                                continue;
+                            }
                             Err(e) => return Err(e.into()),
                         };
                         o.packs += 1;

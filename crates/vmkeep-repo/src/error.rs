@@ -50,7 +50,7 @@ pub enum Error {
     #[error("blob {id} is missing from the repository (run `vmkeep check`)")]
     BlobMissing { id: String },
     #[error(transparent)]
-    Store(#[from] vmkeep_store::Error),
+    Store(vmkeep_store::Error),
     #[error(transparent)]
     Core(#[from] vmkeep_core::Error),
     #[error("cannot read {path}: {cause}")]
@@ -79,6 +79,30 @@ pub enum Error {
     Invalid { what: &'static str, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<vmkeep_store::Error> for Error {
+    /// An object over its kind's size bound is damage (it was never read), not an I/O failure.
+    fn from(e: vmkeep_store::Error) -> Error {
+        match too_large_or(e) {
+            Ok((object, cause)) => Error::CorruptObject { object, cause },
+            Err(e) => e,
+        }
+    }
+}
+
+/// A store error as damage when the object was over its bound: Ok((object, cause)) for callers
+/// that record damaged objects and go on; any other store error as Err.
+pub(crate) fn too_large_or(e: vmkeep_store::Error) -> Result<(String, vmkeep_core::Error)> {
+    match e {
+        vmkeep_store::Error::TooLarge {
+            key,
+            kind,
+            size,
+            max,
+        } => Ok((key, vmkeep_core::Error::TooLarge { kind, size, max })),
+        e => Err(Error::Store(e)),
+    }
 }
 
 impl Error {

@@ -21,7 +21,10 @@ pub struct GcRecord {
 pub fn load_all(repo: &Repository) -> Result<Vec<(Key, GcRecord)>> {
     let mut out = Vec::new();
     for meta in repo.store.list(Kind::Gc)? {
-        let bytes = match repo.store.get(&meta.key) {
+        let bytes = match repo
+            .store
+            .get(&meta.key, ObjectKind::GcRecord.max_size() as u64)
+        {
             Ok(b) => b,
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e.into()),

@@ -62,10 +62,17 @@ impl RawIndex {
     pub fn load(repo: &Repository) -> Result<RawIndex> {
         let mut raw = RawIndex::default();
         for meta in repo.store.list(Kind::Index)? {
-            let bytes = match repo.store.get(&meta.key) {
+            let bytes = match repo
+                .store
+                .get(&meta.key, ObjectKind::Index.max_size() as u64)
+            {
                 Ok(b) => b,
                 Err(e) if e.is_not_found() => continue, // deleted by a concurrent prune
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let (_, cause) = crate::error::too_large_or(e)?;
+                    raw.damaged.push((meta.key, cause));
+                    continue;
+                }
             };
             match object::open(&repo.keys, ObjectKind::Index, &bytes)
                 .and_then(|body| IndexFile::decode(&body))

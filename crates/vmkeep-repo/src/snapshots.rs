@@ -15,7 +15,7 @@ impl Repository {
     /// Read one manifest and check it is the restore point its name says.
     pub fn load_manifest(&self, id: &SnapshotId) -> Result<Manifest> {
         let key = snapshot_key(id);
-        let bytes = match self.store.get(&key) {
+        let bytes = match self.store.get(&key, ObjectKind::Manifest.max_size() as u64) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
                 return Err(Error::UnknownSnapshot {

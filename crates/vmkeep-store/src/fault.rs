@@ -50,8 +50,8 @@ impl Store for FaultStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
-        self.inner.get(key)
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
+        self.inner.get(key, max_len)
     }
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.inner.get_range(key, offset, len)
@@ -95,8 +95,8 @@ impl Store for IgnoreConditionalStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
-        self.inner.get(key)
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
+        self.inner.get(key, max_len)
     }
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.inner.get_range(key, offset, len)

@@ -29,8 +29,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Where this store is, for messages ("/srv/repo", "s3://bucket/prefix").
     fn location(&self) -> String;
 
-    /// Whole object. `Error::NotFound` when absent.
-    fn get(&self, key: &Key) -> Result<Vec<u8>>;
+    /// Whole object of at most `max_len` bytes. Bound first, then read: a larger object gives
+    /// `Error::TooLarge` before anything is allocated or read (callers pass the bound of the
+    /// object's kind), so a huge object planted in the store cannot exhaust memory.
+    /// `Error::NotFound` when absent.
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>>;
 
     /// `len` bytes at `offset`; `Error::Corrupt`-free: a short object gives `Error::ShortRead`.
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>>;

@@ -8,7 +8,7 @@
 //! the last flush, making the names durable. Objects are large (packs of 16 MiB), so this costs a
 //! few fsyncs per backup; a filesystem-wide `syncfs` would also flush unrelated dirty data.
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -146,14 +146,34 @@ impl Store for LocalStore {
         self.root.display().to_string()
     }
 
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
         let p = self.path(key);
-        fs::read(&p).map_err(|e| match e.kind() {
+        let f = File::open(&p).map_err(|e| match e.kind() {
             ErrorKind::NotFound => Error::NotFound {
                 key: key.to_string(),
             },
-            _ => Error::io("read", &p, e),
-        })
+            _ => Error::io("open", &p, e),
+        })?;
+        let too_large = |size| Error::TooLarge {
+            key: key.to_string(),
+            kind: key.kind.noun(),
+            size,
+            max: max_len,
+        };
+        // The size of the open file, so a rename over the name cannot swap in another one.
+        let size = f.metadata().map_err(|e| Error::io("stat", &p, e))?.len();
+        if size > max_len {
+            return Err(too_large(size));
+        }
+        // Read at most one byte more than allowed: a file growing meanwhile is caught too.
+        let mut buf = Vec::with_capacity(size as usize);
+        f.take(max_len.saturating_add(1))
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io("read", &p, e))?;
+        if buf.len() as u64 > max_len {
+            return Err(too_large(buf.len() as u64));
+        }
+        Ok(buf)
     }
 
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
@@ -287,7 +307,7 @@ mod tests {
         let s = LocalStore::create(dir.path().join("r")).unwrap();
         let k = Key::new(Kind::Pack, "abcdef").unwrap();
         s.put(&k, b"hello").unwrap();
-        assert_eq!(s.get(&k).unwrap(), b"hello");
+        assert_eq!(s.get(&k, 5).unwrap(), b"hello");
         assert_eq!(s.get_range(&k, 1, 3).unwrap(), b"ell");
         assert!(matches!(
             s.get_range(&k, 3, 5),
@@ -298,17 +318,49 @@ mod tests {
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].key, k);
         assert!(!s.put_if_absent(&k, b"other").unwrap());
-        assert_eq!(s.get(&k).unwrap(), b"hello");
+        assert_eq!(s.get(&k, 5).unwrap(), b"hello");
         let k2 = Key::new(Kind::Snapshot, "0123").unwrap();
         assert!(s.put_if_absent(&k2, b"x").unwrap());
         s.delete(&k).unwrap();
         s.delete(&k).unwrap();
-        assert!(s.get(&k).unwrap_err().is_not_found());
+        assert!(s.get(&k, 5).unwrap_err().is_not_found());
         s.flush().unwrap();
         assert!(
             LocalStore::create(dir.path().join("r")).is_err(),
             "non-empty folder refused"
         );
+    }
+
+    #[test]
+    fn get_is_bounded_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::create(dir.path()).unwrap();
+        let k = Key::new(Kind::Snapshot, "abcd").unwrap();
+        s.put(&k, b"12345").unwrap();
+        assert_eq!(s.get(&k, 5).unwrap(), b"12345");
+        assert_eq!(s.get(&k, u64::MAX).unwrap(), b"12345");
+        match s.get(&k, 4) {
+            Err(
+                e @ Error::TooLarge {
+                    size: 5, max: 4, ..
+                },
+            ) => {
+                assert!(e.is_too_large());
+                assert!(
+                    e.to_string()
+                        .contains("manifest snapshots/abcd is too large"),
+                    "{e}"
+                );
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        // A sparse 1 TiB object: refused from its size alone (reading it would take hours).
+        let huge = Key::new(Kind::Index, "ef01").unwrap();
+        File::create(s.path(&huge))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert!(s.get(&huge, 256 << 20).unwrap_err().is_too_large());
     }
 
     #[test]
