@@ -169,6 +169,9 @@ impl Repository {
                 }
             }
         }
+        // Temporary files of killed writers: warnings only (temporaries.rs).
+        report.warnings.extend(self.temporary_warnings()?);
+
         report.ok = report.damaged.is_empty();
         Ok(report)
     }

@@ -9,6 +9,7 @@
 //! | [`check`] | verify structure and data |
 //! | [`forget`], [`prune`] | retention, change-map merging, GC |
 //! | [`lease`], [`gc_record`] | the concurrency protocol between backups and GC |
+//! | [`temporaries`] | temporary files of killed writers (reported by check, removed by prune) |
 //!
 //! Which operations may run together (FORMAT.md "Concurrency and GC"):
 //! backups of any VMs together, and beside one prune or forget; prune and forget exclude each
@@ -30,6 +31,7 @@ pub mod prune;
 pub mod repository;
 pub mod restore;
 mod snapshots;
+pub mod temporaries;
 
 pub use backup::{BackupOptions, BackupSession, DiskReader, ImageBackupOptions, ReadPlan};
 pub use check::{CheckOptions, CheckReport, Damage};
@@ -39,4 +41,5 @@ pub use progress::{NoProgress, Progress};
 pub use prune::{GcStats, PruneOptions, PrunePlan, PruneStats};
 pub use repository::{InitOptions, Repository, Tuning};
 pub use restore::{DiskWriter, RawFileWriter, RestoreOptions, RestoreStats};
+pub use temporaries::TemporaryStats;
 pub use vmkeep_core::manifest::Manifest;

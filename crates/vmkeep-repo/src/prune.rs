@@ -86,6 +86,7 @@ pub struct PruneStats {
     pub kept: Vec<SnapshotId>,
     pub forgotten: Vec<SnapshotId>,
     pub gc: GcStats,
+    pub temporaries: crate::TemporaryStats,
 }
 
 /// Every blob id the current restore points reference.
@@ -163,6 +164,7 @@ impl Repository {
     pub fn prune(&self, plan: &PrunePlan, progress: &dyn Progress) -> Result<PruneStats> {
         let lease = self.maintenance_lease("prune")?;
         let _ = lease::remove_stale(self, false);
+        let temporaries = self.remove_stale_temporaries()?; // safe age: temporaries.rs
         let forgotten = self.forget_locked(&plan.forgotten())?;
         let gc = self.gc_locked(lease.name(), progress)?;
         drop(lease);
@@ -170,6 +172,7 @@ impl Repository {
             kept: plan.kept(),
             forgotten,
             gc,
+            temporaries,
         })
     }
 

@@ -2,10 +2,11 @@
 //! possible instant), and a store that ignores conditional writes (as Garage and s3rver do).
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::key::{Key, Kind};
-use crate::{ObjectMeta, Store};
+use crate::{ObjectMeta, Store, TemporariesRemoved, Temporary};
 
 /// Counts mutating operations (put, put_if_absent, delete; 1-based) and fails from the
 /// `fail_from`-th on: the first failing one and every later one, as if the process had died
@@ -77,6 +78,14 @@ impl Store for FaultStore {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+    // Temporaries are outside the repository protocol (no object depends on them), so they
+    // are forwarded, never counted or failed.
+    fn list_temporaries(&self) -> Result<Vec<Temporary>> {
+        self.inner.list_temporaries()
+    }
+    fn remove_temporaries(&self, older_than: Duration) -> Result<TemporariesRemoved> {
+        self.inner.remove_temporaries(older_than)
+    }
 }
 
 /// A store whose conditional create silently overwrites and always reports success.
@@ -119,5 +128,13 @@ impl Store for IgnoreConditionalStore {
     }
     fn flush(&self) -> Result<()> {
         self.inner.flush()
+    }
+    // Temporaries are outside the repository protocol (no object depends on them), so they
+    // are forwarded, never counted or failed.
+    fn list_temporaries(&self) -> Result<Vec<Temporary>> {
+        self.inner.list_temporaries()
+    }
+    fn remove_temporaries(&self, older_than: Duration) -> Result<TemporariesRemoved> {
+        self.inner.remove_temporaries(older_than)
     }
 }

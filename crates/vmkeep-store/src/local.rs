@@ -2,8 +2,8 @@
 //!
 //! Crash story: `put` writes `<dir>/.tmp-<random>` and renames it over the final name (a file
 //! rename inside one folder, atomic on POSIX filesystems), so a reader never sees a partial
-//! object; a kill -9 leaves at most a `.tmp-*` file that `list` ignores and `clean_temporaries`
-//! removes. Durability: every object's data is fsynced before its rename (so a power loss never
+//! object; a kill -9 leaves at most a `.tmp-*` file that `list` ignores and
+//! [`Store::remove_temporaries`] removes once no live writer can own it (prune). Durability: every object's data is fsynced before its rename (so a power loss never
 //! exposes a renamed-but-empty file), and [`Store::flush`] fsyncs the folders renamed into since
 //! the last flush, making the names durable. Objects are large (packs of 16 MiB), so this costs a
 //! few fsyncs per backup; a filesystem-wide `syncfs` would also flush unrelated dirty data.
@@ -15,7 +15,10 @@ use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::key::{Key, Kind};
-use crate::{ObjectMeta, Store};
+use crate::{ObjectMeta, Store, TemporariesRemoved, Temporary};
+
+/// Name prefix of the files `put` writes before renaming them to their final name.
+pub const TEMP_PREFIX: &str = ".tmp-";
 
 #[derive(Debug)]
 pub struct LocalStore {
@@ -77,7 +80,7 @@ impl LocalStore {
     fn temp_path(&self, final_path: &Path) -> PathBuf {
         let mut r = [0u8; 8];
         getrandom::getrandom(&mut r).expect("OS random source");
-        final_path.with_file_name(format!(".tmp-{}", hex::encode(r)))
+        final_path.with_file_name(format!("{TEMP_PREFIX}{}", hex::encode(r)))
     }
 
     fn write_temp(&self, key: &Key, data: &[u8]) -> Result<(PathBuf, PathBuf)> {
@@ -101,35 +104,41 @@ impl LocalStore {
         Ok((tmp, path))
     }
 
-    /// Remove `.tmp-*` files older than `age` left by killed writers.
-    pub fn clean_temporaries(&self, age: Duration) -> Result<u64> {
-        let mut removed = 0;
+    /// Every temporary file: `.tmp-*` in the root (config), in each kind's folder and in the
+    /// `packs/xx` folders. Files that vanish meanwhile (published or removed) are skipped.
+    fn temporaries(&self) -> Result<Vec<(PathBuf, fs::Metadata)>> {
         let mut dirs = vec![self.root.clone()];
+        for kind in Kind::ALL {
+            if kind != Kind::Config {
+                dirs.push(self.root.join(kind.dir()));
+            }
+        }
+        let packs = self.root.join(Kind::Pack.dir());
+        let mut out = Vec::new();
         while let Some(d) = dirs.pop() {
             let rd = match fs::read_dir(&d) {
                 Ok(rd) => rd,
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("read", &d, e)),
+                Err(e) => return Err(Error::io("list", &d, e)),
             };
-            for e in rd.flatten() {
-                let p = e.path();
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Ok(m) = e.metadata() else { continue };
+            for e in rd {
+                let e = e.map_err(|e| Error::io("list", &d, e))?;
+                let m = match e.metadata() {
+                    Ok(m) => m,
+                    Err(err) if err.kind() == ErrorKind::NotFound => continue,
+                    Err(err) => return Err(Error::io("stat", e.path(), err)),
+                };
                 if m.is_dir() {
-                    dirs.push(p);
-                } else if name.starts_with(".tmp-") {
-                    let old = m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .unwrap_or_default();
-                    if old >= age && fs::remove_file(&p).is_ok() {
-                        removed += 1;
+                    if d == packs {
+                        dirs.push(e.path());
                     }
+                } else if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    out.push((e.path(), m));
                 }
             }
         }
-        Ok(removed)
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 }
 
@@ -285,6 +294,42 @@ impl Store for LocalStore {
         }
     }
 
+    fn list_temporaries(&self) -> Result<Vec<Temporary>> {
+        Ok(self
+            .temporaries()?
+            .into_iter()
+            .map(|(p, m)| Temporary {
+                location: p.display().to_string(),
+                size: m.len(),
+                modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            })
+            .collect())
+    }
+
+    fn remove_temporaries(&self, older_than: Duration) -> Result<TemporariesRemoved> {
+        let mut removed = TemporariesRemoved::default();
+        for (p, m) in self.temporaries()? {
+            // A time in the future (clock step) counts as young: keep.
+            let age = m
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age <= older_than {
+                continue;
+            }
+            match fs::remove_file(&p) {
+                Ok(()) => {
+                    removed.count += 1;
+                    removed.bytes += m.len();
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("delete", &p, e)),
+            }
+        }
+        Ok(removed)
+    }
+
     fn flush(&self) -> Result<()> {
         let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
         for d in dirs {
@@ -364,12 +409,48 @@ mod tests {
     }
 
     #[test]
-    fn temporaries_are_invisible_and_cleaned() {
+    fn temporaries_are_invisible_listed_and_removed_by_age() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::create(dir.path()).unwrap();
-        fs::write(dir.path().join("index/.tmp-dead"), b"partial").unwrap();
+        s.put(&Key::new(Kind::Pack, "abcdef").unwrap(), b"pack")
+            .unwrap();
+        let old = SystemTime::now() - Duration::from_secs(600);
+        for (path, len, modified) in [
+            ("index/.tmp-dead", 7, old),
+            ("packs/ab/.tmp-dead", 5, old),
+            (".tmp-config", 3, old),
+            ("snapshots/.tmp-live", 2, SystemTime::now()),
+        ] {
+            let p = dir.path().join(path);
+            fs::write(&p, vec![0; len]).unwrap();
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(modified)
+                .unwrap();
+        }
         assert!(s.list(Kind::Index).unwrap().is_empty());
-        assert_eq!(s.clean_temporaries(Duration::ZERO).unwrap(), 1);
+        assert_eq!(s.list(Kind::Pack).unwrap().len(), 1);
+        let listed = s.list_temporaries().unwrap();
+        assert_eq!(listed.len(), 4, "{listed:?}");
+        assert_eq!(listed.iter().map(|t| t.size).sum::<u64>(), 17);
+        let removed = s.remove_temporaries(Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            removed,
+            TemporariesRemoved {
+                count: 3,
+                bytes: 15
+            }
+        );
+        let left = s.list_temporaries().unwrap();
+        assert_eq!(left.len(), 1);
+        assert!(left[0].location.ends_with("snapshots/.tmp-live"));
+        assert_eq!(
+            s.list(Kind::Pack).unwrap().len(),
+            1,
+            "objects are untouched"
+        );
     }
 
     #[test]
