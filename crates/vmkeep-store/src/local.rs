@@ -3,10 +3,16 @@
 //! Crash story: `put` writes `<dir>/.tmp-<random>` and renames it over the final name (a file
 //! rename inside one folder, atomic on POSIX filesystems), so a reader never sees a partial
 //! object; a kill -9 leaves at most a `.tmp-*` file that `list` ignores and
-//! [`Store::remove_temporaries`] removes once no live writer can own it (prune). Durability: every object's data is fsynced before its rename (so a power loss never
-//! exposes a renamed-but-empty file), and [`Store::flush`] fsyncs the folders renamed into since
-//! the last flush, making the names durable. Objects are large (packs of 16 MiB), so this costs a
-//! few fsyncs per backup; a filesystem-wide `syncfs` would also flush unrelated dirty data.
+//! [`Store::remove_temporaries`] removes once no live writer can own it (prune).
+//!
+//! Durability (power loss): every object's data is fsynced before its rename, so a durable name
+//! never shows a renamed-but-empty file. A name is durable once its folder is fsynced:
+//! [`Store::flush`] fsyncs every folder renamed into (or deleted from) since the last flush,
+//! deepest first. A new `packs/xx` folder is fsynced into `packs/` when it is created, and
+//! `packs/` is fsynced again at the next flush. Callers order their writes with flush (the
+//! packer flushes its packs before writing the index object naming them; backups flush before
+//! the manifest). Objects are large (packs of 16 MiB), so this costs a few fsyncs per backup;
+//! a filesystem-wide `syncfs` would also flush unrelated dirty data.
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileExt;
@@ -63,6 +69,11 @@ impl LocalStore {
                 fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
             }
         }
+        // The kind folders' names, and the repository folder's own name in its parent.
+        fsync_dir(&root)?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(parent)?;
+        }
         Ok(LocalStore {
             root,
             dirty_dirs: Default::default(),
@@ -83,11 +94,30 @@ impl LocalStore {
         final_path.with_file_name(format!("{TEMP_PREFIX}{}", hex::encode(r)))
     }
 
+    /// Creates `packs/xx` if needed. A new folder is fsynced into `packs/` at once, so its
+    /// entry is durable before any pack is renamed into it. `packs/` is also marked dirty for
+    /// the next flush: the folder may have been created by a process killed before its fsync.
+    fn pack_folder(&self, dir: &Path) -> Result<()> {
+        let packs = dir.parent().expect("packs/xx has a parent");
+        match fs::create_dir(dir) {
+            Ok(()) => fsync_dir(packs)?,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+                fsync_dir(packs)?;
+                fsync_dir(&self.root)?;
+            }
+            Err(e) => return Err(Error::io("create", dir, e)),
+        }
+        self.dirty_dirs.lock().unwrap().insert(packs.to_path_buf());
+        Ok(())
+    }
+
     fn write_temp(&self, key: &Key, data: &[u8]) -> Result<(PathBuf, PathBuf)> {
         let path = self.path(key);
         let dir = path.parent().expect("object paths have a parent");
         if key.kind == Kind::Pack {
-            fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+            self.pack_folder(dir)?;
         }
         let tmp = self.temp_path(&path);
         let result = (|| {
@@ -140,6 +170,13 @@ impl LocalStore {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
+}
+
+/// Makes a folder's entries (names created, renamed or removed in it) durable.
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io("fsync", dir, e))
 }
 
 fn meta_of(key: Key, m: &fs::Metadata) -> ObjectMeta {
@@ -331,11 +368,16 @@ impl Store for LocalStore {
     }
 
     fn flush(&self) -> Result<()> {
-        let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
-        for d in dirs {
-            if let Err(e) = File::open(&d).and_then(|f| f.sync_all()) {
-                self.dirty_dirs.lock().unwrap().insert(d.clone());
-                return Err(Error::io("fsync", &d, e));
+        let mut dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
+        // Deepest first: `packs/xx` (the packs' names) before `packs/` (the folder's name).
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for (i, d) in dirs.iter().enumerate() {
+            if let Err(e) = fsync_dir(d) {
+                self.dirty_dirs
+                    .lock()
+                    .unwrap()
+                    .extend(dirs[i..].iter().cloned());
+                return Err(e);
             }
         }
         Ok(())
