@@ -5,7 +5,7 @@
 # Usage: scripts/install-deps.sh [test|bench|all]   (default: test)
 set -euo pipefail
 what="${1:-test}"
-pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd python3)
+pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd python3 strace)
 case "$what" in
   test) ;;
   bench|all) pkgs+=(restic borgbackup time) ;;

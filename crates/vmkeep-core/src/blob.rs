@@ -14,6 +14,10 @@ use crate::keys::{BlobKind, Keys};
 /// Largest plaintext of any blob: 4 MiB chunks (the largest chunk size) plus slack for nodes.
 pub const MAX_BLOB_PLAINTEXT: usize = 4 * 1024 * 1024 + 4096;
 
+/// Largest stored blob: flags byte, the plaintext stored raw (compression is kept only when it
+/// shrinks), and the AEAD nonce and tag of an encrypted repository.
+pub const MAX_BLOB_STORED: usize = 1 + MAX_BLOB_PLAINTEXT + crate::keys::SEAL_OVERHEAD;
+
 /// flags bit 0: the payload is zstd-compressed.
 const FLAG_ZSTD: u8 = 1;
 /// zstd level used for every blob.

@@ -33,7 +33,7 @@ pub const DEFAULT_PACK_SIZE: u32 = 16 << 20;
 pub const MIN_PACK_SIZE: u32 = 1 << 20;
 pub const MAX_PACK_SIZE: u32 = 256 << 20;
 /// Largest config file `parse` accepts.
-const CONFIG_MAX: usize = 64 * 1024;
+pub const CONFIG_MAX: usize = 64 * 1024;
 const KIND: &str = "repository config";
 
 impl RepoConfig {

@@ -171,7 +171,8 @@ pub struct KeyFile {
 /// Current key file format version.
 const KEY_FILE_VERSION: u32 = 1;
 const KEY_FILE_KDF: &str = "argon2id";
-const KEY_FILE_MAX: usize = 64 * 1024;
+/// Largest key file `from_json` accepts (readers bound their read with it).
+pub const KEY_FILE_MAX: usize = 64 * 1024;
 const SALT_LEN: usize = 16;
 const WRAP_NONCE_LEN: usize = 12;
 /// nonce(12) || AES-256-GCM(64 key bytes) || tag(16)

@@ -8,7 +8,7 @@
 //! A pack's id (its object name) is BLAKE3 of all its bytes.
 use serde::{Deserialize, Serialize};
 
-use crate::blob::MAX_BLOB_PLAINTEXT;
+use crate::blob::{MAX_BLOB_PLAINTEXT, MAX_BLOB_STORED};
 use crate::error::{Error, Result};
 use crate::id::{BlobId, PackId};
 use crate::keys::{BlobKind, Keys};
@@ -247,6 +247,13 @@ fn get_entry(raw: &[u8]) -> Result<PackEntry, String> {
         length: u32_at(37),
         raw_len: u32_at(41),
     };
+    // Readers fetch `length` bytes: bound it before anyone allocates that much.
+    if entry.length as usize > MAX_BLOB_STORED {
+        return Err(format!(
+            "blob {} claims {} stored bytes, at most {MAX_BLOB_STORED} allowed",
+            entry.id, entry.length
+        ));
+    }
     if entry.raw_len as usize > MAX_BLOB_PLAINTEXT {
         return Err(format!(
             "blob {} claims {} bytes of plaintext, at most {MAX_BLOB_PLAINTEXT} allowed",
@@ -258,6 +265,12 @@ fn get_entry(raw: &[u8]) -> Result<PackEntry, String> {
 
 /// The largest header `read_header` accepts; callers fetch min(pack_len, this) tail bytes.
 pub const MAX_HEADER: usize = 8 << 20;
+
+/// The largest pack any writer produces, the bound of whole-pack reads: a pack is written once
+/// its blobs reach the pack size (at most [`crate::config::MAX_PACK_SIZE`]), so the last blob
+/// may overshoot it by one blob, followed by the header and its length.
+pub const MAX_PACK_LEN: u64 =
+    crate::config::MAX_PACK_SIZE as u64 + MAX_BLOB_STORED as u64 + MAX_HEADER as u64 + 4;
 
 /// An index object (`index/<name>`): which blobs live in which packs. Body before sealing:
 /// magic "VMKI" || version u8 || pack count u32, then per pack: pack id (32) || entry count u32 ||
@@ -513,6 +526,9 @@ mod tests {
             assert!(check([head(1), entry_bytes(0, u32::MAX, 2, 5)].concat()).is_err());
             assert!(check([head(1), entry_bytes(2, 0, 10, 5)].concat()).is_err());
             assert!(check([head(1), entry_bytes(0, 0, 10, u32::MAX)].concat()).is_err());
+            // A length no blob can have is refused before anyone reads that many bytes.
+            let too_long = MAX_BLOB_STORED as u32 + 1;
+            assert!(check([head(1), entry_bytes(0, 0, too_long, 5)].concat()).is_err());
             assert!(check([head(2), entry_bytes(0, 0, 10, 5)].concat()).is_err());
             assert!(check([head(0), entry_bytes(0, 0, 10, 5)].concat()).is_err());
             assert!(check(head(u32::MAX)).is_err());
@@ -591,6 +607,14 @@ mod tests {
             IndexFile::decode(&bad),
             Err(Error::Corrupt { .. })
         ));
+        // The first entry's stored length (after pack id, count, kind, id, offset) beyond any blob.
+        let mut bad = body.clone();
+        let at = 9 + 36 + 1 + 32 + 4;
+        bad[at..at + 4].copy_from_slice(&(MAX_BLOB_STORED as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            IndexFile::decode(&bad),
+            Err(Error::Corrupt { .. })
+        ));
         let mut bad = body;
         bad[9 + 36] = 7; // kind of the first entry
         assert!(matches!(
@@ -604,7 +628,7 @@ mod tests {
             any::<bool>(),
             any::<[u8; 32]>(),
             any::<u32>(),
-            any::<u32>(),
+            0..=MAX_BLOB_STORED as u32,
             0..=MAX_BLOB_PLAINTEXT as u32,
         )
             .prop_map(|(tree, id, offset, length, raw_len)| PackEntry {

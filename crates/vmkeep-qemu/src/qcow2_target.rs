@@ -6,8 +6,9 @@
 //! one blocks on the client through a small tokio runtime owned by the target, so several
 //! writes are in flight at once. Ranges never written stay unallocated in the image (they
 //! read as zeros), so a sparse disk gives a small qcow2 and no full-size temporary file ever
-//! exists. [`Qcow2Target::commit`] flushes, disconnects, waits for qemu-nbd to close the
-//! image and renames `PATH.partial` to `PATH`. Dropping an uncommitted target kills qemu-nbd
+//! exists. [`Qcow2Target::commit`] flushes (qemu-nbd fsyncs the image), disconnects, waits for
+//! qemu-nbd to close the image, fsyncs it, renames `PATH.partial` to `PATH` and fsyncs the
+//! folder, so after a power loss `PATH` either does not exist or is complete. Dropping an uncommitted target kills qemu-nbd
 //! and removes the partial image.
 
 use std::io::Read;
@@ -248,8 +249,8 @@ impl Qcow2Target {
         self.rt.block_on(c.flush())
     }
 
-    /// Flushes, disconnects, waits for qemu-nbd to close the image, and renames the partial
-    /// image to its final path, which it returns.
+    /// Flushes, disconnects, waits for qemu-nbd to close the image, fsyncs it, and renames the
+    /// partial image to its final path durably (folder fsynced), which it returns.
     pub fn commit(mut self) -> Result<PathBuf> {
         self.flush()?;
         if let Some(c) = self.client.take() {
@@ -280,7 +281,12 @@ impl Qcow2Target {
                 std::io::Error::other(format!("exited ({status}): {}", self.server_stderr())),
             ));
         }
-        std::fs::rename(&self.partial, &self.path)
+        // NBD_CMD_FLUSH made qemu-nbd fsync the image; closing it may still have updated the
+        // header (dirty flag, refcounts). Our own fsync covers whatever the close wrote.
+        std::fs::File::open(&self.partial)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(format!("fsync {}", self.partial.display()), e))?;
+        vmkeep_repo::restore::publish(&self.partial, &self.path)
             .map_err(|e| Error::io(format!("rename to {}", self.path.display()), e))?;
         self.committed = true;
         Ok(self.path.clone())

@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 use vmkeep_core::blob;
-use vmkeep_core::pack::PackEntry;
+use vmkeep_core::pack::{PackEntry, MAX_PACK_LEN};
 use vmkeep_core::{BlobId, PackId, SnapshotId};
 
 use crate::error::Result;
@@ -99,19 +99,13 @@ impl Repository {
                 reason: why,
             });
         }
-        let condemned = match gc::record::load_all(self) {
-            Ok(records) => records
-                .into_iter()
-                .flat_map(|(_, rec)| rec.condemned)
-                .collect(),
-            Err(e) if e.is_damage() => {
-                report
-                    .warnings
-                    .push(format!("{e} (prune refuses to run until it is removed)"));
-                HashSet::new()
-            }
-            Err(e) => return Err(e),
-        };
+        let records = gc::record::load_all(self)?;
+        for (id, e) in &records.damaged {
+            report.warnings.push(format!(
+                "GC record {id} is damaged ({e}); the next prune replaces it"
+            ));
+        }
+        let condemned = records.condemned();
         let raw = RawIndex::load(self)?;
         let sizes = pack_sizes(self)?;
         let index = BlobIndex::from_raw(&raw, condemned, sizes.keys().copied().collect());
@@ -207,6 +201,9 @@ impl Repository {
                  backup; prune reclaims it)"
             ));
         }
+        // Temporary files of killed writers: warnings only (temporaries.rs).
+        report.warnings.extend(self.temporary_warnings()?);
+
         report.ok = report.damaged.is_empty();
         Ok(report)
     }
@@ -246,9 +243,14 @@ impl Repository {
                         if !packs.contains_key(pack) {
                             continue; // reported by the structural pass for referenced blobs
                         }
-                        let bytes = match self.store.get(&pack_key(pack)) {
+                        let bytes = match self.store.get(&pack_key(pack), MAX_PACK_LEN) {
                             Ok(b) => b,
                             Err(e) if e.is_not_found() => continue,
+                            Err(e) if e.is_too_large() => {
+                                o.warnings.push(e.to_string());
+                                o.bad.extend(entries.iter().map(|e| e.id));
+                                continue;
+                            }
                             Err(e) => return Err(e.into()),
                         };
                         o.packs += 1;

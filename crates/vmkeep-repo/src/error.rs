@@ -24,6 +24,14 @@ pub enum Error {
         reference: String,
         candidates: String,
     },
+    /// `VM@latest` cannot be answered while a manifest is unreadable (it may be the newest).
+    #[error("cannot tell which restore point is {reference}: restore point {snapshot} is unreadable ({reason}){} and may be the newest; run `vmkeep check`, restore by id, or `vmkeep forget {snapshot}` if it is beyond repair", others_note(*.others))]
+    LatestUnknown {
+        reference: String,
+        snapshot: String,
+        reason: String,
+        others: usize,
+    },
     #[error("a snapshot reference needs at least 6 hex digits, or VM@latest; got {reference:?}")]
     ShortReference { reference: String },
     #[error("restore point {snapshot} has no disk named {disk:?} (it has: {available})")]
@@ -42,7 +50,7 @@ pub enum Error {
     #[error("blob {id} is missing from the repository (run `vmkeep check`)")]
     BlobMissing { id: String },
     #[error(transparent)]
-    Store(#[from] vmkeep_store::Error),
+    Store(vmkeep_store::Error),
     #[error(transparent)]
     Core(#[from] vmkeep_core::Error),
     #[error("cannot read {path}: {cause}")]
@@ -65,12 +73,53 @@ pub enum Error {
     TargetExists { path: PathBuf },
     #[error("another {what} is running on this repository ({holder}); wait for it, or if it died remove the stale lock with `vmkeep unlock`")]
     Locked { what: &'static str, holder: String },
-    #[error("this backup stalled longer than its lease and data it reused was reclaimed meanwhile; run the backup again")]
-    LeaseLost,
+    /// The operation's lease was not refreshed for the lease timeout (process stopped, machine
+    /// suspended, store unreachable): others may have judged it dead and acted on that.
+    #[error("{}", lease_lost_message(*kind))]
+    LeaseLost { kind: crate::lease::LeaseKind },
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+fn lease_lost_message(kind: crate::lease::LeaseKind) -> String {
+    use crate::lease::LeaseKind;
+    match kind {
+        LeaseKind::Backup => "this backup stalled longer than its lease and data it reused was \
+                              reclaimed meanwhile; run the backup again"
+            .into(),
+        k => format!(
+            "this {} was stopped longer than its lease timeout (process stopped, machine \
+             suspended or repository unreachable) and may have been judged dead, so it stopped \
+             before changing anything else; run it again",
+            k.name()
+        ),
+    }
+}
+
+impl From<vmkeep_store::Error> for Error {
+    /// An object over its kind's size bound is damage (it was never read), not an I/O failure.
+    fn from(e: vmkeep_store::Error) -> Error {
+        match too_large_or(e) {
+            Ok((object, cause)) => Error::CorruptObject { object, cause },
+            Err(e) => e,
+        }
+    }
+}
+
+/// A store error as damage when the object was over its bound: Ok((object, cause)) for callers
+/// that record damaged objects and go on; any other store error as Err.
+pub(crate) fn too_large_or(e: vmkeep_store::Error) -> Result<(String, vmkeep_core::Error)> {
+    match e {
+        vmkeep_store::Error::TooLarge {
+            key,
+            kind,
+            size,
+            max,
+        } => Ok((key, vmkeep_core::Error::TooLarge { kind, size, max })),
+        e => Err(Error::Store(e)),
+    }
 }
 
 impl Error {
@@ -85,7 +134,15 @@ impl Error {
     pub fn is_damage(&self) -> bool {
         matches!(
             self,
-            Error::CorruptObject { .. } | Error::BlobMissing { .. }
+            Error::CorruptObject { .. } | Error::BlobMissing { .. } | Error::LatestUnknown { .. }
         )
+    }
+}
+
+fn others_note(others: usize) -> String {
+    match others {
+        0 => String::new(),
+        1 => " (and 1 other)".into(),
+        n => format!(" (and {n} others)"),
     }
 }

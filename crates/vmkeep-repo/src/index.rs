@@ -67,10 +67,17 @@ impl RawIndex {
     pub fn load(repo: &Repository) -> Result<RawIndex> {
         let mut raw = RawIndex::default();
         for meta in repo.store.list(Kind::Index)? {
-            let bytes = match repo.store.get(&meta.key) {
+            let bytes = match repo
+                .store
+                .get(&meta.key, ObjectKind::Index.max_size() as u64)
+            {
                 Ok(b) => b,
                 Err(e) if e.is_not_found() => continue, // deleted by a concurrent prune
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    let (_, cause) = crate::error::too_large_or(e)?;
+                    raw.damaged.push((meta.key, cause));
+                    continue;
+                }
             };
             match object::open(&repo.keys, ObjectKind::Index, &bytes)
                 .and_then(|body| IndexFile::decode(&body))
@@ -104,10 +111,9 @@ impl BlobIndex {
     /// Load pending GC records first, then every index object, then the list of packs
     /// (FORMAT.md §13: a backup reads in this order after writing its lease).
     pub fn load(repo: &Repository) -> Result<BlobIndex> {
-        let condemned = gc_record::load_all(repo)?
-            .into_iter()
-            .flat_map(|(_, rec)| rec.condemned)
-            .collect();
+        let records = gc_record::load_all(repo)?;
+        records.warn_damaged();
+        let condemned = records.condemned();
         let raw = RawIndex::load(repo)?;
         let existing = pack_sizes(repo)?.into_keys().collect();
         Ok(BlobIndex::from_raw(&raw, condemned, existing))

@@ -10,6 +10,8 @@
 //! | [`forget`], [`prune`] | retention, change-map merging, GC |
 //! | [`lease`], [`gc`] | the concurrency protocol between backups and GC (checked in `gc/model`) |
 //! | [`walk`] | the one walker of what a restore point references |
+//! | [`repair`] | rebuilding index objects from pack headers |
+//! | [`temporaries`] | temporary files of killed writers (reported by check, removed by prune) |
 //!
 //! Which operations may run together (FORMAT.md "Concurrency and GC"):
 //! backups of any VMs together, and beside one prune or forget; prune and forget exclude each
@@ -33,6 +35,7 @@ pub mod repair;
 pub mod repository;
 pub mod restore;
 mod snapshots;
+pub mod temporaries;
 pub mod walk;
 
 pub use backup::{BackupOptions, BackupSession, DiskReader, ImageBackupOptions, ReadPlan};
@@ -44,4 +47,5 @@ pub use progress::{NoProgress, Progress};
 pub use prune::{PruneOptions, PrunePlan, PruneStats};
 pub use repository::{InitOptions, Repository, Tuning};
 pub use restore::{DiskWriter, RawFileWriter, RestoreOptions, RestoreStats};
+pub use temporaries::TemporaryStats;
 pub use vmkeep_core::manifest::Manifest;

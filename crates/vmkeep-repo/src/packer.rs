@@ -78,6 +78,10 @@ impl Worker {
         if self.pending.packs.is_empty() {
             return Ok(());
         }
+        // The packs must be durable before an index object names them: otherwise a power loss
+        // could keep the index object and lose a pack, and later backups would reuse blobs that
+        // are gone (FORMAT.md §1, §7).
+        self.store.flush()?;
         let file = std::mem::take(&mut self.pending);
         let sealed = object::seal(&self.keys, ObjectKind::Index, &file.encode());
         let name = blake3::hash(&sealed).to_hex().to_string();

@@ -56,6 +56,7 @@ pub struct PruneStats {
     pub kept: Vec<SnapshotId>,
     pub forgotten: Vec<SnapshotId>,
     pub gc: GcStats,
+    pub temporaries: crate::TemporaryStats,
 }
 
 impl Repository {
@@ -94,6 +95,7 @@ impl Repository {
     pub fn prune(&self, plan: &PrunePlan, progress: &dyn Progress) -> Result<PruneStats> {
         let lease = self.maintenance_lease(LeaseKind::Prune)?;
         let _ = lease::remove_stale(self, false);
+        let temporaries = self.remove_stale_temporaries()?; // safe age: temporaries.rs
         let forgotten = self.forget_locked(&lease, &plan.forgotten())?;
         let gc = self.gc_locked(&lease, progress)?;
         if let Err(e) = lease.release() {
@@ -103,6 +105,7 @@ impl Repository {
             kept: plan.kept(),
             forgotten,
             gc,
+            temporaries,
         })
     }
 }

@@ -72,7 +72,8 @@ impl Repository {
             let sealed = object::seal(&self.keys, ObjectKind::Index, &file.encode());
             let name = blake3::hash(&sealed).to_hex().to_string();
             lease.check()?;
-            self.store.put(&Key::new(Kind::Index, name.clone())?, &sealed)?;
+            self.store
+                .put(&Key::new(Kind::Index, name.clone())?, &sealed)?;
             written.insert(name, ());
             stats.index_objects_written += 1;
         }

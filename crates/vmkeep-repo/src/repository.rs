@@ -2,8 +2,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmkeep_core::config::RepoConfig;
-use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey};
+use vmkeep_core::config::{RepoConfig, CONFIG_MAX};
+use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey, KEY_FILE_MAX};
 use vmkeep_store::{Key, Kind, Store};
 
 use crate::error::{Error, Result};
@@ -85,7 +85,7 @@ impl Repository {
     /// a crash leaves either no repository or a complete one.
     pub fn init(store: Arc<dyn Store>, opts: InitOptions) -> Result<Repository> {
         RepoConfig::validate_chunk_size(opts.chunk_size)?;
-        match store.get(&Key::config()) {
+        match store.get(&Key::config(), CONFIG_MAX as u64) {
             Ok(_) => {
                 return Err(Error::AlreadyExists {
                     location: store.location(),
@@ -124,7 +124,7 @@ impl Repository {
     /// Open a repository; `passphrase` is needed when it is encrypted.
     pub fn open(store: Arc<dyn Store>, passphrase: Option<&[u8]>) -> Result<Repository> {
         let location = store.location();
-        let bytes = match store.get(&Key::config()) {
+        let bytes = match store.get(&Key::config(), CONFIG_MAX as u64) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(Error::NotARepository { location }),
             Err(e) => return Err(e.into()),
@@ -211,9 +211,13 @@ impl Repository {
 /// Try every key file with the passphrase. Damaged key files are skipped (others may work).
 fn unlock(store: &dyn Store, pass: &[u8]) -> Result<Option<(MasterKey, String)>> {
     for meta in store.list(Kind::Key)? {
-        let bytes = match store.get(&meta.key) {
+        let bytes = match store.get(&meta.key, KEY_FILE_MAX as u64) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => continue,
+            Err(e) if e.is_too_large() => {
+                tracing::warn!(key = %meta.key, error = %e, "skipping an unreadable key file");
+                continue;
+            }
             Err(e) => return Err(e.into()),
         };
         let Ok(kf) = KeyFile::from_json(&bytes) else {

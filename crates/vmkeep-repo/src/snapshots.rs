@@ -15,7 +15,7 @@ impl Repository {
     /// Read one manifest and check it is the restore point its name says.
     pub fn load_manifest(&self, id: &SnapshotId) -> Result<Manifest> {
         let key = snapshot_key(id);
-        let bytes = match self.store.get(&key) {
+        let bytes = match self.store.get(&key, ObjectKind::Manifest.max_size() as u64) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
                 return Err(Error::UnknownSnapshot {
@@ -86,8 +86,28 @@ impl Repository {
         Ok(ok)
     }
 
-    /// Latest restore point of a VM.
+    /// Latest restore point of a VM, for restores and anything else that must be exact. Fails
+    /// with [`Error::LatestUnknown`] while any manifest is unreadable: its VM and time are
+    /// unknown, so it may be the VM's newest point, and answering with an older one would
+    /// silently restore the wrong state.
     pub fn latest(&self, vm: &str) -> Result<Option<Manifest>> {
+        let (ok, bad) = self.snapshots_with_damage()?;
+        if let Some((name, why)) = bad.first() {
+            return Err(Error::LatestUnknown {
+                reference: format!("{vm}@latest"),
+                snapshot: name.clone(),
+                reason: why.clone(),
+                others: bad.len() - 1,
+            });
+        }
+        Ok(ok.into_iter().rfind(|m| m.vm == vm))
+    }
+
+    /// The newest *readable* restore point of a VM, skipping unreadable manifests with a
+    /// warning. Only for choosing a backup's parent: the new point's change maps are computed
+    /// against whatever parent it names, so an older parent costs change-map precision, never
+    /// correctness. Restores use [`Repository::latest`], which refuses to guess.
+    pub(crate) fn newest_readable_for_parent(&self, vm: &str) -> Result<Option<Manifest>> {
         Ok(self.snapshots()?.into_iter().rfind(|m| m.vm == vm))
     }
 

@@ -404,10 +404,10 @@ impl Store for FailingReads {
     fn location(&self) -> String {
         self.0.location()
     }
-    fn get(&self, key: &vmkeep_store::Key) -> vmkeep_store::Result<Vec<u8>> {
+    fn get(&self, key: &vmkeep_store::Key, max_len: u64) -> vmkeep_store::Result<Vec<u8>> {
         match key.kind {
             Kind::Pack => Err(Self::fail(key)),
-            _ => self.0.get(key),
+            _ => self.0.get(key, max_len),
         }
     }
     fn get_range(&self, key: &vmkeep_store::Key, o: u64, l: u64) -> vmkeep_store::Result<Vec<u8>> {

@@ -9,6 +9,14 @@ pub enum Error {
     NotFound { key: String },
     #[error("object {key} is shorter than expected (wanted {len} bytes at offset {offset})")]
     ShortRead { key: String, offset: u64, len: u64 },
+    /// An object is larger than its reader allows; it was not read.
+    #[error("{kind} {key} is too large: {size} bytes, at most {max} allowed")]
+    TooLarge {
+        key: String,
+        kind: &'static str,
+        size: u64,
+        max: u64,
+    },
     #[error("no space left on the device holding {path}: free space or move the repository")]
     NoSpace { path: PathBuf },
     #[error("permission denied on {path}")]
@@ -26,6 +34,10 @@ pub enum Error {
 impl Error {
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::NotFound { .. })
+    }
+
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, Error::TooLarge { .. })
     }
 
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Error {

@@ -26,6 +26,19 @@ impl Kind {
         Kind::Gc,
     ];
 
+    /// What an object of this kind is, for messages.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Kind::Config => "config",
+            Kind::Key => "key file",
+            Kind::Snapshot => "manifest",
+            Kind::Index => "index object",
+            Kind::Pack => "pack",
+            Kind::Lock => "lock",
+            Kind::Gc => "gc record",
+        }
+    }
+
     /// Folder / prefix name.
     pub fn dir(self) -> &'static str {
         match self {

@@ -10,9 +10,9 @@ mod local;
 
 pub use error::{Error, Result};
 pub use key::{Key, Kind};
-pub use local::LocalStore;
+pub use local::{LocalStore, TEMP_PREFIX};
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// One listed object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,13 +22,34 @@ pub struct ObjectMeta {
     pub modified: SystemTime,
 }
 
+/// A temporary object: one being written, or left by a writer killed before it published it
+/// (the local store's `.tmp-*` files). Never listed as an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Temporary {
+    /// Where it is, for messages (local: its path).
+    pub location: String,
+    pub size: u64,
+    /// Its last write.
+    pub modified: SystemTime,
+}
+
+/// What [`Store::remove_temporaries`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TemporariesRemoved {
+    pub count: u64,
+    pub bytes: u64,
+}
+
 /// The object-store interface. Implementations are Send + Sync and used from many threads.
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Where this store is, for messages ("/srv/repo", "s3://bucket/prefix").
     fn location(&self) -> String;
 
-    /// Whole object. `Error::NotFound` when absent.
-    fn get(&self, key: &Key) -> Result<Vec<u8>>;
+    /// Whole object of at most `max_len` bytes. Bound first, then read: a larger object gives
+    /// `Error::TooLarge` before anything is allocated or read (callers pass the bound of the
+    /// object's kind), so a huge object planted in the store cannot exhaust memory.
+    /// `Error::NotFound` when absent.
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>>;
 
     /// `len` bytes at `offset`; `Error::Corrupt`-free: a short object gives `Error::ShortRead`.
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>>;
@@ -53,4 +74,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Durability barrier: every put that returned before this call is durable when it returns
     /// (local: syncfs). The repository calls it before each commit point.
     fn flush(&self) -> Result<()>;
+
+    /// Temporary objects present (see [`Temporary`]). Stores that write without temporaries
+    /// (an S3 put is atomic by itself) have none: the default.
+    fn list_temporaries(&self) -> Result<Vec<Temporary>> {
+        Ok(Vec::new())
+    }
+
+    /// Remove the temporaries last written more than `older_than` ago. A writer whose temporary
+    /// is removed fails its put (the publishing rename or link finds nothing): it never
+    /// publishes a partial object. The caller chooses an age no live writer reaches.
+    fn remove_temporaries(&self, older_than: Duration) -> Result<TemporariesRemoved> {
+        let _ = older_than;
+        Ok(TemporariesRemoved::default())
+    }
 }

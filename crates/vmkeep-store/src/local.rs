@@ -2,20 +2,29 @@
 //!
 //! Crash story: `put` writes `<dir>/.tmp-<random>` and renames it over the final name (a file
 //! rename inside one folder, atomic on POSIX filesystems), so a reader never sees a partial
-//! object; a kill -9 leaves at most a `.tmp-*` file that `list` ignores and `clean_temporaries`
-//! removes. Durability: every object's data is fsynced before its rename (so a power loss never
-//! exposes a renamed-but-empty file), and [`Store::flush`] fsyncs the folders renamed into since
-//! the last flush, making the names durable. Objects are large (packs of 16 MiB), so this costs a
-//! few fsyncs per backup; a filesystem-wide `syncfs` would also flush unrelated dirty data.
+//! object; a kill -9 leaves at most a `.tmp-*` file that `list` ignores and
+//! [`Store::remove_temporaries`] removes once no live writer can own it (prune).
+//!
+//! Durability (power loss): every object's data is fsynced before its rename, so a durable name
+//! never shows a renamed-but-empty file. A name is durable once its folder is fsynced:
+//! [`Store::flush`] fsyncs every folder renamed into (or deleted from) since the last flush,
+//! deepest first. A new `packs/xx` folder is fsynced into `packs/` when it is created, and
+//! `packs/` is fsynced again at the next flush. Callers order their writes with flush (the
+//! packer flushes its packs before writing the index object naming them; backups flush before
+//! the manifest). Objects are large (packs of 16 MiB), so this costs a few fsyncs per backup;
+//! a filesystem-wide `syncfs` would also flush unrelated dirty data.
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
 use crate::key::{Key, Kind};
-use crate::{ObjectMeta, Store};
+use crate::{ObjectMeta, Store, TemporariesRemoved, Temporary};
+
+/// Name prefix of the files `put` writes before renaming them to their final name.
+pub const TEMP_PREFIX: &str = ".tmp-";
 
 #[derive(Debug)]
 pub struct LocalStore {
@@ -60,6 +69,11 @@ impl LocalStore {
                 fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
             }
         }
+        // The kind folders' names, and the repository folder's own name in its parent.
+        fsync_dir(&root)?;
+        if let Some(parent) = root.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(parent)?;
+        }
         Ok(LocalStore {
             root,
             dirty_dirs: Default::default(),
@@ -77,14 +91,33 @@ impl LocalStore {
     fn temp_path(&self, final_path: &Path) -> PathBuf {
         let mut r = [0u8; 8];
         getrandom::getrandom(&mut r).expect("OS random source");
-        final_path.with_file_name(format!(".tmp-{}", hex::encode(r)))
+        final_path.with_file_name(format!("{TEMP_PREFIX}{}", hex::encode(r)))
+    }
+
+    /// Creates `packs/xx` if needed. A new folder is fsynced into `packs/` at once, so its
+    /// entry is durable before any pack is renamed into it. `packs/` is also marked dirty for
+    /// the next flush: the folder may have been created by a process killed before its fsync.
+    fn pack_folder(&self, dir: &Path) -> Result<()> {
+        let packs = dir.parent().expect("packs/xx has a parent");
+        match fs::create_dir(dir) {
+            Ok(()) => fsync_dir(packs)?,
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+                fsync_dir(packs)?;
+                fsync_dir(&self.root)?;
+            }
+            Err(e) => return Err(Error::io("create", dir, e)),
+        }
+        self.dirty_dirs.lock().unwrap().insert(packs.to_path_buf());
+        Ok(())
     }
 
     fn write_temp(&self, key: &Key, data: &[u8]) -> Result<(PathBuf, PathBuf)> {
         let path = self.path(key);
         let dir = path.parent().expect("object paths have a parent");
         if key.kind == Kind::Pack {
-            fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+            self.pack_folder(dir)?;
         }
         let tmp = self.temp_path(&path);
         let result = (|| {
@@ -101,36 +134,49 @@ impl LocalStore {
         Ok((tmp, path))
     }
 
-    /// Remove `.tmp-*` files older than `age` left by killed writers.
-    pub fn clean_temporaries(&self, age: Duration) -> Result<u64> {
-        let mut removed = 0;
+    /// Every temporary file: `.tmp-*` in the root (config), in each kind's folder and in the
+    /// `packs/xx` folders. Files that vanish meanwhile (published or removed) are skipped.
+    fn temporaries(&self) -> Result<Vec<(PathBuf, fs::Metadata)>> {
         let mut dirs = vec![self.root.clone()];
+        for kind in Kind::ALL {
+            if kind != Kind::Config {
+                dirs.push(self.root.join(kind.dir()));
+            }
+        }
+        let packs = self.root.join(Kind::Pack.dir());
+        let mut out = Vec::new();
         while let Some(d) = dirs.pop() {
             let rd = match fs::read_dir(&d) {
                 Ok(rd) => rd,
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io("read", &d, e)),
+                Err(e) => return Err(Error::io("list", &d, e)),
             };
-            for e in rd.flatten() {
-                let p = e.path();
-                let name = e.file_name().to_string_lossy().into_owned();
-                let Ok(m) = e.metadata() else { continue };
+            for e in rd {
+                let e = e.map_err(|e| Error::io("list", &d, e))?;
+                let m = match e.metadata() {
+                    Ok(m) => m,
+                    Err(err) if err.kind() == ErrorKind::NotFound => continue,
+                    Err(err) => return Err(Error::io("stat", e.path(), err)),
+                };
                 if m.is_dir() {
-                    dirs.push(p);
-                } else if name.starts_with(".tmp-") {
-                    let old = m
-                        .modified()
-                        .ok()
-                        .and_then(|t| t.elapsed().ok())
-                        .unwrap_or_default();
-                    if old >= age && fs::remove_file(&p).is_ok() {
-                        removed += 1;
+                    if d == packs {
+                        dirs.push(e.path());
                     }
+                } else if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                    out.push((e.path(), m));
                 }
             }
         }
-        Ok(removed)
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
+}
+
+/// Makes a folder's entries (names created, renamed or removed in it) durable.
+fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io("fsync", dir, e))
 }
 
 fn meta_of(key: Key, m: &fs::Metadata) -> ObjectMeta {
@@ -146,14 +192,34 @@ impl Store for LocalStore {
         self.root.display().to_string()
     }
 
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
         let p = self.path(key);
-        fs::read(&p).map_err(|e| match e.kind() {
+        let f = File::open(&p).map_err(|e| match e.kind() {
             ErrorKind::NotFound => Error::NotFound {
                 key: key.to_string(),
             },
-            _ => Error::io("read", &p, e),
-        })
+            _ => Error::io("open", &p, e),
+        })?;
+        let too_large = |size| Error::TooLarge {
+            key: key.to_string(),
+            kind: key.kind.noun(),
+            size,
+            max: max_len,
+        };
+        // The size of the open file, so a rename over the name cannot swap in another one.
+        let size = f.metadata().map_err(|e| Error::io("stat", &p, e))?.len();
+        if size > max_len {
+            return Err(too_large(size));
+        }
+        // Read at most one byte more than allowed: a file growing meanwhile is caught too.
+        let mut buf = Vec::with_capacity(size as usize);
+        f.take(max_len.saturating_add(1))
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::io("read", &p, e))?;
+        if buf.len() as u64 > max_len {
+            return Err(too_large(buf.len() as u64));
+        }
+        Ok(buf)
     }
 
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
@@ -265,12 +331,53 @@ impl Store for LocalStore {
         }
     }
 
+    fn list_temporaries(&self) -> Result<Vec<Temporary>> {
+        Ok(self
+            .temporaries()?
+            .into_iter()
+            .map(|(p, m)| Temporary {
+                location: p.display().to_string(),
+                size: m.len(),
+                modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            })
+            .collect())
+    }
+
+    fn remove_temporaries(&self, older_than: Duration) -> Result<TemporariesRemoved> {
+        let mut removed = TemporariesRemoved::default();
+        for (p, m) in self.temporaries()? {
+            // A time in the future (clock step) counts as young: keep.
+            let age = m
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            if age <= older_than {
+                continue;
+            }
+            match fs::remove_file(&p) {
+                Ok(()) => {
+                    removed.count += 1;
+                    removed.bytes += m.len();
+                }
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("delete", &p, e)),
+            }
+        }
+        Ok(removed)
+    }
+
     fn flush(&self) -> Result<()> {
-        let dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
-        for d in dirs {
-            if let Err(e) = File::open(&d).and_then(|f| f.sync_all()) {
-                self.dirty_dirs.lock().unwrap().insert(d.clone());
-                return Err(Error::io("fsync", &d, e));
+        let mut dirs: Vec<PathBuf> = self.dirty_dirs.lock().unwrap().drain().collect();
+        // Deepest first: `packs/xx` (the packs' names) before `packs/` (the folder's name).
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for (i, d) in dirs.iter().enumerate() {
+            if let Err(e) = fsync_dir(d) {
+                self.dirty_dirs
+                    .lock()
+                    .unwrap()
+                    .extend(dirs[i..].iter().cloned());
+                return Err(e);
             }
         }
         Ok(())
@@ -287,7 +394,7 @@ mod tests {
         let s = LocalStore::create(dir.path().join("r")).unwrap();
         let k = Key::new(Kind::Pack, "abcdef").unwrap();
         s.put(&k, b"hello").unwrap();
-        assert_eq!(s.get(&k).unwrap(), b"hello");
+        assert_eq!(s.get(&k, 5).unwrap(), b"hello");
         assert_eq!(s.get_range(&k, 1, 3).unwrap(), b"ell");
         assert!(matches!(
             s.get_range(&k, 3, 5),
@@ -298,12 +405,12 @@ mod tests {
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].key, k);
         assert!(!s.put_if_absent(&k, b"other").unwrap());
-        assert_eq!(s.get(&k).unwrap(), b"hello");
+        assert_eq!(s.get(&k, 5).unwrap(), b"hello");
         let k2 = Key::new(Kind::Snapshot, "0123").unwrap();
         assert!(s.put_if_absent(&k2, b"x").unwrap());
         s.delete(&k).unwrap();
         s.delete(&k).unwrap();
-        assert!(s.get(&k).unwrap_err().is_not_found());
+        assert!(s.get(&k, 5).unwrap_err().is_not_found());
         s.flush().unwrap();
         assert!(
             LocalStore::create(dir.path().join("r")).is_err(),
@@ -312,12 +419,80 @@ mod tests {
     }
 
     #[test]
-    fn temporaries_are_invisible_and_cleaned() {
+    fn get_is_bounded_before_reading() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::create(dir.path()).unwrap();
-        fs::write(dir.path().join("index/.tmp-dead"), b"partial").unwrap();
+        let k = Key::new(Kind::Snapshot, "abcd").unwrap();
+        s.put(&k, b"12345").unwrap();
+        assert_eq!(s.get(&k, 5).unwrap(), b"12345");
+        assert_eq!(s.get(&k, u64::MAX).unwrap(), b"12345");
+        match s.get(&k, 4) {
+            Err(
+                e @ Error::TooLarge {
+                    size: 5, max: 4, ..
+                },
+            ) => {
+                assert!(e.is_too_large());
+                assert!(
+                    e.to_string()
+                        .contains("manifest snapshots/abcd is too large"),
+                    "{e}"
+                );
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        // A sparse 1 TiB object: refused from its size alone (reading it would take hours).
+        let huge = Key::new(Kind::Index, "ef01").unwrap();
+        File::create(s.path(&huge))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        assert!(s.get(&huge, 256 << 20).unwrap_err().is_too_large());
+    }
+
+    #[test]
+    fn temporaries_are_invisible_listed_and_removed_by_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::create(dir.path()).unwrap();
+        s.put(&Key::new(Kind::Pack, "abcdef").unwrap(), b"pack")
+            .unwrap();
+        let old = SystemTime::now() - Duration::from_secs(600);
+        for (path, len, modified) in [
+            ("index/.tmp-dead", 7, old),
+            ("packs/ab/.tmp-dead", 5, old),
+            (".tmp-config", 3, old),
+            ("snapshots/.tmp-live", 2, SystemTime::now()),
+        ] {
+            let p = dir.path().join(path);
+            fs::write(&p, vec![0; len]).unwrap();
+            File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(modified)
+                .unwrap();
+        }
         assert!(s.list(Kind::Index).unwrap().is_empty());
-        assert_eq!(s.clean_temporaries(Duration::ZERO).unwrap(), 1);
+        assert_eq!(s.list(Kind::Pack).unwrap().len(), 1);
+        let listed = s.list_temporaries().unwrap();
+        assert_eq!(listed.len(), 4, "{listed:?}");
+        assert_eq!(listed.iter().map(|t| t.size).sum::<u64>(), 17);
+        let removed = s.remove_temporaries(Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            removed,
+            TemporariesRemoved {
+                count: 3,
+                bytes: 15
+            }
+        );
+        let left = s.list_temporaries().unwrap();
+        assert_eq!(left.len(), 1);
+        assert!(left[0].location.ends_with("snapshots/.tmp-live"));
+        assert_eq!(
+            s.list(Kind::Pack).unwrap().len(),
+            1,
+            "objects are untouched"
+        );
     }
 
     #[test]

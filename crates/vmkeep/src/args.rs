@@ -181,21 +181,40 @@ pub struct PruneArgs {
     /// Only this VM's restore points
     #[arg(long)]
     pub vm: Option<String>,
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Keep the N newest restore points (`unlimited`: all)
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
     pub keep_last: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Keep the newest point of each of the N newest hours that have one (`unlimited`: all)
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
     pub keep_hourly: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Keep the newest point of each of the N newest days (UTC) that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
     pub keep_daily: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Keep the newest point of each of the N newest ISO weeks that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
     pub keep_weekly: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Keep the newest point of each of the N newest months that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
     pub keep_monthly: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    /// Keep the newest point of each of the N newest years that have one
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
     pub keep_yearly: Option<u32>,
     /// Print the plan and change nothing
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// A `--keep-*` count: a positive number or `unlimited` (as restic). 0 is refused rather than
+/// silently ignored (restic treats it as "rule not given").
+fn parse_keep_count(s: &str) -> Result<u32, String> {
+    if s == "unlimited" {
+        return Ok(vmkeep_core::retention::RetentionPolicy::UNLIMITED);
+    }
+    match s.parse::<u32>() {
+        Ok(0) => Err("0 is not a count; leave the option out (restic ignores --keep-* 0)".into()),
+        Ok(n) if n != vmkeep_core::retention::RetentionPolicy::UNLIMITED => Ok(n),
+        _ => Err(format!("{s:?} is not a positive number or `unlimited`")),
+    }
 }
 
 #[derive(Args, Debug)]

@@ -462,6 +462,17 @@ fn print_table(title: &str, order: &[&str], counts: &BTreeMap<&'static str, usiz
     }
 }
 
+/// `check`'s warnings except the killed writers' temporaries: those are seconds old here, and
+/// prune removes temporaries only after the lease timeout plus the clock-skew allowance.
+fn warnings_besides_temporaries(check: &Value) -> Vec<&Value> {
+    check["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| !w.as_str().unwrap().starts_with("temporary file "))
+        .collect()
+}
+
 #[test]
 fn random_sigkill_during_backup_and_prune() {
     let _serial = serial();
@@ -510,7 +521,7 @@ fn random_sigkill_during_backup_and_prune() {
             let p = json(vmkeep(&w.repo).args(["prune", "--keep-last", "3"]));
             w.forget_versions();
             let c = check_read_data_ok(&w.repo, &format!("prune after kill {i}"));
-            assert_eq!(c["warnings"], serde_json::json!([]), "{c}");
+            assert!(warnings_besides_temporaries(&c).is_empty(), "{c}");
             let m = w.verify_all(&format!("prune after backup kill {i}"));
             println!(
                 "after kill {i}: {n} restore points verified; clean backup {took:?}; \
@@ -563,7 +574,7 @@ fn random_sigkill_during_backup_and_prune() {
     json(vmkeep(&w.repo).arg("prune"));
     w.forget_versions();
     let c = check_read_data_ok(&w.repo, "the final prune");
-    assert_eq!(c["warnings"], serde_json::json!([]), "{c}");
+    assert!(warnings_besides_temporaries(&c).is_empty(), "{c}");
     w.mutate();
     w.clean_backup();
     check_read_data_ok(&w.repo, "the final backup");

@@ -430,6 +430,7 @@ fn usage_errors_exit_2() {
         vec!["restore", "abcdef", "--target", "x", "--format", "vmdk"],
         vec!["prune", "--keep-last", "many"],
         vec!["prune", "--keep-last", "-1"],
+        vec!["prune", "--keep-daily", "0"],
         vec!["forget"],
         vec!["key"],
         vec!["init", "--chunk-size"],

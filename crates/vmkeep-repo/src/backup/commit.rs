@@ -24,8 +24,14 @@ use super::BackupSession;
 use crate::error::{Error, Result};
 use crate::hooks::kill_point;
 use crate::index::BlobIndex;
-use crate::lease::HostIdentity;
+use crate::lease::{HostIdentity, LeaseKind};
 use crate::walk::Walker;
+
+fn lost() -> Error {
+    Error::LeaseLost {
+        kind: LeaseKind::Backup,
+    }
+}
 
 impl BackupSession<'_> {
     /// Commit: write the remaining packs and indexes, flush, then the manifest (commit point).
@@ -141,21 +147,21 @@ impl BackupSession<'_> {
                 Ok(())
             } else {
                 missing = Some(r.id);
-                Err(Error::LeaseLost)
+                Err(lost())
             }
         });
         match walked {
             Ok(()) => {}
-            Err(e) if e.is_damage() || matches!(e, Error::LeaseLost) => {
+            Err(e) if e.is_damage() || matches!(e, Error::LeaseLost { .. }) => {
                 tracing::warn!(blob = ?missing.map(|b| b.to_hex()), error = %e, "data this backup references was reclaimed");
-                return Err(Error::LeaseLost);
+                return Err(lost());
             }
             Err(e) => return Err(e),
         }
         if self.lease.recovered(since) {
             Ok(())
         } else {
-            Err(Error::LeaseLost)
+            Err(lost())
         }
     }
 }

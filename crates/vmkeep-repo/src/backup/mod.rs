@@ -87,7 +87,7 @@ impl Repository {
         let parent = if opts.no_parent {
             None
         } else {
-            self.latest(&opts.vm)?
+            self.newest_readable_for_parent(&opts.vm)?
         };
         let packer = Packer::start(
             self.store.clone(),

@@ -61,6 +61,8 @@ pub struct GcStats {
     pub packs_reprieved: u64,
     pub records_sealed: u64,
     pub records_swept: u64,
+    /// Unreadable GC records replaced by this prune's own.
+    pub records_damaged_removed: u64,
     pub index_objects_rewritten: u64,
 }
 
@@ -85,13 +87,6 @@ fn intact_index(repo: &Repository) -> Result<RawIndex> {
     }
 }
 
-fn pending(records: &[(GcRecordId, GcRecord)]) -> HashSet<PackId> {
-    records
-        .iter()
-        .flat_map(|(_, r)| r.condemned.iter().copied())
-        .collect()
-}
-
 /// The repository as GC sees it at one moment: index, packs, and the lookup table over them.
 struct Snapshot {
     raw: RawIndex,
@@ -114,8 +109,13 @@ impl Repository {
         let mut stats = GcStats::default();
         let mine = *lease.id();
         // 1. Seal what a killed prune left unsealed.
-        let mut records = record::load_all(self)?;
-        for (id, rec) in records.iter_mut().filter(|(_, r)| r.waiting.is_none()) {
+        let mut loaded = record::load_all(self)?;
+        loaded.warn_damaged();
+        for (id, rec) in loaded
+            .records
+            .iter_mut()
+            .filter(|(_, r)| r.waiting.is_none())
+        {
             let waiting = self.live_leases_except(&mine)?;
             lease.check()?;
             rec.waiting = Some(waiting);
@@ -127,7 +127,7 @@ impl Repository {
         // 2. Mark.
         progress.phase("mark", 0);
         let mut mark = Mark::new(self);
-        let condemned_before = pending(&records);
+        let condemned_before = loaded.condemned();
         let listed = mark.list_new(&HashSet::new())?;
         let snap = Snapshot::load(self, &condemned_before)?;
         mark.add(&snap.index, &listed)?;
@@ -154,6 +154,12 @@ impl Repository {
             condemn.sort();
             stats.packs_condemned = condemn.len() as u64;
             self.write_sealed_record(lease, condemn)?;
+        }
+        // Damaged records are replaced by the one just written (see `record::Records`).
+        for (id, _) in &loaded.damaged {
+            lease.check()?;
+            self.store.delete(&record::record_key(id))?;
+            stats.records_damaged_removed += 1;
         }
 
         // 4. Sweep.
@@ -224,11 +230,14 @@ impl Repository {
         stats: &mut GcStats,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let records = record::load_all(self)?;
+        let records = record::load_all(self)?.records;
         let live: HashSet<LeaseId> = self.live_leases_except(lease.id())?.into_iter().collect();
         // After the lease listing: every restore point committed by an operation that is not
         // listed any more is visible now.
-        let pending = pending(&records);
+        let pending: HashSet<PackId> = records
+            .iter()
+            .flat_map(|(_, r)| r.condemned.iter().copied())
+            .collect();
         let listed = mark.list_new(&HashSet::new())?;
         let snap = Snapshot::load(self, &pending)?;
         progress.phase("mark", 0);
@@ -333,14 +342,17 @@ impl Repository {
         forgotten: &HashSet<SnapshotId>,
         progress: &dyn Progress,
     ) -> Result<GcPreview> {
-        let records = record::load_all(self)?;
+        let records = record::load_all(self)?.records;
         let now = chrono::Utc::now();
         let live: HashSet<LeaseId> = crate::lease::list(self)?
             .into_iter()
             .filter(|l| self.judge_lease(l, now).is_alive())
             .map(|l| l.id)
             .collect();
-        let mut pending = pending(&records);
+        let mut pending: HashSet<PackId> = records
+            .iter()
+            .flat_map(|(_, r)| r.condemned.iter().copied())
+            .collect();
         let mut mark = Mark::new(self);
         let listed = mark.list_new(forgotten)?;
         let snap = Snapshot::load(self, &pending)?;

@@ -37,32 +37,66 @@ pub(crate) fn record_key(id: &GcRecordId) -> Key {
     Key::new(Kind::Gc, id.to_hex()).expect("hex names are valid keys")
 }
 
-/// Every GC record, or the first unreadable one as an error: a damaged record could condemn
-/// anything, so neither a backup nor a prune may proceed without knowing it (the message
-/// says how to get past it).
-pub fn load_all(repo: &Repository) -> Result<Vec<(GcRecordId, GcRecord)>> {
-    let mut out = Vec::new();
+/// The GC records, read in one pass.
+#[derive(Debug, Default)]
+pub struct Records {
+    pub records: Vec<(GcRecordId, GcRecord)>,
+    /// Records that cannot be read. Nobody can sweep them (a sweep needs to read a record), so
+    /// their packs stay: a backup may ignore them, and a prune replaces them (it condemns
+    /// afresh whatever is still unreferenced, in a record of its own, then deletes them).
+    pub damaged: Vec<(GcRecordId, Error)>,
+}
+
+impl Records {
+    /// Packs condemned by the readable records.
+    pub fn condemned(&self) -> std::collections::HashSet<PackId> {
+        self.records
+            .iter()
+            .flat_map(|(_, r)| r.condemned.iter().copied())
+            .collect()
+    }
+
+    pub fn warn_damaged(&self) {
+        for (id, e) in &self.damaged {
+            tracing::warn!(record = %id, error = %e, "ignoring a damaged GC record (the next prune replaces it)");
+        }
+    }
+}
+
+/// Every GC record, oldest first (bounded reads; damaged ones apart).
+pub fn load_all(repo: &Repository) -> Result<Records> {
+    let mut out = Records::default();
     for meta in repo.store.list(Kind::Gc)? {
         let Ok(id) = meta.key.name.parse::<GcRecordId>() else {
             tracing::warn!(object = %meta.key, "ignoring a gc object whose name is not a record id");
             continue;
         };
-        let bytes = match repo.store.get(&meta.key) {
+        let bytes = match repo
+            .store
+            .get(&meta.key, ObjectKind::GcRecord.max_size() as u64)
+        {
             Ok(b) => b,
             Err(e) if e.is_not_found() => continue, // swept meanwhile
+            Err(e) if e.is_too_large() => {
+                out.damaged.push((id, e.into()));
+                continue;
+            }
             Err(e) => return Err(e.into()),
         };
-        let rec = object::open(&repo.keys, ObjectKind::GcRecord, &bytes)
-            .and_then(|body| {
-                serde_json::from_slice::<GcRecord>(&body).map_err(|e| vmkeep_core::Error::Corrupt {
-                    kind: "gc record",
-                    reason: e.to_string(),
-                })
+        let rec = object::open(&repo.keys, ObjectKind::GcRecord, &bytes).and_then(|body| {
+            serde_json::from_slice::<GcRecord>(&body).map_err(|e| vmkeep_core::Error::Corrupt {
+                kind: "gc record",
+                reason: e.to_string(),
             })
-            .map_err(|e| Error::corrupt(meta.key.to_string(), e))?;
-        out.push((id, rec));
+        });
+        match rec {
+            Ok(r) => out.records.push((id, r)),
+            Err(e) => out
+                .damaged
+                .push((id, Error::corrupt(meta.key.to_string(), e))),
+        }
     }
-    out.sort_by_key(|(id, r)| (r.created, *id));
+    out.records.sort_by_key(|(id, r)| (r.created, *id));
     Ok(out)
 }
 

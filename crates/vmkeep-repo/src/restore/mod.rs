@@ -3,8 +3,8 @@
 //! chunks are never read or written, so the target must read as zeros where nothing is written.
 //!
 //! [`Repository::restore`] writes sparse raw files ([`raw::RawFileWriter`]), each under a
-//! `.partial` name renamed when complete, so a killed restore never leaves a file that looks
-//! finished. [`Repository::restore_disk_to`] writes one disk into any other target (e.g. a
+//! `.partial` name, fsynced, renamed when complete and its folder fsynced ([`publish`]), so
+//! neither a killed restore nor a power loss leaves a file that looks finished. [`Repository::restore_disk_to`] writes one disk into any other target (e.g. a
 //! qcow2 image behind an NBD server, in vmkeep-qemu).
 use std::path::{Path, PathBuf};
 
@@ -20,8 +20,10 @@ use crate::nodes::RepoNodes;
 use crate::progress::Progress;
 use crate::Repository;
 
+mod publish;
 pub mod raw;
 
+pub use publish::{create_target_dir, publish};
 pub use raw::RawFileWriter;
 
 /// Where a restored disk goes: positional writes of whole chunks from several worker threads
@@ -30,7 +32,8 @@ pub use raw::RawFileWriter;
 pub trait DiskWriter: Sync {
     /// Writes `data` at `offset`. Called concurrently for disjoint ranges.
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
-    /// Called once after every chunk was written (flush; not called after a failure).
+    /// Called once after every chunk was written: makes every write durable (fsync); the caller
+    /// then renames the target ([`publish`]). Not called after a failure.
     fn finish(&self) -> std::io::Result<()>;
     /// What is being written, for error messages.
     fn target(&self) -> &Path;
@@ -85,7 +88,7 @@ impl Repository {
     ) -> Result<RestoreStats> {
         let started = std::time::Instant::now();
         let disks = select_disks(m, opts.disk.as_deref())?;
-        std::fs::create_dir_all(&opts.target).map_err(|e| Error::TargetWrite {
+        create_target_dir(&opts.target).map_err(|e| Error::TargetWrite {
             path: opts.target.clone(),
             cause: e,
         })?;
@@ -110,7 +113,7 @@ impl Repository {
                     return Err(e);
                 }
             };
-            std::fs::rename(&partial, &path).map_err(|e| Error::TargetWrite {
+            publish(&partial, &path).map_err(|e| Error::TargetWrite {
                 path: path.clone(),
                 cause: e,
             })?;

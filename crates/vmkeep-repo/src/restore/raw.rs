@@ -40,7 +40,8 @@ impl DiskWriter for RawFileWriter {
     }
 
     fn finish(&self) -> std::io::Result<()> {
-        Ok(())
+        // The size (set_len) and every write: sync_all, not sync_data, covers the metadata.
+        self.file.sync_all()
     }
 
     fn target(&self) -> &Path {

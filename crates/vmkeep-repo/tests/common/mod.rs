@@ -314,7 +314,7 @@ pub fn dangling_index_packs(repo: &Repository) -> Vec<String> {
         .collect();
     let mut out = Vec::new();
     for meta in repo.store().list(Kind::Index).unwrap() {
-        let bytes = repo.store().get(&meta.key).unwrap();
+        let bytes = repo.store().get(&meta.key, u64::MAX).unwrap();
         let body = object::open(repo.keys(), ObjectKind::Index, &bytes).unwrap();
         let file = vmkeep_core::pack::IndexFile::decode(&body).unwrap();
         for (p, _) in file.packs {

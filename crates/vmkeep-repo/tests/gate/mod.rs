@@ -137,8 +137,8 @@ impl Store for GateStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
-        self.around(Op::Get, key.kind, || self.inner.get(key))
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
+        self.around(Op::Get, key.kind, || self.inner.get(key, max_len))
     }
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.around(Op::Get, key.kind, || self.inner.get_range(key, offset, len))

@@ -81,8 +81,8 @@ impl Store for CountingStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
-        let r = self.inner.get(key);
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
+        let r = self.inner.get(key, max_len);
         self.count(Op::Get, kind_of(Some(key), None), len_of(&r), 0);
         r
     }
@@ -120,6 +120,15 @@ impl Store for CountingStore {
         self.count(Op::Flush, None, 0, 0);
         self.inner.flush()
     }
+    fn list_temporaries(&self) -> Result<Vec<vmkeep_store::Temporary>> {
+        self.inner.list_temporaries()
+    }
+    fn remove_temporaries(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<vmkeep_store::TemporariesRemoved> {
+        self.inner.remove_temporaries(older_than)
+    }
 }
 
 #[cfg(test)]
@@ -134,9 +143,11 @@ mod tests {
         let s = CountingStore::new(local);
         let k = Key::new(Kind::Index, "ab").unwrap();
         s.put(&k, b"12345").unwrap();
-        s.get(&k).unwrap();
+        s.get(&k, 1 << 20).unwrap();
         s.get_range(&k, 1, 2).unwrap();
-        assert!(s.get(&Key::new(Kind::Index, "cd").unwrap()).is_err());
+        assert!(s
+            .get(&Key::new(Kind::Index, "cd").unwrap(), 1 << 20)
+            .is_err());
         s.list(Kind::Pack).unwrap();
         s.delete(&k).unwrap();
         s.flush().unwrap();

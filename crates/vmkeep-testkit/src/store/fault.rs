@@ -2,8 +2,9 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use vmkeep_store::{Error, Key, Kind, ObjectMeta, Result, Store};
+use vmkeep_store::{Error, Key, Kind, ObjectMeta, Result, Store, TemporariesRemoved, Temporary};
 
 /// The `op` of the I/O error a [`FaultStore`] returns, so a test can tell it from a real one.
 pub const INJECTED: &str = "injected fault at";
@@ -62,8 +63,8 @@ impl Store for FaultStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
-        self.inner.get(key)
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
+        self.inner.get(key, max_len)
     }
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.inner.get_range(key, offset, len)
@@ -89,6 +90,14 @@ impl Store for FaultStore {
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
+    // Temporaries are outside the repository protocol (no object depends on them), so they
+    // are forwarded, never counted or failed.
+    fn list_temporaries(&self) -> Result<Vec<Temporary>> {
+        self.inner.list_temporaries()
+    }
+    fn remove_temporaries(&self, older_than: Duration) -> Result<TemporariesRemoved> {
+        self.inner.remove_temporaries(older_than)
+    }
 }
 
 /// A store whose conditional create silently overwrites and always reports success.
@@ -107,8 +116,8 @@ impl Store for IgnoreConditionalStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
-        self.inner.get(key)
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
+        self.inner.get(key, max_len)
     }
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.inner.get_range(key, offset, len)
@@ -131,6 +140,14 @@ impl Store for IgnoreConditionalStore {
     }
     fn flush(&self) -> Result<()> {
         self.inner.flush()
+    }
+    // Temporaries are outside the repository protocol (no object depends on them), so they
+    // are forwarded, never counted or failed.
+    fn list_temporaries(&self) -> Result<Vec<Temporary>> {
+        self.inner.list_temporaries()
+    }
+    fn remove_temporaries(&self, older_than: Duration) -> Result<TemporariesRemoved> {
+        self.inner.remove_temporaries(older_than)
     }
 }
 
@@ -156,7 +173,7 @@ mod tests {
         assert!(is_injected(&s.put(&key("a3"), b"3").unwrap_err()));
         assert_eq!(s.writes(), 4);
         assert_eq!(
-            s.get(&key("a1")).unwrap(),
+            s.get(&key("a1"), 1 << 20).unwrap(),
             b"1",
             "the failed delete did nothing"
         );
@@ -174,6 +191,6 @@ mod tests {
         assert!(local.put_if_absent(&key("b"), b"old").unwrap());
         assert!(!local.put_if_absent(&key("b"), b"new").unwrap());
         assert!(s.put_if_absent(&key("b"), b"new").unwrap());
-        assert_eq!(local.get(&key("b")).unwrap(), b"new");
+        assert_eq!(local.get(&key("b"), 1 << 20).unwrap(), b"new");
     }
 }

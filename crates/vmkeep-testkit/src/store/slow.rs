@@ -94,8 +94,10 @@ impl Store for SlowStore {
     fn location(&self) -> String {
         self.inner.location()
     }
-    fn get(&self, key: &Key) -> Result<Vec<u8>> {
-        self.call(Op::Get, kind_of(Some(key), None), || self.inner.get(key))
+    fn get(&self, key: &Key, max_len: u64) -> Result<Vec<u8>> {
+        self.call(Op::Get, kind_of(Some(key), None), || {
+            self.inner.get(key, max_len)
+        })
     }
     fn get_range(&self, key: &Key, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.call(Op::GetRange, kind_of(Some(key), None), || {
@@ -128,6 +130,15 @@ impl Store for SlowStore {
     fn flush(&self) -> Result<()> {
         self.call(Op::Flush, None, || self.inner.flush())
     }
+    fn list_temporaries(&self) -> Result<Vec<vmkeep_store::Temporary>> {
+        self.inner.list_temporaries()
+    }
+    fn remove_temporaries(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<vmkeep_store::TemporariesRemoved> {
+        self.inner.remove_temporaries(older_than)
+    }
 }
 
 #[cfg(test)]
@@ -159,7 +170,7 @@ mod tests {
         assert_eq!(s.delayed_calls(), 2);
         s.put(&lock, b"y").unwrap();
         s.list(Kind::Lock).unwrap();
-        s.get(&snap).unwrap();
+        s.get(&snap, 1 << 20).unwrap();
         s.flush().unwrap();
         assert_eq!(
             s.delayed_calls(),

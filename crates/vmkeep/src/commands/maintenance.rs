@@ -98,6 +98,7 @@ pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
             "forgotten": st.forgotten,
             "reclaimed_bytes": st.gc.reclaimed_bytes,
             "gc": st.gc,
+            "temporaries": st.temporaries,
         }))?;
     } else {
         print_line(&format!(
@@ -108,6 +109,14 @@ pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
             st.gc.packs_deleted,
             st.gc.packs_repacked
         ))?;
+        if st.temporaries.removed > 0 {
+            print_line(&format!(
+                "removed {} temporary file{} ({}) left by killed writers",
+                st.temporaries.removed,
+                if st.temporaries.removed == 1 { "" } else { "s" },
+                human(st.temporaries.bytes)
+            ))?;
+        }
         if st.gc.packs_waiting > 0 {
             print_line(&format!(
                 "{} ({} packs) wait for running backups to finish; the next prune reclaims them",

@@ -55,9 +55,11 @@ fn restore_qcow2(
     let started = std::time::Instant::now();
     let disks = select_disks(m, opts.disk.as_deref())?;
     let target_dir: &Path = &opts.target;
-    std::fs::create_dir_all(target_dir).map_err(|e| vmkeep_repo::Error::TargetWrite {
-        path: target_dir.to_path_buf(),
-        cause: e,
+    vmkeep_repo::restore::create_target_dir(target_dir).map_err(|e| {
+        vmkeep_repo::Error::TargetWrite {
+            path: target_dir.to_path_buf(),
+            cause: e,
+        }
     })?;
     let path_of = |name: &str| target_dir.join(format!("{name}.qcow2"));
     for d in &disks {

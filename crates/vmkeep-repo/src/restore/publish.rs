@@ -1,0 +1,45 @@
+//! Making a restored target durable: the file's bytes, then its final name, then the folder.
+//!
+//! A restore writes `DIR/<disk>.<ext>.partial`, fsyncs it ([`DiskWriter::finish`]), renames it
+//! to its final name and fsyncs `DIR`, so after a power loss the final name either does not
+//! exist or holds every byte. A newly created `DIR` (and each new parent) is fsynced into its
+//! parent too.
+//!
+//! [`DiskWriter::finish`]: super::DiskWriter::finish
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// Makes `dir`'s entries durable.
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The folder holding `path` ("." for a bare file name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Creates `dir` and its missing parents; each new folder is fsynced into its parent.
+pub fn create_target_dir(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.as_os_str().is_empty() && !d.exists() {
+        missing.push(d);
+        d = parent_of(d);
+    }
+    std::fs::create_dir_all(dir)?;
+    for new in missing.iter().rev() {
+        fsync_dir(parent_of(new))?;
+    }
+    Ok(())
+}
+
+/// Renames the finished (already fsynced) `partial` to `path` and fsyncs the folder.
+pub fn publish(partial: &Path, path: &Path) -> io::Result<()> {
+    std::fs::rename(partial, path)?;
+    fsync_dir(parent_of(path))
+}
