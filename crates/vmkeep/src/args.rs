@@ -54,6 +54,16 @@ pub enum Command {
     Prune(PruneArgs),
     /// Remove stale locks left by killed vmkeep processes
     Unlock(UnlockArgs),
+    /// Repair the repository's metadata
+    #[command(subcommand)]
+    Repair(RepairCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepairCommand {
+    /// Rebuild the index objects from the pack headers (lost or damaged index objects, or index
+    /// entries naming packs that are gone)
+    Index,
 }
 
 #[derive(Args, Debug)]

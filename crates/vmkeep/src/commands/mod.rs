@@ -4,6 +4,7 @@ mod check;
 mod init;
 mod key;
 mod maintenance;
+mod repair;
 mod restore;
 mod snapshots;
 
@@ -23,5 +24,6 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Forget(a) => maintenance::forget(g, &a),
         Command::Prune(a) => maintenance::prune(g, &a),
         Command::Unlock(a) => maintenance::unlock(g, &a),
+        Command::Repair(r) => repair::run(g, &r),
     }
 }
