@@ -42,6 +42,9 @@ REPO_ROOT = BENCH_DIR.parent
 OUT_DIR = BENCH_DIR / "out"
 DEFAULT_WORK = os.environ.get("VMKEEP_BENCH_WORK", "/var/tmp/vmkeep-bench")
 DEFAULT_VMKEEP = str(REPO_ROOT / "target" / "release" / "vmkeep")
+# Tools the benchmark builds itself (rustic) live outside the checkout and survive it.
+BENCH_CACHE = Path(os.environ.get("VMKEEP_BENCH_CACHE")
+                   or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmkeep-bench")
 PASSWORD = "vmkeep-bench-passphrase"
 
 
@@ -70,7 +73,7 @@ def check_free_space(path: str | Path, need_gib: float) -> None:
 
 GNU_TIME = "/usr/bin/time"
 # Peers' settings a developer may have exported; the harness sets what each tool needs.
-SCRUBBED_ENV_PREFIXES = ("RESTIC_", "BORG_")
+SCRUBBED_ENV_PREFIXES = ("RESTIC_", "RUSTIC_", "BORG_")
 
 
 def tool_env(env: dict | None) -> dict:

@@ -5,12 +5,12 @@ Per repetition (fresh image, repositories and VM each time):
   boot the cached test guest (tests/guest/build.sh) with vmkeep.workload=randwrite, which
   waits for a line on its serial console;
   (1) vmkeep full backup of the running VM (`backup vm --qmp`), guest idle;
-      then QMP `stop`, restic and borg first backups of the image file, `cont`;
+      then QMP `stop`, restic, rustic and borg first backups of the image file, `cont`;
   (2) the guest writes 1% of the disk as 64 KiB extents at random 64 KiB-aligned offsets
       (dd from /dev/urandom, fsync each), host waits for "RANDWRITE DONE";
   (3) vmkeep incremental backup of the running VM (change tracking, cbt "used" expected);
-      then QMP `stop`, restic and borg second backups of the image file, `cont`.
-  All three tools back up the same two states of the disk: before and after the change.
+      then QMP `stop`, restic, rustic and borg second backups of the image file, `cont`.
+  All four tools back up the same two states of the disk: before and after the change.
   The peers need the VM stopped for a consistent image, so their backup time is also
   the guest's pause.
 Then once: (5) guest write throughput, idle vs during vmkeep `backup vm --full` (repeated to
@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-import run as brun  # noqa: E402  (Restic, Borg drivers)
+import run as brun  # noqa: E402  (Restic, Rustic, Borg drivers)
 
 VM = "livebench"
 DISK_SIZE = 4 * bl.GiB
@@ -47,7 +47,7 @@ LOCK = "/tmp/vmkeep-qemu-tests.lock"  # shared with the QEMU tests: one TCG gues
 
 # ---------------------------------------------------------------- image
 
-PEERS = ("restic", "borg")
+PEERS = ("restic", "rustic", "borg")
 
 
 def make_disk(path: Path, prefill: int, work: str) -> dict:
@@ -316,7 +316,7 @@ def one_rep(args, guest: Path, rep: int) -> dict:
     rec["change"] = {"writes": count, "seed": args.seed + rep, "unique_extents": len(set(offs)),
                      "changed_bytes": len(set(offs)) * EXTENT}
     work = Path(args.work)
-    tools = [brun.Restic(work), brun.Borg(work)]
+    tools = [brun.Restic(work), brun.Rustic(work, args.rustic), brun.Borg(work)]
     repos = {"vmkeep": d / "repo-vmkeep", **{p: d / f"repo-{p}" for p in PEERS}}
     for t in tools:
         t.reset_cache()
@@ -334,7 +334,7 @@ def one_rep(args, guest: Path, rep: int) -> dict:
         res = vmkeep_backup(args, repos["vmkeep"], vm, full=False)
         rec["vmkeep"]["full"] = record(res, repos["vmkeep"])
         check(res, "vmkeep full backup")
-        bl.log(f"rep {rep + 1}: VM stopped; restic and borg first backups")
+        bl.log(f"rep {rep + 1}: VM stopped; restic, rustic and borg first backups")
         file_backups(tools, repos, img, "full", vm, rec, rep)
         bl.log(f"rep {rep + 1}: guest writes {count} x 64 KiB")
         t0 = time.monotonic()
@@ -349,7 +349,7 @@ def one_rep(args, guest: Path, rep: int) -> dict:
         res = vmkeep_backup(args, repos["vmkeep"], vm, full=False)
         rec["vmkeep"]["incremental"] = record(res, repos["vmkeep"])
         check(res, "vmkeep incremental backup")
-        bl.log(f"rep {rep + 1}: VM stopped; restic and borg second backups")
+        bl.log(f"rep {rep + 1}: VM stopped; restic, rustic and borg second backups")
         file_backups(tools, repos, img, "incremental", vm, rec, rep)
     except Exception as e:
         rec["ok"] = False
@@ -482,7 +482,7 @@ def markdown(meta, med, tp, targets, failures) -> str:
              f"{'/'.join(map(str, meta['unique_extents']))} distinct extents = "
              f"{'/'.join(f'{u * EXTENT / bl.MB:.1f}' for u in meta['unique_extents'])} MB. "
              f"Medians of {meta['args']['reps']} "
-             f"repetition(s). vmkeep backs up the running VM; restic and borg back up the image file "
+             f"repetition(s). vmkeep backs up the running VM; restic, rustic and borg back up the image file "
              f"with the VM stopped (QMP stop/cont), at the same two disk states.")
     L.append("Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items() if v))
     L.append("")
@@ -497,6 +497,7 @@ def markdown(meta, med, tp, targets, failures) -> str:
     L.append("| tool | full s | incremental s | read by incremental | stored by incremental | pause_ms full / incremental | peak RSS |")
     L.append("|---|---|---|---|---|---|---|")
     labels = {"vmkeep": "vmkeep `backup vm` (live, --encrypt)", "restic": "restic (image file, VM stopped)",
+              "rustic": "rustic (image file, VM stopped)",
               "borg": "borg repokey-blake2 (image file, VM stopped)"}
     for t in ("vmkeep",) + PEERS:
         g = lambda k: med.get(f"{t}_{k}")  # noqa: E731
@@ -599,6 +600,8 @@ def main(argv=None):
     ap.add_argument("--work", default=bl.DEFAULT_WORK, help="work dir (default %(default)s); uses WORK/live/")
     ap.add_argument("--reps", type=int, default=1, help="repetitions, medians shown (default 1; 3 for less noise)")
     ap.add_argument("--vmkeep", default=bl.DEFAULT_VMKEEP, help="vmkeep binary (default %(default)s)")
+    ap.add_argument("--rustic", default=brun.default_rustic(),
+                    help="rustic binary (default %(default)s, built by scripts/install-deps.sh bench)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the guest's random writes (+rep)")
     ap.add_argument("--count", type=int, default=0, help="64 KiB guest writes (default: 1%% of the disk, 656)")
     ap.add_argument("--prefill-gib", type=float, default=1.5, help="real data at the start of the disk (default 1.5)")
@@ -614,7 +617,7 @@ def main(argv=None):
         return 1 if failures else 0
 
     problems = [f"{b} not found" for b in ("qemu-system-x86_64", "restic", "borg") if not bl.shutil.which(b)]
-    problems += [p for p in (bl.gnu_time_problem(),) if p]
+    problems += [p for p in (brun.Rustic(Path(args.work), args.rustic).check(), bl.gnu_time_problem()) if p]
     if not (os.path.isfile(args.vmkeep) and os.access(args.vmkeep, os.X_OK)):
         problems.append(f"vmkeep binary not found at {args.vmkeep}: cargo build --release -p vmkeep")
     if problems:
@@ -637,6 +640,7 @@ def main(argv=None):
             "versions": {"vmkeep": bl.tool_version([args.vmkeep, "--version"]),
                          "qemu": bl.tool_version(["qemu-system-x86_64", "--version"]),
                          "restic": bl.tool_version(["restic", "version"]),
+                         "rustic": bl.tool_version([args.rustic, "--version"]),
                          "borg": bl.tool_version(["borg", "--version"])}}
     runs, tp = [], None
     try:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""vmkeep benchmark: vmkeep vs restic vs borg, with zstd -1 -T2 as the compression limit.
+"""vmkeep benchmark: vmkeep vs restic vs rustic vs borg, with zstd -1 -T2 as the compression limit.
 
 For each image (allocated, sparse) and repetition, every tool (order rotated by the
 repetition index) gets a fresh copy of the pristine image and a fresh repository, then:
@@ -14,6 +14,7 @@ during it, and each backup starts at least SETTLE_S after the image's last chang
 
 Usage: python3 bench/run.py [--reps 3] [--skip-vmkeep] [--work DIR] [--images allocated,sparse]
 Writes bench/out/run-<timestamp>.json (raw) and .md (the table printed on stdout).
+rustic is built once by `scripts/install-deps.sh bench` into a cache outside the checkout.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import make_image as mi  # noqa: E402
 VM = "bench"
 DISK = "disk0"
 STEPS = ("full", "incremental", "nochange")
-ALL_TOOLS = ("vmkeep", "restic", "borg", "zstd")
-PEERS = ("restic",)  # vmkeep/<peer> ratio rows
+ALL_TOOLS = ("vmkeep", "restic", "rustic", "borg", "zstd")
+PEERS = ("restic", "rustic")  # vmkeep/<peer> ratio rows
 # A backup starts only when the image's last change (ctime) is this old. vmkeep (like git's
 # "racy clean" rule) records a file's identity for the next backup's unchanged-file check only
 # when its ctime is over 1 s old at backup start; without the pause, whether the no-change
@@ -86,6 +87,57 @@ class Restic(Tool):
     def restore(self, repo, img, dest, last):
         res = bl.run_timed(["restic", "-r", repo, "restore", "latest", "--target", dest, "-q"],
                            env=self.env(), label="restic restore")
+        return res, Path(dest) / str(img).lstrip("/")
+
+
+def default_rustic() -> str:
+    cached = bl.BENCH_CACHE / "rustic" / "bin" / "rustic"
+    if cached.exists():
+        return str(cached)
+    return shutil.which("rustic") or str(cached)
+
+
+class Rustic(Tool):
+    """rustic, the Rust implementation of restic's repository format. Only the benchmark's own
+    (empty) profile is read: `-P /abs/path.toml` replaces the default `rustic` profile that
+    rustic would otherwise merge from ~/.config/rustic, /etc/rustic and the working dir."""
+
+    name, label = "rustic", "rustic (encrypted)"
+
+    def __init__(self, work, binary):
+        super().__init__(work)
+        self.binary = binary
+        self.profile = work / "cache" / "rustic-profile" / "vmkeep-bench.toml"
+
+    def check(self):
+        if not (os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)):
+            return (f"rustic not found at {self.binary}: `scripts/install-deps.sh bench` builds it "
+                    f"once into {bl.BENCH_CACHE / 'rustic'} (or pass --rustic PATH, or --tools without rustic)")
+        return None
+
+    def env(self):
+        return {"RUSTIC_PASSWORD": bl.PASSWORD, "RUSTIC_CACHE_DIR": str(self.work / "cache" / "rustic")}
+
+    def base(self, repo):
+        if not self.profile.exists():
+            self.profile.parent.mkdir(parents=True, exist_ok=True)
+            self.profile.write_text("# vmkeep benchmark: the only rustic profile read (settings are "
+                                    "on the command line and in RUSTIC_* variables)\n")
+        return [self.binary, "-P", str(self.profile), "--no-progress", "--log-level", "warn", "-r", repo]
+
+    def reset_cache(self):
+        bl.rmtree(self.work / "cache" / "rustic")
+
+    def init(self, repo, img, chunk_size=None):
+        return bl.run_timed(self.base(repo) + ["init"], env=self.env(), label="rustic init")
+
+    def backup(self, repo, img, step):
+        return bl.run_timed(self.base(repo) + ["backup", "--host", "vmkeep-bench", img],
+                            env=self.env(), label=f"rustic backup ({step})")
+
+    def restore(self, repo, img, dest, last):
+        res = bl.run_timed(self.base(repo) + ["restore", "latest", dest], env=self.env(),
+                           label="rustic restore")
         return res, Path(dest) / str(img).lstrip("/")
 
 
@@ -318,7 +370,7 @@ def fmt_mib(kib) -> str:
 
 
 def markdown(meta, med, tools, images, image_size, targets, failures) -> str:
-    labels = {"vmkeep": Vmkeep.label, "restic": Restic.label, "borg": Borg.label,
+    labels = {"vmkeep": Vmkeep.label, "restic": Restic.label, "rustic": Rustic.label, "borg": Borg.label,
               "zstd": Zstd.label}
     steps4 = ("full", "incremental", "nochange", "restore")
     L = []
@@ -483,6 +535,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default 3)")
     ap.add_argument("--skip-vmkeep", action="store_true", help="measure only the peers and zstd")
     ap.add_argument("--vmkeep", default=bl.DEFAULT_VMKEEP, help="vmkeep binary (default %(default)s)")
+    ap.add_argument("--rustic", default=default_rustic(),
+                    help="rustic binary (default %(default)s, built by scripts/install-deps.sh bench)")
     ap.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma list (default %(default)s)")
     ap.add_argument("--images", default="allocated,sparse", help="comma list (default %(default)s)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the 1%% change (default 1)")
@@ -502,7 +556,7 @@ def main(argv=None):
         if i not in ("allocated", "sparse"):
             bl.die(f"unknown image {i!r} (allocated, sparse)", 2)
     known = {"vmkeep": lambda: Vmkeep(work, args.vmkeep), "restic": lambda: Restic(work),
-             "borg": lambda: Borg(work),
+             "rustic": lambda: Rustic(work, args.rustic), "borg": lambda: Borg(work),
              "zstd": lambda: Zstd(work)}
     for t in tools:
         if t not in known:
