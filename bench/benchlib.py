@@ -1,9 +1,23 @@
 """Shared helpers of the vmkeep benchmark harness (Python 3.11 standard library only).
 
-Measuring: every timed command runs as a child whose wall time is taken with
-time.perf_counter() around fork/exec and os.wait4(), and whose peak RSS is ru_maxrss
-from the rusage wait4 returns (KiB on Linux). stdout/stderr go to files, never pipes,
-so a chatty tool cannot block on a full pipe while being timed.
+Measuring: every timed command runs under GNU time (`/usr/bin/time -f %M`), started by the
+harness; wall time is time.perf_counter() around the start and os.wait4(), CPU time the user +
+sys time in the rusage wait4 returns (the tool's, reaped by GNU time, plus GNU time's own few
+milliseconds). stdout/stderr go to files, never pipes, so a chatty tool cannot block on a full
+pipe while being timed.
+
+Peak RSS comes from GNU time, not from the harness's own wait4: on Linux, exec() records the
+peak RSS of the memory image it replaces in the new program's ru_maxrss. A child forked (or
+vforked) by this Python harness therefore reports at least the harness's own peak (310 MiB
+in the run issue 6 quotes), whatever the tool used; a child of the tiny GNU time process starts
+from ~1-2 MiB. ru_maxrss is the peak of one process (or of one of the helpers it reaped), not
+the sum of processes running at once: the tools measured here run as one process each (checked
+with `strace -f`, see bench/README.md).
+
+Bytes read and written (rchar / wchar of /proc/PID/io: every read()/write()-family call,
+page cache hits included, of the tool and the helpers it reaped) are taken from the exited
+GNU time process before it is reaped (waitid WNOWAIT keeps it a zombie whose counters still
+hold the reaped tool's totals).
 """
 
 from __future__ import annotations
@@ -28,6 +42,9 @@ REPO_ROOT = BENCH_DIR.parent
 OUT_DIR = BENCH_DIR / "out"
 DEFAULT_WORK = os.environ.get("VMKEEP_BENCH_WORK", "/var/tmp/vmkeep-bench")
 DEFAULT_VMKEEP = str(REPO_ROOT / "target" / "release" / "vmkeep")
+# Tools the benchmark builds itself (rustic) live outside the checkout and survive it.
+BENCH_CACHE = Path(os.environ.get("VMKEEP_BENCH_CACHE")
+                   or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vmkeep-bench")
 PASSWORD = "vmkeep-bench-passphrase"
 
 
@@ -54,29 +71,67 @@ def check_free_space(path: str | Path, need_gib: float) -> None:
         )
 
 
-def run_timed(cmd, *, env=None, cwd=None, stdout_to_null=False, label="") -> dict:
-    """Run cmd, return {cmd, rc, seconds, maxrss_kib, stdout, stderr}."""
-    full_env = dict(os.environ)
+GNU_TIME = "/usr/bin/time"
+# Peers' settings a developer may have exported; the harness sets what each tool needs.
+SCRUBBED_ENV_PREFIXES = ("RESTIC_", "RUSTIC_", "BORG_")
+
+
+def tool_env(env: dict | None) -> dict:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(SCRUBBED_ENV_PREFIXES)}
     if env:
         full_env.update(env)
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    return full_env
+
+
+def gnu_time_problem() -> str | None:
+    """None when GNU time can measure a command's own peak RSS here."""
+    if not os.access(GNU_TIME, os.X_OK):
+        return f"{GNU_TIME} (GNU time) not found: scripts/install-deps.sh bench (Debian package `time`)"
+    return None
+
+
+def _proc_io(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            return {k: int(v) for k, v in (line.split(":") for line in f if ":" in line)}
+    except (OSError, ValueError):
+        return {}
+
+
+def run_timed(cmd, *, env=None, cwd=None, stdout_to_null=False, label="") -> dict:
+    """Run cmd under GNU time; return {cmd, rc, seconds, cpu_s, maxrss_kib, rchar, wchar,
+    stdout, stderr}. maxrss_kib is the tool's own peak RSS (see the module docstring);
+    harness_maxrss_kib is what the harness's own wait4 reports, kept to show the difference."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile(prefix="vmkeep-bench-time-") as tf:
         stdout = subprocess.DEVNULL if stdout_to_null else out
+        wrapped = [GNU_TIME, "-f", "%M", "-o", tf.name, "--", *map(str, cmd)]
         t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=err,
-                             env=full_env, cwd=cwd)
-        _, status, ru = os.wait4(p.pid, 0)
+        p = subprocess.Popen(wrapped, stdin=subprocess.DEVNULL, stdout=stdout, stderr=err,
+                             env=tool_env(env), cwd=cwd)
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
         seconds = time.perf_counter() - t0
+        io = _proc_io(p.pid)  # still a zombie: its counters include the reaped tool's
+        _, status, ru = os.wait4(p.pid, 0)
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         o = out.read().decode("utf-8", "replace")
         e = err.read().decode("utf-8", "replace")
+        tf.seek(0)
+        timed = tf.read().decode("utf-8", "replace").split()
+    # GNU time writes "Command exited with non-zero status N" (or "terminated by signal")
+    # before the format's output: the peak is the last word.
+    maxrss = int(timed[-1]) if timed and timed[-1].isdigit() else None
     res = {
         "cmd": [str(c) for c in cmd],
         "rc": p.returncode,
         "seconds": seconds,
-        "maxrss_kib": ru.ru_maxrss,
+        "maxrss_kib": maxrss,
+        "harness_maxrss_kib": ru.ru_maxrss,
         "cpu_s": ru.ru_utime + ru.ru_stime,
+        "rchar": io.get("rchar"),
+        "wchar": io.get("wchar"),
         "stdout": o if len(o) < 20000 else o[:20000] + "...(cut)",
         "stderr": e[-4000:],
     }
@@ -86,10 +141,7 @@ def run_timed(cmd, *, env=None, cwd=None, stdout_to_null=False, label="") -> dic
 
 
 def run_quiet(cmd, *, env=None, cwd=None, check=True) -> subprocess.CompletedProcess:
-    full_env = dict(os.environ)
-    if env:
-        full_env.update(env)
-    r = subprocess.run(cmd, env=full_env, cwd=cwd, stdin=subprocess.DEVNULL,
+    r = subprocess.run(cmd, env=tool_env(env), cwd=cwd, stdin=subprocess.DEVNULL,
                        capture_output=True, text=True)
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} exited {r.returncode}: {r.stderr.strip()[-2000:]}")
@@ -97,14 +149,17 @@ def run_quiet(cmd, *, env=None, cwd=None, check=True) -> subprocess.CompletedPro
 
 
 def tree_usage(path: str | Path) -> dict:
-    """Apparent bytes (as `du -sb`, directories included), on-disk bytes (as `du -sB1`),
-    file count and the apparent bytes of each top-level entry. The top directory itself
-    is not counted (du counts it: a few KiB difference)."""
+    """Bytes of a repository directory:
+    - file_bytes: apparent size of its files (what the tool wrote and kept; directory
+      entries not counted), and top_files: the same per top-level entry;
+    - apparent: as `du -sb` (directories' own sizes included, the top one excepted),
+      disk: allocated bytes as `du -sB1`, files: number of files."""
     path = Path(path)
-    apparent = disk = files = 0
+    apparent = disk = files = file_bytes = 0
     top: dict[str, int] = {}
+    top_files: dict[str, int] = {}
     if not path.exists():
-        return {"apparent": 0, "disk": 0, "files": 0, "top": {}}
+        return {"apparent": 0, "disk": 0, "files": 0, "file_bytes": 0, "top": {}, "top_files": {}}
     seen = set()
     for root, dirs, names in os.walk(path):
         rel = os.path.relpath(root, path)
@@ -119,14 +174,16 @@ def tree_usage(path: str | Path) -> dict:
             if key in seen:
                 continue
             seen.add(key)
-            isfile = n in names
-            if isfile:
+            t = topname or n
+            if n in names:
                 files += 1
+                file_bytes += st.st_size
+                top_files[t] = top_files.get(t, 0) + st.st_size
             apparent += st.st_size
             disk += st.st_blocks * 512
-            t = topname or n
             top[t] = top.get(t, 0) + st.st_size
-    return {"apparent": apparent, "disk": disk, "files": files, "top": top}
+    return {"apparent": apparent, "disk": disk, "files": files, "file_bytes": file_bytes,
+            "top": top, "top_files": top_files}
 
 
 def data_extents(path: str | Path) -> list[list[int]]:

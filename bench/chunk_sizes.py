@@ -5,13 +5,13 @@ For each chunk size (default 64K, 256K, 1M, 4M): fresh copy of the pristine allo
 `vmkeep --repo R init --encrypt --chunk-size SIZE --json`, full backup, the 1% change
 (same seed and offsets as run.py), incremental backup. Reported per size:
   - full backup s and MB/s (2 GiB / seconds),
-  - incremental s, and stored bytes per changed byte (repository growth during the
-    incremental, apparent bytes as `du -sb`, / bytes changed),
-  - metadata size: repository bytes that are not pack data (total minus the `packs`
-    folder, --pack-dir to rename), and vmkeep's own `metadata_bytes` stat when its JSON
-    stats carry one,
+  - incremental s, and stored bytes per changed byte (growth of the bytes of the repository's
+    files during the incremental / bytes changed),
+  - metadata size: bytes of the repository's files outside the `packs` folder (--pack-dir to
+    rename), and vmkeep's own `metadata_bytes` stat when its JSON stats carry one,
   - object count: number of files in the repository after the incremental,
-  - peak RSS.
+  - repository size (bytes of its files) after the incremental,
+  - peak RSS: vmkeep's own (GNU time), the higher of the two backups.
 
 Usage: python3 bench/chunk_sizes.py [--sizes 64K,256K,1M,4M] [--reps 1] [--work DIR]
 Writes bench/out/chunk-sizes-<timestamp>.json and .md.
@@ -50,6 +50,7 @@ def one(tool: rb.Vmkeep, size: str, pristine: Path, args, datamap, rep: int) -> 
             if step == "incremental":
                 rec["changed_bytes"] = mi.change_image(img, args.seed, datamap)
             rb.sync()
+            rb.settle(img)
             res = tool.backup(repo, img, step)
             rb.sync()
             rec["steps"][step] = rb.step_record(res, repo)
@@ -71,15 +72,15 @@ def derive(rec: dict, pack_dir: str) -> dict:
     full, inc = s.get("full"), s.get("incremental")
     d["full_s"] = full["seconds"] if full and full["rc"] == 0 else None
     d["incremental_s"] = inc["seconds"] if inc and inc["rc"] == 0 else None
-    rss = [st["maxrss_kib"] for st in s.values()]
+    rss = [st["maxrss_kib"] for st in s.values() if st.get("maxrss_kib") is not None]
     d["peak_rss_kib"] = max(rss) if rss else None
     if full and inc and inc["rc"] == 0:
         ru = inc["repo"]
-        d["stored_inc"] = ru["apparent"] - full["repo"]["apparent"]
+        d["stored_inc"] = ru["file_bytes"] - full["repo"]["file_bytes"]
         d["stored_per_changed"] = d["stored_inc"] / rec["changed_bytes"]
-        d["repo_bytes"] = ru["apparent"]
-        d["pack_bytes"] = ru["top"].get(pack_dir)
-        d["non_pack_bytes"] = ru["apparent"] - (d["pack_bytes"] or 0) if d["pack_bytes"] is not None else None
+        d["repo_bytes"] = ru["file_bytes"]
+        d["pack_bytes"] = ru["top_files"].get(pack_dir)
+        d["non_pack_bytes"] = ru["file_bytes"] - (d["pack_bytes"] or 0) if d["pack_bytes"] is not None else None
         d["objects"] = ru["files"]
         md = None
         for step in ("incremental", "full"):
@@ -140,7 +141,7 @@ def main(argv=None):
          f"Medians of {args.reps} repetition(s). Change: {rb.mi.CHANGE_WRITE // 1024} KiB writes, "
          f"{len(mi.change_offsets(size_b, args.seed, datamap)) * mi.CHANGE_WRITE / bl.MiB:.0f} MiB in all.", "",
          "| chunk size | full s (MB/s) | incremental s | stored / changed | stored by incremental | "
-         f"metadata (non-`{args.pack_dir}` bytes) | metadata_bytes stat | objects (files) | repo size | peak RSS |",
+         f"metadata (non-`{args.pack_dir}` bytes) | metadata_bytes stat | objects (files) | repo after incremental | peak RSS |",
          "|---|---|---|---|---|---|---|---|---|---|"]
     failures = []
     for size in sizes:
@@ -156,16 +157,18 @@ def main(argv=None):
             f"{m['stored_per_changed']:.2f}x | {bl.fmt_mb(m.get('stored_inc'))} MB | "
             f"{'no ' + args.pack_dir + '/ folder' if m.get('non_pack_bytes') is None else bl.fmt_bytes(m['non_pack_bytes'])} | "
             f"{bl.fmt_bytes(m.get('metadata_bytes_stat'))} | "
-            f"{m['objects']:,.0f} | {bl.fmt_mb(m.get('repo_bytes'))} MB | {m['peak_rss_kib'] / 1024:.0f} MiB |")
+            f"{m['objects']:,.0f} | {bl.fmt_mb(m.get('repo_bytes'))} MB | {rb.fmt_mib(m.get('peak_rss_kib'))} MiB |")
     la = max((r["loadavg_before"] for r in runs if r.get("loadavg_before") is not None), default=None)
     if la is not None and la > 0.5 * (os.cpu_count() or 1):
         L += ["", f"**Warning:** 1-minute load average reached {la:.1f} before a measured run: "
               "other processes competed for the CPU; figures are inflated and noisy."]
     if failures:
         L += ["", "**FAILURES:**"] + [f"- **FAIL** {f}" for f in failures]
-    L += ["", "MB = 10^6 bytes. stored / changed = repository growth during the incremental / bytes "
-          "changed. metadata = repository bytes outside the pack folder (indexes, snapshots, keys, "
-          "config); the metadata_bytes stat is vmkeep's own figure, when its backup JSON has one."]
+    L += ["", "MB = 10^6 bytes. Repository sizes count the bytes of its files (directory entries "
+          "excluded). stored / changed = repository growth during the incremental / bytes "
+          "changed. metadata = bytes of the repository's files outside the pack folder (indexes, "
+          "manifests, keys, config); the metadata_bytes stat is vmkeep's own figure, when its backup "
+          "JSON has one. peak RSS = vmkeep's own peak (GNU time), the higher of the two backups."]
     md = "\n".join(L) + "\n"
     jp, mp = bl.write_results("chunk-sizes", {"started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                                               "args": vars(args), "host": bl.host_info(),

@@ -5,13 +5,13 @@ Per repetition (fresh image, repositories and VM each time):
   boot the cached test guest (tests/guest/build.sh) with vmkeep.workload=randwrite, which
   waits for a line on its serial console;
   (1) vmkeep full backup of the running VM (`backup vm --qmp`), guest idle;
-      then QMP `stop`, restic and borg first backups of the image file, `cont`;
+      then QMP `stop`, restic, rustic and borg first backups of the image file, `cont`;
   (2) the guest writes 1% of the disk as 64 KiB extents at random 64 KiB-aligned offsets
       (dd from /dev/urandom, fsync each), host waits for "RANDWRITE DONE";
   (3) vmkeep incremental backup of the running VM (change tracking, cbt "used" expected);
-      then QMP `stop`, restic and borg second backups of the image file, `cont`.
-  All three tools back up the same two states of the disk: before and after the change.
-  restic and borg need the VM stopped for a consistent image, so their backup time is also
+      then QMP `stop`, restic, rustic and borg second backups of the image file, `cont`.
+  All four tools back up the same two states of the disk: before and after the change.
+  The peers need the VM stopped for a consistent image, so their backup time is also
   the guest's pause.
 Then once: (5) guest write throughput, idle vs during vmkeep `backup vm --full` (repeated to
 cover the window), from the arrival rate of the seqwrite workload's `C i` serial lines.
@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib as bl  # noqa: E402
-import run as brun  # noqa: E402  (Restic, Borg drivers)
+import run as brun  # noqa: E402  (Restic, Rustic, Borg drivers)
 
 VM = "livebench"
 DISK_SIZE = 4 * bl.GiB
@@ -47,10 +47,13 @@ LOCK = "/tmp/vmkeep-qemu-tests.lock"  # shared with the QEMU tests: one TCG gues
 
 # ---------------------------------------------------------------- image
 
-def make_disk(path: Path, prefill: int) -> dict:
+PEERS = ("restic", "rustic", "borg")
+
+
+def make_disk(path: Path, prefill: int, work: str) -> dict:
     """4 GiB raw file: the first `prefill` bytes real data, the rest a hole."""
     src = None
-    imgs = sorted(Path(bl.DEFAULT_WORK, "images").glob("*/allocated.img"))
+    imgs = sorted(Path(work, "images").glob("*/allocated.img"))
     if imgs and imgs[-1].stat().st_size >= prefill:
         src = ("image", str(imgs[-1]))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -264,7 +267,7 @@ def vmkeep_backup(args, repo: Path, vm: Vm, full: bool, name: str = VM) -> dict:
 
 
 def record(res: dict, repo: Path | None) -> dict:
-    rec = {k: res[k] for k in ("cmd", "rc", "seconds", "cpu_s", "maxrss_kib")}
+    rec = {k: res.get(k) for k in ("cmd", "rc", "seconds", "cpu_s", "maxrss_kib", "rchar", "wchar")}
     if res["rc"] != 0:
         rec["stderr"] = res["stderr"]
     doc = bl.parse_json_stdout(res)
@@ -281,8 +284,9 @@ def check(res: dict, what: str):
 
 
 def file_backups(tools, repos, img: Path, step: str, vm: Vm, rec: dict, rep: int):
-    """restic and borg back up the image file while the VM is stopped (order rotated per rep)."""
-    order = tools[rep % 2:] + tools[:rep % 2]
+    """The peers back up the image file while the VM is stopped (order rotated per rep)."""
+    k = rep % len(tools)
+    order = tools[k:] + tools[:k]
     vm.stop()
     t_stop = time.perf_counter()
     try:
@@ -304,16 +308,16 @@ def one_rep(args, guest: Path, rep: int) -> dict:
     img = d / "disk0.raw"
     bl.log(f"rep {rep + 1}: making the 4 GiB disk image")
     rec = {"rep": rep, "ok": True, "errors": [], "loadavg_before": bl.loadavg(),
-           "vmkeep": {}, "restic": {}, "borg": {}}
-    rec["disk"] = make_disk(img, int(args.prefill_gib * bl.GiB))
+           "vmkeep": {}, **{p: {} for p in PEERS}}
+    rec["disk"] = make_disk(img, int(args.prefill_gib * bl.GiB), args.work)
     n_ext = DISK_SIZE // EXTENT
     count = args.count or -(-DISK_SIZE // 100 // EXTENT)
     offs = lcg_extents(count, args.seed + rep, n_ext)
     rec["change"] = {"writes": count, "seed": args.seed + rep, "unique_extents": len(set(offs)),
                      "changed_bytes": len(set(offs)) * EXTENT}
     work = Path(args.work)
-    tools = [brun.Restic(work), brun.Borg(work)]
-    repos = {"vmkeep": d / "repo-vmkeep", "restic": d / "repo-restic", "borg": d / "repo-borg"}
+    tools = [brun.Restic(work), brun.Rustic(work, args.rustic), brun.Borg(work)]
+    repos = {"vmkeep": d / "repo-vmkeep", **{p: d / f"repo-{p}" for p in PEERS}}
     for t in tools:
         t.reset_cache()
         check(t.init(repos[t.name], img), f"{t.name} init")
@@ -330,7 +334,7 @@ def one_rep(args, guest: Path, rep: int) -> dict:
         res = vmkeep_backup(args, repos["vmkeep"], vm, full=False)
         rec["vmkeep"]["full"] = record(res, repos["vmkeep"])
         check(res, "vmkeep full backup")
-        bl.log(f"rep {rep + 1}: VM stopped; restic and borg first backups")
+        bl.log(f"rep {rep + 1}: VM stopped; restic, rustic and borg first backups")
         file_backups(tools, repos, img, "full", vm, rec, rep)
         bl.log(f"rep {rep + 1}: guest writes {count} x 64 KiB")
         t0 = time.monotonic()
@@ -345,7 +349,7 @@ def one_rep(args, guest: Path, rep: int) -> dict:
         res = vmkeep_backup(args, repos["vmkeep"], vm, full=False)
         rec["vmkeep"]["incremental"] = record(res, repos["vmkeep"])
         check(res, "vmkeep incremental backup")
-        bl.log(f"rep {rep + 1}: VM stopped; restic and borg second backups")
+        bl.log(f"rep {rep + 1}: VM stopped; restic, rustic and borg second backups")
         file_backups(tools, repos, img, "incremental", vm, rec, rep)
     except Exception as e:
         rec["ok"] = False
@@ -367,7 +371,7 @@ def throughput(args, guest: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     img = d / "disk0.raw"
     if not img.exists():
-        make_disk(img, int(args.prefill_gib * bl.GiB))
+        make_disk(img, int(args.prefill_gib * bl.GiB), args.work)
     repo = d / "repo-throughput"
     bl.rmtree(repo)
     check(bl.run_timed([args.vmkeep, "--repo", str(repo), "init", "--encrypt", "--json"],
@@ -423,13 +427,14 @@ def throughput(args, guest: Path) -> dict:
 
 def derive(rec: dict) -> dict:
     d = {}
-    for tool in ("vmkeep", "restic", "borg"):
+    for tool in ("vmkeep",) + PEERS:
         for step in ("full", "incremental"):
-            st = rec[tool].get(step)
+            st = rec.get(tool, {}).get(step)
             ok = st is not None and st["rc"] == 0
             d[f"{tool}_{step}_s"] = st["seconds"] if ok else None
             d[f"{tool}_{step}_cpu_s"] = st["cpu_s"] if ok else None
-            d[f"{tool}_{step}_rss_kib"] = st["maxrss_kib"] if ok else None
+            d[f"{tool}_{step}_rss_kib"] = st.get("maxrss_kib") if ok else None
+            d[f"{tool}_{step}_rchar"] = st.get("rchar") if ok else None
             j = st.get("json") if ok else None
             if tool == "vmkeep" and isinstance(j, dict):
                 s = j.get("stats") or {}
@@ -440,11 +445,17 @@ def derive(rec: dict) -> dict:
                                                   + (f"({x['reason']})" if x.get("reason") else "")
                                                   for x in j.get("disks", []))
             elif tool != "vmkeep" and ok:
-                d[f"{tool}_{step}_read_bytes"] = DISK_SIZE  # the whole file, holes included
+                # measured: bytes its read() calls returned (image, repository, cache)
+                d[f"{tool}_{step}_read_bytes"] = st.get("rchar")
                 d[f"{tool}_{step}_pause_ms"] = st["seconds"] * 1000  # VM stopped for the backup
-        f, i = rec[tool].get("full", {}).get("repo"), rec[tool].get("incremental", {}).get("repo")
-        d[f"{tool}_repo_full"] = f["apparent"] if f else None
-        d[f"{tool}_stored_inc"] = i["apparent"] - f["apparent"] if f and i else None
+        rss = [d[f"{tool}_{step}_rss_kib"] for step in ("full", "incremental")
+               if d[f"{tool}_{step}_rss_kib"] is not None]
+        d[f"{tool}_peak_rss_kib"] = max(rss) if rss else None
+        steps = rec.get(tool, {})
+        f, i = steps.get("full", {}).get("repo"), steps.get("incremental", {}).get("repo")
+        size = lambda u: u.get("file_bytes", u["apparent"])  # noqa: E731 (older results: apparent)
+        d[f"{tool}_repo_full"] = size(f) if f else None
+        d[f"{tool}_stored_inc"] = size(i) - size(f) if f and i else None
     d["changed_bytes"] = rec["change"]["changed_bytes"]
     return d
 
@@ -471,7 +482,7 @@ def markdown(meta, med, tp, targets, failures) -> str:
              f"{'/'.join(map(str, meta['unique_extents']))} distinct extents = "
              f"{'/'.join(f'{u * EXTENT / bl.MB:.1f}' for u in meta['unique_extents'])} MB. "
              f"Medians of {meta['args']['reps']} "
-             f"repetition(s). vmkeep backs up the running VM; restic and borg back up the image file "
+             f"repetition(s). vmkeep backs up the running VM; restic, rustic and borg back up the image file "
              f"with the VM stopped (QMP stop/cont), at the same two disk states.")
     L.append("Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items() if v))
     L.append("")
@@ -483,20 +494,24 @@ def markdown(meta, med, tp, targets, failures) -> str:
         L.append("**FAILURES:**")
         L += [f"- **FAIL** {f}" for f in failures]
         L.append("")
-    L.append("| tool | full s | incremental s | read by incremental | stored by incremental | pause_ms full / incremental |")
-    L.append("|---|---|---|---|---|---|")
+    L.append("| tool | full s | incremental s | read by incremental | stored by incremental | pause_ms full / incremental | peak RSS |")
+    L.append("|---|---|---|---|---|---|---|")
     labels = {"vmkeep": "vmkeep `backup vm` (live, --encrypt)", "restic": "restic (image file, VM stopped)",
+              "rustic": "rustic (image file, VM stopped)",
               "borg": "borg repokey-blake2 (image file, VM stopped)"}
-    for t in ("vmkeep", "restic", "borg"):
+    for t in ("vmkeep",) + PEERS:
         g = lambda k: med.get(f"{t}_{k}")  # noqa: E731
+        rss = g("peak_rss_kib")
         L.append(f"| {labels[t]} | {bl.fmt_s(g('full_s'))} | {bl.fmt_s(g('incremental_s'))} | "
                  f"{bl.fmt_bytes(g('incremental_read_bytes'))} | {bl.fmt_bytes(g('stored_inc'))} | "
-                 f"{fms(g('full_pause_ms'))} / {fms(g('incremental_pause_ms'))} |")
-    for o in ("restic", "borg"):
+                 f"{fms(g('full_pause_ms'))} / {fms(g('incremental_pause_ms'))} | "
+                 f"{'-' if rss is None else f'{rss / 1024:.0f} MiB'} |")
+    for o in PEERS:
         L.append(f"| **vmkeep/{o}** | {fr(ratio(med.get('vmkeep_full_s'), med.get(f'{o}_full_s')))} | "
                  f"{fr(ratio(med.get('vmkeep_incremental_s'), med.get(f'{o}_incremental_s')))} | "
                  f"{fr(ratio(med.get('vmkeep_incremental_read_bytes'), med.get(f'{o}_incremental_read_bytes')))} | "
-                 f"{fr(ratio(med.get('vmkeep_stored_inc'), med.get(f'{o}_stored_inc')))} | |")
+                 f"{fr(ratio(med.get('vmkeep_stored_inc'), med.get(f'{o}_stored_inc')))} | | "
+                 f"{fr(ratio(med.get('vmkeep_peak_rss_kib'), med.get(f'{o}_peak_rss_kib')))} |")
     L.append("")
     L.append("vmkeep's own stats (medians, MB) read / new / stored: full "
              + " / ".join(bl.fmt_mb(med.get(f"vmkeep_full_{k}")) for k in ("read_bytes", "new_bytes", "stored_bytes"))
@@ -527,11 +542,13 @@ def markdown(meta, med, tp, targets, failures) -> str:
     for t in targets:
         L.append(f"- {t['verdict']}: {t['what']} ({t['detail']})")
     L.append("")
-    L.append("Columns: MB = 10^6 bytes. read by incremental: vmkeep's `stats.read_bytes`; restic and borg "
-             "read the whole 4 GiB file (a new mtime/ctime makes both re-read it; holes read as zeros). "
-             "stored by incremental: growth of the repository directory (apparent bytes) during the "
-             "incremental. pause_ms: vmkeep's reported `pause_ms`; for restic and borg, the backup time "
-             "(the VM must stay stopped while they read the image to get a consistent copy).")
+    L.append("Columns: MB = 10^6 bytes. read by incremental: vmkeep's `stats.read_bytes` (disk bytes it "
+             "read from QEMU over NBD); for the peers, the bytes their read() calls returned (rchar from "
+             "/proc/PID/io: the image file, holes read as zeros, plus repository and cache reads). "
+             "stored by incremental: growth of the bytes of the repository's files during the "
+             "incremental. pause_ms: vmkeep's reported `pause_ms`; for the peers, their backup time "
+             "(the VM must stay stopped while they read the image to get a consistent copy). peak RSS: "
+             "the tool's own peak (GNU time), the higher of its two backups.")
     return "\n".join(L) + "\n"
 
 
@@ -583,6 +600,8 @@ def main(argv=None):
     ap.add_argument("--work", default=bl.DEFAULT_WORK, help="work dir (default %(default)s); uses WORK/live/")
     ap.add_argument("--reps", type=int, default=1, help="repetitions, medians shown (default 1; 3 for less noise)")
     ap.add_argument("--vmkeep", default=bl.DEFAULT_VMKEEP, help="vmkeep binary (default %(default)s)")
+    ap.add_argument("--rustic", default=brun.default_rustic(),
+                    help="rustic binary (default %(default)s, built by scripts/install-deps.sh bench)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the guest's random writes (+rep)")
     ap.add_argument("--count", type=int, default=0, help="64 KiB guest writes (default: 1%% of the disk, 656)")
     ap.add_argument("--prefill-gib", type=float, default=1.5, help="real data at the start of the disk (default 1.5)")
@@ -598,6 +617,7 @@ def main(argv=None):
         return 1 if failures else 0
 
     problems = [f"{b} not found" for b in ("qemu-system-x86_64", "restic", "borg") if not bl.shutil.which(b)]
+    problems += [p for p in (brun.Rustic(Path(args.work), args.rustic).check(), bl.gnu_time_problem()) if p]
     if not (os.path.isfile(args.vmkeep) and os.access(args.vmkeep, os.X_OK)):
         problems.append(f"vmkeep binary not found at {args.vmkeep}: cargo build --release -p vmkeep")
     if problems:
@@ -620,6 +640,7 @@ def main(argv=None):
             "versions": {"vmkeep": bl.tool_version([args.vmkeep, "--version"]),
                          "qemu": bl.tool_version(["qemu-system-x86_64", "--version"]),
                          "restic": bl.tool_version(["restic", "version"]),
+                         "rustic": bl.tool_version([args.rustic, "--version"]),
                          "borg": bl.tool_version(["borg", "--version"])}}
     runs, tp = [], None
     try:

@@ -1,24 +1,27 @@
 #!/usr/bin/env python3
-"""vmkeep benchmark: vmkeep vs restic vs borg, with zstd -1 -T2 as the compression limit.
+"""vmkeep benchmark: vmkeep vs restic vs rustic vs borg, with zstd -1 -T2 as the compression limit.
 
 For each image (allocated, sparse) and repetition, every tool (order rotated by the
 repetition index) gets a fresh copy of the pristine image and a fresh repository, then:
   full backup -> change_image (same seed for all tools) -> incremental backup ->
   backup with no change -> restore of the latest, verified byte-identical (cmp).
 zstd only compresses the image to /dev/null (time only).
-Measured per step: wall seconds, peak RSS (os.wait4 ru_maxrss) and repository size after
-the step (apparent bytes as `du -sb`, and on-disk bytes). Everything stays in the page
-cache (nothing is dropped); the machine is synced before each timed step so write-back of
-the previous step does not run during it.
+Measured per step: wall seconds, CPU seconds, the tool's own peak RSS (GNU time), bytes the
+tool read (rchar) and repository size after the step (bytes of its files; `du -sb` and
+on-disk bytes in the JSON). Everything stays in the page cache (nothing is dropped); the
+machine is synced before each timed step so write-back of the previous step does not run
+during it, and each backup starts at least SETTLE_S after the image's last change.
 
 Usage: python3 bench/run.py [--reps 3] [--skip-vmkeep] [--work DIR] [--images allocated,sparse]
 Writes bench/out/run-<timestamp>.json (raw) and .md (the table printed on stdout).
+rustic is built once by `scripts/install-deps.sh bench` into a cache outside the checkout.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import time
@@ -31,6 +34,14 @@ import make_image as mi  # noqa: E402
 VM = "bench"
 DISK = "disk0"
 STEPS = ("full", "incremental", "nochange")
+ALL_TOOLS = ("vmkeep", "restic", "rustic", "borg", "zstd")
+PEERS = ("restic", "rustic")  # vmkeep/<peer> ratio rows
+# A backup starts only when the image's last change (ctime) is this old. vmkeep (like git's
+# "racy clean" rule) records a file's identity for the next backup's unchanged-file check only
+# when its ctime is over 1 s old at backup start; without the pause, whether the no-change
+# backup read the image would depend on how long the sync before the incremental took.
+# Real backups of a stopped VM do not start within a second of its last write.
+SETTLE_S = 1.5
 
 
 class Tool:
@@ -76,6 +87,57 @@ class Restic(Tool):
     def restore(self, repo, img, dest, last):
         res = bl.run_timed(["restic", "-r", repo, "restore", "latest", "--target", dest, "-q"],
                            env=self.env(), label="restic restore")
+        return res, Path(dest) / str(img).lstrip("/")
+
+
+def default_rustic() -> str:
+    cached = bl.BENCH_CACHE / "rustic" / "bin" / "rustic"
+    if cached.exists():
+        return str(cached)
+    return shutil.which("rustic") or str(cached)
+
+
+class Rustic(Tool):
+    """rustic, the Rust implementation of restic's repository format. Only the benchmark's own
+    (empty) profile is read: `-P /abs/path.toml` replaces the default `rustic` profile that
+    rustic would otherwise merge from ~/.config/rustic, /etc/rustic and the working dir."""
+
+    name, label = "rustic", "rustic (encrypted)"
+
+    def __init__(self, work, binary):
+        super().__init__(work)
+        self.binary = binary
+        self.profile = work / "cache" / "rustic-profile" / "vmkeep-bench.toml"
+
+    def check(self):
+        if not (os.path.isfile(self.binary) and os.access(self.binary, os.X_OK)):
+            return (f"rustic not found at {self.binary}: `scripts/install-deps.sh bench` builds it "
+                    f"once into {bl.BENCH_CACHE / 'rustic'} (or pass --rustic PATH, or --tools without rustic)")
+        return None
+
+    def env(self):
+        return {"RUSTIC_PASSWORD": bl.PASSWORD, "RUSTIC_CACHE_DIR": str(self.work / "cache" / "rustic")}
+
+    def base(self, repo):
+        if not self.profile.exists():
+            self.profile.parent.mkdir(parents=True, exist_ok=True)
+            self.profile.write_text("# vmkeep benchmark: the only rustic profile read (settings are "
+                                    "on the command line and in RUSTIC_* variables)\n")
+        return [self.binary, "-P", str(self.profile), "--no-progress", "--log-level", "warn", "-r", repo]
+
+    def reset_cache(self):
+        bl.rmtree(self.work / "cache" / "rustic")
+
+    def init(self, repo, img, chunk_size=None):
+        return bl.run_timed(self.base(repo) + ["init"], env=self.env(), label="rustic init")
+
+    def backup(self, repo, img, step):
+        return bl.run_timed(self.base(repo) + ["backup", "--host", "vmkeep-bench", img],
+                            env=self.env(), label=f"rustic backup ({step})")
+
+    def restore(self, repo, img, dest, last):
+        res = bl.run_timed(self.base(repo) + ["restore", "latest", dest], env=self.env(),
+                           label="rustic restore")
         return res, Path(dest) / str(img).lstrip("/")
 
 
@@ -150,7 +212,8 @@ class Zstd(Tool):
 
 
 def step_record(res: dict, repo: Path | None) -> dict:
-    rec = {k: res[k] for k in ("cmd", "rc", "seconds", "cpu_s", "maxrss_kib")}
+    rec = {k: res.get(k) for k in ("cmd", "rc", "seconds", "cpu_s", "maxrss_kib", "harness_maxrss_kib",
+                                   "rchar", "wchar")}
     if res["rc"] != 0:
         rec["stderr"] = res["stderr"]
     doc = bl.parse_json_stdout(res)
@@ -163,6 +226,15 @@ def step_record(res: dict, repo: Path | None) -> dict:
 
 def sync():
     os.sync()
+
+
+def settle(img: Path) -> float:
+    """Wait (untimed) until the image's last change is SETTLE_S old; return the seconds waited."""
+    st = os.stat(img)
+    wait = st.st_ctime_ns / 1e9 + SETTLE_S - time.time()
+    if wait > 0:
+        time.sleep(wait)
+    return max(wait, 0.0)
 
 
 def run_tool(tool: Tool, image: str, pristine: Path, rep: int, args, datamap) -> dict:
@@ -194,9 +266,11 @@ def run_tool(tool: Tool, image: str, pristine: Path, rep: int, args, datamap) ->
             if step == "incremental":
                 rec["changed_bytes"] = mi.change_image(img, args.seed, datamap)
             sync()
+            waited = settle(img)
             res = tool.backup(repo, img, step)
             sync()
             rec["steps"][step] = step_record(res, repo)
+            rec["steps"][step]["settle_wait_s"] = waited
             if res["rc"] != 0:
                 raise RuntimeError(f"{step} backup failed: {res['stderr'].strip()[-300:]}")
             doc = rec["steps"][step].get("json")
@@ -236,20 +310,26 @@ def derive(rec: dict) -> dict:
     d = {}
     for step in ("full", "incremental", "nochange", "restore"):
         st = s.get(step)
-        d[f"{step}_s"] = st["seconds"] if st and st["rc"] == 0 else None
-        d[f"{step}_cpu_s"] = st.get("cpu_s") if st and st["rc"] == 0 else None
-    rss = [st["maxrss_kib"] for st in s.values() if st]
+        ok = bool(st) and st["rc"] == 0
+        d[f"{step}_s"] = st["seconds"] if ok else None
+        d[f"{step}_cpu_s"] = st.get("cpu_s") if ok else None
+        d[f"{step}_rss_kib"] = st.get("maxrss_kib") if ok else None
+        d[f"{step}_rchar"] = st.get("rchar") if ok else None
+    rss = [st.get("maxrss_kib") for st in s.values() if st and st.get("maxrss_kib") is not None]
     d["peak_rss_kib"] = max(rss) if rss else None
-    full, inc = s.get("full", {}).get("repo"), s.get("incremental", {}).get("repo")
-    d["repo_full"] = full["apparent"] if full else None
-    d["repo_full_disk"] = full["disk"] if full else None
-    if full and inc and s["incremental"]["rc"] == 0:
-        d["stored_inc"] = inc["apparent"] - full["apparent"]
-        d["stored_inc_disk"] = inc["disk"] - full["disk"]
-    else:
-        d["stored_inc"] = d["stored_inc_disk"] = None
-    nc = s.get("nochange", {}).get("repo")
-    d["stored_nochange"] = nc["apparent"] - inc["apparent"] if nc and inc else None
+
+    def size(step):  # bytes of the repository's files after a successful step
+        st = s.get(step)
+        if not st or st["rc"] != 0 or "repo" not in st:
+            return None
+        u = st["repo"]
+        return u.get("file_bytes", u["apparent"])  # older results: apparent only
+
+    full, inc, nc = size("full"), size("incremental"), size("nochange")
+    d["repo_full"] = full
+    d["repo_full_disk"] = s["full"]["repo"]["disk"] if full is not None else None
+    d["stored_inc"] = inc - full if inc is not None and full is not None else None
+    d["stored_nochange"] = nc - inc if nc is not None and inc is not None else None
     d["changed_bytes"] = rec.get("changed_bytes")
     for step in STEPS:
         j = s.get(step, {}).get("json")
@@ -285,8 +365,14 @@ def fmt_ratio(x):
     return "-" if x is None else f"{x:.2f}x"
 
 
+def fmt_mib(kib) -> str:
+    return "-" if kib is None else f"{kib / 1024:.0f}"
+
+
 def markdown(meta, med, tools, images, image_size, targets, failures) -> str:
-    labels = {"vmkeep": Vmkeep.label, "restic": Restic.label, "borg": Borg.label, "zstd": Zstd.label}
+    labels = {"vmkeep": Vmkeep.label, "restic": Restic.label, "rustic": Rustic.label, "borg": Borg.label,
+              "zstd": Zstd.label}
+    steps4 = ("full", "incremental", "nochange", "restore")
     L = []
     L.append(f"## vmkeep benchmark, {meta['started']}")
     L.append("")
@@ -297,10 +383,14 @@ def markdown(meta, med, tools, images, image_size, targets, failures) -> str:
              f"{meta['changed_bytes'] / bl.MiB:.0f} MiB changed as 64 KiB writes. "
              f"Medians of {meta['args']['reps']} repetition(s); image and repository in page cache.")
     L.append("Versions: " + "; ".join(f"{k}: {v}" for k, v in meta["versions"].items() if v))
+    la = meta.get("loadavg")
+    if la:
+        L.append(f"1-minute load average before the measured runs: min {la['min']:.1f}, median "
+                 f"{la['median']:.1f}, max {la['max']:.1f} ({h['nproc']} cores).")
     L.append("")
-    la = meta.get("max_loadavg")
-    if la is not None and la > 0.5 * (h["nproc"] or 1):
-        L.append(f"**Warning:** the 1-minute load average reached {la:.1f} before a measured run on "
+    mx = meta.get("max_loadavg")
+    if mx is not None and mx > 0.5 * (h["nproc"] or 1):
+        L.append(f"**Warning:** the 1-minute load average reached {mx:.1f} before a measured run on "
                  f"{h['nproc']} cores: other processes competed for the CPU, absolute figures are "
                  f"inflated and noisy; compare ratios within this run only.")
         L.append("")
@@ -318,8 +408,10 @@ def markdown(meta, med, tools, images, image_size, targets, failures) -> str:
                 continue
             fs = m.get("full_s")
             full = "-" if fs is None else f"{fs:.2f} ({image_size / bl.MB / fs:,.0f})"
+            rss = m.get("peak_rss_kib")
+            rss_s = "-" if rss is None else f"{rss / 1024:.0f} MiB"
             if t == "zstd":
-                L.append(f"| {labels[t]} | {image} | {full} | - | - | - | - | - | {m['peak_rss_kib'] / 1024:.0f} MiB |")
+                L.append(f"| {labels[t]} | {image} | {full} | - | - | - | - | - | {rss_s} |")
                 continue
             rest = bl.fmt_s(m.get("restore_s"))
             if m.get("restore_verified") is False:
@@ -327,31 +419,35 @@ def markdown(meta, med, tools, images, image_size, targets, failures) -> str:
             si, ch = m.get("stored_inc"), m.get("changed_bytes")
             stored = "-" if si is None else f"{si / bl.MB:,.1f} MB ({si / ch:.1f}x)" if ch else f"{si / bl.MB:,.1f} MB"
             rf = m.get("repo_full")
-            rss = m.get("peak_rss_kib")
             L.append(f"| {labels[t]} | {image} | {full} | {bl.fmt_s(m.get('incremental_s'))} | "
                      f"{bl.fmt_s(m.get('nochange_s'))} | {rest} | {stored} | "
-                     f"{'-' if rf is None else f'{rf / bl.MB:,.0f} MB'} | "
-                     f"{'-' if rss is None else f'{rss / 1024:.0f} MiB'} |")
+                     f"{'-' if rf is None else f'{rf / bl.MB:,.0f} MB'} | {rss_s} |")
     for image in images:
-        v, r = med.get(f"{image}/vmkeep"), med.get(f"{image}/restic")
-        if not (v and r):
-            continue
-        cols = [ratio(v.get(k), r.get(k)) for k in
-                ("full_s", "incremental_s", "nochange_s", "restore_s", "stored_inc", "repo_full", "peak_rss_kib")]
-        L.append(f"| **vmkeep/restic** | {image} | " + " | ".join(fmt_ratio(c) for c in cols) + " |")
+        for peer in PEERS:
+            v, r = med.get(f"{image}/vmkeep"), med.get(f"{image}/{peer}")
+            if not (v and r):
+                continue
+            cols = [ratio(v.get(k), r.get(k)) for k in
+                    ("full_s", "incremental_s", "nochange_s", "restore_s", "stored_inc", "repo_full", "peak_rss_kib")]
+            L.append(f"| **vmkeep/{peer}** | {image} | " + " | ".join(fmt_ratio(c) for c in cols) + " |")
     L.append("")
-    L.append("CPU seconds (user + sys of the tool's processes; less sensitive to competing load than "
-             "wall time, but blind to waiting): full / incremental / no-change / restore")
+    L.append("Per step (medians), full / incremental / no-change / restore: bytes the tool's processes "
+             "read (rchar: read() calls, page-cache hits included; image, repository and cache), "
+             "its own peak RSS, and its CPU seconds (user + sys; less sensitive to competing load "
+             "than wall time, blind to waiting).")
     L.append("")
-    L.append("| tool | image | CPU s |")
-    L.append("|---|---|---|")
+    L.append("| tool | image | read MB | peak RSS MiB | CPU s |")
+    L.append("|---|---|---|---|---|")
     for image in images:
         for t in tools:
             m = med.get(f"{image}/{t}")
-            if m:
-                L.append(f"| {labels[t]} | {image} | " + " / ".join(
-                    bl.fmt_s(m.get(f"{st}_cpu_s")) for st in ("full", "incremental", "nochange", "restore")
-                    if t != "zstd" or st == "full") + " |")
+            if not m:
+                continue
+            sts = ("full",) if t == "zstd" else steps4
+            L.append(f"| {labels[t]} | {image} | "
+                     + " / ".join(bl.fmt_mb(m.get(f"{st}_rchar")) for st in sts) + " | "
+                     + " / ".join(fmt_mib(m.get(f"{st}_rss_kib")) for st in sts) + " | "
+                     + " / ".join(bl.fmt_s(m.get(f"{st}_cpu_s")) for st in sts) + " |")
     L.append("")
     L.append("Targets:")
     for t in targets:
@@ -370,10 +466,13 @@ def markdown(meta, med, tools, images, image_size, targets, failures) -> str:
             L.append(f"| {image} | " + " | ".join(cells) + " |")
     L.append("")
     L.append("Columns: MB = 10^6 bytes; MB/s = image size (2 GiB, holes included) / full backup seconds; "
-             "stored by incremental = growth of the repository directory (apparent bytes, as `du -sb`) "
-             "during the incremental, and that growth / the bytes changed; repo after full = repository "
-             "size after the full backup; peak RSS = highest ru_maxrss of the tool's commands in the run. "
-             "borg runs with repokey-blake2 encryption (the peers table measured it without).")
+             "stored by incremental = growth of the bytes of the repository's files during the "
+             "incremental, and that growth / the bytes changed; repo after full = bytes of the "
+             "repository's files after the full backup; peak RSS = the highest of the tool's own peak "
+             "RSS (GNU time) over the four steps; vmkeep/peer = vmkeep's median / the peer's median "
+             "(< 1: vmkeep faster or smaller). Each backup starts at least "
+             f"{SETTLE_S} s after the image's last change. borg runs with repokey-blake2 encryption "
+             "(the peers table measured it without).")
     return "\n".join(L) + "\n"
 
 
@@ -408,8 +507,9 @@ def check_targets(med, images):
 def finish(meta, runs, tools, images, image_size):
     for r in runs:
         r["derived"] = derive(r)
-    meta["max_loadavg"] = max((r["loadavg_before"] for r in runs if r.get("loadavg_before") is not None),
-                              default=None)
+    las = [r["loadavg_before"] for r in runs if r.get("loadavg_before") is not None]
+    meta["max_loadavg"] = max(las, default=None)
+    meta["loadavg"] = {"min": min(las), "median": bl.median(las), "max": max(las)} if las else None
     med = summarise(runs, tools, images)
     targets = check_targets(med, images) if "vmkeep" in tools else [
         {"what": "vmkeep targets", "verdict": "n/a", "detail": "vmkeep skipped"}]
@@ -422,7 +522,7 @@ def finish(meta, runs, tools, images, image_size):
 def report(path):
     import json
     d = json.loads(Path(path).read_text())
-    tools = [t for t in ("vmkeep", "restic", "borg", "zstd") if any(r["tool"] == t for r in d["runs"])]
+    tools = [t for t in ALL_TOOLS if any(r["tool"] == t for r in d["runs"])]
     images = [i for i in ("allocated", "sparse") if any(r["image"] == i for r in d["runs"])]
     _, _, failures, md = finish(d, d["runs"], tools, images, d["images"]["image_size"])
     print(md)
@@ -433,9 +533,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default=bl.DEFAULT_WORK, help="work dir (default %(default)s, env VMKEEP_BENCH_WORK)")
     ap.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default 3)")
-    ap.add_argument("--skip-vmkeep", action="store_true", help="measure only restic, borg and zstd")
+    ap.add_argument("--skip-vmkeep", action="store_true", help="measure only the peers and zstd")
     ap.add_argument("--vmkeep", default=bl.DEFAULT_VMKEEP, help="vmkeep binary (default %(default)s)")
-    ap.add_argument("--tools", default="vmkeep,restic,borg,zstd", help="comma list (default %(default)s)")
+    ap.add_argument("--rustic", default=default_rustic(),
+                    help="rustic binary (default %(default)s, built by scripts/install-deps.sh bench)")
+    ap.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma list (default %(default)s)")
     ap.add_argument("--images", default="allocated,sparse", help="comma list (default %(default)s)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the 1%% change (default 1)")
     ap.add_argument("--min-free-gib", type=float, default=20, help="free space required in --work (default 20)")
@@ -454,7 +556,8 @@ def main(argv=None):
         if i not in ("allocated", "sparse"):
             bl.die(f"unknown image {i!r} (allocated, sparse)", 2)
     known = {"vmkeep": lambda: Vmkeep(work, args.vmkeep), "restic": lambda: Restic(work),
-             "borg": lambda: Borg(work), "zstd": lambda: Zstd(work)}
+             "rustic": lambda: Rustic(work, args.rustic), "borg": lambda: Borg(work),
+             "zstd": lambda: Zstd(work)}
     for t in tools:
         if t not in known:
             bl.die(f"unknown tool {t!r} ({', '.join(known)})", 2)
@@ -463,6 +566,8 @@ def main(argv=None):
     for tool in ("cmp",):
         if not shutil.which(tool):
             problems.append(f"{tool} not found")
+    if (p := bl.gnu_time_problem()):
+        problems.append(p)
     if problems:
         bl.die("; ".join(problems))
 
@@ -490,6 +595,8 @@ def main(argv=None):
                 rec["order"] = pos
                 runs.append(rec)
 
+    # The harness's own peak: what every tool's peak RSS used to read (see benchlib's docstring).
+    meta["harness_maxrss_kib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     med, targets, failures, md = finish(meta, runs, tools, images, man["image_size"])
     jp, mp = bl.write_results("run", {**meta, "runs": runs, "medians": med, "targets": targets,
                                       "failures": failures}, md)

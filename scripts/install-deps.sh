@@ -2,9 +2,29 @@
 # Installs what vmkeep's demo, tests and benchmarks need on Debian 12 (bookworm).
 # QEMU 10 comes from bookworm-backports (qemu-utils 10 is already on the machine image);
 # the backports source reuses the URI of the existing bookworm entry, never a hard-coded host.
+# `bench` also builds rustic (the Rust implementation of restic's repository format) once with
+# `cargo install`, into a cache outside the checkout that later runs reuse:
+#   ${VMKEEP_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmkeep-bench}/rustic/bin/rustic
+# (build files in .../rustic/build; RUSTIC_VERSION pins the version, default below).
 # Usage: scripts/install-deps.sh [test|bench|all]   (default: test)
 set -euo pipefail
 what="${1:-test}"
+rustic_version="${RUSTIC_VERSION:-0.11.4}"
+bench_cache="${VMKEEP_BENCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/vmkeep-bench}"
+
+# Builds rustic into the cache unless that version is already there (no root needed).
+install_rustic() {
+  case "$what" in bench|all) ;; *) return 0 ;; esac
+  local root="$bench_cache/rustic"
+  if [ -x "$root/bin/rustic" ] && "$root/bin/rustic" --version 2>/dev/null | grep -qF " $rustic_version"; then
+    echo "install-deps: rustic $rustic_version present in $root"
+    return 0
+  fi
+  command -v cargo >/dev/null || { echo "install-deps: cargo not found; rustic is built with cargo install" >&2; exit 1; }
+  echo "install-deps: building rustic $rustic_version into $root (once; several minutes)"
+  mkdir -p "$root"
+  CARGO_TARGET_DIR="$root/build" nice -n 10 cargo install rustic-rs --locked --version "$rustic_version" --root "$root"
+}
 pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd python3 strace)
 case "$what" in
   test) ;;
@@ -17,7 +37,7 @@ for p in "${pkgs[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -
 need_qemu=0
 if ! command -v qemu-system-x86_64 >/dev/null || ! qemu-system-x86_64 --version | grep -q "version 10"; then need_qemu=1; fi
 
-if [ ${#missing[@]} -eq 0 ] && [ $need_qemu -eq 0 ]; then echo "install-deps: everything present"; exit 0; fi
+if [ ${#missing[@]} -eq 0 ] && [ $need_qemu -eq 0 ]; then echo "install-deps: packages present"; install_rustic; exit 0; fi
 
 src=/etc/apt/sources.list.d/debian.sources
 bpo=/etc/apt/sources.list.d/vmkeep-backports.sources
@@ -37,4 +57,5 @@ export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 [ ${#missing[@]} -eq 0 ] || apt-get install -y -qq --no-install-recommends "${missing[@]}"
 [ $need_qemu -eq 0 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86
+install_rustic
 echo "install-deps: done"
