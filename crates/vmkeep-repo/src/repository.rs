@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use vmkeep_core::config::RepoConfig;
 use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey};
+use vmkeep_core::object;
 use vmkeep_store::{Key, Kind, Store};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
@@ -36,8 +38,8 @@ impl Default for Tuning {
 
 pub struct InitOptions {
     pub chunk_size: u32,
-    /// Some(passphrase) creates an encrypted repository.
-    pub passphrase: Option<Vec<u8>>,
+    /// Some(passphrase) creates an encrypted repository. Wiped when the options are dropped.
+    pub passphrase: Option<Zeroizing<Vec<u8>>>,
     pub kdf: KdfParams,
 }
 
@@ -121,7 +123,9 @@ impl Repository {
         })
     }
 
-    /// Open a repository; `passphrase` is needed when it is encrypted.
+    /// Open a repository; `passphrase` is needed when it is encrypted. A config that says
+    /// "not encrypted" is refused when the repository shows otherwise, or when a passphrase is
+    /// given ([`refuse_plain_if_encrypted`]): editing `config` must not switch encryption off.
     pub fn open(store: Arc<dyn Store>, passphrase: Option<&[u8]>) -> Result<Repository> {
         let location = store.location();
         let bytes = match store.get(&Key::config()) {
@@ -133,6 +137,9 @@ impl Repository {
             location: location.clone(),
             reason: e.to_string(),
         })?;
+        if !config.encrypted {
+            refuse_plain_if_encrypted(store.as_ref(), &location, passphrase.is_some())?;
+        }
         let (keys, key_name) = if config.encrypted {
             let pass = passphrase.ok_or(Error::PassphraseRequired)?;
             let (master, name) =
@@ -206,6 +213,50 @@ impl Repository {
     pub fn export_key(&self) -> Option<String> {
         self.keys.master().map(|m| m.export())
     }
+}
+
+/// A plain config is believed only when nothing says the repository is encrypted (FORMAT.md §3,
+/// "Opening"): no key file exists, the caller has no passphrase (a user who configured one
+/// expects encryption), and neither the first listed manifest nor the first listed index object
+/// carries the encrypted flag in its header (8 bytes read from each). Someone who can write to
+/// the store can forge those flags, but not the user's passphrase, which is what guards an
+/// unattended backup against writing plaintext into a repository meant to be encrypted.
+fn refuse_plain_if_encrypted(
+    store: &dyn Store,
+    location: &str,
+    has_passphrase: bool,
+) -> Result<()> {
+    let tampered = |evidence: String| Error::PlainConfigTampered {
+        location: location.to_string(),
+        evidence,
+    };
+    if let Some(key) = store.list(Kind::Key)?.into_iter().next() {
+        return Err(tampered(format!("it has a key file ({})", key.key)));
+    }
+    for kind in [Kind::Snapshot, Kind::Index] {
+        let Some(first) = store.list(kind)?.into_iter().next() else {
+            continue;
+        };
+        let header = match store.get_range(&first.key, 0, object::HEADER_LEN as u64) {
+            Ok(h) => h,
+            // Gone or too short: not evidence either way (check reports damage).
+            Err(e) if e.is_not_found() => continue,
+            Err(vmkeep_store::Error::ShortRead { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if object::header_flags_encrypted(&header) == Some(true) {
+            return Err(tampered(format!(
+                "its objects are encrypted ({} is)",
+                first.key
+            )));
+        }
+    }
+    if has_passphrase {
+        return Err(Error::PassphraseForPlain {
+            location: location.to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// Try every key file with the passphrase. Damaged key files are skipped (others may work).
