@@ -6,8 +6,13 @@
 //! ([`KeyFile`], Argon2id). Secrets never appear in `Debug` output and are zeroed on drop.
 use serde::{Deserialize, Serialize};
 
+use std::mem::MaybeUninit;
+
 use ring::aead;
 use zeroize::Zeroize;
+
+mod file;
+pub use file::{KdfParams, KeyFile, KEY_FILE_VERSION};
 
 use crate::error::{Error, Result};
 use crate::id::BlobId;
@@ -135,233 +140,38 @@ fn export_checksum(bytes: &[u8; 64]) -> String {
     hex::encode(&blake3::hash(bytes).as_bytes()[..4])
 }
 
-/// Argon2id cost parameters. Defaults: m = 64 MiB, t = 3, p = 1 (about 0.15 s here).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KdfParams {
-    pub m_cost_kib: u32,
-    pub t_cost: u32,
-    pub p_cost: u32,
-}
+/// An AES-256-GCM key (ring) whose key schedule is wiped when it is dropped: ring's keys
+/// implement neither `Zeroize` nor `Drop`, so their round keys and GHASH table would otherwise
+/// stay in freed stack memory.
+pub(crate) struct WipedAesKey(MaybeUninit<aead::LessSafeKey>);
 
-impl Default for KdfParams {
-    fn default() -> Self {
-        KdfParams {
-            m_cost_kib: 64 * 1024,
-            t_cost: 3,
-            p_cost: 1,
-        }
+// Wiping the inline bytes wipes the whole schedule only because `LessSafeKey` owns no heap
+// memory; owning any (Box, Vec, ...) would give it drop glue. Checked at compile time, so a
+// ring upgrade that changes this fails the build instead of leaving key material unwiped.
+const _: () = assert!(!std::mem::needs_drop::<aead::LessSafeKey>());
+
+impl WipedAesKey {
+    pub(crate) fn new(key: &[u8; 32]) -> WipedAesKey {
+        WipedAesKey(MaybeUninit::new(aead::LessSafeKey::new(
+            aead::UnboundKey::new(&aead::AES_256_GCM, key).expect("AES-256-GCM takes 32-byte keys"),
+        )))
+    }
+
+    pub(crate) fn get(&self) -> &aead::LessSafeKey {
+        // SAFETY: initialised by `new`; the only write afterwards is the wipe in `drop`, after
+        // which the value is never read.
+        unsafe { self.0.assume_init_ref() }
     }
 }
 
-/// A passphrase-wrapped master key, stored as JSON in `keys/<name>`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct KeyFile {
-    pub version: u32,
-    pub kdf: String, // "argon2id"
-    pub params: KdfParams,
-    /// hex
-    pub salt: String,
-    /// hex: nonce || AEAD(kek, master key bytes)
-    pub wrapped: String,
-    pub created: chrono::DateTime<chrono::Utc>,
-    pub hostname: String,
-}
-
-/// Current key file format version.
-const KEY_FILE_VERSION: u32 = 1;
-const KEY_FILE_KDF: &str = "argon2id";
-const KEY_FILE_MAX: usize = 64 * 1024;
-const SALT_LEN: usize = 16;
-const WRAP_NONCE_LEN: usize = 12;
-/// nonce(12) || AES-256-GCM(64 key bytes) || tag(16)
-const WRAPPED_LEN: usize = WRAP_NONCE_LEN + 64 + 16;
-/// Bounds a hostile key file cannot exceed: 4 GiB of memory, 100 passes, 64 lanes.
-const KDF_MAX_M_COST_KIB: u32 = 4 * 1024 * 1024;
-const KDF_MAX_T_COST: u32 = 100;
-const KDF_MAX_P_COST: u32 = 64;
-
-impl KdfParams {
-    /// Check the parameters are usable and within the bounds vmkeep accepts (memory at most
-    /// 4 GiB, at most 100 passes, at most 64 lanes), so a hostile key file cannot make us
-    /// allocate or spin absurdly.
-    pub fn validate(&self) -> Result<()> {
-        let invalid = |reason: String| Error::Invalid {
-            what: "key derivation parameters",
-            reason,
-        };
-        if self.p_cost == 0 || self.p_cost > KDF_MAX_P_COST {
-            return Err(invalid(format!(
-                "parallelism must be 1..={KDF_MAX_P_COST}, got {}",
-                self.p_cost
-            )));
-        }
-        if self.t_cost == 0 || self.t_cost > KDF_MAX_T_COST {
-            return Err(invalid(format!(
-                "passes must be 1..={KDF_MAX_T_COST}, got {}",
-                self.t_cost
-            )));
-        }
-        let min_m = 8 * self.p_cost;
-        if self.m_cost_kib < min_m || self.m_cost_kib > KDF_MAX_M_COST_KIB {
-            return Err(invalid(format!(
-                "memory must be {min_m}..={KDF_MAX_M_COST_KIB} KiB, got {}",
-                self.m_cost_kib
-            )));
-        }
-        Ok(())
-    }
-
-    /// Argon2id(passphrase, salt) -> 32-byte key-encryption key.
-    fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<zeroize::Zeroizing<[u8; 32]>> {
-        self.validate()?;
-        let params = argon2::Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32))
-            .map_err(|e| Error::Invalid {
-                what: "key derivation parameters",
-                reason: e.to_string(),
-            })?;
-        let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-        let mut kek = zeroize::Zeroizing::new([0u8; 32]);
-        kdf.hash_password_into(passphrase, salt, &mut kek[..])
-            .map_err(|e| Error::Invalid {
-                what: "key derivation input",
-                reason: e.to_string(),
-            })?;
-        Ok(kek)
-    }
-}
-
-fn aes_key(key: &[u8; 32]) -> aead::LessSafeKey {
-    aead::LessSafeKey::new(
-        aead::UnboundKey::new(&aead::AES_256_GCM, key).expect("AES-256-GCM takes 32-byte keys"),
-    )
-}
-
-impl KeyFile {
-    /// Wrap `master` under `passphrase`: KEK = Argon2id(passphrase, random 16-byte salt, params);
-    /// wrapped = hex(nonce(12) || AES-256-GCM(KEK, nonce, aad = "", id_key || data_key)).
-    pub fn wrap(
-        master: &MasterKey,
-        passphrase: &[u8],
-        params: KdfParams,
-        hostname: &str,
-    ) -> Result<KeyFile> {
-        let mut salt = [0u8; SALT_LEN];
-        getrandom::getrandom(&mut salt).expect("the OS random source failed");
-        let mut nonce = [0u8; WRAP_NONCE_LEN];
-        getrandom::getrandom(&mut nonce).expect("the OS random source failed");
-        let kek = params.derive(passphrase, &salt)?;
-        let mut in_out = zeroize::Zeroizing::new(Vec::with_capacity(WRAPPED_LEN));
-        in_out.extend_from_slice(&master.to_bytes()[..]);
-        aes_key(&kek)
-            .seal_in_place_append_tag(
-                aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::empty(),
-                &mut *in_out,
-            )
-            .expect("AES-GCM sealing 64 bytes cannot fail");
-        let mut wrapped = Vec::with_capacity(WRAPPED_LEN);
-        wrapped.extend_from_slice(&nonce);
-        wrapped.extend_from_slice(&in_out);
-        Ok(KeyFile {
-            version: KEY_FILE_VERSION,
-            kdf: KEY_FILE_KDF.to_string(),
-            params,
-            salt: hex::encode(salt),
-            wrapped: hex::encode(wrapped),
-            created: chrono::Utc::now(),
-            hostname: hostname.to_string(),
-        })
-    }
-
-    /// Err(Error::WrongPassphrase) when the passphrase does not unlock it.
-    pub fn unwrap_key(&self, passphrase: &[u8]) -> Result<MasterKey> {
-        self.validate()?;
-        let salt = hex::decode(&self.salt).map_err(|e| corrupt_key_file(format!("salt: {e}")))?;
-        let wrapped = hex::decode(&self.wrapped)
-            .map_err(|e| corrupt_key_file(format!("wrapped key: {e}")))?;
-        if wrapped.len() != WRAPPED_LEN {
-            return Err(corrupt_key_file(format!(
-                "wrapped key is {} bytes, expected {WRAPPED_LEN}",
-                wrapped.len()
-            )));
-        }
-        let kek = self.params.derive(passphrase, &salt)?;
-        let mut nonce = [0u8; WRAP_NONCE_LEN];
-        nonce.copy_from_slice(&wrapped[..WRAP_NONCE_LEN]);
-        let mut in_out = zeroize::Zeroizing::new(wrapped[WRAP_NONCE_LEN..].to_vec());
-        let plain = aes_key(&kek)
-            .open_in_place(
-                aead::Nonce::assume_unique_for_key(nonce),
-                aead::Aad::empty(),
-                &mut in_out[..],
-            )
-            .map_err(|_| Error::WrongPassphrase)?;
-        let bytes: &[u8; 64] = (&*plain)
-            .try_into()
-            .map_err(|_| corrupt_key_file("wrapped key has the wrong length".into()))?;
-        Ok(MasterKey::from_bytes(bytes))
-    }
-
-    pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).expect("a key file always serialises")
-    }
-
-    /// Bounded (64 KiB) and validated.
-    pub fn from_json(bytes: &[u8]) -> Result<KeyFile> {
-        if bytes.len() > KEY_FILE_MAX {
-            return Err(Error::TooLarge {
-                kind: "key file",
-                size: bytes.len() as u64,
-                max: KEY_FILE_MAX as u64,
-            });
-        }
-        let file: KeyFile =
-            serde_json::from_slice(bytes).map_err(|e| corrupt_key_file(e.to_string()))?;
-        file.validate()?;
-        Ok(file)
-    }
-
-    /// Version, KDF name, KDF parameter bounds, salt and wrapped-key lengths.
-    fn validate(&self) -> Result<()> {
-        if self.version != KEY_FILE_VERSION {
-            return Err(Error::UnsupportedVersion {
-                kind: "key file",
-                version: self.version,
-                supported: KEY_FILE_VERSION,
-            });
-        }
-        if self.kdf != KEY_FILE_KDF {
-            return Err(corrupt_key_file(format!(
-                "unknown key derivation {:?} (expected {KEY_FILE_KDF:?})",
-                self.kdf
-            )));
-        }
-        self.params
-            .validate()
-            .map_err(|e| corrupt_key_file(e.to_string()))?;
-        if self.salt.len() != 2 * SALT_LEN || !self.salt.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(corrupt_key_file(format!(
-                "salt must be {} hex digits",
-                2 * SALT_LEN
-            )));
-        }
-        if self.wrapped.len() != 2 * WRAPPED_LEN
-            || !self.wrapped.bytes().all(|b| b.is_ascii_hexdigit())
-        {
-            return Err(corrupt_key_file(format!(
-                "wrapped key must be {} hex digits",
-                2 * WRAPPED_LEN
-            )));
-        }
-        Ok(())
-    }
-}
-
-fn corrupt_key_file(reason: String) -> Error {
-    Error::Corrupt {
-        kind: "key file",
-        reason,
+impl Drop for WipedAesKey {
+    fn drop(&mut self) {
+        // Sound: `MaybeUninit` may hold any bytes (zeroing it breaks no invariant, unlike zeroing
+        // the `&'static Algorithm` inside a live `LessSafeKey`), and the key's destructor is not
+        // run, which skips nothing: `LessSafeKey` has no drop glue (asserted above). Copies made
+        // while ring built the key (moves through its constructors' stack frames) are out of
+        // reach; this wipes the copy that lives for the key's whole use.
+        self.0.zeroize();
     }
 }
 
@@ -489,6 +299,7 @@ impl Keys {
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
         let tag = key
+            .get()
             .seal_in_place_separate_tag(gcm_nonce, aead::Aad::from(aad), &mut out[SEAL_NONCE_LEN..])
             .expect("AES-GCM sealing fails only beyond 64 GiB");
         out.extend_from_slice(tag.as_ref());
@@ -515,6 +326,7 @@ impl Keys {
         let (key, gcm_nonce) = message_key(&master.data_key, nonce);
         let mut out = sealed[SEAL_NONCE_LEN..].to_vec();
         let len = key
+            .get()
             .open_in_place(gcm_nonce, aead::Aad::from(aad), &mut out)
             .map_err(|_| Error::Integrity {
                 kind: "sealed data",
@@ -535,12 +347,9 @@ impl Keys {
 }
 
 /// The per-message AES-256-GCM key and nonce of [`Keys::seal`].
-fn message_key(
-    data_key: &[u8; 32],
-    nonce: &[u8; SEAL_NONCE_LEN],
-) -> (aead::LessSafeKey, aead::Nonce) {
+fn message_key(data_key: &[u8; 32], nonce: &[u8; SEAL_NONCE_LEN]) -> (WipedAesKey, aead::Nonce) {
     let mut subkey = *blake3::keyed_hash(data_key, &nonce[..16]).as_bytes();
-    let key = aes_key(&subkey);
+    let key = WipedAesKey::new(&subkey);
     subkey.zeroize();
     let mut gcm_nonce = [0u8; 12];
     gcm_nonce[..8].copy_from_slice(&nonce[16..]);

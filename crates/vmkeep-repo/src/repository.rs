@@ -101,7 +101,7 @@ impl Repository {
             None => (Keys::plain(), None),
             Some(pass) => {
                 let master = MasterKey::generate();
-                let kf = KeyFile::wrap(&master, pass, opts.kdf, &hostname())?;
+                let kf = KeyFile::wrap(&master, pass, opts.kdf)?;
                 let name = random_name();
                 store.put(&Key::new(Kind::Key, name.clone())?, &kf.to_json())?;
                 (Keys::encrypted(master), Some(name))
@@ -142,10 +142,7 @@ impl Repository {
         }
         let (keys, key_name) = if config.encrypted {
             let pass = passphrase.ok_or(Error::PassphraseRequired)?;
-            let (master, name) =
-                unlock(store.as_ref(), pass)?.ok_or_else(|| Error::WrongPassphrase {
-                    location: location.clone(),
-                })?;
+            let (master, name) = unlock(store.as_ref(), pass)?;
             (Keys::encrypted(master), Some(name))
         } else {
             (Keys::plain(), None)
@@ -200,7 +197,7 @@ impl Repository {
                 reason: "the repository is not encrypted; it has no passphrase".into(),
             });
         };
-        let kf = KeyFile::wrap(master, new_passphrase, kdf, &hostname())?;
+        let kf = KeyFile::wrap(master, new_passphrase, kdf)?;
         self.store
             .put(&Key::new(Kind::Key, random_name())?, &kf.to_json())?;
         self.store.flush()?;
@@ -259,23 +256,41 @@ fn refuse_plain_if_encrypted(
     Ok(())
 }
 
-/// Try every key file with the passphrase. Damaged key files are skipped (others may work).
-fn unlock(store: &dyn Store, pass: &[u8]) -> Result<Option<(MasterKey, String)>> {
+/// Try every key file with the passphrase. A damaged key file (unparseable, failing its
+/// checksum, from a newer vmkeep) does not stop the search, since another may unlock, but when
+/// none does it is named: it may have been the one for this passphrase, and "wrong passphrase"
+/// would send the user looking for the wrong thing.
+fn unlock(store: &dyn Store, pass: &[u8]) -> Result<(MasterKey, String)> {
+    let location = store.location();
+    let mut damaged: Vec<String> = Vec::new();
+    let mut found_any = false;
     for meta in store.list(Kind::Key)? {
         let bytes = match store.get(&meta.key) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e.into()),
         };
-        let Ok(kf) = KeyFile::from_json(&bytes) else {
-            tracing::warn!(key = %meta.key, "skipping an unreadable key file");
-            continue;
-        };
-        match kf.unwrap_key(pass) {
-            Ok(master) => return Ok(Some((master, meta.key.name.clone()))),
+        found_any = true;
+        match KeyFile::from_json(&bytes).and_then(|kf| kf.unwrap_key(pass)) {
+            Ok(master) => {
+                for d in &damaged {
+                    tracing::warn!("{d}: it was skipped (the repository opened with another)");
+                }
+                return Ok((master, meta.key.name.clone()));
+            }
             Err(vmkeep_core::Error::WrongPassphrase) => continue,
-            Err(e) => return Err(Error::corrupt(meta.key.to_string(), e)),
+            // Reported in the error if nothing unlocks, as a warning otherwise.
+            Err(e) => damaged.push(format!("key file {} is damaged ({e})", meta.key)),
         }
     }
-    Ok(None)
+    if !damaged.is_empty() {
+        return Err(Error::KeyFileDamaged {
+            location,
+            damaged: damaged.join("; "),
+        });
+    }
+    if !found_any {
+        return Err(Error::NoKeyFile { location });
+    }
+    Err(Error::WrongPassphrase { location })
 }

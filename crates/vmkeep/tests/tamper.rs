@@ -402,3 +402,44 @@ fn renamed_index_object_is_reported_as_damaged() {
     std::fs::rename(&to, &from).unwrap();
     assert_intact(&f);
 }
+
+/// Defect 13: a damaged key file is named as damaged, not reported as a wrong passphrase
+/// (before the fix: "wrong passphrase" for both kinds of damage below). An intact second key
+/// file still unlocks, and a wrong passphrase with intact files is still "wrong passphrase".
+#[test]
+fn damaged_key_file_is_named_not_reported_as_wrong_passphrase() {
+    let f = encrypted_repo_with_a_point("enc");
+    let name = objects(&f.repo, "keys").into_iter().next().unwrap();
+    let path = f.repo.join("keys").join(&name);
+    let original = std::fs::read(&path).unwrap();
+    let text = String::from_utf8(original.clone()).unwrap();
+    // Truncated (unparseable), and one hex digit of the wrapped key changed (parseable).
+    let wrapped_at = text.find("\"wrapped\"").unwrap() + "\"wrapped\": \"".len() + 40;
+    let mut flipped = original.clone();
+    flipped[wrapped_at] = if flipped[wrapped_at] == b'0' {
+        b'1'
+    } else {
+        b'0'
+    };
+    for damaged in [original[..original.len() / 2].to_vec(), flipped] {
+        write(&path, &damaged);
+        let line = fails_with(unlocked(&f).arg("snapshots"), &["damaged", &name]);
+        assert!(!line.contains("wrong passphrase"), "{line}");
+        // A second, intact key file for the same passphrase unlocks.
+        write(
+            &f.repo.join("keys").join("0123456789abcdef0123456789abcdef"),
+            &original,
+        );
+        json(unlocked(&f).arg("snapshots"));
+        std::fs::remove_file(f.repo.join("keys").join("0123456789abcdef0123456789abcdef")).unwrap();
+    }
+    write(&path, &original);
+    fails_with(
+        vmkeep(&f.repo)
+            .env("VMKEEP_PASSWORD", "not it")
+            .arg("snapshots"),
+        &["wrong passphrase"],
+    );
+    std::fs::remove_file(&path).unwrap();
+    fails_with(unlocked(&f).arg("snapshots"), &["no key file"]);
+}
