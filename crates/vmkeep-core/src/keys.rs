@@ -11,7 +11,7 @@ use std::mem::MaybeUninit;
 use ring::aead;
 use zeroize::Zeroize;
 
-mod file;
+pub(crate) mod file;
 pub use file::{KdfParams, KeyFile, KEY_FILE_VERSION};
 
 use crate::error::{Error, Result};
@@ -123,7 +123,7 @@ impl MasterKey {
         b
     }
 
-    fn from_bytes(bytes: &[u8; 64]) -> MasterKey {
+    pub(crate) fn from_bytes(bytes: &[u8; 64]) -> MasterKey {
         let mut key = MasterKey {
             id_key: [0u8; 32],
             data_key: [0u8; 32],
@@ -205,7 +205,7 @@ const CONFIG_MAC_CONTEXT: &str = "vmkeep 2026-11 config mac v1";
 
 /// Length of [`Keys::seal`]'s overhead: nonce(24) + tag(16).
 pub const SEAL_OVERHEAD: usize = SEAL_NONCE_LEN + 16;
-const SEAL_NONCE_LEN: usize = 24;
+pub(crate) const SEAL_NONCE_LEN: usize = 24;
 
 /// Keys derived once from the master key.
 #[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
@@ -294,16 +294,7 @@ impl Keys {
             .expect("Keys::seal called on a plain repository");
         let mut nonce = [0u8; SEAL_NONCE_LEN];
         getrandom::getrandom(&mut nonce).expect("the OS random source failed");
-        let (key, gcm_nonce) = message_key(&master.data_key, &nonce);
-        let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plaintext);
-        let tag = key
-            .get()
-            .seal_in_place_separate_tag(gcm_nonce, aead::Aad::from(aad), &mut out[SEAL_NONCE_LEN..])
-            .expect("AES-GCM sealing fails only beyond 64 GiB");
-        out.extend_from_slice(tag.as_ref());
-        out
+        seal_with_nonce(master, &nonce, aad, plaintext)
     }
 
     /// Inverse of [`Keys::seal`]; Err(Error::Integrity) on any tampering or a wrong key.
@@ -344,6 +335,26 @@ impl Keys {
             .as_ref()
             .map(|d| *blake3::keyed_hash(&d.config_mac_key, bytes).as_bytes())
     }
+}
+
+/// [`Keys::seal`] with a given nonce (known-answer vectors fix it; everything else uses a
+/// random one).
+pub(crate) fn seal_with_nonce(
+    master: &MasterKey,
+    nonce: &[u8; SEAL_NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let (key, gcm_nonce) = message_key(&master.data_key, nonce);
+    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(plaintext);
+    let tag = key
+        .get()
+        .seal_in_place_separate_tag(gcm_nonce, aead::Aad::from(aad), &mut out[SEAL_NONCE_LEN..])
+        .expect("AES-GCM sealing fails only beyond 64 GiB");
+    out.extend_from_slice(tag.as_ref());
+    out
 }
 
 /// The per-message AES-256-GCM key and nonce of [`Keys::seal`].

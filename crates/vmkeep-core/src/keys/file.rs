@@ -55,8 +55,8 @@ pub struct KeyFile {
 pub const KEY_FILE_VERSION: u32 = 2;
 const KEY_FILE_KDF: &str = "argon2id";
 const KEY_FILE_MAX: usize = 64 * 1024;
-pub(super) const SALT_LEN: usize = 16;
-const WRAP_NONCE_LEN: usize = 12;
+pub(crate) const SALT_LEN: usize = 16;
+pub(crate) const WRAP_NONCE_LEN: usize = 12;
 /// nonce(12) || AES-256-GCM(64 key bytes) || tag(16)
 pub(super) const WRAPPED_LEN: usize = WRAP_NONCE_LEN + 64 + 16;
 /// Domain separation of the version 2 wrap AAD.
@@ -101,7 +101,7 @@ impl KdfParams {
 
     /// Argon2id version 0x13 (passphrase, salt; no secret, no associated data) -> 32-byte
     /// key-encryption key.
-    pub(super) fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
+    pub(crate) fn derive(&self, passphrase: &[u8], salt: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
         self.validate()?;
         let params = argon2::Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32))
             .map_err(|e| Error::Invalid {
@@ -123,7 +123,7 @@ impl KdfParams {
 /// || Argon2 version u8 (0x13) || m_cost_kib u32 || t_cost u32 || p_cost u32 || salt (16).
 /// The parameters and salt already shape the KEK; binding them again makes the wrap
 /// self-describing and separates it from any other use of AES-GCM. Version 1: empty.
-pub(super) fn wrap_aad(version: u32, params: &KdfParams, salt: &[u8; SALT_LEN]) -> Vec<u8> {
+pub(crate) fn wrap_aad(version: u32, params: &KdfParams, salt: &[u8; SALT_LEN]) -> Vec<u8> {
     if version == 1 {
         return Vec::new();
     }
@@ -151,6 +151,17 @@ impl KeyFile {
         getrandom::getrandom(&mut salt).expect("the OS random source failed");
         let mut nonce = [0u8; WRAP_NONCE_LEN];
         getrandom::getrandom(&mut nonce).expect("the OS random source failed");
+        KeyFile::wrap_with(master, passphrase, params, salt, nonce)
+    }
+
+    /// [`KeyFile::wrap`] with a given salt and nonce (known-answer vectors fix them).
+    pub(crate) fn wrap_with(
+        master: &MasterKey,
+        passphrase: &[u8],
+        params: KdfParams,
+        salt: [u8; SALT_LEN],
+        nonce: [u8; WRAP_NONCE_LEN],
+    ) -> Result<KeyFile> {
         let kek = params.derive(passphrase, &salt)?;
         let aad = wrap_aad(KEY_FILE_VERSION, &params, &salt);
         let mut in_out = Zeroizing::new(Vec::with_capacity(WRAPPED_LEN));
