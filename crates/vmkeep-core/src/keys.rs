@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::mem::MaybeUninit;
 
 use ring::aead;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
 
 pub(crate) mod file;
 pub use file::{KdfParams, KeyFile, KEY_FILE_VERSION};
@@ -142,7 +142,8 @@ fn export_checksum(bytes: &[u8; 64]) -> String {
 
 /// An AES-256-GCM key (ring) whose key schedule is wiped when it is dropped: ring's keys
 /// implement neither `Zeroize` nor `Drop`, so their round keys and GHASH table would otherwise
-/// stay in freed stack memory.
+/// stay in freed stack memory. Build it where it is used and do not move it: a move copies the
+/// bytes and leaves the old copy unwiped.
 pub(crate) struct WipedAesKey(MaybeUninit<aead::LessSafeKey>);
 
 // Wiping the inline bytes wipes the whole schedule only because `LessSafeKey` owns no heap
@@ -314,7 +315,8 @@ impl Keys {
         let nonce: &[u8; SEAL_NONCE_LEN] = sealed[..SEAL_NONCE_LEN]
             .try_into()
             .expect("length checked above");
-        let (key, gcm_nonce) = message_key(&master.data_key, nonce);
+        let (subkey, gcm_nonce) = message_key(&master.data_key, nonce);
+        let key = WipedAesKey::new(&subkey);
         let mut out = sealed[SEAL_NONCE_LEN..].to_vec();
         let len = key
             .get()
@@ -345,7 +347,8 @@ pub(crate) fn seal_with_nonce(
     aad: &[u8],
     plaintext: &[u8],
 ) -> Vec<u8> {
-    let (key, gcm_nonce) = message_key(&master.data_key, nonce);
+    let (subkey, gcm_nonce) = message_key(&master.data_key, nonce);
+    let key = WipedAesKey::new(&subkey);
     let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
     out.extend_from_slice(nonce);
     out.extend_from_slice(plaintext);
@@ -357,14 +360,16 @@ pub(crate) fn seal_with_nonce(
     out
 }
 
-/// The per-message AES-256-GCM key and nonce of [`Keys::seal`].
-fn message_key(data_key: &[u8; 32], nonce: &[u8; SEAL_NONCE_LEN]) -> (WipedAesKey, aead::Nonce) {
-    let mut subkey = *blake3::keyed_hash(data_key, &nonce[..16]).as_bytes();
-    let key = WipedAesKey::new(&subkey);
-    subkey.zeroize();
+/// The per-message AES-256-GCM key material and nonce of [`Keys::seal`]. The caller builds the
+/// [`WipedAesKey`] where it uses it: moving one would leave an unwiped copy behind.
+fn message_key(
+    data_key: &[u8; 32],
+    nonce: &[u8; SEAL_NONCE_LEN],
+) -> (Zeroizing<[u8; 32]>, aead::Nonce) {
+    let subkey = Zeroizing::new(*blake3::keyed_hash(data_key, &nonce[..16]).as_bytes());
     let mut gcm_nonce = [0u8; 12];
     gcm_nonce[..8].copy_from_slice(&nonce[16..]);
-    (key, aead::Nonce::assume_unique_for_key(gcm_nonce))
+    (subkey, aead::Nonce::assume_unique_for_key(gcm_nonce))
 }
 
 #[cfg(test)]
