@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs vmkeep's whole test suite: installs what the tests need (QEMU 10, qemu-utils, nbdinfo,
-# busybox, cpio, e2fsprogs), builds, then runs every test. Prints the time of each phase.
+# busybox, cpio, e2fsprogs), checks formatting and lints (rustfmt, clippy with warnings as
+# errors), builds, then runs every test. Prints the time of each phase.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,14 @@ done_phase() { echo "=== $1 took $(( $(date +%s) - PHASE_START )) s ==="; }
 phase "install"
 scripts/install-deps.sh test
 done_phase "install"
+
+phase "lint"
+# rustup's minimal profile has neither tool; the default profile has both.
+cargo fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+done_phase "lint"
 
 phase "build"
 cargo build --workspace --all-targets --locked

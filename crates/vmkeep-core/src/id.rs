@@ -101,6 +101,22 @@ hex_id!(
     16
 );
 
+hex_id!(
+    /// A lease's name (`locks/<id>`): 16 random bytes chosen by its holder.
+    LeaseId,
+    16
+);
+hex_id!(
+    /// A GC record's name (`gc/<id>`): 16 random bytes chosen by the prune that wrote it.
+    GcRecordId,
+    16
+);
+hex_id!(
+    /// A machine's vmkeep host id: 16 random bytes kept in a state file (FORMAT.md §13).
+    HostId,
+    16
+);
+
 impl BlobId {
     /// The id standing for an all-zero chunk, or a whole subtree of zero chunks in a disk index.
     /// Zero data is never stored.

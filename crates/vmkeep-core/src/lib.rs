@@ -22,4 +22,4 @@ pub mod tree;
 mod vectors;
 
 pub use error::{Error, Result};
-pub use id::{BlobId, PackId, SnapshotId};
+pub use id::{BlobId, GcRecordId, HostId, LeaseId, PackId, SnapshotId};

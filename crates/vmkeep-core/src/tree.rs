@@ -422,11 +422,27 @@ pub fn for_each_node<S: NodeStore>(
     chunks: u64,
     f: &mut dyn FnMut(&BlobId, &Node) -> Result<()>,
 ) -> Result<()> {
+    for_each_new_node(store, root, chunks, &mut HashMap::new(), f)
+}
+
+/// Nodes already visited by [`for_each_new_node`]: node id -> (level, child count).
+pub type SeenNodes = HashMap<BlobId, (u8, usize)>;
+
+/// [`for_each_node`] over several trees: nodes in `seen` (visited in an earlier call, in this
+/// tree or another) are not visited or descended into again, so walking every restore point of
+/// a repository costs the number of distinct nodes, not the sum of the trees' sizes.
+pub fn for_each_new_node<S: NodeStore>(
+    store: &S,
+    root: &BlobId,
+    chunks: u64,
+    seen: &mut SeenNodes,
+    f: &mut dyn FnMut(&BlobId, &Node) -> Result<()>,
+) -> Result<()> {
     struct Walk<'a, S> {
         store: &'a S,
         chunks: u64,
         /// Visited node id -> (level, child count).
-        seen: HashMap<BlobId, (u8, usize)>,
+        seen: &'a mut SeenNodes,
     }
     impl<S: NodeStore> Walk<'_, S> {
         fn walk(
@@ -464,7 +480,7 @@ pub fn for_each_node<S: NodeStore>(
     let mut w = Walk {
         store,
         chunks,
-        seen: HashMap::new(),
+        seen,
     };
     w.walk(root, depth(chunks) - 1, 0, f)
 }

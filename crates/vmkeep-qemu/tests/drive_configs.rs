@@ -6,13 +6,11 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Arc;
 
 use common::*;
 use vmkeep_qemu::capture::{backup_vm, VmBackupOptions};
 use vmkeep_qemu::qmp::QmpClient;
-use vmkeep_repo::{InitOptions, NoProgress, Repository, RestoreOptions};
-use vmkeep_store::LocalStore;
+use vmkeep_repo::NoProgress;
 
 #[test]
 fn virtio_drive_and_scsi_hd_are_captured_and_named() {
@@ -29,33 +27,19 @@ fn virtio_drive_and_scsi_hd_are_captured_and_named() {
     let want_a = raw_content(&a, d);
     let want_b = std::fs::read(&b).unwrap();
 
-    let store = Arc::new(LocalStore::create(d.join("repo")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: 65536,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap();
+    let repo = plain_repo(&d.join("repo"));
 
     let _lock = qemu_lock();
-    let sock = d.join("qmp.sock");
-    let mut qemu = ChildGuard::spawn(
-        Command::new(require("qemu-system-x86_64"))
-            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S"])
-            .args(["-m", "64"])
-            .arg("-drive")
-            .arg(format!("file={},format=qcow2,if=virtio", a.display()))
-            .arg("-drive")
-            .arg(format!("file={},format=raw,if=none,id=drive1", b.display()))
-            .args(["-device", "virtio-scsi-pci,id=scsi0"])
-            .args(["-device", "scsi-hd,drive=drive1,id=sd0"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display())),
-    );
-    wait_for_socket(&sock, &mut qemu);
+    let mut vm = VmBuilder::new(d, "")
+        .memory_mib(64)
+        .arg("-drive")
+        .arg(format!("file={},format=qcow2,if=virtio", a.display()))
+        .arg("-drive")
+        .arg(format!("file={},format=raw,if=none,id=drive1", b.display()))
+        .args(["-device", "virtio-scsi-pci,id=scsi0"])
+        .args(["-device", "scsi-hd,drive=drive1,id=sd0"])
+        .boot();
+    let sock = vm.qmp.clone();
     let opts = VmBackupOptions {
         qmp: sock.clone(),
         vm: "cfg".into(),
@@ -103,24 +87,9 @@ fn virtio_drive_and_scsi_hd_are_captured_and_named() {
     );
     assert_eq!(m2.stats.read_bytes, 0, "nothing changed");
 
-    let st = repo
-        .restore(
-            &m2,
-            &RestoreOptions {
-                target: d.join("r"),
-                disk: None,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-    for x in &st.disks {
-        let got = std::fs::read(&x.path).unwrap();
-        let want = if x.name == "virtio0" {
-            &want_a
-        } else {
-            &want_b
-        };
-        assert!(&got == want, "disk {} differs", x.name);
+    for (name, got) in restore_disks(&repo, &m2, &d.join("r")) {
+        let want = if name == "virtio0" { &want_a } else { &want_b };
+        assert!(&got == want, "disk {name} differs");
     }
     rt.block_on(async {
         let c = QmpClient::connect(&sock).await.unwrap();
@@ -130,7 +99,7 @@ fn virtio_drive_and_scsi_hd_are_captured_and_named() {
         );
         let _ = c.quit().await;
     });
-    let _ = qemu.0.wait();
+    let _ = vm.qemu.0.wait();
 }
 
 /// `--freeze`: the agent channel is found through QMP; nobody answers on it (no agent runs in
@@ -143,29 +112,17 @@ fn freeze_on_needs_an_answering_agent_auto_goes_on_without() {
     let d = dir.path();
     let a = d.join("a.qcow2");
     make_qcow2(&a, "4M");
-    let store = Arc::new(LocalStore::create(d.join("repo")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: 65536,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap();
+    let repo = plain_repo(&d.join("repo"));
     let _lock = qemu_lock();
     for with_channel in [true, false] {
-        let sock = d.join(format!("qmp-{with_channel}.sock"));
         let qga = d.join(format!("qga-{with_channel}.sock"));
-        let mut cmd = Command::new(require("qemu-system-x86_64"));
-        cmd.args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S"])
-            .args(["-m", "64"])
+        let mut b = VmBuilder::new(d, &format!("-{with_channel}"))
+            .memory_mib(64)
             .arg("-drive")
-            .arg(format!("file={},format=qcow2,if=virtio", a.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display()));
+            .arg(format!("file={},format=qcow2,if=virtio", a.display()));
         if with_channel {
-            cmd.args(["-device", "virtio-serial-pci,id=vser0"])
+            b = b
+                .args(["-device", "virtio-serial-pci,id=vser0"])
                 .arg("-chardev")
                 .arg(format!(
                     "socket,path={},server=on,wait=off,id=qga0",
@@ -176,8 +133,8 @@ fn freeze_on_needs_an_answering_agent_auto_goes_on_without() {
                     "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
                 ]);
         }
-        let mut qemu = ChildGuard::spawn(&mut cmd);
-        wait_for_socket(&sock, &mut qemu);
+        let mut vm = b.boot();
+        let sock = vm.qmp.clone();
         let opts = |freeze| VmBackupOptions {
             qmp: sock.clone(),
             vm: format!("fz{with_channel}"),
@@ -207,7 +164,7 @@ fn freeze_on_needs_an_answering_agent_auto_goes_on_without() {
             assert!(nodes.iter().all(|n| !n.node_name.starts_with("vmkeep")));
             let _ = c.quit().await;
         });
-        let _ = qemu.0.wait();
+        let _ = vm.qemu.0.wait();
     }
 }
 
@@ -224,31 +181,13 @@ fn qcow2_v2_image_falls_back_to_a_non_persistent_checkpoint() {
         .arg("4M"));
     qemu_io(&a, &["write -P 0x44 64k 64k"]);
     let want = raw_content(&a, d);
-    let store = Arc::new(LocalStore::create(d.join("repo")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: 65536,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap();
+    let repo = plain_repo(&d.join("repo"));
     let _lock = qemu_lock();
-    let sock = d.join("qmp.sock");
-    let mut qemu = ChildGuard::spawn(
-        Command::new(require("qemu-system-x86_64"))
-            .args(["-accel", "tcg", "-nodefaults", "-display", "none", "-S"])
-            .args(["-m", "64"])
-            .arg("-blockdev")
-            .arg(format!("driver=file,filename={},node-name=f0", a.display()))
-            .arg("-blockdev")
-            .arg("driver=qcow2,file=f0,node-name=disk0")
-            .args(["-device", "virtio-blk-pci,drive=disk0,id=vd0"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display())),
-    );
-    wait_for_socket(&sock, &mut qemu);
+    let vm = VmBuilder::new(d, "")
+        .memory_mib(64)
+        .blockdev_qcow2(&a, "vd0")
+        .boot();
+    let sock = vm.qmp.clone();
     let opts = VmBackupOptions {
         qmp: sock.clone(),
         vm: "v2".into(),
@@ -264,15 +203,6 @@ fn qcow2_v2_image_falls_back_to_a_non_persistent_checkpoint() {
         "{:?}",
         m2.disks[0].cbt_reason
     );
-    let st = repo
-        .restore(
-            &m2,
-            &RestoreOptions {
-                target: d.join("r"),
-                disk: None,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-    assert!(std::fs::read(&st.disks[0].path).unwrap() == want);
+    let restored = restore_disks(&repo, &m2, &d.join("r"));
+    assert!(restored[0].1 == want);
 }

@@ -33,30 +33,17 @@ async fn pause_free_fleece_export_and_bitmap() {
     make_qcow2(&fl, "16M");
 
     let _lock = qemu_lock();
-    let sock = d.join("qmp.sock");
-    let mut qemu = ChildGuard::spawn(
-        Command::new(require("qemu-system-x86_64"))
-            .args([
-                "-accel",
-                "tcg",
-                "-machine",
-                "pc",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-S",
-            ])
-            .args(["-m", "64"])
-            .arg("-drive")
-            .arg(format!(
-                "file={},format=qcow2,if=none,id=drive0",
-                disk.display()
-            ))
-            .args(["-device", "virtio-blk-pci,drive=drive0,id=vd0"])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display())),
-    );
-    wait_for_socket(&sock, &mut qemu);
+    let mut vm = VmBuilder::new(d, "")
+        .memory_mib(64)
+        .args(["-machine", "pc"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},format=qcow2,if=none,id=drive0",
+            disk.display()
+        ))
+        .args(["-device", "virtio-blk-pci,drive=drive0,id=vd0"])
+        .boot();
+    let sock = vm.qmp.clone();
     let qmp = QmpClient::connect(&sock).await.unwrap();
 
     // -drive configuration (§7): find the drive's auto-generated root node.
@@ -183,7 +170,7 @@ async fn pause_free_fleece_export_and_bitmap() {
     qmp.nbd_server_stop().await.unwrap();
     assert!(!qmp.query_status().await.unwrap().running); // -S: never ran; nothing paused us
     qmp.quit().await.unwrap();
-    let _ = qemu.0.wait();
+    let _ = vm.qemu.0.wait();
 
     // The live disk has the post-cut writes; the bitmaps persisted.
     let after = raw_content(&disk, d);

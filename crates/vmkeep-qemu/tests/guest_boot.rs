@@ -4,32 +4,26 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
+use vmkeep_testkit::guest::{guest, SEQWRITE};
 
 const COUNT: usize = 12;
 const DISK_BLOCKS: usize = 16384; // 64 MiB / 4 KiB
 
-fn guest() -> PathBuf {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest/build.sh");
+/// The guest, with the tools its build needs checked first (a clear message, never a skip).
+fn built_guest() -> PathBuf {
     for bin in ["busybox", "cpio", "dpkg-deb", "apt-get"] {
         require(bin);
     }
-    let out = run(Command::new("bash").arg(&script));
-    PathBuf::from(
-        out.lines()
-            .last()
-            .expect("build.sh printed the guest dir")
-            .trim(),
-    )
+    guest()
 }
 
 #[test]
 fn guest_boots_and_writes_sequence_blocks() {
     let started = Instant::now();
-    let g = guest();
+    let g = built_guest();
     let built = started.elapsed();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
@@ -37,49 +31,24 @@ fn guest_boots_and_writes_sequence_blocks() {
     for disk in &disks {
         make_qcow2(disk, "64M");
     }
-    let log = d.join("serial.log");
 
     let _lock = qemu_lock();
     let boot = Instant::now();
-    let mut cmd = Command::new(require("qemu-system-x86_64"));
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-no-reboot",
-    ])
-    .arg("-serial")
-    .arg(format!("file:{}", log.display()))
-    .arg("-kernel")
-    .arg(g.join("vmlinuz"))
-    .arg("-initrd")
-    .arg(g.join("initrd.gz"))
-    .arg("-append")
-    .arg(format!(
-        "console=ttyS0 quiet panic=-1 vmkeep.workload=seqwrite vmkeep.count={COUNT}"
-    ));
+    let mut vm = VmBuilder::new(d, "").kernel(
+        &g.join("vmlinuz"),
+        &g.join("initrd.gz"),
+        &format!("{SEQWRITE} vmkeep.count={COUNT}"),
+    );
     for (i, disk) in disks.iter().enumerate() {
-        cmd.arg("-blockdev")
-            .arg(format!(
-                "driver=file,filename={},node-name=f{i}",
-                disk.display()
-            ))
-            .arg("-blockdev")
-            .arg(format!("driver=qcow2,file=f{i},node-name=disk{i}"))
-            .arg("-device")
-            .arg(format!("virtio-blk-pci,drive=disk{i},id=vd{i}"));
+        vm = vm.blockdev_qcow2(disk, &format!("vd{i}"));
     }
-    let mut qemu = ChildGuard::spawn(&mut cmd);
+    let mut vm = vm.boot();
     let text = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let text = vm.serial();
         if text.contains("DONE") {
             break text;
         }
-        if let Ok(Some(st)) = qemu.0.try_wait() {
+        if let Ok(Some(st)) = vm.qemu.0.try_wait() {
             panic!("QEMU exited ({st}); serial log:\n{text}");
         }
         assert!(
@@ -89,7 +58,7 @@ fn guest_boots_and_writes_sequence_blocks() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let ran = boot.elapsed();
-    drop(qemu); // SIGKILL: the workload fsynced every block
+    drop(vm); // SIGKILL: the workload fsynced every block
 
     assert!(
         text.contains("VMKEEP READY workload=seqwrite disks=vda vdb"),

@@ -4,27 +4,15 @@
 mod common;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use common::*;
 use vmkeep_qemu::capture::backup_images;
-use vmkeep_repo::{BackupOptions, InitOptions, NoProgress, Repository, RestoreOptions};
-use vmkeep_store::LocalStore;
+use vmkeep_repo::{BackupOptions, NoProgress, Repository};
 
 const K64: u64 = 65536;
 
 fn restored(repo: &Repository, m: &vmkeep_core::manifest::Manifest, dir: &Path) -> Vec<u8> {
-    let st = repo
-        .restore(
-            m,
-            &RestoreOptions {
-                target: dir.to_path_buf(),
-                disk: None,
-            },
-            &NoProgress,
-        )
-        .unwrap();
-    std::fs::read(&st.disks[0].path).unwrap()
+    restore_disks(repo, m, dir).remove(0).1
 }
 
 #[test]
@@ -34,16 +22,7 @@ fn qcow2_image_incremental_through_storage_daemon() {
     let img = d.join("disk.qcow2");
     make_qcow2(&img, "16M");
     qemu_io(&img, &["write -P 0xaa 0 1M", "write -P 0xbb 8M 64k"]);
-    let store = Arc::new(LocalStore::create(d.join("repo")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: K64 as u32,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap();
+    let repo = plain_repo(&d.join("repo"));
     let opts = BackupOptions {
         vm: "off".into(),
         ..Default::default()

@@ -12,6 +12,7 @@ mod live;
 
 use common::qemu_lock;
 use live::*;
+use serde_json::Value;
 use vmkeep_repo::NoProgress;
 
 #[test]
@@ -93,10 +94,10 @@ fn incremental_equals_full_of_the_same_instant() {
     let m1 = backup(&repo, &vm, false);
     let at = vm.progress();
     vm.wait_progress(at + 20);
-    vm.qmp(async |c| c.stop().await.unwrap());
+    vm.execute("stop", Value::Null);
     let m2 = backup(&repo, &vm, false);
     let m3 = backup(&repo, &vm, true);
-    vm.qmp(async |c| c.cont().await.unwrap());
+    vm.execute("cont", Value::Null);
     let at = vm.progress();
     vm.wait_progress(at + 3); // running again
     vm.kill9();
@@ -187,9 +188,7 @@ fn kill9_of_qemu_means_rescan_and_a_correct_backup() {
     vm.quit(); // checkpoint 3 persisted
                // Run 4: opened (bitmaps marked in-use), killed: checkpoint 3 comes back inconsistent.
     let vm = boot(d, &disks, 4, None);
-    vm.qmp(async |c| {
-        c.query_status().await.unwrap(); // initialised: images open, bitmaps marked in-use
-    });
+    vm.execute("query-status", Value::Null); // initialised: images open, bitmaps marked in-use
     vm.kill9();
     let mut vm = boot(d, &disks, 5, Some(&g));
     vm.wait_progress(5);

@@ -1,8 +1,10 @@
 //! Regression (found by the live backup tests): an incremental of two disks with identical
 //! subtrees. The second disk's tree reuses nodes the first disk wrote in the same session;
 //! they must stay readable before the session commits.
-use std::sync::Arc;
-use vmkeep_repo::{BackupOptions, DiskReader, InitOptions, NoProgress, ReadPlan, Repository};
+
+mod common;
+
+use vmkeep_repo::{BackupOptions, DiskReader, NoProgress, ReadPlan};
 struct Mem(std::sync::Mutex<Vec<u8>>);
 impl DiskReader for Mem {
     fn size(&self) -> u64 {
@@ -20,16 +22,7 @@ impl DiskReader for Mem {
 #[test]
 fn incremental_of_two_identical_disks_in_one_session() {
     let d = tempfile::tempdir().unwrap();
-    let store = Arc::new(vmkeep_store::LocalStore::create(d.path().join("r")).unwrap());
-    let repo = Repository::init(
-        store,
-        InitOptions {
-            chunk_size: 65536,
-            passphrase: None,
-            kdf: Default::default(),
-        },
-    )
-    .unwrap();
+    let repo = common::plain_repo(&d.path().join("r"));
     let n = 512u64; // 32 MiB
     let a = Mem(std::sync::Mutex::new(vec![0x5a; (n * 65536) as usize]));
     let b = Mem(std::sync::Mutex::new(vec![0x5a; (n * 65536) as usize]));

@@ -1,74 +1,22 @@
 //! The NBD client against a scripted, misbehaving in-process server: every violation must
 //! end in a typed error quickly — no panic, no hang, no huge allocation.
 
-use std::future::Future;
-use std::path::PathBuf;
+mod scripted_nbd;
+
 use std::time::{Duration, Instant};
 
+use scripted_nbd::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use vmkeep_qemu::nbd::proto::*;
-use vmkeep_qemu::nbd::{NbdClient, NbdOptions};
+use vmkeep_qemu::nbd::NbdClient;
 use vmkeep_qemu::Error;
 
 const SIZE: u64 = 1 << 20;
 
-fn opts() -> NbdOptions {
-    NbdOptions {
-        handshake_timeout: Duration::from_millis(500),
-        request_timeout: Duration::from_millis(500),
-        max_in_flight: 4,
-    }
-}
-
-/// Starts a one-connection server running `script`; returns the socket path (and the dir).
-fn serve<F, Fut>(script: F) -> (tempfile::TempDir, PathBuf)
-where
-    F: FnOnce(UnixStream) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let l = UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        if let Ok((s, _)) = l.accept().await {
-            script(s).await;
-        }
-    });
-    (dir, path)
-}
-
-fn greeting() -> Vec<u8> {
-    let mut g = NBDMAGIC.to_be_bytes().to_vec();
-    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    g
-}
-
-fn opt_reply(opt: u32, t: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend_from_slice(&opt.to_be_bytes());
-    v.extend_from_slice(&t.to_be_bytes());
-    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
-async fn read_option(s: &mut UnixStream) -> (u32, Vec<u8>) {
-    let mut h = [0u8; 16];
-    s.read_exact(&mut h).await.unwrap();
-    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-    let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
-    let mut d = vec![0; len as usize];
-    s.read_exact(&mut d).await.unwrap();
-    (opt, d)
-}
-
 /// A correct handshake granting `contexts` (id, name) for an export of SIZE bytes.
 async fn handshake(s: &mut UnixStream, contexts: &[(u32, &str)]) {
-    s.write_all(&greeting()).await.unwrap();
-    let mut f = [0u8; 4];
-    s.read_exact(&mut f).await.unwrap();
+    greet(s).await;
     loop {
         let (opt, _) = read_option(s).await;
         match opt {

@@ -4,35 +4,24 @@
 //! (the restore target built on them).
 
 mod common;
+mod scripted_nbd;
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use scripted_nbd::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use vmkeep_qemu::nbd::proto::*;
-use vmkeep_qemu::nbd::{NbdClient, NbdOptions};
+use vmkeep_qemu::nbd::NbdClient;
 use vmkeep_qemu::qcow2_target::{partial_path, Qcow2Target};
 use vmkeep_qemu::Error;
+use vmkeep_testkit::data::pattern;
 
 const MIB: u64 = 1024 * 1024;
-
-/// A deterministic, incompressible-looking pattern.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 fn qemu_nbd(img: &Path, sock: &Path, read_only: bool) -> ChildGuard {
     let mut cmd = Command::new(require("qemu-nbd"));
@@ -163,54 +152,11 @@ async fn write_to_read_only_export_is_a_typed_error() {
 // ------------------------------------------------------------------------------------------
 // A scripted server: replies to writes that a real server only sends when things go wrong.
 
-fn opts() -> NbdOptions {
-    NbdOptions {
-        handshake_timeout: Duration::from_millis(500),
-        request_timeout: Duration::from_millis(500),
-        max_in_flight: 4,
-    }
-}
-
-fn serve<F, Fut>(script: F) -> (tempfile::TempDir, PathBuf)
-where
-    F: FnOnce(UnixStream) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("fake.sock");
-    let l = UnixListener::bind(&path).unwrap();
-    tokio::spawn(async move {
-        if let Ok((s, _)) = l.accept().await {
-            script(s).await;
-        }
-    });
-    (dir, path)
-}
-
-fn opt_reply(opt: u32, t: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend_from_slice(&opt.to_be_bytes());
-    v.extend_from_slice(&t.to_be_bytes());
-    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
 /// A correct handshake for a writable 1 MiB export with flush.
 async fn handshake(s: &mut UnixStream) {
-    let mut g = NBDMAGIC.to_be_bytes().to_vec();
-    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    s.write_all(&g).await.unwrap();
-    let mut f = [0u8; 4];
-    s.read_exact(&mut f).await.unwrap();
+    greet(s).await;
     loop {
-        let mut h = [0u8; 16];
-        s.read_exact(&mut h).await.unwrap();
-        let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-        let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
-        let mut d = vec![0; len as usize];
-        s.read_exact(&mut d).await.unwrap();
+        let (opt, _) = read_option(s).await;
         match opt {
             OPT_STRUCTURED_REPLY => s.write_all(&opt_reply(opt, REP_ACK, &[])).await.unwrap(),
             OPT_GO => {

@@ -5,7 +5,6 @@ mod common;
 
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -13,25 +12,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmkeep_qemu::qmp::{QmpClient, QmpOptions};
 use vmkeep_qemu::Error;
 
-fn start_qemu(dir: &Path) -> (QemuLock, ChildGuard, PathBuf) {
+/// QEMU with no machine at all (running: no -S), just its monitor.
+fn start_qemu(dir: &Path) -> (QemuLock, Vm, PathBuf) {
     let lock = qemu_lock();
-    let sock = dir.join("qmp.sock");
-    let mut child = ChildGuard::spawn(
-        Command::new(require("qemu-system-x86_64"))
-            .args([
-                "-accel",
-                "tcg",
-                "-nodefaults",
-                "-display",
-                "none",
-                "-machine",
-                "none",
-            ])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", sock.display())),
-    );
-    wait_for_socket(&sock, &mut child);
-    (lock, child, sock)
+    let vm = VmBuilder::new(dir, "")
+        .unpaused()
+        .args(["-machine", "none"])
+        .boot();
+    let sock = vm.qmp.clone();
+    (lock, vm, sock)
 }
 
 fn pipe() -> (OwnedFd, OwnedFd) {

@@ -8,14 +8,13 @@ use crossbeam_channel::bounded;
 use serde::Serialize;
 use vmkeep_core::blob;
 use vmkeep_core::pack::PackEntry;
-use vmkeep_core::{tree, BlobId, PackId};
-use vmkeep_store::Kind;
+use vmkeep_core::{BlobId, PackId, SnapshotId};
 
 use crate::error::Result;
-use crate::gc_record;
-use crate::index::{pack_key, BlobIndex, RawIndex};
-use crate::nodes::RepoNodes;
+use crate::gc;
+use crate::index::{pack_key, pack_sizes, BlobIndex, RawIndex};
 use crate::progress::Progress;
+use crate::walk::Walker;
 use crate::Repository;
 
 #[derive(Clone, Debug, Default)]
@@ -23,10 +22,27 @@ pub struct CheckOptions {
     pub read_data: bool,
 }
 
+/// What is wrong with a restore point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DamageKind {
+    /// The manifest cannot be read (or does not name itself).
+    Manifest,
+    /// A referenced blob is in no index object.
+    BlobNotIndexed,
+    /// A referenced blob's pack does not exist.
+    PackMissing,
+    /// A referenced blob failed verification (`--read-data`).
+    BlobDamaged,
+    /// An index tree node or stream index cannot be read or is malformed.
+    Index,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Damage {
     pub snapshot: String,
     pub disk: Option<String>,
+    pub kind: DamageKind,
     pub reason: String,
 }
 
@@ -38,8 +54,37 @@ pub struct CheckReport {
     pub packs_checked: u64,
     pub blobs_checked: u64,
     pub bytes_read: u64,
-    /// Problems that affect no restore point (unindexed packs, damaged pack headers, ...).
+    /// Problems that affect no restore point (unindexed or unreferenced packs, damaged pack
+    /// headers, ...).
     pub warnings: Vec<String>,
+}
+
+/// The problems found in one disk or stream: the first, and how many.
+#[derive(Default)]
+struct Problems {
+    first: Option<(DamageKind, String)>,
+    count: usize,
+}
+
+impl Problems {
+    fn add(&mut self, kind: DamageKind, reason: String) {
+        self.count += 1;
+        self.first.get_or_insert((kind, reason));
+    }
+
+    fn report(self, snapshot: &SnapshotId, part: String, out: &mut Vec<Damage>) {
+        if let Some((kind, mut reason)) = self.first {
+            if self.count > 1 {
+                reason.push_str(&format!(" (and {} more problems)", self.count - 1));
+            }
+            out.push(Damage {
+                snapshot: snapshot.to_hex(),
+                disk: Some(part),
+                kind,
+                reason,
+            });
+        }
+    }
 }
 
 impl Repository {
@@ -50,15 +95,26 @@ impl Repository {
             report.damaged.push(Damage {
                 snapshot: name,
                 disk: None,
+                kind: DamageKind::Manifest,
                 reason: why,
             });
         }
-        let condemned = gc_record::load_all(self)?
-            .into_iter()
-            .flat_map(|(_, rec)| rec.condemned)
-            .collect();
+        let condemned = match gc::record::load_all(self) {
+            Ok(records) => records
+                .into_iter()
+                .flat_map(|(_, rec)| rec.condemned)
+                .collect(),
+            Err(e) if e.is_damage() => {
+                report
+                    .warnings
+                    .push(format!("{e} (prune refuses to run until it is removed)"));
+                HashSet::new()
+            }
+            Err(e) => return Err(e),
+        };
         let raw = RawIndex::load(self)?;
-        let index = BlobIndex::from_raw(&raw, condemned);
+        let sizes = pack_sizes(self)?;
+        let index = BlobIndex::from_raw(&raw, condemned, sizes.keys().copied().collect());
         let RawIndex {
             by_pack, damaged, ..
         } = raw;
@@ -67,107 +123,89 @@ impl Repository {
                 .warnings
                 .push(format!("index object {key} is damaged: {e}"));
         }
-        let packs: HashMap<String, u64> = self
-            .store
-            .list(Kind::Pack)?
-            .into_iter()
-            .map(|m| (m.key.name, m.size))
-            .collect();
-        for name in packs.keys() {
-            if !name
-                .parse::<PackId>()
-                .is_ok_and(|p| by_pack.contains_key(&p))
-            {
+        for p in sizes.keys() {
+            if !by_pack.contains_key(p) {
                 report.warnings.push(format!(
-                    "pack {name} is not indexed (left by an interrupted backup; prune reclaims it)"
+                    "pack {p} is not indexed (left by an interrupted backup; prune reclaims it, \
+                     or `vmkeep repair index` indexes it)"
                 ));
             }
         }
 
         let bad_blobs = if opts.read_data {
-            self.read_all_packs(&by_pack, &packs, &mut report, progress)?
+            self.read_all_packs(&by_pack, &sizes, &mut report, progress)?
         } else {
             HashSet::new()
         };
 
-        let nodes = RepoNodes {
-            repo: self,
-            index: &index,
-        };
-        let cs = self.config.chunk_size as u64;
-        let usable = |id: &BlobId| -> Option<String> {
+        let mut referenced: HashSet<BlobId> = HashSet::new();
+        let problem = |id: &BlobId| -> Option<(DamageKind, String)> {
             match index.get(id) {
-                None => Some(format!("blob {id:#} is not in any index")),
-                Some(l) if !packs.contains_key(&l.pack.to_hex()) => Some(format!(
-                    "blob {id:#} is in pack {:#}, which is missing",
-                    l.pack
+                None => Some((
+                    DamageKind::BlobNotIndexed,
+                    format!("blob {id:#} is not in any index"),
                 )),
-                Some(_) if bad_blobs.contains(id) => Some(format!("blob {id:#} is damaged")),
+                Some(l) if !index.pack_exists(&l.pack) => Some((
+                    DamageKind::PackMissing,
+                    format!("blob {id:#} is in pack {:#}, which is missing", l.pack),
+                )),
+                Some(_) if bad_blobs.contains(id) => {
+                    Some((DamageKind::BlobDamaged, format!("blob {id:#} is damaged")))
+                }
                 Some(_) => None,
             }
         };
         for m in &snapshots {
             report.snapshots_checked += 1;
-            for d in &m.disks {
-                let chunks = d.size.div_ceil(cs);
-                let mut problems: Vec<String> = Vec::new();
-                let r = tree::for_each_node(&nodes, &d.root, chunks, &mut |id, _| {
-                    if let Some(p) = usable(id) {
-                        problems.push(p);
+            let parts = m
+                .disks
+                .iter()
+                .map(|d| (d.name.clone(), Some(d), None))
+                .chain(
+                    m.streams
+                        .iter()
+                        .map(|s| (format!("stream:{}", s.name), None, Some(s))),
+                );
+            for (part, disk, stream) in parts {
+                let mut problems = Problems::default();
+                let mut visit = |r: &crate::walk::Ref| -> Result<()> {
+                    referenced.insert(r.id);
+                    if let Some((kind, reason)) = problem(&r.id) {
+                        problems.add(kind, reason);
                     }
                     Ok(())
-                })
-                .and_then(|_| {
-                    tree::for_each_chunk(&nodes, &d.root, chunks, &mut |_, id| {
-                        if let Some(p) = usable(id) {
-                            problems.push(p);
-                        }
-                        Ok(())
-                    })
-                });
-                if let Err(e) = r {
-                    problems.push(format!("index tree unreadable: {e}"));
-                }
-                if !problems.is_empty() {
-                    let n = problems.len();
-                    let mut reason = problems.swap_remove(0);
-                    if n > 1 {
-                        reason.push_str(&format!(" (and {} more problems)", n - 1));
+                };
+                // A fresh walker per part: damage in a subtree shared by several restore
+                // points is reported for each of them.
+                let mut walker = Walker::new(self);
+                let walked = match (disk, stream) {
+                    (Some(d), _) => walker.walk_disk(&index, m, d, &mut visit),
+                    (_, Some(s)) => walker.walk_stream(&index, s, &mut visit),
+                    _ => Ok(()),
+                };
+                match walked {
+                    Ok(()) => {}
+                    Err(e) if e.is_damage() => {
+                        problems.add(DamageKind::Index, format!("index unreadable: {e}"))
                     }
-                    report.damaged.push(Damage {
-                        snapshot: m.id.to_hex(),
-                        disk: Some(d.name.clone()),
-                        reason,
-                    });
+                    Err(e) => return Err(e),
                 }
+                problems.report(&m.id, part, &mut report.damaged);
             }
-            for s in &m.streams {
-                let mut problems = Vec::new();
-                for id in &s.index {
-                    if let Some(p) = usable(id) {
-                        problems.push(p);
-                        continue;
-                    }
-                    match self
-                        .read_blob(&index, id)
-                        .map_err(|e| e.to_string())
-                        .and_then(|b| {
-                            vmkeep_core::stream::decode_index_blob(&b).map_err(|e| e.to_string())
-                        }) {
-                        Ok(entries) => {
-                            problems.extend(entries.iter().filter_map(|e| usable(&e.id)))
-                        }
-                        Err(e) => problems.push(format!("stream index unreadable: {e}")),
-                    }
-                }
-                if let Some(reason) = problems.first() {
-                    report.damaged.push(Damage {
-                        snapshot: m.id.to_hex(),
-                        disk: Some(format!("stream:{}", s.name)),
-                        reason: reason.clone(),
-                    });
-                }
-            }
+        }
+        let mut unreferenced: Vec<&PackId> = by_pack
+            .iter()
+            .filter(|(p, es)| {
+                sizes.contains_key(p) && !es.iter().any(|e| referenced.contains(&e.id))
+            })
+            .map(|(p, _)| p)
+            .collect();
+        unreferenced.sort();
+        for p in unreferenced {
+            report.warnings.push(format!(
+                "pack {p} holds no referenced data (a forgotten restore point or an interrupted \
+                 backup; prune reclaims it)"
+            ));
         }
         report.ok = report.damaged.is_empty();
         Ok(report)
@@ -177,11 +215,11 @@ impl Repository {
     fn read_all_packs(
         &self,
         by_pack: &HashMap<PackId, Vec<PackEntry>>,
-        packs: &HashMap<String, u64>,
+        packs: &HashMap<PackId, u64>,
         report: &mut CheckReport,
         progress: &dyn Progress,
     ) -> Result<HashSet<BlobId>> {
-        let total: u64 = by_pack.keys().filter_map(|p| packs.get(&p.to_hex())).sum();
+        let total: u64 = by_pack.keys().filter_map(|p| packs.get(p)).sum();
         progress.phase("read data", total);
         let threads = self.tuning.threads.max(1);
         let (tx, rx) = bounded::<(&PackId, &Vec<PackEntry>)>(threads * 2);
@@ -205,7 +243,7 @@ impl Repository {
                         bytes: 0,
                     };
                     for (pack, entries) in rx {
-                        if !packs.contains_key(&pack.to_hex()) {
+                        if !packs.contains_key(pack) {
                             continue; // reported by the structural pass for referenced blobs
                         }
                         let bytes = match self.store.get(&pack_key(pack)) {

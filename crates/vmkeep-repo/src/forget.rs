@@ -4,12 +4,17 @@
 //!
 //! Crash story: the successor's manifest is rewritten first, the forgotten manifest deleted
 //! second. A crash between leaves both; the successor's merged map is still a correct superset
-//! relative to the forgotten point's parent, and rerunning forget finishes the job.
+//! relative to the forgotten point's parent, and rerunning forget finishes the job. A crash
+//! after the deletion, before a successor that committed meanwhile was fixed, leaves that
+//! successor naming a parent that is gone: the next forget or prune relinks it first thing.
+use std::collections::HashMap;
+
 use vmkeep_core::manifest::Manifest;
 use vmkeep_core::SnapshotId;
 
 use crate::error::Result;
-use crate::lease::Lease;
+use crate::hooks::kill_point;
+use crate::lease::{Lease, LeaseKind};
 use crate::snapshots::snapshot_key;
 use crate::Repository;
 
@@ -28,69 +33,62 @@ pub fn merge_into_successor(gone: &Manifest, succ: &mut Manifest) {
 impl Repository {
     /// Forget restore points (under the exclusive maintenance lease). Returns those forgotten.
     pub fn forget(&self, ids: &[SnapshotId]) -> Result<Vec<SnapshotId>> {
-        let lease = self.maintenance_lease("forget")?;
-        let r = self.forget_locked(ids);
-        drop(lease);
-        r
+        let lease = self.maintenance_lease(LeaseKind::Forget)?;
+        let done = self.forget_locked(&lease, ids)?;
+        if let Err(e) = lease.release() {
+            tracing::warn!(error = %e, "could not remove the lease; the next prune removes it");
+        }
+        Ok(done)
     }
 
-    pub(crate) fn forget_locked(&self, ids: &[SnapshotId]) -> Result<Vec<SnapshotId>> {
+    /// Forget under `lease`. A backup that committed while this runs may name a forgotten
+    /// point as its parent: it checks that after its commit, and this re-lists the restore
+    /// points after its deletions and fixes any such successor, so one of the two always sees
+    /// the other (`relink.rs`).
+    pub(crate) fn forget_locked(
+        &self,
+        lease: &Lease,
+        ids: &[SnapshotId],
+    ) -> Result<Vec<SnapshotId>> {
+        let check = || lease.check();
+        // First heal what a killed forget may have left.
+        self.relink_orphans(&HashMap::new(), &check)?;
         let mut all = self.snapshots()?;
         let mut order: Vec<&SnapshotId> = ids.iter().collect();
         order.sort_by_key(|id| all.iter().position(|m| m.id == **id));
         order.dedup();
         let mut done = Vec::new();
+        let mut gone: HashMap<SnapshotId, Manifest> = HashMap::new();
         for id in order {
             let Some(pos) = all.iter().position(|m| m.id == *id) else {
                 // Unreadable (damaged) manifest: its change maps are unknown, so its successors
-                // lose theirs (null = everything changed) and their parent link.
+                // are relinked after it is gone.
                 let key = snapshot_key(id);
                 if self.store.size(&key).is_ok() {
-                    for succ in all.iter_mut().filter(|m| m.parent == Some(*id)) {
-                        succ.parent = None;
-                        for d in &mut succ.disks {
-                            d.changes = None;
-                        }
-                        self.write_manifest(succ)?;
-                    }
+                    check()?;
                     self.store.flush()?;
                     self.store.delete(&key)?;
                     done.push(*id);
                 }
                 continue;
             };
-            let gone = all.remove(pos);
-            for succ in all.iter_mut().filter(|m| m.parent == Some(gone.id)) {
-                merge_into_successor(&gone, succ);
+            let g = all.remove(pos);
+            for succ in all.iter_mut().filter(|m| m.parent == Some(g.id)) {
+                merge_into_successor(&g, succ);
+                check()?;
                 self.write_manifest(succ)?;
             }
             self.store.flush()?;
-            self.store.delete(&snapshot_key(&gone.id))?;
-            done.push(gone.id);
+            check()?;
+            self.store.delete(&snapshot_key(&g.id))?;
+            kill_point("after-forget-delete");
+            done.push(g.id);
+            gone.insert(g.id, g);
         }
         self.store.flush()?;
+        // Successors that committed meanwhile (not in the listing above).
+        self.relink_orphans(&gone, &check)?;
         Ok(done)
-    }
-
-    /// The exclusive lease of prune and forget: fails if another live one holds it.
-    pub(crate) fn maintenance_lease(&self, what: &'static str) -> Result<Lease> {
-        let lease = Lease::acquire(self, "prune")?;
-        let now = chrono::Utc::now();
-        let mine = (lease.record().created, lease.name().to_string());
-        for (key, rec) in crate::lease::list(self)? {
-            if rec.kind != "prune" || key.name == lease.name() {
-                continue;
-            }
-            if !crate::lease::holder_alive(&rec, now, self.tuning.lease_timeout) {
-                continue;
-            }
-            if (rec.created, key.name.clone()) < mine {
-                let holder = rec.describe();
-                drop(lease);
-                return Err(crate::Error::Locked { what, holder });
-            }
-        }
-        Ok(lease)
     }
 }
 

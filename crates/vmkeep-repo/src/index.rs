@@ -10,7 +10,7 @@ use vmkeep_core::{BlobId, PackId};
 use vmkeep_store::{Key, Kind};
 
 use crate::error::{Error, Result};
-use crate::gc_record;
+use crate::gc::record as gc_record;
 use crate::Repository;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,11 +34,16 @@ impl Location {
     }
 }
 
-/// Blob id -> location, preferring packs that are not condemned.
+/// Blob id -> location, preferring packs that exist and are not condemned. A blob whose only
+/// copies are in packs that do not exist (lost, or swept) or are condemned by a GC record is
+/// not *usable*: a backup writes it again instead of referencing it, which also heals restore
+/// points that reference a blob of a lost pack (their ids are the same).
 #[derive(Default, Debug)]
 pub struct BlobIndex {
     map: HashMap<BlobId, Location>,
     condemned: HashSet<PackId>,
+    /// Packs listed in the store after the index objects were read.
+    existing: HashSet<PackId>,
 }
 
 pub(crate) fn pack_key(id: &PackId) -> Key {
@@ -109,22 +114,29 @@ pub(crate) fn pack_sizes(repo: &Repository) -> Result<HashMap<PackId, u64>> {
 }
 
 impl BlobIndex {
-    /// Load pending GC records first, then every index object (docs/FORMAT.md: a backup reads
-    /// in this order after writing its lease).
+    /// Load pending GC records first, then every index object, then the list of packs
+    /// (FORMAT.md §13: a backup reads in this order after writing its lease).
     pub fn load(repo: &Repository) -> Result<BlobIndex> {
         let condemned = gc_record::load_all(repo)?
             .into_iter()
             .flat_map(|(_, rec)| rec.condemned)
             .collect();
-        Ok(BlobIndex::from_raw(&RawIndex::load(repo)?, condemned))
+        let raw = RawIndex::load(repo)?;
+        let existing = pack_sizes(repo)?.into_keys().collect();
+        Ok(BlobIndex::from_raw(&raw, condemned, existing))
     }
 
-    /// The lookup table of `raw`, treating the packs in `condemned` as about to disappear.
-    /// Damaged index objects are skipped with a warning.
-    pub fn from_raw(raw: &RawIndex, condemned: HashSet<PackId>) -> BlobIndex {
+    /// The lookup table of `raw`, treating the packs in `condemned` as about to disappear and
+    /// packs not in `existing` as gone. Damaged index objects are skipped with a warning.
+    pub fn from_raw(
+        raw: &RawIndex,
+        condemned: HashSet<PackId>,
+        existing: HashSet<PackId>,
+    ) -> BlobIndex {
         let mut idx = BlobIndex {
             map: HashMap::new(),
             condemned,
+            existing,
         };
         for (key, e) in &raw.damaged {
             tracing::warn!(index = %key, error = %e, "skipping a damaged index object");
@@ -137,12 +149,24 @@ impl BlobIndex {
         idx
     }
 
+    /// 0: usable; 1: exists but condemned (readable until swept); 2: gone.
+    fn rank(&self, pack: &PackId) -> u8 {
+        match (self.existing.contains(pack), self.condemned.contains(pack)) {
+            (true, false) => 0,
+            (true, true) => 1,
+            (false, _) => 2,
+        }
+    }
+
+    /// Add a location; the best of a blob's locations (by [`BlobIndex::rank`], then pack id,
+    /// so the choice does not depend on reading order) is kept.
     pub fn insert(&mut self, id: BlobId, loc: Location) {
-        match self.map.get(&id) {
-            Some(old) if !self.condemned.contains(&old.pack) => {}
-            _ => {
-                self.map.insert(id, loc);
-            }
+        let better = match self.map.get(&id) {
+            None => true,
+            Some(old) => (self.rank(&loc.pack), loc.pack) < (self.rank(&old.pack), old.pack),
+        };
+        if better {
+            self.map.insert(id, loc);
         }
     }
 
@@ -150,11 +174,15 @@ impl BlobIndex {
         self.map.get(id)
     }
 
-    /// Present in a pack that is not condemned: a backup may reference it without writing it.
+    /// Present in a pack that exists and is not condemned: a backup may reference it without
+    /// writing it.
     pub fn usable(&self, id: &BlobId) -> bool {
-        self.map
-            .get(id)
-            .is_some_and(|l| !self.condemned.contains(&l.pack))
+        self.map.get(id).is_some_and(|l| self.rank(&l.pack) == 0)
+    }
+
+    /// Whether the pack was listed when this index was loaded.
+    pub fn pack_exists(&self, pack: &PackId) -> bool {
+        self.existing.contains(pack)
     }
 
     pub fn is_condemned(&self, pack: &PackId) -> bool {
@@ -177,7 +205,7 @@ impl BlobIndex {
     pub fn usable_ids(&self) -> HashSet<BlobId> {
         self.map
             .iter()
-            .filter(|(_, l)| !self.condemned.contains(&l.pack))
+            .filter(|(_, l)| self.rank(&l.pack) == 0)
             .map(|(id, _)| *id)
             .collect()
     }

@@ -8,7 +8,8 @@
 //! | [`restore`] | restore a restore point's disks to sparse raw files or any [`DiskWriter`] |
 //! | [`check`] | verify structure and data |
 //! | [`forget`], [`prune`] | retention, change-map merging, GC |
-//! | [`lease`], [`gc_record`] | the concurrency protocol between backups and GC |
+//! | [`lease`], [`gc`] | the concurrency protocol between backups and GC (checked in `gc/model`) |
+//! | [`walk`] | the one walker of what a restore point references |
 //!
 //! Which operations may run together (FORMAT.md "Concurrency and GC"):
 //! backups of any VMs together, and beside one prune or forget; prune and forget exclude each
@@ -19,7 +20,7 @@ pub mod backup;
 pub mod check;
 mod error;
 pub mod forget;
-pub mod gc_record;
+pub mod gc;
 pub mod hooks;
 pub mod index;
 pub mod lease;
@@ -27,16 +28,20 @@ mod nodes;
 mod packer;
 pub mod progress;
 pub mod prune;
+mod relink;
+pub mod repair;
 pub mod repository;
 pub mod restore;
 mod snapshots;
+pub mod walk;
 
 pub use backup::{BackupOptions, BackupSession, DiskReader, ImageBackupOptions, ReadPlan};
 pub use check::{CheckOptions, CheckReport, Damage};
 pub use error::{Error, Result};
+pub use gc::{GcPreview, GcStats};
 pub use hooks::Hooks;
 pub use progress::{NoProgress, Progress};
-pub use prune::{GcStats, PruneOptions, PrunePlan, PruneStats};
+pub use prune::{PruneOptions, PrunePlan, PruneStats};
 pub use repository::{InitOptions, Repository, Tuning};
 pub use restore::{DiskWriter, RawFileWriter, RestoreOptions, RestoreStats};
 pub use vmkeep_core::manifest::Manifest;

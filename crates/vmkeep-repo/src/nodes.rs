@@ -1,6 +1,7 @@
 //! Index tree nodes as repository blobs: [`RepoNodes`] reads them for restore, check and GC;
 //! [`SessionNodes`] also writes new ones during a backup (deduplicated, through the packer) and
 //! keeps the nodes it wrote in memory so the change map can be computed before they are indexed.
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -15,25 +16,54 @@ use crate::index::BlobIndex;
 use crate::packer::EncodedBlob;
 use crate::Repository;
 
-fn to_core(e: crate::Error) -> vmkeep_core::Error {
-    match e {
-        crate::Error::CorruptObject { cause, .. } => cause,
-        other => vmkeep_core::Error::Corrupt {
-            kind: "index node",
-            reason: other.to_string(),
-        },
-    }
-}
-
-/// Read-only access to stored nodes.
+/// Read-only access to stored nodes. The tree walkers of vmkeep-core see only core errors, so a
+/// failed load is kept here with its real type (a store I/O error stays an I/O error, a missing
+/// blob stays missing) and [`RepoNodes::typed`] gives it back after the walk.
 pub struct RepoNodes<'a> {
     pub repo: &'a Repository,
     pub index: &'a BlobIndex,
+    failure: RefCell<Option<crate::Error>>,
+}
+
+impl<'a> RepoNodes<'a> {
+    pub fn new(repo: &'a Repository, index: &'a BlobIndex) -> RepoNodes<'a> {
+        RepoNodes {
+            repo,
+            index,
+            failure: RefCell::new(None),
+        }
+    }
+
+    /// The result of a walk over these nodes, with the load failure's own type when a load
+    /// failed, else core errors (malformed trees) as damage to `what`.
+    pub fn typed<T>(
+        &self,
+        r: vmkeep_core::Result<T>,
+        what: impl FnOnce() -> String,
+    ) -> crate::Result<T> {
+        r.map_err(|e| {
+            self.failure
+                .borrow_mut()
+                .take()
+                .unwrap_or_else(|| crate::Error::corrupt(what(), e))
+        })
+    }
+}
+
+/// Stand-in core error for a load whose real error waits in `failure`.
+fn deferred() -> vmkeep_core::Error {
+    vmkeep_core::Error::Corrupt {
+        kind: "index node",
+        reason: "could not be loaded".into(),
+    }
 }
 
 impl NodeStore for RepoNodes<'_> {
     fn load(&self, id: &BlobId) -> vmkeep_core::Result<Node> {
-        let bytes = self.repo.read_blob(self.index, id).map_err(to_core)?;
+        let bytes = self.repo.read_blob(self.index, id).map_err(|e| {
+            self.failure.borrow_mut().get_or_insert(e);
+            deferred()
+        })?;
         Node::decode(&bytes)
     }
 
@@ -54,6 +84,8 @@ pub(crate) struct SessionNodes<'a> {
     pub written: HashMap<BlobId, Node>,
     /// Set when the packer went away (it failed); the caller fetches its error.
     pub packer_gone: bool,
+    /// A load failure with its own type (see [`RepoNodes`]).
+    pub failure: RefCell<Option<crate::Error>>,
 }
 
 impl NodeStore for SessionNodes<'_> {
@@ -61,11 +93,11 @@ impl NodeStore for SessionNodes<'_> {
         if let Some(n) = self.written.get(id) {
             return Ok(n.clone());
         }
-        RepoNodes {
-            repo: self.repo,
-            index: &self.index,
-        }
-        .load(id)
+        let bytes = self.repo.read_blob(&self.index, id).map_err(|e| {
+            self.failure.borrow_mut().get_or_insert(e);
+            deferred()
+        })?;
+        Node::decode(&bytes)
     }
 
     fn store(&mut self, node: &Node) -> vmkeep_core::Result<BlobId> {

@@ -72,12 +72,6 @@ impl std::fmt::Debug for Repository {
     }
 }
 
-pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn random_name() -> String {
     hex::encode(vmkeep_core::SnapshotId::random().0)
 }

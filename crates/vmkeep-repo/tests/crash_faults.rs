@@ -196,10 +196,15 @@ fn clean_run(
         Outcome::Forget(ids) => assert_eq!(ids, &vec![ms[1].id]),
     }
     let r = assert_check_ok(&repo, "clean run");
+    // Forget leaves the forgotten point's own packs for the next prune; nothing else.
+    let unexpected: Vec<&String> = r
+        .warnings
+        .iter()
+        .filter(|w| !(op == Op::Forget && w.contains("holds no referenced data")))
+        .collect();
     assert!(
-        r.warnings.is_empty(),
-        "clean run leaves no garbage: {:?}",
-        r.warnings
+        unexpected.is_empty(),
+        "clean run leaves no garbage: {unexpected:?}"
     );
     let pack_bytes = pack_bytes(&repo);
     drop(repo);
@@ -249,10 +254,7 @@ fn matrix(op: Op, encrypted: bool, stack: Stack) {
             Err(e) => {
                 failed += 1;
                 assert!(
-                    matches!(
-                        e,
-                        vmkeep_repo::Error::Store(vmkeep_store::Error::Injected { .. })
-                    ),
+                    matches!(e, vmkeep_repo::Error::Store(s) if is_injected(s)),
                     "{ctx}: the injected fault is reported, not something else: {e}"
                 );
             }

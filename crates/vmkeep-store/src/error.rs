@@ -21,9 +21,6 @@ pub enum Error {
     },
     #[error("invalid object name {name:?}")]
     InvalidName { name: String },
-    /// Raised by FaultStore to simulate a crash or an I/O failure at a chosen write.
-    #[error("injected fault at write #{n}")]
-    Injected { n: u64 },
 }
 
 impl Error {

@@ -5,12 +5,10 @@
 //! directory renames, access times, POSIX locks, or on conditional writes being honoured.
 
 mod error;
-mod fault;
 mod key;
 mod local;
 
 pub use error::{Error, Result};
-pub use fault::{FaultStore, IgnoreConditionalStore};
 pub use key::{Key, Kind};
 pub use local::LocalStore;
 

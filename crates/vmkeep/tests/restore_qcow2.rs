@@ -8,18 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
+use vmkeep_testkit::data::pattern;
+use vmkeep_testkit::process::require;
 
 const MIB: u64 = 1024 * 1024;
-
-fn require(bin: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        let p = Path::new(dir).join(bin);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("required program `{bin}` is missing: run scripts/install-deps.sh (as root)");
-}
 
 /// `vmkeep --repo REPO` with a clean environment (unencrypted test repositories).
 fn vmkeep(repo: &Path) -> Command {
@@ -46,18 +38,6 @@ fn ok(c: &mut Command) -> Output {
 
 fn json(c: &mut Command) -> Value {
     serde_json::from_slice(&ok(c.arg("--json")).stdout).unwrap()
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A sparse raw image of `size` bytes with data at `(offset, len)` extents.

@@ -10,7 +10,8 @@
 //! previous bitmap is removed). The next backup then still uses change tracking.
 //!
 //! The guard is any program that calls [`run_guard`] with the pipe as stdin: the `vmkeep`
-//! binary re-executes itself (`backup vm --guard`); tests re-execute their own binary.
+//! binary re-executes itself (`backup vm --guard`). crates/vmkeep/tests/capture_guard.rs kills
+//! that binary at every capture kill point.
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;

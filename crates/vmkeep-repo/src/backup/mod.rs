@@ -10,6 +10,7 @@
 //!
 //! A crash before step 3's manifest leaves only packs and indexes, which a rerun reuses and
 //! prune eventually reclaims if nothing references them.
+mod commit;
 mod image;
 mod jobs;
 mod pipeline;
@@ -23,17 +24,15 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use chrono::Utc;
-use vmkeep_core::manifest::{BackupStats, DiskEntry, Manifest, StreamRecord, MANIFEST_VERSION};
-use vmkeep_core::{BlobId, SnapshotId};
+use vmkeep_core::manifest::{BackupStats, DiskEntry, Manifest, StreamRecord};
+use vmkeep_core::BlobId;
 
 use crate::error::{Error, Result};
-use crate::hooks::{kill_point, Hooks};
+use crate::hooks::Hooks;
 use crate::index::BlobIndex;
-use crate::lease::Lease;
+use crate::lease::{Lease, LeaseKind};
 use crate::packer::Packer;
 use crate::progress::Progress;
-use crate::repository::hostname;
 use crate::Repository;
 
 /// Which blobs this session may reference without writing them, and which it has claimed.
@@ -83,7 +82,7 @@ impl Repository {
     pub fn begin_backup(&self, opts: BackupOptions) -> Result<BackupSession<'_>> {
         vmkeep_core::manifest::validate_name("VM name", &opts.vm)?;
         let started = Instant::now();
-        let lease = Lease::acquire(self, "backup")?;
+        let lease = Lease::acquire(self, LeaseKind::Backup)?;
         let index = Arc::new(BlobIndex::load(self)?);
         let parent = if opts.no_parent {
             None
@@ -179,104 +178,5 @@ impl<'r> BackupSession<'r> {
         self.stats.chunks_reused += out.chunks_reused;
         self.disks.push(out.entry);
         Ok(self.disks.last().expect("just pushed"))
-    }
-
-    /// Commit: write the remaining packs and indexes, flush, then the manifest (commit point).
-    pub fn commit(mut self) -> Result<Manifest> {
-        if let Some(h) = &self.opts.hooks.before_commit {
-            h();
-        }
-        let packer = self.packer.take().expect("session open");
-        let pstats = packer.finish()?;
-        kill_point("after-data");
-        if self.lease.possibly_expired() {
-            self.verify_after_stall()?;
-        }
-        self.repo.store.flush()?;
-        let mut stats = self.stats.clone();
-        stats.stored_bytes = pstats.pack_bytes + pstats.index_bytes;
-        stats.metadata_bytes = pstats.pack_bytes - pstats.data_blob_bytes + pstats.index_bytes;
-        stats.seconds = self.started.elapsed().as_secs_f64();
-        let mut m = Manifest {
-            version: MANIFEST_VERSION,
-            id: SnapshotId::random(),
-            vm: self.opts.vm.clone(),
-            time: Utc::now(),
-            parent: self.parent.as_ref().map(|p| p.id),
-            hostname: hostname(),
-            tool_version: env!("CARGO_PKG_VERSION").to_string(),
-            chunk_size: self.repo.config.chunk_size,
-            disks: std::mem::take(&mut self.disks),
-            streams: std::mem::take(&mut self.streams),
-            stats,
-            pause_ms: self.pause_ms,
-        };
-        // The manifest's own size counts as stored metadata; estimate it before writing.
-        let estimate = vmkeep_core::object::seal(
-            &self.repo.keys,
-            vmkeep_core::object::ObjectKind::Manifest,
-            &m.to_json(),
-        )
-        .len() as u64;
-        m.stats.stored_bytes += estimate;
-        m.stats.metadata_bytes += estimate;
-        kill_point("before-manifest");
-        self.repo.write_manifest(&m)?;
-        self.repo.store.flush()?;
-        kill_point("after-manifest");
-        let lease = self.lease;
-        if let Err(e) = lease.release() {
-            tracing::warn!(error = %e, "could not remove the backup's lease; prune removes it later");
-        }
-        Ok(m)
-    }
-
-    /// The lease may have expired (the process was stopped or the store unreachable for longer
-    /// than the lease timeout): a prune may have reclaimed packs this backup reuses. Check every
-    /// blob the new restore point references is still in a pack that exists and is not condemned.
-    fn verify_after_stall(&self) -> Result<()> {
-        tracing::warn!("the backup's lease may have expired; verifying reused data still exists");
-        let index = BlobIndex::load(self.repo)?;
-        let packs: HashSet<String> = self
-            .repo
-            .store
-            .list(vmkeep_store::Kind::Pack)?
-            .into_iter()
-            .map(|m| m.key.name)
-            .collect();
-        let ok = |id: &BlobId| {
-            index
-                .get(id)
-                .is_some_and(|l| !index.is_condemned(&l.pack) && packs.contains(&l.pack.to_hex()))
-        };
-        let nodes = crate::nodes::RepoNodes {
-            repo: self.repo,
-            index: &index,
-        };
-        for d in &self.disks {
-            let chunks = d.size.div_ceil(self.repo.config.chunk_size as u64);
-            let mut bad = false;
-            vmkeep_core::tree::for_each_node(&nodes, &d.root, chunks, &mut |id, _| {
-                bad |= !ok(id);
-                Ok(())
-            })
-            .map_err(|_| Error::LeaseLost)?;
-            vmkeep_core::tree::for_each_chunk(&nodes, &d.root, chunks, &mut |_, id| {
-                bad |= !ok(id);
-                Ok(())
-            })
-            .map_err(|_| Error::LeaseLost)?;
-            if bad {
-                return Err(Error::LeaseLost);
-            }
-        }
-        for s in &self.streams {
-            for id in &s.index {
-                if !ok(id) {
-                    return Err(Error::LeaseLost);
-                }
-            }
-        }
-        Ok(())
     }
 }

@@ -364,11 +364,12 @@ fn collect<'a>(
         packer: packer.sender(),
         written: Default::default(),
         packer_gone: false,
+        failure: Default::default(),
     };
     let mut out_stats = (0u64, 0u64, 0u64, 0u64, 0u64); // batches, read, nonzero, new, (new chunks)
     let mut reused = 0u64;
     let mut pending: BTreeMap<u64, BatchResult> = BTreeMap::new();
-    let root = {
+    let root: vmkeep_core::Result<BlobId> = (|| {
         let mut builder = TreeBuilder::new(&mut nodes, plan.base, chunks);
         let mut next = 0u64;
         for r in rx {
@@ -378,7 +379,7 @@ fn collect<'a>(
                     if !id.is_zero() {
                         out_stats.2 += (size - i * cs).min(cs);
                     }
-                    builder.set(i, id).map_err(tree_error)?;
+                    builder.set(i, id)?;
                 }
                 out_stats.0 += 1;
                 out_stats.1 += r.read;
@@ -389,8 +390,9 @@ fn collect<'a>(
                 next += 1;
             }
         }
-        builder.finish().map_err(tree_error)?
-    };
+        builder.finish()
+    })();
+    let root = root.map_err(|e| tree_error(e, nodes.failure.borrow_mut().take()))?;
     if nodes.packer_gone {
         return Err(Error::Internal(PACKER_GONE.into()));
     }
@@ -406,7 +408,12 @@ fn collect<'a>(
     })
 }
 
-fn tree_error(e: vmkeep_core::Error) -> Error {
+/// A tree operation's error: the packer's failure, the real error of a node that could not be
+/// loaded (`failure`, kept by the node store), or the core error itself.
+fn tree_error(e: vmkeep_core::Error, failure: Option<Error>) -> Error {
+    if let Some(f) = failure {
+        return f;
+    }
     match e {
         vmkeep_core::Error::Invalid {
             what: "repository write",

@@ -197,7 +197,7 @@ impl Repository {
                 }));
             }
             drop(rx);
-            let nodes = RepoNodes { repo: self, index };
+            let nodes = RepoNodes::new(self, index);
             let mut batch = Vec::with_capacity(16);
             let walk = tree::for_each_chunk(&nodes, &d.root, chunks, &mut |i, id| {
                 batch.push((i, *id));
@@ -231,7 +231,7 @@ impl Repository {
             if let Some(e) = first_err {
                 return Err(e);
             }
-            walk.map_err(|e| Error::corrupt(format!("index of disk {}", d.name), e))?;
+            nodes.typed(walk, || format!("index of disk {}", d.name))?;
             Ok(total)
         })
     }

@@ -1,6 +1,7 @@
-//! Shared helpers of the repository-level integration tests: deterministic test images,
-//! repositories in temporary folders (with small packs), restore-and-compare, crash simulation.
-#![allow(dead_code)]
+//! Shared helpers of the repository-level integration tests: repositories in temporary folders
+//! (with small packs), restore-and-compare, crash simulation. Test images and data come from the
+//! shared test kit (crates/vmkeep-testkit).
+#![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -16,9 +17,12 @@ use vmkeep_repo::{
     BackupOptions, CheckOptions, CheckReport, ImageBackupOptions, InitOptions, Manifest,
     NoProgress, Repository, RestoreOptions, Tuning,
 };
-use vmkeep_store::{FaultStore, IgnoreConditionalStore, Key, Kind, LocalStore, Store};
+use vmkeep_store::{Key, Kind, LocalStore, Store};
+pub use vmkeep_testkit::data::Rng;
+pub use vmkeep_testkit::image::{differing_chunks, Chunk, Spec};
+pub use vmkeep_testkit::store::{is_injected, FaultStore, IgnoreConditionalStore, SlowStore};
 
-pub const CS: u64 = 64 << 10;
+pub const CS: u64 = vmkeep_testkit::image::CHUNK;
 pub const PACK_SIZE: u32 = 1 << 20;
 pub const PASS: &[u8] = b"correct horse battery staple";
 
@@ -30,243 +34,6 @@ pub fn kdf() -> KdfParams {
     }
 }
 
-/// Deterministic pseudo-random numbers (splitmix64).
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
-/// What one chunk of a test image holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Chunk {
-    /// Never written: a hole in the sparse file (reads as zeros).
-    Hole,
-    /// Written, but all zeros (the filesystem reports it as data).
-    Zeros,
-    /// Repeated text with random words: compressible.
-    Text(u64),
-    /// Random bytes: incompressible.
-    Random(u64),
-    /// The content of `Text(seed)` (text) or `Random(seed)` with the byte at `pos` flipped.
-    Flipped { seed: u64, text: bool, pos: u32 },
-    /// Zeros but for one byte at `pos`.
-    Byte(u32),
-}
-
-const WORDS: &[&str] = &[
-    "virtual",
-    "machine",
-    "disk",
-    "image",
-    "backup",
-    "restore",
-    "chunk",
-    "pack",
-    "index",
-    "manifest",
-    "kernel",
-    "block",
-    "sector",
-    "qemu",
-    "lease",
-    "prune",
-    "forget",
-    "zstd",
-    "blake3",
-    "repository",
-    "snapshot",
-    "sparse",
-    "hole",
-    "bitrot",
-];
-
-impl Chunk {
-    /// The chunk's bytes (`len` <= CS; shorter for a disk's last partial chunk).
-    pub fn bytes(self, len: usize) -> Vec<u8> {
-        match self {
-            Chunk::Hole | Chunk::Zeros => vec![0u8; len],
-            Chunk::Random(seed) => {
-                let mut v = vec![0u8; len];
-                Rng::new(seed).fill(&mut v);
-                v
-            }
-            Chunk::Flipped { seed, text, pos } => {
-                let base = if text {
-                    Chunk::Text(seed)
-                } else {
-                    Chunk::Random(seed)
-                };
-                let mut v = base.bytes(len);
-                v[pos as usize % len] ^= 1;
-                v
-            }
-            Chunk::Byte(pos) => {
-                let mut v = vec![0u8; len];
-                v[pos as usize % len] = 1;
-                v
-            }
-            Chunk::Text(seed) => {
-                let mut rng = Rng::new(seed);
-                let mut v = Vec::with_capacity(len + 64);
-                while v.len() < len {
-                    if rng.below(8) == 0 {
-                        v.extend_from_slice(format!("{:016x} ", rng.next_u64()).as_bytes());
-                    } else {
-                        v.extend_from_slice(
-                            WORDS[rng.below(WORDS.len() as u64) as usize].as_bytes(),
-                        );
-                        v.push(b' ');
-                    }
-                }
-                v.truncate(len);
-                v
-            }
-        }
-    }
-
-    pub fn is_zero(self) -> bool {
-        matches!(self, Chunk::Hole | Chunk::Zeros)
-    }
-
-    /// The same content with one byte changed.
-    pub fn flip(self, pos: u32) -> Chunk {
-        match self {
-            Chunk::Hole | Chunk::Zeros => Chunk::Byte(pos),
-            Chunk::Text(seed) => Chunk::Flipped {
-                seed,
-                text: true,
-                pos,
-            },
-            Chunk::Random(seed) => Chunk::Flipped {
-                seed,
-                text: false,
-                pos,
-            },
-            Chunk::Flipped { seed, text, .. } => Chunk::Flipped { seed, text, pos },
-            Chunk::Byte(_) => Chunk::Byte(pos),
-        }
-    }
-}
-
-/// A test image: its size and what each chunk holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Spec {
-    pub size: u64,
-    pub chunks: Vec<Chunk>,
-}
-
-impl Spec {
-    pub fn chunk_count(size: u64) -> usize {
-        size.div_ceil(CS) as usize
-    }
-
-    /// A semi-compressible image: ~10 % holes, ~5 % written zeros, ~45 % text, ~40 % random.
-    pub fn mixed(size: u64, rng: &mut Rng) -> Spec {
-        let chunks = (0..Spec::chunk_count(size))
-            .map(|_| random_chunk(rng))
-            .collect();
-        Spec { size, chunks }
-    }
-
-    /// Every chunk random (incompressible, distinct).
-    pub fn random(size: u64, rng: &mut Rng) -> Spec {
-        let chunks = (0..Spec::chunk_count(size))
-            .map(|_| Chunk::Random(rng.next_u64()))
-            .collect();
-        Spec { size, chunks }
-    }
-
-    /// A copy with about `percent` % of the chunks replaced by fresh content.
-    pub fn mutate(&self, percent: u64, rng: &mut Rng) -> Spec {
-        let mut s = self.clone();
-        for c in s.chunks.iter_mut() {
-            if rng.below(100) < percent {
-                *c = random_chunk(rng);
-            }
-        }
-        s
-    }
-
-    /// A copy with the chunks in `range` replaced by fresh random content.
-    pub fn rewrite(&self, range: std::ops::Range<usize>, rng: &mut Rng) -> Spec {
-        let mut s = self.clone();
-        for c in &mut s.chunks[range] {
-            *c = Chunk::Random(rng.next_u64());
-        }
-        s
-    }
-
-    pub fn chunk_len(&self, i: usize) -> usize {
-        (self.size - i as u64 * CS).min(CS) as usize
-    }
-
-    pub fn chunk_bytes(&self, i: usize) -> Vec<u8> {
-        self.chunks[i].bytes(self.chunk_len(i))
-    }
-
-    /// Write the image as a sparse file: holes are never written.
-    pub fn write(&self, path: &Path) -> PathBuf {
-        let f = File::create(path).unwrap();
-        f.set_len(self.size).unwrap();
-        for (i, c) in self.chunks.iter().enumerate() {
-            if *c != Chunk::Hole {
-                f.write_all_at(&self.chunk_bytes(i), i as u64 * CS).unwrap();
-            }
-        }
-        f.sync_all().ok();
-        path.to_path_buf()
-    }
-
-    /// The chunk ids a repository with `repo`'s keys gives this image (ZERO for zero chunks).
-    pub fn chunk_ids(&self, repo: &Repository) -> Vec<BlobId> {
-        (0..self.chunks.len())
-            .map(|i| chunk_id(repo, &self.chunk_bytes(i)))
-            .collect()
-    }
-
-    /// Distinct non-zero chunk contents.
-    pub fn distinct_data_chunks(&self) -> usize {
-        let mut set = std::collections::HashSet::new();
-        for i in 0..self.chunks.len() {
-            let b = self.chunk_bytes(i);
-            if b.iter().any(|&x| x != 0) {
-                set.insert(blake3::hash(&b));
-            }
-        }
-        set.len()
-    }
-}
-
-fn random_chunk(rng: &mut Rng) -> Chunk {
-    match rng.below(100) {
-        0..=9 => Chunk::Hole,
-        10..=14 => Chunk::Zeros,
-        15..=59 => Chunk::Text(rng.next_u64()),
-        _ => Chunk::Random(rng.next_u64()),
-    }
-}
-
 /// The id of a disk chunk's content (ZERO for all-zero content), as the backup computes it.
 pub fn chunk_id(repo: &Repository, data: &[u8]) -> BlobId {
     if data.iter().all(|&b| b == 0) {
@@ -274,20 +41,6 @@ pub fn chunk_id(repo: &Repository, data: &[u8]) -> BlobId {
     } else {
         repo.keys().blob_id(BlobKind::Data, data)
     }
-}
-
-/// Chunk indexes whose content differs between two images of the same size (zero chunks, holes
-/// or written zeros, count as equal).
-pub fn differing_chunks(old: &Path, new: &Path) -> Vec<u64> {
-    let a = fs::read(old).unwrap();
-    let b = fs::read(new).unwrap();
-    assert_eq!(a.len(), b.len(), "same size");
-    a.chunks(CS as usize)
-        .zip(b.chunks(CS as usize))
-        .enumerate()
-        .filter(|(_, (x, y))| x != y)
-        .map(|(i, _)| i as u64)
-        .collect()
 }
 
 pub fn tuning(threads: usize) -> Tuning {
@@ -362,6 +115,21 @@ pub fn open_faulty(
         Stack::IgnoreConditional => Arc::new(IgnoreConditionalStore::new(fault.clone())),
     };
     (open_store(top, encrypted, threads), fault)
+}
+
+/// Open `root` through a SlowStore that delays every call by `delay` (until changed with
+/// `SlowStore::set_delay`).
+pub fn open_slow(
+    root: &Path,
+    encrypted: bool,
+    delay: Duration,
+    threads: usize,
+) -> (Repository, Arc<SlowStore>) {
+    let slow = Arc::new(SlowStore::new(
+        Arc::new(LocalStore::open(root).unwrap()),
+        delay,
+    ));
+    (open_store(slow.clone(), encrypted, threads), slow)
 }
 
 pub type Disks = Vec<(String, PathBuf)>;
@@ -486,9 +254,12 @@ fn dead_pid() -> u32 {
 pub fn simulate_death(repo: &Repository) -> usize {
     let pid = dead_pid();
     let leases = vmkeep_repo::lease::list(repo).unwrap();
-    for (key, mut rec) in leases.iter().cloned() {
+    for l in &leases {
+        let mut rec = l.record.clone().expect("readable lease");
         rec.pid = pid;
+        rec.pid_start = None;
         let body = serde_json::to_vec(&rec).unwrap();
+        let key = Key::new(Kind::Lock, l.id.to_hex()).unwrap();
         repo.store()
             .put(&key, &object::seal(repo.keys(), ObjectKind::Lock, &body))
             .unwrap();

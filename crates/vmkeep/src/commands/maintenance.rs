@@ -43,10 +43,17 @@ pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
         policy,
     })?;
     if a.dry_run {
+        let bars = Bars::new(g.quiet);
+        let preview = repo.prune_preview(&plan, &bars)?;
         if g.json {
-            print_json(
-                &json!({"dry_run": true, "kept": plan.kept(), "forgotten": plan.forgotten(), "plan": plan.points, "reclaimed_bytes": 0}),
-            )?;
+            print_json(&json!({
+                "dry_run": true,
+                "kept": plan.kept(),
+                "forgotten": plan.forgotten(),
+                "plan": plan.points,
+                "reclaimed_bytes": preview.reclaimed_bytes,
+                "gc": preview,
+            }))?;
         } else {
             for p in &plan.points {
                 print_line(&format!(
@@ -63,9 +70,22 @@ pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
                 ))?;
             }
             print_line(&format!(
-                "would keep {}, forget {} (dry run: nothing changed)",
+                "would keep {}, forget {}; reclaim {} ({} packs), repack {} of live data{} \
+                 (dry run: nothing changed)",
                 plan.kept().len(),
-                plan.forgotten().len()
+                plan.forgotten().len(),
+                human(preview.reclaimed_bytes),
+                preview.sweep.delete.len(),
+                human(preview.bytes_to_repack),
+                if preview.live_leases > 0 {
+                    format!(
+                        "; {} running operations hold {} back",
+                        preview.live_leases,
+                        human(preview.sweep.waiting.iter().map(|(_, b)| b).sum())
+                    )
+                } else {
+                    String::new()
+                }
             ))?;
         }
         return Ok(0);

@@ -1,6 +1,7 @@
 //! Helpers shared by the command-line tests: run the real `vmkeep` binary with a clean
 //! environment, parse its JSON, make test images, compare files, look at repository folders.
-#![allow(dead_code)]
+//! Test data comes from the shared test kit (crates/vmkeep-testkit).
+#![allow(dead_code, unused_imports)]
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 
 use serde_json::Value;
+pub use vmkeep_testkit::data::{random_bytes, seed, semi_bytes, Rng};
 
 /// Cheap Argon2 for test repositories (stored in the key file, so later opens are cheap too).
 pub const KDF_MEM_KIB: &str = "1024";
@@ -21,6 +23,7 @@ const SCRUB: &[&str] = &[
     "VMKEEP_PASSWORD_FILE",
     "VMKEEP_NEW_PASSWORD",
     "VMKEEP_KILL_AT",
+    "VMKEEP_STOP_AT",
     "VMKEEP_TOKEN",
     "VMKEEP_LOG",
     "VMKEEP_THREADS",
@@ -51,7 +54,12 @@ pub fn vmkeep(repo: &Path) -> assert_cmd::Command {
 
 /// `vmkeep --repo REPO` as a std Command (for spawning and killing), stdin null.
 pub fn vmkeep_std(repo: &Path) -> std::process::Command {
-    let mut c = std::process::Command::new(bin());
+    vmkeep_std_at(&bin(), repo)
+}
+
+/// [`vmkeep_std`] running the binary at `program` (a copy of [`bin`]).
+pub fn vmkeep_std_at(program: &Path, repo: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
     for v in SCRUB {
         c.env_remove(v);
     }
@@ -143,80 +151,6 @@ pub fn fails_with(cmd: &mut assert_cmd::Command, needles: &[&str]) -> String {
         );
     }
     line
-}
-
-/// splitmix64: small, fast, reproducible.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in 0..n (n > 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let v = self.next_u64().to_le_bytes();
-        let n = rest.len();
-        rest.copy_from_slice(&v[..n]);
-    }
-
-    /// Bytes with 4 random bits each: never repeating, compressible to about half.
-    pub fn fill_semi(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            let v = self.next_u64() & 0x0f0f_0f0f_0f0f_0f0f;
-            c.copy_from_slice(&v.to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let v = (self.next_u64() & 0x0f0f_0f0f_0f0f_0f0f).to_le_bytes();
-        let n = rest.len();
-        rest.copy_from_slice(&v[..n]);
-    }
-}
-
-/// A seed from the clock, or VMKEEP_TEST_SEED; printed so a failure can be replayed.
-pub fn seed(name: &str) -> u64 {
-    let s = std::env::var("VMKEEP_TEST_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-        });
-    println!("{name}: seed {s} (replay with VMKEEP_TEST_SEED={s})");
-    s
-}
-
-pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Rng::new(seed).fill(&mut v);
-    v
-}
-
-pub fn semi_bytes(len: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len];
-    Rng::new(seed).fill_semi(&mut v);
-    v
 }
 
 pub fn write(path: &Path, data: &[u8]) {

@@ -1,15 +1,22 @@
-//! Test wrappers: a store that fails chosen writes (to simulate a crash or an I/O error at every
-//! possible instant), and a store that ignores conditional writes (as Garage and s3rver do).
+//! Injected write failures, and a store that ignores conditional writes.
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
-use crate::key::{Key, Kind};
-use crate::{ObjectMeta, Store};
+use vmkeep_store::{Error, Key, Kind, ObjectMeta, Result, Store};
+
+/// The `op` of the I/O error a [`FaultStore`] returns, so a test can tell it from a real one.
+pub const INJECTED: &str = "injected fault at";
+
+/// Whether `e` is a failure a [`FaultStore`] injected.
+pub fn is_injected(e: &Error) -> bool {
+    matches!(e, Error::Io { op, .. } if *op == INJECTED)
+}
 
 /// Counts mutating operations (put, put_if_absent, delete; 1-based) and fails from the
 /// `fail_from`-th on: the first failing one and every later one, as if the process had died
-/// there. A `fail_from` of 0 never fails. Reads always pass through.
+/// there. A `fail_from` of 0 never fails. Reads always pass through. A failure is an I/O error
+/// ([`is_injected`]), as a real store gives when a disk or network fails.
 #[derive(Debug)]
 pub struct FaultStore {
     inner: Arc<dyn Store>,
@@ -26,6 +33,7 @@ impl FaultStore {
         }
     }
 
+    /// Restarts the count; writes from the `n`-th on fail (0: none).
     pub fn fail_from(&self, n: u64) {
         self.writes.store(0, Ordering::SeqCst);
         self.fail_from.store(n, Ordering::SeqCst);
@@ -36,11 +44,15 @@ impl FaultStore {
         self.writes.load(Ordering::SeqCst)
     }
 
-    fn gate(&self) -> Result<()> {
+    fn gate(&self, key: &Key) -> Result<()> {
         let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
         let f = self.fail_from.load(Ordering::SeqCst);
         if f != 0 && n >= f {
-            return Err(Error::Injected { n });
+            return Err(Error::Io {
+                op: INJECTED,
+                path: PathBuf::from(key.to_string()),
+                cause: std::io::Error::other(format!("write #{n} fails (from #{f} on)")),
+            });
         }
         Ok(())
     }
@@ -60,18 +72,18 @@ impl Store for FaultStore {
         self.inner.size(key)
     }
     fn put(&self, key: &Key, data: &[u8]) -> Result<()> {
-        self.gate()?;
+        self.gate(key)?;
         self.inner.put(key, data)
     }
     fn put_if_absent(&self, key: &Key, data: &[u8]) -> Result<bool> {
-        self.gate()?;
+        self.gate(key)?;
         self.inner.put_if_absent(key, data)
     }
     fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>> {
         self.inner.list(kind)
     }
     fn delete(&self, key: &Key) -> Result<()> {
-        self.gate()?;
+        self.gate(key)?;
         self.inner.delete(key)
     }
     fn flush(&self) -> Result<()> {
@@ -119,5 +131,49 @@ impl Store for IgnoreConditionalStore {
     }
     fn flush(&self) -> Result<()> {
         self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmkeep_store::LocalStore;
+
+    fn key(name: &str) -> Key {
+        Key::new(Kind::Snapshot, name).unwrap()
+    }
+
+    #[test]
+    fn writes_fail_from_the_chosen_one_on_and_reads_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = Arc::new(LocalStore::create(dir.path().join("r")).unwrap());
+        let s = FaultStore::new(local);
+        s.fail_from(3);
+        s.put(&key("a1"), b"1").unwrap();
+        assert!(s.put_if_absent(&key("a2"), b"2").unwrap());
+        let e = s.delete(&key("a1")).unwrap_err();
+        assert!(is_injected(&e), "{e}");
+        assert!(is_injected(&s.put(&key("a3"), b"3").unwrap_err()));
+        assert_eq!(s.writes(), 4);
+        assert_eq!(
+            s.get(&key("a1")).unwrap(),
+            b"1",
+            "the failed delete did nothing"
+        );
+        assert_eq!(s.list(Kind::Snapshot).unwrap().len(), 2);
+        s.fail_from(0);
+        s.put(&key("a3"), b"3").unwrap();
+        assert_eq!(s.writes(), 1);
+    }
+
+    #[test]
+    fn ignoring_conditional_writes_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = Arc::new(LocalStore::create(dir.path().join("r")).unwrap());
+        let s = IgnoreConditionalStore::new(local.clone());
+        assert!(local.put_if_absent(&key("b"), b"old").unwrap());
+        assert!(!local.put_if_absent(&key("b"), b"new").unwrap());
+        assert!(s.put_if_absent(&key("b"), b"new").unwrap());
+        assert_eq!(local.get(&key("b")).unwrap(), b"new");
     }
 }

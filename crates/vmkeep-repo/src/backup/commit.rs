@@ -1,0 +1,161 @@
+//! Committing a backup: the manifest is the commit point, written only when everything it
+//! references is stored and protected (FORMAT.md §12-§13).
+//!
+//! 1. The packer writes its last pack and index object; the store is flushed.
+//! 2. The parent must still exist: a forget may have removed it while this backup ran; then
+//!    the manifest is relinked to the newest older restore point of the VM (`relink.rs`).
+//! 3. The lease must never have been lost. If it was (this process stopped, the machine slept
+//!    or the store was unreachable for the lease timeout), a prune may have judged this backup
+//!    dead and reclaimed data it reuses: the lease is written again, then every blob the new
+//!    restore point references (disk nodes and chunks, stream indexes and chunks, through the
+//!    one walker) must be in a pack that exists and no GC record condemns. If not, the backup
+//!    fails ("run the backup again") instead of committing a restore point with missing data.
+//! 4. The manifest is written and flushed. If the lease was lost during that write (a put that
+//!    stalled), the check of step 3 runs again; a failure deletes the manifest.
+//! 5. The parent is checked again: a forget that listed the restore points before this
+//!    manifest landed may have deleted it since; then it is relinked and rewritten. (Forget
+//!    also re-lists after its deletions, so one of the two sees the other.)
+//! 6. The lease is released.
+use chrono::Utc;
+use vmkeep_core::manifest::{Manifest, MANIFEST_VERSION};
+use vmkeep_core::SnapshotId;
+
+use super::BackupSession;
+use crate::error::{Error, Result};
+use crate::hooks::kill_point;
+use crate::index::BlobIndex;
+use crate::lease::HostIdentity;
+use crate::walk::Walker;
+
+impl BackupSession<'_> {
+    /// Commit: write the remaining packs and indexes, flush, then the manifest (commit point).
+    pub fn commit(mut self) -> Result<Manifest> {
+        if let Some(h) = &self.opts.hooks.before_commit {
+            h();
+        }
+        let packer = self.packer.take().expect("session open");
+        let pstats = packer.finish()?;
+        kill_point("after-data");
+        self.repo.store.flush()?;
+        let mut stats = self.stats.clone();
+        stats.stored_bytes = pstats.pack_bytes + pstats.index_bytes;
+        stats.metadata_bytes = pstats.pack_bytes - pstats.data_blob_bytes + pstats.index_bytes;
+        stats.seconds = self.started.elapsed().as_secs_f64();
+        let mut m = Manifest {
+            version: MANIFEST_VERSION,
+            id: SnapshotId::random(),
+            vm: self.opts.vm.clone(),
+            time: Utc::now(),
+            parent: self.parent.as_ref().map(|p| p.id),
+            hostname: HostIdentity::current().name.clone(),
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            chunk_size: self.repo.config.chunk_size,
+            disks: std::mem::take(&mut self.disks),
+            streams: std::mem::take(&mut self.streams),
+            stats,
+            pause_ms: self.pause_ms,
+        };
+        // The manifest's own size counts as stored metadata; estimate it before writing.
+        let estimate = vmkeep_core::object::seal(
+            &self.repo.keys,
+            vmkeep_core::object::ObjectKind::Manifest,
+            &m.to_json(),
+        )
+        .len() as u64;
+        m.stats.stored_bytes += estimate;
+        m.stats.metadata_bytes += estimate;
+
+        self.relink_if_parent_gone(&mut m)?;
+        if self.lease.is_lost() {
+            self.recover(&m)?;
+        }
+        kill_point("before-manifest");
+        // Checked again right before the put: a stall since the line above counts too.
+        self.lease.check().or_else(|_| self.recover(&m))?;
+        self.repo.write_manifest(&m)?;
+        self.repo.store.flush()?;
+        if self.lease.is_lost() {
+            // The put itself outlasted the lease: make sure what it references survived.
+            if let Err(e) = self.recover(&m) {
+                tracing::warn!(snapshot = %m.id, "the restore point lost data while it was written; deleting it");
+                self.repo
+                    .store
+                    .delete(&crate::snapshots::snapshot_key(&m.id))?;
+                self.repo.store.flush()?;
+                return Err(e);
+            }
+        }
+        kill_point("after-manifest");
+        self.relink_after_commit(&mut m)?;
+        let lease = self.lease;
+        if let Err(e) = lease.release() {
+            tracing::warn!(error = %e, "could not remove the backup's lease; prune removes it later");
+        }
+        Ok(m)
+    }
+
+    /// Step 2: the parent chosen at the start was forgotten meanwhile.
+    fn relink_if_parent_gone(&self, m: &mut Manifest) -> Result<bool> {
+        let Some(p) = m.parent else {
+            return Ok(false);
+        };
+        match self.repo.load_manifest(&p) {
+            Err(Error::UnknownSnapshot { .. }) => {}
+            _ => return Ok(false),
+        }
+        let index = BlobIndex::load(self.repo)?;
+        let all = self.repo.snapshots()?;
+        crate::relink::relink(self.repo, &index, m, &all)?;
+        tracing::info!(
+            forgotten = %p,
+            parent = ?m.parent.map(|p| p.to_hex()),
+            "the restore point this backup started from was forgotten; relinked"
+        );
+        Ok(true)
+    }
+
+    /// Step 5: a forget deleted the parent while the manifest was being written.
+    fn relink_after_commit(&self, m: &mut Manifest) -> Result<()> {
+        for _ in 0..16 {
+            if !self.relink_if_parent_gone(m)? {
+                return Ok(());
+            }
+            self.repo.write_manifest(m)?;
+            self.repo.store.flush()?;
+        }
+        tracing::warn!(snapshot = %m.id, "parents keep disappearing; the next prune relinks this restore point");
+        Ok(())
+    }
+
+    /// Step 3: the lease was lost. Write it again, then verify that every blob `m` references
+    /// is usable (in an existing, uncondemned pack). Ok clears the lost mark.
+    fn recover(&self, m: &Manifest) -> Result<()> {
+        tracing::warn!(
+            "the backup's lease may have expired; verifying the data it references still exists"
+        );
+        let since = self.lease.refresh_now()?;
+        let index = BlobIndex::load(self.repo)?;
+        let mut missing = None;
+        let walked = Walker::new(self.repo).walk(&index, m, &mut |r| {
+            if index.usable(&r.id) {
+                Ok(())
+            } else {
+                missing = Some(r.id);
+                Err(Error::LeaseLost)
+            }
+        });
+        match walked {
+            Ok(()) => {}
+            Err(e) if e.is_damage() || matches!(e, Error::LeaseLost) => {
+                tracing::warn!(blob = ?missing.map(|b| b.to_hex()), error = %e, "data this backup references was reclaimed");
+                return Err(Error::LeaseLost);
+            }
+            Err(e) => return Err(e),
+        }
+        if self.lease.recovered(since) {
+            Ok(())
+        } else {
+            Err(Error::LeaseLost)
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! Programs the tests need, run to completion or kept as children that die with the test.
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a required program; panics (never skips) with a hint when it is missing.
+pub fn require(bin: &str) -> PathBuf {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
+        let p = Path::new(dir).join(bin);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("required program `{bin}` is missing: run scripts/install-deps.sh (as root)");
+}
+
+/// Runs a command to completion (stdin null), panicking with its output on failure; returns
+/// stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    /// Starts `cmd` with stdin and stdout null (stderr inherited: it shows in a failing test).
+    pub fn spawn(cmd: &mut Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        ChildGuard(child)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// How long a server may take to listen on its socket before the test fails.
+pub const SOCKET_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Waits until a unix socket accepts connections (the server is listening); panics if the
+/// server exits first or takes longer than [`SOCKET_TIMEOUT`].
+pub fn wait_for_socket(path: &Path, child: &mut ChildGuard) {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        if let Ok(Some(st)) = child.0.try_wait() {
+            panic!("server exited ({st}) before creating {}", path.display());
+        }
+        assert!(
+            start.elapsed() < SOCKET_TIMEOUT,
+            "{} did not appear within {SOCKET_TIMEOUT:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
