@@ -6,7 +6,11 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 
 pub const CONFIG_MAGIC: &str = "vmkeep-repository";
-pub const CONFIG_VERSION: u32 = 1;
+/// Version written now. Version 1 (earlier builds) differs only in the bytes the MAC covers and
+/// is still read.
+pub const CONFIG_VERSION: u32 = 2;
+/// Domain separation of the version 2 MAC input.
+const MAC_INPUT_PREFIX: &[u8] = b"vmkeep 2026-11 config v2";
 pub const MIN_CHUNK_SIZE: u32 = 64 << 10;
 pub const MAX_CHUNK_SIZE: u32 = 4 << 20;
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 << 10;
@@ -83,12 +87,32 @@ impl RepoConfig {
         Ok(())
     }
 
-    /// The bytes the MAC covers: compact JSON of the config with `mac` = None. It is computed
-    /// from the parsed values, so it does not depend on the stored file's whitespace.
-    fn mac_input(&self) -> Vec<u8> {
-        let mut c = self.clone();
-        c.mac = None;
-        serde_json::to_vec(&c).expect("a config always serialises")
+    /// The bytes the MAC covers (FORMAT.md §3), computed from the parsed values so the stored
+    /// file's whitespace and field order do not matter. Version 2, 65 bytes:
+    /// "vmkeep 2026-11 config v2" (24 ASCII bytes) || version u32 || id (16 bytes, the hex
+    /// decoded) || chunk_size u32 || encrypted u8 (0 or 1) || pack_size u32 || created as Unix
+    /// seconds i64 || created's nanoseconds u32 (little-endian). Version 1: compact serde JSON of
+    /// the config without `mac`, which only this implementation reproduces reliably (chrono's
+    /// choice of fractional digits), hence version 2.
+    pub(crate) fn mac_input(&self) -> Vec<u8> {
+        if self.version == 1 {
+            let mut c = self.clone();
+            c.mac = None;
+            return serde_json::to_vec(&c).expect("a config always serialises");
+        }
+        let mut id = [0u8; 16];
+        // parse() checked the id is 32 hex digits; a config built in memory has one too.
+        hex::decode_to_slice(&self.id, &mut id).expect("the config id is 32 hex digits");
+        let mut out = Vec::with_capacity(MAC_INPUT_PREFIX.len() + 41);
+        out.extend_from_slice(MAC_INPUT_PREFIX);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&id);
+        out.extend_from_slice(&self.chunk_size.to_le_bytes());
+        out.push(self.encrypted as u8);
+        out.extend_from_slice(&self.pack_size.to_le_bytes());
+        out.extend_from_slice(&self.created.timestamp().to_le_bytes());
+        out.extend_from_slice(&self.created.timestamp_subsec_nanos().to_le_bytes());
+        out
     }
 
     /// Serialise, adding the MAC when `keys` is encrypted.
@@ -128,8 +152,13 @@ impl RepoConfig {
         let corrupt = |reason: String| Error::Corrupt { kind: KIND, reason };
         let config: RepoConfig =
             serde_json::from_value(value).map_err(|e| corrupt(e.to_string()))?;
-        if config.version != CONFIG_VERSION {
+        if config.version == 0 {
             return Err(corrupt(format!("invalid version {}", config.version)));
+        }
+        // chrono represents a leap second (:60) as nanoseconds beyond 10^9; no writer produces
+        // one, and refusing it keeps the MAC input's nanosecond field below 10^9.
+        if config.created.timestamp_subsec_nanos() >= 1_000_000_000 {
+            return Err(corrupt("created must not be a leap second".into()));
         }
         let id_ok = config.id.len() == 32
             && config
@@ -321,6 +350,59 @@ mod tests {
         assert!(plain_with_mac.verify(&Keys::plain()).is_err());
     }
 
+    /// Version 2's MAC input is the documented fixed layout, whatever the JSON looks like.
+    #[test]
+    fn mac_input_layout() {
+        let c = RepoConfig {
+            magic: CONFIG_MAGIC.into(),
+            version: 2,
+            id: "000102030405060708090a0b0c0d0e0f".into(),
+            chunk_size: 1 << 20,
+            encrypted: true,
+            pack_size: 16 << 20,
+            created: "2026-11-02T04:04:05.5+01:00".parse().unwrap(),
+            mac: Some("ignored".into()),
+        };
+        let input = c.mac_input();
+        assert_eq!(input.len(), 65);
+        assert_eq!(&input[..24], b"vmkeep 2026-11 config v2");
+        assert_eq!(input[24..28], 2u32.to_le_bytes());
+        assert_eq!(
+            input[28..44],
+            core::array::from_fn::<u8, 16, _>(|i| i as u8)
+        );
+        assert_eq!(input[44..48], (1u32 << 20).to_le_bytes());
+        assert_eq!(input[48], 1);
+        assert_eq!(input[49..53], (16u32 << 20).to_le_bytes());
+        assert_eq!(input[53..61], 1_793_588_645i64.to_le_bytes());
+        assert_eq!(input[61..65], 500_000_000u32.to_le_bytes());
+    }
+
+    /// Version 1 configs (earlier builds) keep verifying with their JSON MAC input, and a
+    /// config cannot be moved between versions without the key.
+    #[test]
+    fn version_1_configs_still_verify() {
+        let keys = Keys::encrypted(MasterKey::generate());
+        let mut c = RepoConfig::new(DEFAULT_CHUNK_SIZE, true).unwrap();
+        c.version = 1;
+        assert!(c
+            .mac_input()
+            .starts_with(b"{\"magic\":\"vmkeep-repository\",\"version\":1,"));
+        let back = RepoConfig::parse(&c.to_json(&keys)).unwrap();
+        assert_eq!(back.version, 1);
+        back.verify(&keys).unwrap();
+        let bumped = RepoConfig {
+            version: 2,
+            ..back.clone()
+        };
+        assert!(matches!(bumped.verify(&keys), Err(Error::Integrity { .. })));
+        let edited = RepoConfig {
+            chunk_size: 128 << 10,
+            ..back
+        };
+        assert!(matches!(edited.verify(&keys), Err(Error::Integrity { .. })));
+    }
+
     #[test]
     fn parse_errors() {
         let c = RepoConfig::new(DEFAULT_CHUNK_SIZE, false).unwrap();
@@ -351,12 +433,12 @@ mod tests {
         ));
         assert!(matches!(
             edit(&|v| {
-                v["version"] = 2.into();
+                v["version"] = 3.into();
                 v["new_field"] = 1.into();
             }),
             Err(Error::UnsupportedVersion {
-                version: 2,
-                supported: 1,
+                version: 3,
+                supported: 2,
                 ..
             })
         ));
@@ -391,6 +473,10 @@ mod tests {
                 .remove("created")
                 .map(|_| ())
                 .unwrap()),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(matches!(
+            edit(&|v| v["created"] = "2026-12-31T23:59:60.5Z".into()),
             Err(Error::Corrupt { .. })
         ));
         assert!(edit(&|v| v["pack_size"] = (256u32 << 20).into()).is_ok());

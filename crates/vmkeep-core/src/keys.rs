@@ -6,8 +6,13 @@
 //! ([`KeyFile`], Argon2id). Secrets never appear in `Debug` output and are zeroed on drop.
 use serde::{Deserialize, Serialize};
 
+use std::mem::MaybeUninit;
+
 use ring::aead;
-use zeroize::Zeroize;
+use zeroize::{Zeroize, Zeroizing};
+
+pub(crate) mod file;
+pub use file::{KdfParams, KeyFile, KEY_FILE_VERSION};
 
 use crate::error::{Error, Result};
 use crate::id::BlobId;
@@ -118,7 +123,7 @@ impl MasterKey {
         b
     }
 
-    fn from_bytes(bytes: &[u8; 64]) -> MasterKey {
+    pub(crate) fn from_bytes(bytes: &[u8; 64]) -> MasterKey {
         let mut key = MasterKey {
             id_key: [0u8; 32],
             data_key: [0u8; 32],
@@ -135,24 +140,32 @@ fn export_checksum(bytes: &[u8; 64]) -> String {
     hex::encode(&blake3::hash(bytes).as_bytes()[..4])
 }
 
-/// Argon2id cost parameters. Defaults: m = 64 MiB, t = 3, p = 1 (about 0.15 s here).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KdfParams {
-    pub m_cost_kib: u32,
-    pub t_cost: u32,
-    pub p_cost: u32,
-}
+/// An AES-256-GCM key (ring) whose key schedule is wiped when it is dropped: ring's keys
+/// implement neither `Zeroize` nor `Drop`, so their round keys and GHASH table would otherwise
+/// stay in freed stack memory. Build it where it is used and do not move it: a move copies the
+/// bytes and leaves the old copy unwiped.
+pub(crate) struct WipedAesKey(MaybeUninit<aead::LessSafeKey>);
 
-impl Default for KdfParams {
-    fn default() -> Self {
-        KdfParams {
-            m_cost_kib: 64 * 1024,
-            t_cost: 3,
-            p_cost: 1,
-        }
+// Wiping the inline bytes wipes the whole schedule only because `LessSafeKey` owns no heap
+// memory; owning any (Box, Vec, ...) would give it drop glue. Checked at compile time, so a
+// ring upgrade that changes this fails the build instead of leaving key material unwiped.
+const _: () = assert!(!std::mem::needs_drop::<aead::LessSafeKey>());
+
+impl WipedAesKey {
+    pub(crate) fn new(key: &[u8; 32]) -> WipedAesKey {
+        WipedAesKey(MaybeUninit::new(aead::LessSafeKey::new(
+            aead::UnboundKey::new(&aead::AES_256_GCM, key).expect("AES-256-GCM takes 32-byte keys"),
+        )))
+    }
+
+    pub(crate) fn get(&self) -> &aead::LessSafeKey {
+        // SAFETY: initialised by `new`; the only write afterwards is the wipe in `drop`, after
+        // which the value is never read.
+        unsafe { self.0.assume_init_ref() }
     }
 }
 
+<<<<<<< HEAD
 /// A passphrase-wrapped master key, stored as JSON in `keys/<name>`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -363,6 +376,16 @@ fn corrupt_key_file(reason: String) -> Error {
     Error::Corrupt {
         kind: "key file",
         reason,
+=======
+impl Drop for WipedAesKey {
+    fn drop(&mut self) {
+        // Sound: `MaybeUninit` may hold any bytes (zeroing it breaks no invariant, unlike zeroing
+        // the `&'static Algorithm` inside a live `LessSafeKey`), and the key's destructor is not
+        // run, which skips nothing: `LessSafeKey` has no drop glue (asserted above). Copies made
+        // while ring built the key (moves through its constructors' stack frames) are out of
+        // reach; this wipes the copy that lives for the key's whole use.
+        self.0.zeroize();
+>>>>>>> wt-crypto
     }
 }
 
@@ -396,7 +419,7 @@ const CONFIG_MAC_CONTEXT: &str = "vmkeep 2026-11 config mac v1";
 
 /// Length of [`Keys::seal`]'s overhead: nonce(24) + tag(16).
 pub const SEAL_OVERHEAD: usize = SEAL_NONCE_LEN + 16;
-const SEAL_NONCE_LEN: usize = 24;
+pub(crate) const SEAL_NONCE_LEN: usize = 24;
 
 /// Keys derived once from the master key.
 #[derive(zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
@@ -485,15 +508,7 @@ impl Keys {
             .expect("Keys::seal called on a plain repository");
         let mut nonce = [0u8; SEAL_NONCE_LEN];
         getrandom::getrandom(&mut nonce).expect("the OS random source failed");
-        let (key, gcm_nonce) = message_key(&master.data_key, &nonce);
-        let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plaintext);
-        let tag = key
-            .seal_in_place_separate_tag(gcm_nonce, aead::Aad::from(aad), &mut out[SEAL_NONCE_LEN..])
-            .expect("AES-GCM sealing fails only beyond 64 GiB");
-        out.extend_from_slice(tag.as_ref());
-        out
+        seal_with_nonce(master, &nonce, aad, plaintext)
     }
 
     /// Inverse of [`Keys::seal`]; Err(Error::Integrity) on any tampering or a wrong key.
@@ -513,9 +528,11 @@ impl Keys {
         let nonce: &[u8; SEAL_NONCE_LEN] = sealed[..SEAL_NONCE_LEN]
             .try_into()
             .expect("length checked above");
-        let (key, gcm_nonce) = message_key(&master.data_key, nonce);
+        let (subkey, gcm_nonce) = message_key(&master.data_key, nonce);
+        let key = WipedAesKey::new(&subkey);
         let mut out = sealed[SEAL_NONCE_LEN..].to_vec();
         let len = key
+            .get()
             .open_in_place(gcm_nonce, aead::Aad::from(aad), &mut out)
             .map_err(|_| Error::Integrity {
                 kind: "sealed data",
@@ -535,17 +552,37 @@ impl Keys {
     }
 }
 
-/// The per-message AES-256-GCM key and nonce of [`Keys::seal`].
+/// [`Keys::seal`] with a given nonce (known-answer vectors fix it; everything else uses a
+/// random one).
+pub(crate) fn seal_with_nonce(
+    master: &MasterKey,
+    nonce: &[u8; SEAL_NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Vec<u8> {
+    let (subkey, gcm_nonce) = message_key(&master.data_key, nonce);
+    let key = WipedAesKey::new(&subkey);
+    let mut out = Vec::with_capacity(SEAL_OVERHEAD + plaintext.len());
+    out.extend_from_slice(nonce);
+    out.extend_from_slice(plaintext);
+    let tag = key
+        .get()
+        .seal_in_place_separate_tag(gcm_nonce, aead::Aad::from(aad), &mut out[SEAL_NONCE_LEN..])
+        .expect("AES-GCM sealing fails only beyond 64 GiB");
+    out.extend_from_slice(tag.as_ref());
+    out
+}
+
+/// The per-message AES-256-GCM key material and nonce of [`Keys::seal`]. The caller builds the
+/// [`WipedAesKey`] where it uses it: moving one would leave an unwiped copy behind.
 fn message_key(
     data_key: &[u8; 32],
     nonce: &[u8; SEAL_NONCE_LEN],
-) -> (aead::LessSafeKey, aead::Nonce) {
-    let mut subkey = *blake3::keyed_hash(data_key, &nonce[..16]).as_bytes();
-    let key = aes_key(&subkey);
-    subkey.zeroize();
+) -> (Zeroizing<[u8; 32]>, aead::Nonce) {
+    let subkey = Zeroizing::new(*blake3::keyed_hash(data_key, &nonce[..16]).as_bytes());
     let mut gcm_nonce = [0u8; 12];
     gcm_nonce[..8].copy_from_slice(&nonce[16..]);
-    (key, aead::Nonce::assume_unique_for_key(gcm_nonce))
+    (subkey, aead::Nonce::assume_unique_for_key(gcm_nonce))
 }
 
 #[cfg(test)]

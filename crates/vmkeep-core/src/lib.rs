@@ -18,6 +18,8 @@ pub mod pack;
 pub mod retention;
 pub mod stream;
 pub mod tree;
+#[cfg(test)]
+mod vectors;
 
 pub use error::{Error, Result};
 pub use id::{BlobId, GcRecordId, HostId, LeaseId, PackId, SnapshotId};

@@ -48,9 +48,9 @@ pub struct DiskEntry {
     /// Bytes of non-zero data in this disk (sum of non-zero chunk lengths).
     #[serde(default)]
     pub data_bytes: u64,
-    /// Change tracking used: "used" | "rescan" | "none".
+    /// What change tracking did for this disk. Absent in the earliest manifests: `none`.
     #[serde(default)]
-    pub cbt: String,
+    pub cbt: ChangeTracking,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cbt_reason: Option<String>,
     /// QEMU checkpoint (dirty bitmap) started at this restore point, to prove the next backup's
@@ -62,6 +62,38 @@ pub struct DiskEntry {
     /// (ctime cannot be set by user tools), so its index is reused without reading.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_identity: Option<String>,
+}
+
+/// What change tracking (QEMU dirty bitmaps) did for a disk in a backup. Stored and printed as
+/// `"used"`, `"rescan"` or `"none"` (FORMAT.md §9, cli-contract `backup vm`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeTracking {
+    /// The checkpoint bitmap was trusted: only the chunks it marks were read, the others came
+    /// from the parent restore point's tree.
+    Used,
+    /// Change tracking could not be trusted (the reason says why): every allocated chunk was read.
+    Rescan,
+    /// No change tracking: the VM's first backup, `--full`, or an image backup.
+    #[default]
+    None,
+}
+
+impl ChangeTracking {
+    /// The name stored in manifests and printed by the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeTracking::Used => "used",
+            ChangeTracking::Rescan => "rescan",
+            ChangeTracking::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for ChangeTracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,7 +272,7 @@ mod tests {
                     root: BlobId([1; 32]),
                     changes: Some(ChangeMap::from_sorted([0, 1, 2, 10, 163_839])),
                     data_bytes: 5 << 30,
-                    cbt: "used".into(),
+                    cbt: ChangeTracking::Used,
                     cbt_reason: None,
                     checkpoint: Some(Checkpoint {
                         bitmap: "vmkeep-0707".into(),
@@ -256,7 +288,7 @@ mod tests {
                     root: BlobId::ZERO,
                     changes: None,
                     data_bytes: 0,
-                    cbt: "none".into(),
+                    cbt: ChangeTracking::None,
                     cbt_reason: Some("image backup".into()),
                     checkpoint: None,
                     source_identity: None,
@@ -298,6 +330,31 @@ mod tests {
         assert!(back.disk("nope").is_none());
     }
 
+    /// The JSON contract: exactly "used", "rescan", "none"; anything else is refused.
+    #[test]
+    fn change_tracking_is_stored_as_lowercase_names() {
+        for (state, name) in [
+            (ChangeTracking::Used, "used"),
+            (ChangeTracking::Rescan, "rescan"),
+            (ChangeTracking::None, "none"),
+        ] {
+            assert_eq!(state.to_string(), name);
+            let mut m = sample();
+            m.disks[0].cbt = state;
+            let v: serde_json::Value = serde_json::from_slice(&m.to_json()).unwrap();
+            assert_eq!(v["disks"][0]["cbt"], name);
+            assert_eq!(
+                Manifest::from_json(&m.to_json()).unwrap().disks[0].cbt,
+                state
+            );
+        }
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        for bad in ["Used", "", "partial"] {
+            v["disks"][0]["cbt"] = bad.into();
+            assert!(Manifest::from_json(&serde_json::to_vec(&v).unwrap()).is_err());
+        }
+    }
+
     #[test]
     fn defaults_for_optional_fields() {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
@@ -314,7 +371,7 @@ mod tests {
         let m = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap();
         assert!(m.streams.is_empty());
         assert_eq!(m.pause_ms, 0);
-        assert_eq!(m.disks[0].cbt, "");
+        assert_eq!(m.disks[0].cbt, ChangeTracking::None);
     }
 
     #[test]
@@ -424,7 +481,7 @@ mod tests {
                     root: BlobId([i as u8; 32]),
                     changes: Some(ChangeMap::from_sorted(changed.iter().copied().filter(|&c| c < chunks))),
                     data_bytes: size / 2,
-                    cbt: "rescan".into(),
+                    cbt: ChangeTracking::Rescan,
                     cbt_reason: None,
                     checkpoint: None,
                     source_identity: None,

@@ -30,7 +30,8 @@ impl ObjectKind {
 /// "VMKO"
 pub const OBJECT_MAGIC: [u8; 4] = *b"VMKO";
 pub const OBJECT_VERSION: u8 = 1;
-const HEADER_LEN: usize = 8;
+/// Length of the framing header; [`header_flags_encrypted`] needs only these bytes.
+pub const HEADER_LEN: usize = 8;
 const FLAG_ENCRYPTED: u8 = 1;
 
 impl ObjectKind {
@@ -63,6 +64,16 @@ fn header(keys: &Keys, kind: ObjectKind) -> [u8; HEADER_LEN] {
     };
     let m = OBJECT_MAGIC;
     [m[0], m[1], m[2], m[3], OBJECT_VERSION, kind as u8, flags, 0]
+}
+
+/// Whether an object's header (its first [`HEADER_LEN`] bytes) carries the encrypted flag.
+/// None when the bytes are not a header of this format version. Unauthenticated: a hint for
+/// spotting a tampered config cheaply, never a reason to trust the object.
+pub fn header_flags_encrypted(header: &[u8]) -> Option<bool> {
+    if header.len() < HEADER_LEN || header[..4] != OBJECT_MAGIC || header[4] != OBJECT_VERSION {
+        return None;
+    }
+    Some(header[6] & FLAG_ENCRYPTED != 0)
 }
 
 pub fn seal(keys: &Keys, kind: ObjectKind, body: &[u8]) -> Vec<u8> {
@@ -180,10 +191,22 @@ mod tests {
                     assert_eq!(sealed[5], kind as u8);
                     assert_eq!(sealed[6], keys.is_encrypted() as u8);
                     assert_eq!(sealed[7], 0);
+                    assert_eq!(
+                        header_flags_encrypted(&sealed[..HEADER_LEN]),
+                        Some(keys.is_encrypted())
+                    );
                     assert_eq!(open(&keys, kind, &sealed).unwrap(), body);
                 }
             }
         }
+    }
+
+    #[test]
+    fn header_probe_refuses_what_is_not_a_header() {
+        assert_eq!(header_flags_encrypted(b"VMKO\x01\x01\x01"), None);
+        assert_eq!(header_flags_encrypted(b"VMKX\x01\x01\x01\x00"), None);
+        assert_eq!(header_flags_encrypted(b"VMKO\x02\x01\x01\x00"), None);
+        assert_eq!(header_flags_encrypted(b"VMKO\x01\x02\x00\x00"), Some(false));
     }
 
     #[test]

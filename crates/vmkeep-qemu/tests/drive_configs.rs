@@ -80,7 +80,11 @@ fn virtio_drive_and_scsi_hd_are_captured_and_named() {
 
     // Second backup: both use tracking (the raw disk's bitmap lives in this QEMU process).
     let m2 = backup_vm(&repo, &opts, &NoProgress).unwrap();
-    assert!(m2.disks.iter().all(|x| x.cbt == "used"), "{:?}", m2.disks);
+    assert!(
+        m2.disks.iter().all(|x| x.cbt.as_str() == "used"),
+        "{:?}",
+        m2.disks
+    );
     assert_eq!(m2.stats.read_bytes, 0, "nothing changed");
 
     for (name, got) in restore_disks(&repo, &m2, &d.join("r")) {
@@ -149,7 +153,7 @@ fn freeze_on_needs_an_answering_agent_auto_goes_on_without() {
         let m = backup_vm(&repo, &opts(Freeze::Auto), &NoProgress).unwrap();
         assert_eq!(m.disks.len(), 1);
         // The refused attempt left nothing behind: the second backup is the VM's first.
-        assert_eq!(m.disks[0].cbt, "none");
+        assert_eq!(m.disks[0].cbt.as_str(), "none");
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -193,7 +197,12 @@ fn qcow2_v2_image_falls_back_to_a_non_persistent_checkpoint() {
     let cp = m1.disks[0].checkpoint.as_ref().unwrap();
     assert!(cp.source.starts_with("qemu-pid:"), "{cp:?}");
     let m2 = backup_vm(&repo, &opts, &NoProgress).unwrap();
-    assert_eq!(m2.disks[0].cbt, "used", "{:?}", m2.disks[0].cbt_reason);
+    assert_eq!(
+        m2.disks[0].cbt.as_str(),
+        "used",
+        "{:?}",
+        m2.disks[0].cbt_reason
+    );
     let restored = restore_disks(&repo, &m2, &d.join("r"));
     assert!(restored[0].1 == want);
 }

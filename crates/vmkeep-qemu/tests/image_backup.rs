@@ -30,7 +30,7 @@ fn qcow2_image_incremental_through_storage_daemon() {
     let disks = vec![("sda".to_string(), img.clone())];
 
     let m1 = backup_images(&repo, opts.clone(), &disks, false, &NoProgress).unwrap();
-    assert_eq!(m1.disks[0].cbt, "none");
+    assert_eq!(m1.disks[0].cbt.as_str(), "none");
     assert_eq!(
         m1.stats.read_bytes,
         1024 * 1024 + K64,
@@ -49,7 +49,12 @@ fn qcow2_image_incremental_through_storage_daemon() {
     assert!(info.contains(&cp1.bitmap), "checkpoint persisted: {info}");
 
     let m2 = backup_images(&repo, opts.clone(), &disks, false, &NoProgress).unwrap();
-    assert_eq!(m2.disks[0].cbt, "used", "{:?}", m2.disks[0].cbt_reason);
+    assert_eq!(
+        m2.disks[0].cbt.as_str(),
+        "used",
+        "{:?}",
+        m2.disks[0].cbt_reason
+    );
     assert_eq!(
         m2.stats.read_bytes,
         2 * K64,
@@ -59,7 +64,7 @@ fn qcow2_image_incremental_through_storage_daemon() {
 
     // --full equivalent: same content, every allocated chunk read, tracking rotates.
     let m3 = backup_images(&repo, opts, &disks, true, &NoProgress).unwrap();
-    assert_eq!(m3.disks[0].cbt, "none");
+    assert_eq!(m3.disks[0].cbt.as_str(), "none");
     assert_eq!(m3.disks[0].root, m2.disks[0].root);
     let info = run(std::process::Command::new(require("qemu-img"))
         .args(["info"])

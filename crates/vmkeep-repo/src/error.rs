@@ -17,6 +17,17 @@ pub enum Error {
     PassphraseRequired,
     #[error("wrong passphrase for the repository at {location}")]
     WrongPassphrase { location: String },
+    /// No key file unlocks the repository, and at least one key file could not be read.
+    #[error("no key file of the repository at {location} accepts this passphrase, and {damaged}: if it held this passphrase, restore it from a copy of the repository, or use another passphrase")]
+    KeyFileDamaged { location: String, damaged: String },
+    #[error("the repository at {location} is encrypted but has no key file (keys/ is empty): it cannot be unlocked; restore keys/ from a copy of the repository")]
+    NoKeyFile { location: String },
+    /// The config says "not encrypted" but the repository shows that it is (FORMAT.md §3).
+    #[error("the config of the repository at {location} says it is not encrypted, but {evidence}: the config looks tampered with (encryption switched off); refusing to use it. Restore the original config from a copy of the repository and find out who changed it")]
+    PlainConfigTampered { location: String, evidence: String },
+    /// A passphrase was given for a repository whose config says it is not encrypted.
+    #[error("the repository at {location} is not encrypted, but a passphrase was given: if its config was tampered with to switch encryption off, restore the original config; if it really is unencrypted, run without --password-file, VMKEEP_PASSWORD_FILE and VMKEEP_PASSWORD")]
+    PassphraseForPlain { location: String },
     #[error("no restore point matches {reference:?} (list them with `vmkeep snapshots`)")]
     UnknownSnapshot { reference: String },
     #[error("{reference:?} is ambiguous: it matches {candidates}; give more digits")]

@@ -117,7 +117,7 @@ mod tests {
                     root: BlobId::ZERO,
                     changes: ch.map(ChangeMap::from_sorted),
                     data_bytes: 0,
-                    cbt: "none".into(),
+                    cbt: vmkeep_core::manifest::ChangeTracking::None,
                     cbt_reason: None,
                     checkpoint: None,
                     source_identity: None,

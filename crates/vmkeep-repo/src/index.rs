@@ -79,7 +79,10 @@ impl RawIndex {
                     continue;
                 }
             };
-            match object::open(&repo.keys, ObjectKind::Index, &bytes)
+            // The name is BLAKE3 of the stored bytes (FORMAT.md §2): a renamed or substituted
+            // object is damaged even when its content is authentic.
+            match check_index_name(&meta.key.name, &bytes)
+                .and_then(|()| object::open(&repo.keys, ObjectKind::Index, &bytes))
                 .and_then(|body| IndexFile::decode(&body))
             {
                 Ok(f) => {
@@ -95,6 +98,16 @@ impl RawIndex {
         }
         Ok(raw)
     }
+}
+
+fn check_index_name(name: &str, bytes: &[u8]) -> vmkeep_core::Result<()> {
+    if blake3::hash(bytes).to_hex().as_str() == name {
+        return Ok(());
+    }
+    Err(vmkeep_core::Error::Corrupt {
+        kind: "index",
+        reason: "its name is not the BLAKE3 hash of its bytes (renamed or replaced)".into(),
+    })
 }
 
 /// Size of every pack in the store.

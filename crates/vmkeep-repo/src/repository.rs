@@ -2,9 +2,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+<<<<<<< HEAD
 use vmkeep_core::config::{RepoConfig, CONFIG_MAX};
 use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey, KEY_FILE_MAX};
+=======
+use vmkeep_core::config::RepoConfig;
+use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey};
+use vmkeep_core::object;
+>>>>>>> wt-crypto
 use vmkeep_store::{Key, Kind, Store};
+use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
 
@@ -36,8 +43,8 @@ impl Default for Tuning {
 
 pub struct InitOptions {
     pub chunk_size: u32,
-    /// Some(passphrase) creates an encrypted repository.
-    pub passphrase: Option<Vec<u8>>,
+    /// Some(passphrase) creates an encrypted repository. Wiped when the options are dropped.
+    pub passphrase: Option<Zeroizing<Vec<u8>>>,
     pub kdf: KdfParams,
 }
 
@@ -70,12 +77,6 @@ impl std::fmt::Debug for Repository {
     }
 }
 
-pub(crate) fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 fn random_name() -> String {
     hex::encode(vmkeep_core::SnapshotId::random().0)
 }
@@ -99,7 +100,7 @@ impl Repository {
             None => (Keys::plain(), None),
             Some(pass) => {
                 let master = MasterKey::generate();
-                let kf = KeyFile::wrap(&master, pass, opts.kdf, &hostname())?;
+                let kf = KeyFile::wrap(&master, pass, opts.kdf)?;
                 let name = random_name();
                 store.put(&Key::new(Kind::Key, name.clone())?, &kf.to_json())?;
                 (Keys::encrypted(master), Some(name))
@@ -121,7 +122,9 @@ impl Repository {
         })
     }
 
-    /// Open a repository; `passphrase` is needed when it is encrypted.
+    /// Open a repository; `passphrase` is needed when it is encrypted. A config that says
+    /// "not encrypted" is refused when the repository shows otherwise, or when a passphrase is
+    /// given ([`refuse_plain_if_encrypted`]): editing `config` must not switch encryption off.
     pub fn open(store: Arc<dyn Store>, passphrase: Option<&[u8]>) -> Result<Repository> {
         let location = store.location();
         let bytes = match store.get(&Key::config(), CONFIG_MAX as u64) {
@@ -133,12 +136,12 @@ impl Repository {
             location: location.clone(),
             reason: e.to_string(),
         })?;
+        if !config.encrypted {
+            refuse_plain_if_encrypted(store.as_ref(), &location, passphrase.is_some())?;
+        }
         let (keys, key_name) = if config.encrypted {
             let pass = passphrase.ok_or(Error::PassphraseRequired)?;
-            let (master, name) =
-                unlock(store.as_ref(), pass)?.ok_or_else(|| Error::WrongPassphrase {
-                    location: location.clone(),
-                })?;
+            let (master, name) = unlock(store.as_ref(), pass)?;
             (Keys::encrypted(master), Some(name))
         } else {
             (Keys::plain(), None)
@@ -193,7 +196,7 @@ impl Repository {
                 reason: "the repository is not encrypted; it has no passphrase".into(),
             });
         };
-        let kf = KeyFile::wrap(master, new_passphrase, kdf, &hostname())?;
+        let kf = KeyFile::wrap(master, new_passphrase, kdf)?;
         self.store
             .put(&Key::new(Kind::Key, random_name())?, &kf.to_json())?;
         self.store.flush()?;
@@ -208,8 +211,58 @@ impl Repository {
     }
 }
 
-/// Try every key file with the passphrase. Damaged key files are skipped (others may work).
-fn unlock(store: &dyn Store, pass: &[u8]) -> Result<Option<(MasterKey, String)>> {
+/// A plain config is believed only when nothing says the repository is encrypted (FORMAT.md §3,
+/// "Opening"): no key file exists, the caller has no passphrase (a user who configured one
+/// expects encryption), and neither the first listed manifest nor the first listed index object
+/// carries the encrypted flag in its header (8 bytes read from each). Someone who can write to
+/// the store can forge those flags, but not the user's passphrase, which is what guards an
+/// unattended backup against writing plaintext into a repository meant to be encrypted.
+fn refuse_plain_if_encrypted(
+    store: &dyn Store,
+    location: &str,
+    has_passphrase: bool,
+) -> Result<()> {
+    let tampered = |evidence: String| Error::PlainConfigTampered {
+        location: location.to_string(),
+        evidence,
+    };
+    if let Some(key) = store.list(Kind::Key)?.into_iter().next() {
+        return Err(tampered(format!("it has a key file ({})", key.key)));
+    }
+    for kind in [Kind::Snapshot, Kind::Index] {
+        let Some(first) = store.list(kind)?.into_iter().next() else {
+            continue;
+        };
+        let header = match store.get_range(&first.key, 0, object::HEADER_LEN as u64) {
+            Ok(h) => h,
+            // Gone or too short: not evidence either way (check reports damage).
+            Err(e) if e.is_not_found() => continue,
+            Err(vmkeep_store::Error::ShortRead { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if object::header_flags_encrypted(&header) == Some(true) {
+            return Err(tampered(format!(
+                "its objects are encrypted ({} is)",
+                first.key
+            )));
+        }
+    }
+    if has_passphrase {
+        return Err(Error::PassphraseForPlain {
+            location: location.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Try every key file with the passphrase. A damaged key file (unparseable, failing its
+/// checksum, from a newer vmkeep) does not stop the search, since another may unlock, but when
+/// none does it is named: it may have been the one for this passphrase, and "wrong passphrase"
+/// would send the user looking for the wrong thing.
+fn unlock(store: &dyn Store, pass: &[u8]) -> Result<(MasterKey, String)> {
+    let location = store.location();
+    let mut damaged: Vec<String> = Vec::new();
+    let mut found_any = false;
     for meta in store.list(Kind::Key)? {
         let bytes = match store.get(&meta.key, KEY_FILE_MAX as u64) {
             Ok(b) => b,
@@ -220,15 +273,27 @@ fn unlock(store: &dyn Store, pass: &[u8]) -> Result<Option<(MasterKey, String)>>
             }
             Err(e) => return Err(e.into()),
         };
-        let Ok(kf) = KeyFile::from_json(&bytes) else {
-            tracing::warn!(key = %meta.key, "skipping an unreadable key file");
-            continue;
-        };
-        match kf.unwrap_key(pass) {
-            Ok(master) => return Ok(Some((master, meta.key.name.clone()))),
+        found_any = true;
+        match KeyFile::from_json(&bytes).and_then(|kf| kf.unwrap_key(pass)) {
+            Ok(master) => {
+                for d in &damaged {
+                    tracing::warn!("{d}: it was skipped (the repository opened with another)");
+                }
+                return Ok((master, meta.key.name.clone()));
+            }
             Err(vmkeep_core::Error::WrongPassphrase) => continue,
-            Err(e) => return Err(Error::corrupt(meta.key.to_string(), e)),
+            // Reported in the error if nothing unlocks, as a warning otherwise.
+            Err(e) => damaged.push(format!("key file {} is damaged ({e})", meta.key)),
         }
     }
-    Ok(None)
+    if !damaged.is_empty() {
+        return Err(Error::KeyFileDamaged {
+            location,
+            damaged: damaged.join("; "),
+        });
+    }
+    if !found_any {
+        return Err(Error::NoKeyFile { location });
+    }
+    Err(Error::WrongPassphrase { location })
 }

@@ -59,7 +59,7 @@ fn one_tib_sparse_disk_with_4_mib_changed_adds_under_1_mib_of_metadata() {
         store,
         InitOptions {
             chunk_size: 65536,
-            passphrase: Some(b"pw".to_vec()),
+            passphrase: Some(b"pw".to_vec().into()),
             kdf,
         },
     )

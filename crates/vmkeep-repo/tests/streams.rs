@@ -99,7 +99,7 @@ fn streams_dedup_across_insertions_and_read_back() {
         let img = probe_image(&disk_p).unwrap();
         let plan = ReadPlan {
             runs: img.data_runs(CS),
-            cbt: "none".into(),
+            cbt: vmkeep_core::manifest::ChangeTracking::None,
             ..Default::default()
         };
         session.add_disk("sys", &img, plan, &NoProgress).unwrap();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use vmkeep_repo::{Repository, Tuning};
 use vmkeep_store::{LocalStore, Store};
+use zeroize::Zeroizing;
 
 use crate::args::Global;
 
@@ -32,10 +33,16 @@ pub fn open_store(location: &str) -> Result<Arc<dyn Store>> {
     Ok(Arc::new(LocalStore::open(path)?))
 }
 
-fn read_password_file(path: &Path) -> Result<Vec<u8>> {
-    let s = std::fs::read(path)
-        .with_context(|| format!("reading the password file {}", path.display()))?;
-    let mut s = s;
+/// A passphrase in memory, wiped when dropped.
+pub type Passphrase = Zeroizing<Vec<u8>>;
+
+fn read_password_file(path: &Path) -> Result<Passphrase> {
+    // Wrapped at once: the buffer is wiped however this function returns.
+    let mut s = Zeroizing::new(
+        std::fs::read(path)
+            .with_context(|| format!("reading the password file {}", path.display()))?,
+    );
+    // Popping never reallocates, so no unwiped copy is left behind.
     while s.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
         s.pop();
     }
@@ -45,25 +52,34 @@ fn read_password_file(path: &Path) -> Result<Vec<u8>> {
     Ok(s)
 }
 
-/// The passphrase from --password-file / VMKEEP_PASSWORD_FILE, VMKEEP_PASSWORD, or a prompt
-/// (only when stdin is a terminal). `confirm` asks twice (new passphrases).
-pub fn passphrase(g: &Global, confirm: bool) -> Result<Option<Vec<u8>>> {
+/// The passphrase the user configured: --password-file / VMKEEP_PASSWORD_FILE, then
+/// VMKEEP_PASSWORD. Never prompts.
+pub fn configured_passphrase(g: &Global) -> Result<Option<Passphrase>> {
     if let Some(f) = &g.password_file {
         return Ok(Some(read_password_file(f)?));
     }
-    if let Ok(p) = std::env::var("VMKEEP_PASSWORD") {
-        return Ok(Some(p.into_bytes()));
+    match std::env::var("VMKEEP_PASSWORD") {
+        Ok(p) => Ok(Some(Zeroizing::new(p.into_bytes()))),
+        Err(_) => Ok(None),
     }
-    prompt("passphrase", confirm)
 }
 
-pub fn prompt(what: &str, confirm: bool) -> Result<Option<Vec<u8>>> {
+/// The configured passphrase ([`configured_passphrase`]), or a prompt (only when stdin is a
+/// terminal). `confirm` asks twice (new passphrases).
+pub fn passphrase(g: &Global, confirm: bool) -> Result<Option<Passphrase>> {
+    match configured_passphrase(g)? {
+        Some(p) => Ok(Some(p)),
+        None => prompt("passphrase", confirm),
+    }
+}
+
+pub fn prompt(what: &str, confirm: bool) -> Result<Option<Passphrase>> {
     if !std::io::stdin().is_terminal() {
         return Ok(None);
     }
-    let p = rpassword::prompt_password(format!("enter {what}: "))?;
+    let p = Zeroizing::new(rpassword::prompt_password(format!("enter {what}: "))?);
     if confirm {
-        let q = rpassword::prompt_password(format!("repeat {what}: "))?;
+        let q = Zeroizing::new(rpassword::prompt_password(format!("repeat {what}: "))?);
         if p != q {
             bail!("the passphrases differ");
         }
@@ -71,7 +87,7 @@ pub fn prompt(what: &str, confirm: bool) -> Result<Option<Vec<u8>>> {
     if p.is_empty() {
         bail!("an empty passphrase is not allowed");
     }
-    Ok(Some(p.into_bytes()))
+    Ok(Some(Zeroizing::new(p.as_bytes().to_vec())))
 }
 
 fn env_secs(name: &str) -> Option<Duration> {
@@ -100,13 +116,18 @@ pub fn tuning() -> Tuning {
     t
 }
 
+/// Open the repository. A configured passphrase is always handed over, so that a repository
+/// whose config claims to be unencrypted is refused (a user with a passphrase expects
+/// encryption); the prompt is offered only when none is configured and the repository needs one.
 pub fn open_repo(g: &Global) -> Result<Repository> {
     let location = repo_location(g)?;
     let store = open_store(location)?;
-    let pass = match vmkeep_repo::Repository::open(store.clone(), None) {
+    let configured = configured_passphrase(g)?;
+    let pass = match Repository::open(store.clone(), configured.as_deref().map(Vec::as_slice)) {
         Ok(r) => return Ok(r.with_tuning(tuning())),
-        Err(vmkeep_repo::Error::PassphraseRequired) => {
-            passphrase(g, false)?.ok_or_else(|| anyhow!(vmkeep_repo::Error::PassphraseRequired))?
+        Err(vmkeep_repo::Error::PassphraseRequired) if configured.is_none() => {
+            prompt("passphrase", false)?
+                .ok_or_else(|| anyhow!(vmkeep_repo::Error::PassphraseRequired))?
         }
         Err(e) => return Err(e.into()),
     };

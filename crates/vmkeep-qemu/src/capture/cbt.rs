@@ -7,7 +7,7 @@
 //! disk is read in full ("rescan", or "none" for the VM's first backup / `--full`) and a fresh
 //! checkpoint starts. Tracking problems never fail a backup.
 
-use vmkeep_core::manifest::Manifest;
+use vmkeep_core::manifest::{ChangeTracking, Manifest};
 use vmkeep_core::BlobId;
 
 use crate::qmp::DirtyBitmapInfo;
@@ -18,15 +18,14 @@ pub const BITMAP_PREFIX: &str = "vmkeep-";
 /// What to do for one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
-    /// "used" | "rescan" | "none".
-    pub cbt: &'static str,
+    pub cbt: ChangeTracking,
     pub reason: Option<String>,
-    /// The frozen bitmap to export and read dirty chunks from (`cbt == "used"`).
+    /// The frozen bitmap to export and read dirty chunks from (`cbt` is `Used`).
     pub export_bitmap: Option<String>,
     /// A valid previous checkpoint bitmap: disabled in the cut, removed after the commit,
     /// re-enabled (with the new writes merged in) if the backup fails.
     pub previous: Option<String>,
-    /// Tree of the parent's disk supplying unread chunks (`cbt == "used"`).
+    /// Tree of the parent's disk supplying unread chunks (`cbt` is `Used`).
     pub base: Option<BlobId>,
     /// Bitmaps to remove before the cut: inconsistent `vmkeep-*` ones (unusable forever).
     pub remove_stale: Vec<String>,
@@ -67,7 +66,7 @@ pub fn decide(disk: &DiskFacts<'_>, parent: Option<&Manifest>, full: bool) -> De
         .map(|b| b.name.clone())
         .collect();
     let mut d = Decision {
-        cbt: "rescan",
+        cbt: ChangeTracking::Rescan,
         reason: None,
         export_bitmap: None,
         previous: None,
@@ -75,12 +74,12 @@ pub fn decide(disk: &DiskFacts<'_>, parent: Option<&Manifest>, full: bool) -> De
         remove_stale,
     };
     let rescan = |mut d: Decision, why: &str| {
-        d.cbt = "rescan";
+        d.cbt = ChangeTracking::Rescan;
         d.reason = Some(why.to_string());
         d
     };
     let Some(parent) = parent else {
-        d.cbt = "none";
+        d.cbt = ChangeTracking::None;
         d.reason = Some("first backup".into());
         return d;
     };
@@ -132,11 +131,11 @@ pub fn decide(disk: &DiskFacts<'_>, parent: Option<&Manifest>, full: bool) -> De
         return rescan(d, "disk resized");
     }
     if full {
-        d.cbt = "none";
+        d.cbt = ChangeTracking::None;
         d.reason = Some("full backup requested (--full)".into());
         return d;
     }
-    d.cbt = "used";
+    d.cbt = ChangeTracking::Used;
     d.export_bitmap = Some(bm.name.clone());
     d.base = Some(pd.root);
     d
@@ -180,7 +179,7 @@ mod tests {
             root: BlobId([7; 32]),
             changes: None,
             data_bytes: 0,
-            cbt: "none".into(),
+            cbt: ChangeTracking::None,
             cbt_reason: None,
             checkpoint: cp.map(|b| Checkpoint {
                 bitmap: b.into(),
@@ -217,20 +216,23 @@ mod tests {
         let good = [bm("vmkeep-1", true, false)];
         let p = parent(1 << 20, Some("vmkeep-1"), src);
         let d = decide(&facts(&good, src), Some(&p), false);
-        assert_eq!(d.cbt, "used");
+        assert_eq!(d.cbt, ChangeTracking::Used);
         assert_eq!(d.export_bitmap.as_deref(), Some("vmkeep-1"));
         assert_eq!(d.base, Some(BlobId([7; 32])));
 
         let d = decide(&facts(&good, src), Some(&p), true);
-        assert_eq!((d.cbt, d.previous.as_deref()), ("none", Some("vmkeep-1")));
+        assert_eq!(
+            (d.cbt, d.previous.as_deref()),
+            (ChangeTracking::None, Some("vmkeep-1"))
+        );
         assert!(d.export_bitmap.is_none());
 
         let d = decide(&facts(&good, src), None, false);
-        assert_eq!(d.cbt, "none");
+        assert_eq!(d.cbt, ChangeTracking::None);
 
         let bad = [bm("vmkeep-1", false, true), bm("other", true, true)];
         let d = decide(&facts(&bad, src), Some(&p), false);
-        assert_eq!(d.cbt, "rescan");
+        assert_eq!(d.cbt, ChangeTracking::Rescan);
         assert!(d.reason.unwrap().contains("inconsistent"));
         assert_eq!(d.remove_stale, vec!["vmkeep-1".to_string()]);
         assert!(d.previous.is_none());

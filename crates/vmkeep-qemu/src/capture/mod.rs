@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use tokio::runtime::Runtime;
 use tracing::warn;
-use vmkeep_core::manifest::{Checkpoint, Manifest};
+use vmkeep_core::manifest::{ChangeTracking, Checkpoint, Manifest};
 use vmkeep_repo::{BackupOptions, BackupSession, Hooks, Progress, ReadPlan, Repository};
 
 use crate::disk_reader::NbdDisk;
@@ -333,19 +333,19 @@ pub(crate) fn capture(
                 (Some(b), _) => ReadPlan {
                     base: dec.base,
                     runs: disk.dirty_runs(b, cs)?,
-                    cbt: dec.cbt.to_string(),
+                    cbt: dec.cbt,
                     cbt_reason: dec.reason.clone(),
                     ..Default::default()
                 },
-                (None, Some(why)) if dec.cbt == "used" => ReadPlan {
+                (None, Some(why)) if dec.cbt == ChangeTracking::Used => ReadPlan {
                     runs: disk.allocated_runs(cs),
-                    cbt: "rescan".into(),
+                    cbt: ChangeTracking::Rescan,
                     cbt_reason: Some(format!("checkpoint bitmaps refused by QEMU: {why}")),
                     ..Default::default()
                 },
                 (None, _) => ReadPlan {
                     runs: disk.allocated_runs(cs),
-                    cbt: dec.cbt.to_string(),
+                    cbt: dec.cbt,
                     cbt_reason: dec.reason.clone(),
                     ..Default::default()
                 },

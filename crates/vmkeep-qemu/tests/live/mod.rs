@@ -76,6 +76,6 @@ pub fn check_cut(repo: &Repository, m: &Manifest, dir: &Path) -> (i64, i64) {
 pub fn cbt(m: &Manifest) -> Vec<(String, String, Option<String>)> {
     m.disks
         .iter()
-        .map(|d| (d.name.clone(), d.cbt.clone(), d.cbt_reason.clone()))
+        .map(|d| (d.name.clone(), d.cbt.to_string(), d.cbt_reason.clone()))
         .collect()
 }

@@ -1,7 +1,7 @@
 //! Ready-made backups: disk images of a stopped VM.
 use std::path::PathBuf;
 
-use vmkeep_core::manifest::Manifest;
+use vmkeep_core::manifest::{ChangeTracking, Manifest};
 
 use super::{probe_image, BackupOptions, ReadPlan};
 use crate::error::{Error, Result};
@@ -65,7 +65,7 @@ impl Repository {
             let plan = match unchanged {
                 Some(root) => ReadPlan {
                     base: Some(root),
-                    cbt: "none".into(),
+                    cbt: ChangeTracking::None,
                     cbt_reason: Some(
                         "file unchanged since the parent restore point (same inode, size, mtime and ctime): nothing read"
                             .into(),
@@ -75,7 +75,7 @@ impl Repository {
                 },
                 None => ReadPlan {
                     runs: image.data_runs(cs),
-                    cbt: "none".into(),
+                    cbt: ChangeTracking::None,
                     source_identity: image.identity().map(str::to_string),
                     ..Default::default()
                 },

@@ -12,7 +12,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use vmkeep_core::blob;
 use vmkeep_core::changes::ChangeMap;
 use vmkeep_core::keys::BlobKind;
-use vmkeep_core::manifest::{Checkpoint, DiskEntry, Manifest};
+use vmkeep_core::manifest::{ChangeTracking, Checkpoint, DiskEntry, Manifest};
 use vmkeep_core::tree::{self, TreeBuilder};
 use vmkeep_core::BlobId;
 
@@ -51,8 +51,8 @@ pub struct ReadPlan {
     pub base: Option<BlobId>,
     /// Chunk runs (first, count) to read, ascending and disjoint.
     pub runs: Vec<(u64, u64)>,
-    /// "used" | "rescan" | "none", recorded in the manifest.
-    pub cbt: String,
+    /// What change tracking did, recorded in the manifest.
+    pub cbt: ChangeTracking,
     pub cbt_reason: Option<String>,
     pub checkpoint: Option<Checkpoint>,
     /// Identity of an image file, recorded in the manifest (see DiskEntry::source_identity).
@@ -227,11 +227,7 @@ pub(crate) fn run(
             root: c.root,
             changes,
             data_bytes,
-            cbt: if plan.cbt.is_empty() {
-                "none".into()
-            } else {
-                plan.cbt.clone()
-            },
+            cbt: plan.cbt,
             cbt_reason: plan.cbt_reason.clone(),
             checkpoint: plan.checkpoint.clone(),
             source_identity: plan.source_identity.clone(),

@@ -62,7 +62,7 @@ pub fn init_repo(root: &Path, encrypted: bool) {
         store.clone(),
         InitOptions {
             chunk_size: CS as u32,
-            passphrase: encrypted.then(|| PASS.to_vec()),
+            passphrase: encrypted.then(|| PASS.to_vec().into()),
             kdf: kdf(),
         },
     )

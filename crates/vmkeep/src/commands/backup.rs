@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use serde_json::json;
+use vmkeep_core::manifest::ChangeTracking;
 use vmkeep_repo::{BackupOptions, ImageBackupOptions, Manifest};
 
 use crate::args::{BackupCommand, BackupImageArgs, BackupVmArgs, FreezeMode, Global};
@@ -138,7 +139,7 @@ pub fn report(g: &Global, m: &Manifest) -> Result<u8> {
         human((s.read_bytes as f64 / s.seconds.max(1e-6)) as u64)
     ))?;
     for d in &m.disks {
-        if d.cbt == "none" && d.cbt_reason.is_none() {
+        if d.cbt == ChangeTracking::None && d.cbt_reason.is_none() {
             continue;
         }
         print_line(&format!(

@@ -8,7 +8,7 @@ use vmkeep_repo::{InitOptions, Repository};
 use vmkeep_store::LocalStore;
 
 use crate::args::{Global, InitArgs};
-use crate::context::{passphrase, repo_location};
+use crate::context::{configured_passphrase, passphrase, repo_location};
 use crate::output::{print_json, print_line};
 use crate::size::parse_size;
 
@@ -22,6 +22,9 @@ pub fn run(g: &Global, a: &InitArgs) -> Result<u8> {
             Some(p) => Some(p),
             None => bail!("--encrypt needs a passphrase: use --password-file FILE, VMKEEP_PASSWORD, or run on a terminal"),
         }
+    } else if configured_passphrase(g)?.is_some() {
+        // Opening would refuse an unencrypted repository with a passphrase configured.
+        bail!("a passphrase was given (--password-file, VMKEEP_PASSWORD_FILE or VMKEEP_PASSWORD) but not --encrypt: add --encrypt for an encrypted repository, or give no passphrase for an unencrypted one");
     } else {
         None
     };

@@ -1,4 +1,5 @@
 use anyhow::{bail, Result};
+use zeroize::Zeroizing;
 
 use crate::args::{Global, KeyCommand};
 use crate::context::{open_repo, prompt};
@@ -9,13 +10,13 @@ pub fn run(g: &Global, k: &KeyCommand) -> Result<u8> {
     match k {
         KeyCommand::Passwd { new_password_file } => {
             let new = if let Some(f) = new_password_file {
-                let mut s = std::fs::read(f)?;
+                let mut s = Zeroizing::new(std::fs::read(f)?);
                 while s.last().is_some_and(|b| *b == b'\n') {
                     s.pop();
                 }
                 Some(s)
             } else if let Ok(p) = std::env::var("VMKEEP_NEW_PASSWORD") {
-                Some(p.into_bytes())
+                Some(Zeroizing::new(p.into_bytes()))
             } else {
                 prompt("new passphrase", true)?
             };
