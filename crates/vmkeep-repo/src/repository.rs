@@ -2,14 +2,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-<<<<<<< HEAD
 use vmkeep_core::config::{RepoConfig, CONFIG_MAX};
 use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey, KEY_FILE_MAX};
-=======
-use vmkeep_core::config::RepoConfig;
-use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey};
 use vmkeep_core::object;
->>>>>>> wt-crypto
 use vmkeep_store::{Key, Kind, Store};
 use zeroize::Zeroizing;
 

@@ -54,7 +54,8 @@ pub struct KeyFile {
 /// Key file format written now.
 pub const KEY_FILE_VERSION: u32 = 2;
 const KEY_FILE_KDF: &str = "argon2id";
-const KEY_FILE_MAX: usize = 64 * 1024;
+/// Largest key file `from_json` accepts (readers bound their read with it).
+pub const KEY_FILE_MAX: usize = 64 * 1024;
 pub(crate) const SALT_LEN: usize = 16;
 pub(crate) const WRAP_NONCE_LEN: usize = 12;
 /// nonce(12) || AES-256-GCM(64 key bytes) || tag(16)
