@@ -139,7 +139,7 @@ fn two_backups_and_a_prune() {
     // with each other and the prune (crashes too in the deep run).
     cfg.stalls = deep();
     cfg.crashes = deep();
-    cfg.max_time = if deep() { 3 } else { 1 };
+    cfg.max_time = if deep() { 2 } else { 1 };
     holds("two backups + prune", cfg);
 }
 
