@@ -435,3 +435,99 @@ impl Store for FailingReads {
         self.0.flush()
     }
 }
+
+/// The manifest's put itself outlasts the lease (a store that hangs mid-request): a prune
+/// judges the backup dead and reclaims the data it reused while the put is in flight. When the
+/// put returns, the backup sees its lease was lost, verifies, finds the data gone, deletes the
+/// manifest it just wrote and fails: no restore point with missing data stays.
+#[test]
+fn a_manifest_put_that_outlasts_the_lease_is_verified_after_it_lands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = Rng::new(80);
+    let image = Spec::mixed(2 << 20, &mut rng);
+    let d = disks(&[("sys", &image.write(&dir.join("a.img")))]);
+    let root = dir.join("repo");
+    init_repo(&root, false);
+    let repo = open_local(&root, false, 2);
+    let m1 = backup(&repo, "vm", &d).unwrap();
+    repo.forget(&[m1.id]).unwrap();
+
+    let (slow_repo, gates) = gated(&root, false);
+    let mut t = tuning(2);
+    t.lease_timeout = Duration::from_secs(1);
+    t.lease_refresh = Duration::from_secs(3600); // no refresh lands while the put hangs
+    let slow_repo = slow_repo.with_tuning(t.clone());
+    let manifest_put = gates.arm(Op::Put, Kind::Snapshot, When::Before, 0);
+    let result = std::thread::scope(|s| {
+        let b = s.spawn(|| backup(&slow_repo, "vm", &d));
+        manifest_put.wait();
+        std::thread::sleep(Duration::from_millis(1500)); // the lease expires
+        let st = prune(&open_local(&root, false, 2).with_tuning(t.clone())).unwrap();
+        assert!(
+            st.gc.packs_deleted > 0,
+            "prune judged the backup dead: {:?}",
+            st.gc
+        );
+        manifest_put.release();
+        b.join().unwrap()
+    });
+    let e = result.expect_err("the backup must not keep a restore point with missing data");
+    assert!(matches!(e, vmkeep_repo::Error::LeaseLost { .. }), "{e}");
+    assert!(
+        repo.snapshots().unwrap().is_empty(),
+        "the manifest was deleted again"
+    );
+    assert_check_ok(&repo, "after the failed backup");
+}
+
+/// A damaged GC record (bit rot, a hand edit) blocks nothing: backups ignore it (nobody can
+/// sweep an unreadable record, so its packs stay), check warns, and the next prune replaces it.
+#[test]
+fn a_damaged_gc_record_is_replaced_by_the_next_prune() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = Rng::new(90);
+    let a = Spec::mixed(2 << 20, &mut rng);
+    let b = Spec::mixed(2 << 20, &mut rng);
+    let da = disks(&[("sys", &a.write(&dir.join("a.img")))]);
+    let db = disks(&[("sys", &b.write(&dir.join("b.img")))]);
+    let root = dir.join("repo");
+    init_repo(&root, true);
+    let repo = open_local(&root, true, 2);
+    let m1 = backup(&repo, "vm", &da).unwrap();
+    // A record condemning m1's packs, left waiting by an open session, then damaged.
+    let holder = repo
+        .begin_backup(BackupOptions {
+            vm: "holder".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    repo.forget(&[m1.id]).unwrap();
+    let st = prune(&repo).unwrap();
+    assert!(st.gc.packs_waiting > 0);
+    drop(holder);
+    let rec = repo.store().list(Kind::Gc).unwrap()[0].key.clone();
+    std::fs::write(root.join(rec.path()), b"VMKO garbage").unwrap();
+
+    let m2 = backup(&repo, "vm", &db).expect("a backup ignores the damaged record");
+    let r = check(&repo);
+    assert!(r.ok, "{:?}", r.damaged);
+    assert!(
+        r.warnings
+            .iter()
+            .any(|w| w.contains("GC record") && w.contains("damaged")),
+        "{:?}",
+        r.warnings
+    );
+    let st = prune(&repo).unwrap();
+    assert_eq!(st.gc.records_damaged_removed, 1);
+    assert!(
+        st.gc.packs_deleted > 0,
+        "m1's packs are condemned afresh and reclaimed"
+    );
+    assert_eq!(count(&repo, Kind::Gc), 0);
+    let r = assert_check_ok(&repo, "after the prune");
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    assert_restores(&repo, &m2, &db);
+}
