@@ -82,7 +82,13 @@ pub struct GcPreview {
 fn intact_index(repo: &Repository) -> Result<RawIndex> {
     let mut raw = RawIndex::load(repo)?;
     match raw.damaged.pop() {
-        Some((key, e)) => Err(crate::Error::corrupt(key.to_string(), e)),
+        Some((key, e)) => Err(crate::Error::Invalid {
+            what: "repository state",
+            reason: format!(
+                "index object {key} is damaged ({e}); prune refuses to decide what is garbage \
+                 without the whole index: run `vmkeep repair index`, then prune again"
+            ),
+        }),
         None => Ok(raw),
     }
 }
