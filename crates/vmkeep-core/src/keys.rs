@@ -11,6 +11,7 @@ use zeroize::Zeroize;
 
 use crate::error::{Error, Result};
 use crate::id::BlobId;
+use crate::kind::ObjectKind;
 
 /// The repository master key. `Debug` prints no key material.
 #[derive(Clone, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
@@ -171,8 +172,6 @@ pub struct KeyFile {
 /// Current key file format version.
 const KEY_FILE_VERSION: u32 = 1;
 const KEY_FILE_KDF: &str = "argon2id";
-/// Largest key file `from_json` accepts (readers bound their read with it).
-pub const KEY_FILE_MAX: usize = 64 * 1024;
 const SALT_LEN: usize = 16;
 const WRAP_NONCE_LEN: usize = 12;
 /// nonce(12) || AES-256-GCM(64 key bytes) || tag(16)
@@ -310,11 +309,12 @@ impl KeyFile {
 
     /// Bounded (64 KiB) and validated.
     pub fn from_json(bytes: &[u8]) -> Result<KeyFile> {
-        if bytes.len() > KEY_FILE_MAX {
+        let max = ObjectKind::Key.max_size();
+        if bytes.len() as u64 > max {
             return Err(Error::TooLarge {
-                kind: "key file",
+                kind: ObjectKind::Key.name(),
                 size: bytes.len() as u64,
-                max: KEY_FILE_MAX as u64,
+                max,
             });
         }
         let file: KeyFile =

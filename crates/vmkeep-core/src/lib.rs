@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod id;
 pub mod keys;
+pub mod kind;
 pub mod manifest;
 pub mod object;
 pub mod pack;
@@ -21,3 +22,4 @@ pub mod tree;
 
 pub use error::{Error, Result};
 pub use id::{BlobId, GcRecordId, HostId, LeaseId, PackId, SnapshotId};
+pub use kind::ObjectKind;

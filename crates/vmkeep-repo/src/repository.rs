@@ -2,9 +2,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmkeep_core::config::{RepoConfig, CONFIG_MAX};
-use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey, KEY_FILE_MAX};
-use vmkeep_store::{Key, Kind, Store};
+use vmkeep_core::config::RepoConfig;
+use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey};
+use vmkeep_core::ObjectKind;
+use vmkeep_store::{Key, Store};
 
 use crate::error::{Error, Result};
 
@@ -85,7 +86,7 @@ impl Repository {
     /// a crash leaves either no repository or a complete one.
     pub fn init(store: Arc<dyn Store>, opts: InitOptions) -> Result<Repository> {
         RepoConfig::validate_chunk_size(opts.chunk_size)?;
-        match store.get(&Key::config(), CONFIG_MAX as u64) {
+        match store.get(&Key::config(), ObjectKind::Config.max_size()) {
             Ok(_) => {
                 return Err(Error::AlreadyExists {
                     location: store.location(),
@@ -101,7 +102,7 @@ impl Repository {
                 let master = MasterKey::generate();
                 let kf = KeyFile::wrap(&master, pass, opts.kdf, &hostname())?;
                 let name = random_name();
-                store.put(&Key::new(Kind::Key, name.clone())?, &kf.to_json())?;
+                store.put(&Key::new(ObjectKind::Key, name.clone())?, &kf.to_json())?;
                 (Keys::encrypted(master), Some(name))
             }
         };
@@ -124,7 +125,7 @@ impl Repository {
     /// Open a repository; `passphrase` is needed when it is encrypted.
     pub fn open(store: Arc<dyn Store>, passphrase: Option<&[u8]>) -> Result<Repository> {
         let location = store.location();
-        let bytes = match store.get(&Key::config(), CONFIG_MAX as u64) {
+        let bytes = match store.get(&Key::config(), ObjectKind::Config.max_size()) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(Error::NotARepository { location }),
             Err(e) => return Err(e.into()),
@@ -195,9 +196,10 @@ impl Repository {
         };
         let kf = KeyFile::wrap(master, new_passphrase, kdf, &hostname())?;
         self.store
-            .put(&Key::new(Kind::Key, random_name())?, &kf.to_json())?;
+            .put(&Key::new(ObjectKind::Key, random_name())?, &kf.to_json())?;
         self.store.flush()?;
-        self.store.delete(&Key::new(Kind::Key, old.clone())?)?;
+        self.store
+            .delete(&Key::new(ObjectKind::Key, old.clone())?)?;
         self.store.flush()?;
         Ok(())
     }
@@ -210,8 +212,8 @@ impl Repository {
 
 /// Try every key file with the passphrase. Damaged key files are skipped (others may work).
 fn unlock(store: &dyn Store, pass: &[u8]) -> Result<Option<(MasterKey, String)>> {
-    for meta in store.list(Kind::Key)? {
-        let bytes = match store.get(&meta.key, KEY_FILE_MAX as u64) {
+    for meta in store.list(ObjectKind::Key)? {
+        let bytes = match store.get(&meta.key, ObjectKind::Key.max_size()) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => continue,
             Err(e) if e.is_too_large() => {

@@ -64,7 +64,7 @@ impl BackupSession<'_> {
         // The manifest's own size counts as stored metadata; estimate it before writing.
         let estimate = vmkeep_core::object::seal(
             &self.repo.keys,
-            vmkeep_core::object::ObjectKind::Manifest,
+            vmkeep_core::ObjectKind::Snapshot,
             &m.to_json(),
         )
         .len() as u64;
