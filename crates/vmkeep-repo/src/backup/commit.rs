@@ -36,6 +36,7 @@ fn lost() -> Error {
 impl BackupSession<'_> {
     /// Commit: write the remaining packs and indexes, flush, then the manifest (commit point).
     pub fn commit(mut self) -> Result<Manifest> {
+        #[cfg(feature = "test-hooks")]
         if let Some(h) = &self.opts.hooks.before_commit {
             h();
         }
