@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::keys::Keys;
+use crate::kind::ObjectKind;
 
 pub const CONFIG_MAGIC: &str = "vmkeep-repository";
 /// Version written now. Version 1 (earlier builds) differs only in the bytes the MAC covers and
@@ -36,8 +37,6 @@ pub struct RepoConfig {
 pub const DEFAULT_PACK_SIZE: u32 = 16 << 20;
 pub const MIN_PACK_SIZE: u32 = 1 << 20;
 pub const MAX_PACK_SIZE: u32 = 256 << 20;
-/// Largest config file `parse` accepts.
-pub const CONFIG_MAX: usize = 64 * 1024;
 const KIND: &str = "repository config";
 
 impl RepoConfig {
@@ -127,11 +126,12 @@ impl RepoConfig {
     /// Parse without verifying the MAC (the key is not unlocked yet). Bounded to 64 KiB.
     /// Err(BadMagic) for a JSON file that is not a vmkeep config.
     pub fn parse(bytes: &[u8]) -> Result<RepoConfig> {
-        if bytes.len() > CONFIG_MAX {
+        let max = ObjectKind::Config.max_size();
+        if bytes.len() as u64 > max {
             return Err(Error::TooLarge {
                 kind: KIND,
                 size: bytes.len() as u64,
-                max: CONFIG_MAX as u64,
+                max,
             });
         }
         let value: serde_json::Value =

@@ -6,7 +6,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A repository object does not start with the magic its kind requires.
-    #[error("not a vmkeep {kind} object (bad magic)")]
+    #[error("not a vmkeep {kind} (bad magic)")]
     BadMagic { kind: &'static str },
     /// A format version this build does not understand.
     #[error("unsupported {kind} format version {version} (this vmkeep reads up to {supported})")]

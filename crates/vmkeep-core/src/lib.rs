@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod id;
 pub mod keys;
+pub mod kind;
 pub mod manifest;
 pub mod object;
 pub mod pack;
@@ -23,3 +24,4 @@ mod vectors;
 
 pub use error::{Error, Result};
 pub use id::{BlobId, GcRecordId, HostId, LeaseId, PackId, SnapshotId};
+pub use kind::ObjectKind;

@@ -1,31 +1,12 @@
 //! Object framing for every repository object except packs, config and key files.
-//! FORMAT.md "Objects".
+//! FORMAT.md §8 "Object framing".
 //!
 //! header: magic "VMKO"(4) || version u8 (=1) || kind u8 || flags u8 (bit0 encrypted) || reserved u8
 //! body:   plain: body || BLAKE3(header || body) (32)   encrypted: seal(aad = header, body)
+//! The kind byte is [`ObjectKind::frame_byte`].
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ObjectKind {
-    Manifest = 1,
-    Index = 2,
-    GcRecord = 3,
-    Lock = 4,
-}
-
-impl ObjectKind {
-    /// Size bound checked before decoding.
-    pub fn max_size(self) -> usize {
-        match self {
-            ObjectKind::Manifest => 64 << 20,
-            ObjectKind::Index => 256 << 20,
-            ObjectKind::GcRecord => 256 << 20,
-            ObjectKind::Lock => 1 << 20,
-        }
-    }
-}
+use crate::kind::ObjectKind;
 
 /// "VMKO"
 pub const OBJECT_MAGIC: [u8; 4] = *b"VMKO";
@@ -34,25 +15,15 @@ pub const OBJECT_VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 8;
 const FLAG_ENCRYPTED: u8 = 1;
 
-impl ObjectKind {
-    /// Name for messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            ObjectKind::Manifest => "manifest",
-            ObjectKind::Index => "index",
-            ObjectKind::GcRecord => "gc record",
-            ObjectKind::Lock => "lock",
-        }
-    }
-
-    pub fn from_u8(v: u8) -> Option<ObjectKind> {
-        match v {
-            1 => Some(ObjectKind::Manifest),
-            2 => Some(ObjectKind::Index),
-            3 => Some(ObjectKind::GcRecord),
-            4 => Some(ObjectKind::Lock),
-            _ => None,
-        }
+/// The kind byte of a kind that is framed.
+///
+/// # Panics
+/// For config, key and pack, which are never framed: a caller that seals one is a programming
+/// error, not a property of any input.
+fn kind_byte(kind: ObjectKind) -> u8 {
+    match kind.frame_byte() {
+        Some(b) => b,
+        None => panic!("{} objects are not framed", kind.name()),
     }
 }
 
@@ -63,7 +34,16 @@ fn header(keys: &Keys, kind: ObjectKind) -> [u8; HEADER_LEN] {
         0
     };
     let m = OBJECT_MAGIC;
-    [m[0], m[1], m[2], m[3], OBJECT_VERSION, kind as u8, flags, 0]
+    [
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        OBJECT_VERSION,
+        kind_byte(kind),
+        flags,
+        0,
+    ]
 }
 
 /// Whether an object's header (its first [`HEADER_LEN`] bytes) carries the encrypted flag.
@@ -76,6 +56,7 @@ pub fn header_flags_encrypted(header: &[u8]) -> Option<bool> {
     Some(header[6] & FLAG_ENCRYPTED != 0)
 }
 
+/// Frames `body` as an object of `kind` (a framed kind, see [`kind_byte`]).
 pub fn seal(keys: &Keys, kind: ObjectKind, body: &[u8]) -> Vec<u8> {
     let header = header(keys, kind);
     if keys.is_encrypted() {
@@ -96,13 +77,14 @@ pub fn seal(keys: &Keys, kind: ObjectKind, body: &[u8]) -> Vec<u8> {
 
 /// Bounded by kind.max_size(); checks magic, version, kind, checksum or AEAD tag.
 pub fn open(keys: &Keys, kind: ObjectKind, bytes: &[u8]) -> Result<Vec<u8>> {
+    let expected_kind = kind_byte(kind);
     let name = kind.name();
     let corrupt = |reason: String| Error::Corrupt { kind: name, reason };
-    if bytes.len() > kind.max_size() {
+    if bytes.len() as u64 > kind.max_size() {
         return Err(Error::TooLarge {
             kind: name,
             size: bytes.len() as u64,
-            max: kind.max_size() as u64,
+            max: kind.max_size(),
         });
     }
     if bytes.len() < 4 || bytes[..4] != OBJECT_MAGIC {
@@ -120,11 +102,11 @@ pub fn open(keys: &Keys, kind: ObjectKind, bytes: &[u8]) -> Result<Vec<u8>> {
             supported: OBJECT_VERSION as u32,
         });
     }
-    if found_kind != kind as u8 {
-        let found = ObjectKind::from_u8(found_kind)
-            .map(|k| format!("a {} object", k.name()))
-            .unwrap_or_else(|| format!("unknown object kind {found_kind}"));
-        return Err(corrupt(format!("expected a {name} object, found {found}")));
+    if found_kind != expected_kind {
+        let found = ObjectKind::from_frame_byte(found_kind).map_or("unknown", |k| k.name());
+        return Err(corrupt(format!(
+            "kind byte {found_kind} ({found}) where {expected_kind} ({name}) was expected"
+        )));
     }
     if flags & !FLAG_ENCRYPTED != 0 || reserved != 0 {
         return Err(corrupt(format!(
@@ -169,7 +151,7 @@ mod tests {
     use proptest::prelude::*;
 
     const KINDS: [ObjectKind; 4] = [
-        ObjectKind::Manifest,
+        ObjectKind::Snapshot,
         ObjectKind::Index,
         ObjectKind::GcRecord,
         ObjectKind::Lock,
@@ -183,12 +165,11 @@ mod tests {
     fn round_trip_every_kind() {
         for keys in both_keys() {
             for kind in KINDS {
-                assert_eq!(ObjectKind::from_u8(kind as u8), Some(kind));
                 for body in [&b""[..], b"x", &[9u8; 10_000]] {
                     let sealed = seal(&keys, kind, body);
                     assert_eq!(&sealed[..4], b"VMKO");
                     assert_eq!(sealed[4], 1);
-                    assert_eq!(sealed[5], kind as u8);
+                    assert_eq!(Some(sealed[5]), kind.frame_byte());
                     assert_eq!(sealed[6], keys.is_encrypted() as u8);
                     assert_eq!(sealed[7], 0);
                     assert_eq!(
@@ -220,41 +201,53 @@ mod tests {
     #[test]
     fn errors() {
         for keys in both_keys() {
-            let sealed = seal(&keys, ObjectKind::Manifest, b"{\"a\":1}");
-            assert!(matches!(
-                open(&keys, ObjectKind::Index, &sealed),
-                Err(Error::Corrupt { kind: "index", .. })
-            ));
+            let sealed = seal(&keys, ObjectKind::Snapshot, b"{\"a\":1}");
+            let err = open(&keys, ObjectKind::Index, &sealed).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::Corrupt {
+                        kind: "index object",
+                        ..
+                    }
+                ),
+                "{err}"
+            );
+            assert!(
+                err.to_string()
+                    .contains("kind byte 1 (manifest) where 2 (index object) was expected"),
+                "{err}"
+            );
             let mut bad = sealed.clone();
             bad[0] = b'X';
             assert!(matches!(
-                open(&keys, ObjectKind::Manifest, &bad),
+                open(&keys, ObjectKind::Snapshot, &bad),
                 Err(Error::BadMagic { .. })
             ));
             let mut bad = sealed.clone();
             bad[4] = 2;
             assert!(matches!(
-                open(&keys, ObjectKind::Manifest, &bad),
+                open(&keys, ObjectKind::Snapshot, &bad),
                 Err(Error::UnsupportedVersion { version: 2, .. })
             ));
             let mut bad = sealed.clone();
             bad[7] = 1;
             assert!(matches!(
-                open(&keys, ObjectKind::Manifest, &bad),
+                open(&keys, ObjectKind::Snapshot, &bad),
                 Err(Error::Corrupt { .. })
             ));
             for i in 8..sealed.len() {
                 let mut bad = sealed.clone();
                 bad[i] ^= 4;
                 assert!(matches!(
-                    open(&keys, ObjectKind::Manifest, &bad),
+                    open(&keys, ObjectKind::Snapshot, &bad),
                     Err(Error::Integrity { kind: "manifest" })
                 ));
             }
             for n in 0..sealed.len() {
-                assert!(open(&keys, ObjectKind::Manifest, &sealed[..n]).is_err());
+                assert!(open(&keys, ObjectKind::Snapshot, &sealed[..n]).is_err());
             }
-            let huge = vec![0u8; ObjectKind::Lock.max_size() + 1];
+            let huge = vec![0u8; ObjectKind::Lock.max_size() as usize + 1];
             assert!(matches!(
                 open(&keys, ObjectKind::Lock, &huge),
                 Err(Error::TooLarge { .. })
@@ -263,23 +256,29 @@ mod tests {
     }
 
     #[test]
+    #[should_panic(expected = "pack objects are not framed")]
+    fn sealing_an_unframed_kind_is_a_programming_error() {
+        seal(&Keys::plain(), ObjectKind::Pack, b"x");
+    }
+
+    #[test]
     fn plain_and_encrypted_do_not_mix() {
         let plain = Keys::plain();
         let enc = Keys::encrypted(MasterKey::generate());
-        let p = seal(&plain, ObjectKind::Manifest, b"hello");
-        let e = seal(&enc, ObjectKind::Manifest, b"hello");
-        let err = open(&enc, ObjectKind::Manifest, &p).unwrap_err();
+        let p = seal(&plain, ObjectKind::Snapshot, b"hello");
+        let e = seal(&enc, ObjectKind::Snapshot, b"hello");
+        let err = open(&enc, ObjectKind::Snapshot, &p).unwrap_err();
         assert!(err.to_string().contains("not encrypted"), "{err}");
-        let err = open(&plain, ObjectKind::Manifest, &e).unwrap_err();
+        let err = open(&plain, ObjectKind::Snapshot, &e).unwrap_err();
         assert!(err.to_string().contains("encrypted"), "{err}");
         // Flipping the flag in an encrypted object breaks the AEAD (the header is the aad).
         let mut forged = e.clone();
         forged[6] = 0;
-        assert!(open(&enc, ObjectKind::Manifest, &forged).is_err());
+        assert!(open(&enc, ObjectKind::Snapshot, &forged).is_err());
         // Another key cannot open it.
         let other = Keys::encrypted(MasterKey::generate());
         assert!(matches!(
-            open(&other, ObjectKind::Manifest, &e),
+            open(&other, ObjectKind::Snapshot, &e),
             Err(Error::Integrity { .. })
         ));
     }

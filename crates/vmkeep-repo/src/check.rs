@@ -7,8 +7,8 @@ use std::collections::{HashMap, HashSet};
 use crossbeam_channel::bounded;
 use serde::Serialize;
 use vmkeep_core::blob;
-use vmkeep_core::pack::{PackEntry, MAX_PACK_LEN};
-use vmkeep_core::{BlobId, PackId, SnapshotId};
+use vmkeep_core::pack::PackEntry;
+use vmkeep_core::{BlobId, ObjectKind, PackId, SnapshotId};
 
 use crate::error::Result;
 use crate::gc;
@@ -243,16 +243,17 @@ impl Repository {
                         if !packs.contains_key(pack) {
                             continue; // reported by the structural pass for referenced blobs
                         }
-                        let bytes = match self.store.get(&pack_key(pack), MAX_PACK_LEN) {
-                            Ok(b) => b,
-                            Err(e) if e.is_not_found() => continue,
-                            Err(e) if e.is_too_large() => {
-                                o.warnings.push(e.to_string());
-                                o.bad.extend(entries.iter().map(|e| e.id));
-                                continue;
-                            }
-                            Err(e) => return Err(e.into()),
-                        };
+                        let bytes =
+                            match self.store.get(&pack_key(pack), ObjectKind::Pack.max_size()) {
+                                Ok(b) => b,
+                                Err(e) if e.is_not_found() => continue,
+                                Err(e) if e.is_too_large() => {
+                                    o.warnings.push(e.to_string());
+                                    o.bad.extend(entries.iter().map(|e| e.id));
+                                    continue;
+                                }
+                                Err(e) => return Err(e.into()),
+                            };
                         o.packs += 1;
                         o.bytes += bytes.len() as u64;
                         if blake3::hash(&bytes).as_bytes() != pack.as_bytes() {

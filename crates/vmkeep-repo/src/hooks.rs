@@ -1,7 +1,9 @@
-//! Test instruments that production code carries at no cost: named kill points and callbacks at
-//! the instants where concurrency matters.
+//! Test instruments: named kill points, always compiled (the real binary is tested with them),
+//! and, with the `test-hooks` feature only, callbacks at the instants where concurrency matters.
+#[cfg(feature = "test-hooks")]
 use std::sync::Arc;
 
+#[cfg(feature = "test-hooks")]
 use vmkeep_core::BlobId;
 
 /// Abort the process (as kill -9 would end it: no destructors, no cleanup) when the environment
@@ -25,9 +27,11 @@ pub fn kill_point(name: &str) {
 }
 
 /// A callback given the id of a blob.
+#[cfg(feature = "test-hooks")]
 pub type BlobHook = Arc<dyn Fn(&BlobId) + Send + Sync>;
 
-/// Callbacks for deterministic concurrency tests.
+/// Callbacks for deterministic concurrency tests (feature `test-hooks`, off in the binary).
+#[cfg(feature = "test-hooks")]
 #[derive(Clone, Default)]
 pub struct Hooks {
     /// Called by a backup right after it decided `id` already exists in the repository and will be
@@ -37,6 +41,7 @@ pub struct Hooks {
     pub before_commit: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
+#[cfg(feature = "test-hooks")]
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Hooks")

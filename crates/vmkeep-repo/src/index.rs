@@ -4,10 +4,10 @@ use std::collections::{HashMap, HashSet};
 
 use vmkeep_core::blob;
 use vmkeep_core::keys::BlobKind;
-use vmkeep_core::object::{self, ObjectKind};
 use vmkeep_core::pack::{IndexFile, PackEntry};
+use vmkeep_core::{object, ObjectKind};
 use vmkeep_core::{BlobId, PackId};
-use vmkeep_store::{Key, Kind};
+use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
 use crate::gc::record as gc_record;
@@ -47,7 +47,7 @@ pub struct BlobIndex {
 }
 
 pub(crate) fn pack_key(id: &PackId) -> Key {
-    Key::new(Kind::Pack, id.to_hex()).expect("hex names are valid keys")
+    Key::new(ObjectKind::Pack, id.to_hex()).expect("hex names are valid keys")
 }
 
 /// Every index object as stored, read once: entries grouped by pack (every copy), the packs
@@ -66,11 +66,8 @@ pub struct RawIndex {
 impl RawIndex {
     pub fn load(repo: &Repository) -> Result<RawIndex> {
         let mut raw = RawIndex::default();
-        for meta in repo.store.list(Kind::Index)? {
-            let bytes = match repo
-                .store
-                .get(&meta.key, ObjectKind::Index.max_size() as u64)
-            {
+        for meta in repo.store.list(ObjectKind::Index)? {
+            let bytes = match repo.store.get(&meta.key, ObjectKind::Index.max_size()) {
                 Ok(b) => b,
                 Err(e) if e.is_not_found() => continue, // deleted by a concurrent prune
                 Err(e) => {
@@ -114,7 +111,7 @@ fn check_index_name(name: &str, bytes: &[u8]) -> vmkeep_core::Result<()> {
 pub(crate) fn pack_sizes(repo: &Repository) -> Result<HashMap<PackId, u64>> {
     Ok(repo
         .store
-        .list(Kind::Pack)?
+        .list(ObjectKind::Pack)?
         .into_iter()
         .filter_map(|m| m.key.name.parse().ok().map(|p| (p, m.size)))
         .collect())

@@ -42,6 +42,7 @@ pub use backup::{BackupOptions, BackupSession, DiskReader, ImageBackupOptions, R
 pub use check::{CheckOptions, CheckReport, Damage};
 pub use error::{Error, Result};
 pub use gc::{GcPreview, GcStats};
+#[cfg(feature = "test-hooks")]
 pub use hooks::Hooks;
 pub use progress::{NoProgress, Progress};
 pub use prune::{PruneOptions, PrunePlan, PruneStats};

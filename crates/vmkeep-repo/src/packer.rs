@@ -8,10 +8,10 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use vmkeep_core::keys::{BlobKind, Keys};
-use vmkeep_core::object::{self, ObjectKind};
 use vmkeep_core::pack::{IndexFile, PackBuilder};
 use vmkeep_core::BlobId;
-use vmkeep_store::{Key, Kind, Store};
+use vmkeep_core::{object, ObjectKind};
+use vmkeep_store::{Key, Store};
 
 use crate::error::{Error, Result};
 use crate::hooks::kill_point;
@@ -85,7 +85,8 @@ impl Worker {
         let file = std::mem::take(&mut self.pending);
         let sealed = object::seal(&self.keys, ObjectKind::Index, &file.encode());
         let name = blake3::hash(&sealed).to_hex().to_string();
-        self.store.put(&Key::new(Kind::Index, name)?, &sealed)?;
+        self.store
+            .put(&Key::new(ObjectKind::Index, name)?, &sealed)?;
         self.stats.index_objects += 1;
         self.stats.index_bytes += sealed.len() as u64;
         if self.stats.index_objects == 1 {

@@ -12,10 +12,10 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use vmkeep_core::object::{self, ObjectKind};
 use vmkeep_core::pack::{self, IndexFile, PackEntry};
 use vmkeep_core::PackId;
-use vmkeep_store::{Key, Kind};
+use vmkeep_core::{object, ObjectKind};
+use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
 use crate::index::{pack_key, pack_sizes};
@@ -43,7 +43,7 @@ impl Repository {
         let mut stats = RepairIndexStats::default();
         let old: Vec<Key> = self
             .store
-            .list(Kind::Index)?
+            .list(ObjectKind::Index)?
             .into_iter()
             .map(|m| m.key)
             .collect();
@@ -73,7 +73,7 @@ impl Repository {
             let name = blake3::hash(&sealed).to_hex().to_string();
             lease.check()?;
             self.store
-                .put(&Key::new(Kind::Index, name.clone())?, &sealed)?;
+                .put(&Key::new(ObjectKind::Index, name.clone())?, &sealed)?;
             written.insert(name, ());
             stats.index_objects_written += 1;
         }

@@ -2,10 +2,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmkeep_core::config::{RepoConfig, CONFIG_MAX};
-use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey, KEY_FILE_MAX};
+use vmkeep_core::config::RepoConfig;
+use vmkeep_core::keys::{KdfParams, KeyFile, Keys, MasterKey};
 use vmkeep_core::object;
-use vmkeep_store::{Key, Kind, Store};
+use vmkeep_core::ObjectKind;
+use vmkeep_store::{Key, Store};
 use zeroize::Zeroizing;
 
 use crate::error::{Error, Result};
@@ -81,7 +82,7 @@ impl Repository {
     /// a crash leaves either no repository or a complete one.
     pub fn init(store: Arc<dyn Store>, opts: InitOptions) -> Result<Repository> {
         RepoConfig::validate_chunk_size(opts.chunk_size)?;
-        match store.get(&Key::config(), CONFIG_MAX as u64) {
+        match store.get(&Key::config(), ObjectKind::Config.max_size()) {
             Ok(_) => {
                 return Err(Error::AlreadyExists {
                     location: store.location(),
@@ -97,7 +98,7 @@ impl Repository {
                 let master = MasterKey::generate();
                 let kf = KeyFile::wrap(&master, pass, opts.kdf)?;
                 let name = random_name();
-                store.put(&Key::new(Kind::Key, name.clone())?, &kf.to_json())?;
+                store.put(&Key::new(ObjectKind::Key, name.clone())?, &kf.to_json())?;
                 (Keys::encrypted(master), Some(name))
             }
         };
@@ -122,7 +123,7 @@ impl Repository {
     /// given ([`refuse_plain_if_encrypted`]): editing `config` must not switch encryption off.
     pub fn open(store: Arc<dyn Store>, passphrase: Option<&[u8]>) -> Result<Repository> {
         let location = store.location();
-        let bytes = match store.get(&Key::config(), CONFIG_MAX as u64) {
+        let bytes = match store.get(&Key::config(), ObjectKind::Config.max_size()) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => return Err(Error::NotARepository { location }),
             Err(e) => return Err(e.into()),
@@ -193,9 +194,10 @@ impl Repository {
         };
         let kf = KeyFile::wrap(master, new_passphrase, kdf)?;
         self.store
-            .put(&Key::new(Kind::Key, random_name())?, &kf.to_json())?;
+            .put(&Key::new(ObjectKind::Key, random_name())?, &kf.to_json())?;
         self.store.flush()?;
-        self.store.delete(&Key::new(Kind::Key, old.clone())?)?;
+        self.store
+            .delete(&Key::new(ObjectKind::Key, old.clone())?)?;
         self.store.flush()?;
         Ok(())
     }
@@ -221,10 +223,10 @@ fn refuse_plain_if_encrypted(
         location: location.to_string(),
         evidence,
     };
-    if let Some(key) = store.list(Kind::Key)?.into_iter().next() {
+    if let Some(key) = store.list(ObjectKind::Key)?.into_iter().next() {
         return Err(tampered(format!("it has a key file ({})", key.key)));
     }
-    for kind in [Kind::Snapshot, Kind::Index] {
+    for kind in [ObjectKind::Snapshot, ObjectKind::Index] {
         let Some(first) = store.list(kind)?.into_iter().next() else {
             continue;
         };
@@ -258,8 +260,8 @@ fn unlock(store: &dyn Store, pass: &[u8]) -> Result<(MasterKey, String)> {
     let location = store.location();
     let mut damaged: Vec<String> = Vec::new();
     let mut found_any = false;
-    for meta in store.list(Kind::Key)? {
-        let bytes = match store.get(&meta.key, KEY_FILE_MAX as u64) {
+    for meta in store.list(ObjectKind::Key)? {
+        let bytes = match store.get(&meta.key, ObjectKind::Key.max_size()) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => continue,
             Err(e) if e.is_too_large() => {

@@ -1,21 +1,21 @@
 //! Restore points: listing, resolving references, reading and writing manifests.
 use vmkeep_core::manifest::Manifest;
-use vmkeep_core::object::{self, ObjectKind};
 use vmkeep_core::SnapshotId;
-use vmkeep_store::{Key, Kind};
+use vmkeep_core::{object, ObjectKind};
+use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
 use crate::Repository;
 
 pub(crate) fn snapshot_key(id: &SnapshotId) -> Key {
-    Key::new(Kind::Snapshot, id.to_hex()).expect("hex names are valid keys")
+    Key::new(ObjectKind::Snapshot, id.to_hex()).expect("hex names are valid keys")
 }
 
 impl Repository {
     /// Read one manifest and check it is the restore point its name says.
     pub fn load_manifest(&self, id: &SnapshotId) -> Result<Manifest> {
         let key = snapshot_key(id);
-        let bytes = match self.store.get(&key, ObjectKind::Manifest.max_size() as u64) {
+        let bytes = match self.store.get(&key, ObjectKind::Snapshot.max_size()) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
                 return Err(Error::UnknownSnapshot {
@@ -24,7 +24,7 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
-        let m = object::open(&self.keys, ObjectKind::Manifest, &bytes)
+        let m = object::open(&self.keys, ObjectKind::Snapshot, &bytes)
             .and_then(|b| Manifest::from_json(&b))
             .map_err(|e| Error::corrupt(key.to_string(), e))?;
         if m.id != *id {
@@ -50,7 +50,7 @@ impl Repository {
 
     /// Write (or replace) a manifest: the commit point of a backup.
     pub(crate) fn write_manifest(&self, m: &Manifest) -> Result<u64> {
-        let sealed = object::seal(&self.keys, ObjectKind::Manifest, &m.to_json());
+        let sealed = object::seal(&self.keys, ObjectKind::Snapshot, &m.to_json());
         self.store.put(&snapshot_key(&m.id), &sealed)?;
         Ok(sealed.len() as u64)
     }
@@ -60,7 +60,7 @@ impl Repository {
     pub fn snapshots_with_damage(&self) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {
         let mut ok = Vec::new();
         let mut bad = Vec::new();
-        for meta in self.store.list(Kind::Snapshot)? {
+        for meta in self.store.list(ObjectKind::Snapshot)? {
             let Ok(id) = meta.key.name.parse::<SnapshotId>() else {
                 bad.push((meta.key.name.clone(), "not a snapshot id".into()));
                 continue;
@@ -135,7 +135,7 @@ impl Repository {
         }
         let matches: Vec<SnapshotId> = self
             .store
-            .list(Kind::Snapshot)?
+            .list(ObjectKind::Snapshot)?
             .into_iter()
             .filter(|m| m.key.name.starts_with(&r))
             .filter_map(|m| m.key.name.parse().ok())

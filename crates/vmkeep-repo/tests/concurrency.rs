@@ -12,7 +12,7 @@ use common::*;
 use crossbeam_channel::bounded;
 use vmkeep_core::retention::RetentionPolicy;
 use vmkeep_repo::{BackupOptions, Hooks, NoProgress, PruneOptions, PruneStats, Repository};
-use vmkeep_store::Kind;
+use vmkeep_store::ObjectKind;
 
 struct Resume(crossbeam_channel::Sender<()>);
 
@@ -50,7 +50,7 @@ fn prune_waits_for_a_backup_that_reuses_its_packs() {
         let m1 = backup(&repo, "vm1", &d1).unwrap();
         let pack_names = |repo: &Repository| -> std::collections::HashSet<String> {
             repo.store()
-                .list(Kind::Pack)
+                .list(ObjectKind::Pack)
                 .unwrap()
                 .into_iter()
                 .map(|m| m.key.name)
@@ -98,7 +98,7 @@ fn prune_waits_for_a_backup_that_reuses_its_packs() {
                         listed,
                         st,
                         pack_names(&repo),
-                        count(&repo, Kind::Gc),
+                        count(&repo, ObjectKind::GcRecord),
                     ))
                 });
             drop(resume);
@@ -133,7 +133,7 @@ fn prune_waits_for_a_backup_that_reuses_its_packs() {
         println!("prune after B2 (encrypted={encrypted}): {:?}", st.gc);
         assert!(st.gc.reclaimed_bytes > 0, "S1's unique data is reclaimed");
         assert_eq!(st.gc.packs_waiting, 0);
-        assert_eq!(count(&repo, Kind::Gc), 0);
+        assert_eq!(count(&repo, ObjectKind::GcRecord), 0);
         let r = assert_check_ok(&repo, "after the second prune");
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         assert!(dangling_index_packs(&repo).is_empty());
@@ -178,7 +178,7 @@ fn backup_after_a_gc_record_does_not_reuse_condemned_packs() {
     assert!(st.gc.packs_condemned > 0);
     assert!(st.gc.packs_waiting > 0);
     assert_eq!(st.gc.packs_deleted, 0);
-    assert_eq!(count(&repo, Kind::Gc), 1);
+    assert_eq!(count(&repo, ObjectKind::GcRecord), 1);
     assert_check_ok(&repo, "with condemned packs waiting");
     assert_eq!(refs.verify_all(&repo, "with condemned packs waiting"), 1);
 
@@ -194,12 +194,12 @@ fn backup_after_a_gc_record_does_not_reuse_condemned_packs() {
     assert_check_ok(&repo, "after the new backup");
 
     drop(holder); // the session ends without a restore point; its lease goes
-    assert_eq!(count(&repo, Kind::Lock), 0);
+    assert_eq!(count(&repo, ObjectKind::Lock), 0);
     let st = prune_all_kept(&repo);
     println!("prune after the session ended: {:?}", st.gc);
     assert!(st.gc.packs_deleted > 0 && st.gc.reclaimed_bytes > 0);
     assert_eq!(st.gc.packs_waiting, 0);
-    assert_eq!(count(&repo, Kind::Gc), 0);
+    assert_eq!(count(&repo, ObjectKind::GcRecord), 0);
     let r = assert_check_ok(&repo, "after the sweep");
     // The dropped session may have left nothing: it wrote no pack (its packer never filled).
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
@@ -318,7 +318,7 @@ fn two_backups_and_a_prune_at_once() {
         let n = refs.verify_all(&repo, &format!("round {round}"));
         assert!(n >= 4, "round {round}: {n} restore points");
         assert_eq!(
-            count(&repo, Kind::Lock),
+            count(&repo, ObjectKind::Lock),
             0,
             "round {round}: every lease released"
         );
@@ -326,7 +326,7 @@ fn two_backups_and_a_prune_at_once() {
     // Quiet now: a last prune sweeps what waited, and the repository is tidy.
     let st = prune_all_kept(&repo);
     assert_eq!(st.gc.packs_waiting, 0);
-    assert_eq!(count(&repo, Kind::Gc), 0);
+    assert_eq!(count(&repo, ObjectKind::GcRecord), 0);
     let r = assert_check_ok(&repo, "final");
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     assert!(dangling_index_packs(&repo).is_empty());
@@ -360,5 +360,5 @@ fn lease_release_is_prompt() {
     done_rx
         .recv_timeout(Duration::from_secs(60))
         .expect("a lease release blocked for a refresh period");
-    assert_eq!(count(&repo, Kind::Lock), 0);
+    assert_eq!(count(&repo, ObjectKind::Lock), 0);
 }

@@ -15,7 +15,7 @@ use vmkeep_core::retention::RetentionPolicy;
 use vmkeep_core::SnapshotId;
 use vmkeep_repo::index::BlobIndex;
 use vmkeep_repo::{Manifest, NoProgress, PruneOptions, PruneStats, Repository};
-use vmkeep_store::Kind;
+use vmkeep_store::ObjectKind;
 
 const VM: &str = "vm1";
 
@@ -308,8 +308,16 @@ fn matrix(op: Op, encrypted: bool, stack: Stack) {
                 );
                 let ids: Vec<_> = repo.snapshots().unwrap().iter().map(|m| m.id).collect();
                 assert_eq!(ids, vec![ms[1].id, ms[2].id], "{ctx}");
-                assert_eq!(count(&repo, Kind::Gc), 0, "{ctx}: every gc record swept");
-                assert_eq!(count(&repo, Kind::Lock), 0, "{ctx}: stale leases removed");
+                assert_eq!(
+                    count(&repo, ObjectKind::GcRecord),
+                    0,
+                    "{ctx}: every gc record swept"
+                );
+                assert_eq!(
+                    count(&repo, ObjectKind::Lock),
+                    0,
+                    "{ctx}: stale leases removed"
+                );
                 assert!(
                     pack_bytes(&repo) <= clean.pack_bytes + (64 << 10),
                     "{ctx}: the rerun reclaims as much as a clean prune ({} vs {})",
@@ -448,7 +456,7 @@ fn rerun_after_fault_reuses_written_data() {
     let total = fault.writes();
     assert_eq!(clean.stats.chunks_new, 192);
     assert!(
-        count(&repo, Kind::Index) >= 2,
+        count(&repo, ObjectKind::Index) >= 2,
         "an index object before the last pack"
     );
     drop(repo);
@@ -553,7 +561,7 @@ fn prune_rerun_rewrites_the_orphan_of_a_dead_repack() {
     let (repo, fault) = open_faulty(&clean_root, false, Stack::Fault, 1);
     let packs_before: std::collections::HashSet<String> = repo
         .store()
-        .list(Kind::Pack)
+        .list(ObjectKind::Pack)
         .unwrap()
         .into_iter()
         .map(|m| m.key.name)
@@ -568,7 +576,7 @@ fn prune_rerun_rewrites_the_orphan_of_a_dead_repack() {
     );
     let new_packs: Vec<String> = repo
         .store()
-        .list(Kind::Pack)
+        .list(ObjectKind::Pack)
         .unwrap()
         .into_iter()
         .map(|m| m.key.name)
@@ -591,7 +599,7 @@ fn prune_rerun_rewrites_the_orphan_of_a_dead_repack() {
     let orphan = &new_packs[0];
     assert!(
         repo.store()
-            .list(Kind::Pack)
+            .list(ObjectKind::Pack)
             .unwrap()
             .iter()
             .any(|m| &m.key.name == orphan),
@@ -611,7 +619,7 @@ fn prune_rerun_rewrites_the_orphan_of_a_dead_repack() {
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     assert!(
         repo.store()
-            .list(Kind::Pack)
+            .list(ObjectKind::Pack)
             .unwrap()
             .iter()
             .any(|m| &m.key.name == orphan),

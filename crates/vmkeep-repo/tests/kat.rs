@@ -12,15 +12,16 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use vmkeep_core::keys::KdfParams;
 use vmkeep_core::manifest::Manifest;
-use vmkeep_core::object::{self, ObjectKind};
+use vmkeep_core::object;
 use vmkeep_core::tree::{self, Node, NodeStore};
+use vmkeep_core::ObjectKind;
 use vmkeep_core::{BlobId, SnapshotId};
 use vmkeep_repo::index::BlobIndex;
 use vmkeep_repo::restore::RestoreOptions;
 use vmkeep_repo::{
     BackupOptions, CheckOptions, ImageBackupOptions, InitOptions, NoProgress, Repository,
 };
-use vmkeep_store::{Key, Kind, LocalStore, Store};
+use vmkeep_store::{Key, LocalStore, Store};
 
 const CHUNK: usize = 64 << 10;
 /// Five whole chunks and a short last one.
@@ -269,11 +270,11 @@ fn regenerate_known_answer_repositories() {
                 hostname: "kat-generator".into(),
                 ..m
             };
-            let key = Key::new(Kind::Snapshot, m.id.to_hex()).unwrap();
+            let key = Key::new(ObjectKind::Snapshot, m.id.to_hex()).unwrap();
             store
                 .put(
                     &key,
-                    &object::seal(repo.keys(), ObjectKind::Manifest, &m.to_json()),
+                    &object::seal(repo.keys(), ObjectKind::Snapshot, &m.to_json()),
                 )
                 .unwrap();
             points.push(m);
@@ -307,7 +308,7 @@ fn regenerate_known_answer_repositories() {
         text.push(b'\n');
         std::fs::write(dir.join("expected.json"), text).unwrap();
         // Only the objects of these formats: no lease or GC record (being redesigned).
-        for kind in [Kind::Lock, Kind::Gc] {
+        for kind in [ObjectKind::Lock, ObjectKind::GcRecord] {
             assert!(
                 store.list(kind).unwrap().is_empty(),
                 "{name}: {kind:?} objects"

@@ -13,7 +13,7 @@ use common::*;
 use crossbeam_channel::bounded;
 use gate::{GateStore, Op, When};
 use vmkeep_repo::{BackupOptions, Hooks, NoProgress, PruneOptions, PruneStats, Repository};
-use vmkeep_store::{Kind, LocalStore, Store};
+use vmkeep_store::{LocalStore, ObjectKind, Store};
 
 fn prune(repo: &Repository) -> vmkeep_repo::Result<PruneStats> {
     let plan = repo.prune_plan(&PruneOptions::default())?;
@@ -46,7 +46,7 @@ fn backup_finishing_during_prune_mark_keeps_its_data() {
         repo.forget(&[m1.id]).unwrap();
 
         let (prune_repo, gates) = gated(&root, encrypted);
-        let record = gates.arm(Op::Put, Kind::Gc, When::Before, 0);
+        let record = gates.arm(Op::Put, ObjectKind::GcRecord, When::Before, 0);
         let m2 = std::thread::scope(|s| {
             let p = s.spawn(|| prune(&prune_repo));
             record.wait();
@@ -84,7 +84,7 @@ fn backup_starting_while_the_gc_record_is_written_keeps_its_data() {
         repo.forget(&[m1.id]).unwrap();
 
         let (prune_repo, gates) = gated(&root, encrypted);
-        let record = gates.arm(Op::Put, Kind::Gc, When::Before, 0);
+        let record = gates.arm(Op::Put, ObjectKind::GcRecord, When::Before, 0);
         let (reused_tx, reused_rx) = bounded::<()>(1);
         let (go_tx, go_rx) = bounded::<()>(1);
         let first = Arc::new(AtomicBool::new(false));
@@ -201,7 +201,7 @@ fn backup_committing_while_forget_deletes_its_parent_is_relinked() {
     let m1 = backup(&repo, "vm", &db).unwrap();
 
     let (forget_repo, gates) = gated(&root, false);
-    let delete = gates.arm(Op::Delete, Kind::Snapshot, When::Before, 0);
+    let delete = gates.arm(Op::Delete, ObjectKind::Snapshot, When::Before, 0);
     let m2 = std::thread::scope(|s| {
         let f = s.spawn(|| forget_repo.forget(&[m1.id]));
         delete.wait();
@@ -281,7 +281,7 @@ fn a_lost_pack_is_healed_by_the_next_full_backup() {
         init_repo(&root, encrypted);
         let repo = open_local(&root, encrypted, 2);
         let m1 = backup(&repo, "vm", &d).unwrap();
-        let victim = repo.store().list(Kind::Pack).unwrap()[0].key.clone();
+        let victim = repo.store().list(ObjectKind::Pack).unwrap()[0].key.clone();
         repo.store().delete(&victim).unwrap();
         assert!(!check(&repo).ok, "the lost pack damages the first point");
 
@@ -406,13 +406,13 @@ impl Store for FailingReads {
     }
     fn get(&self, key: &vmkeep_store::Key, max_len: u64) -> vmkeep_store::Result<Vec<u8>> {
         match key.kind {
-            Kind::Pack => Err(Self::fail(key)),
+            ObjectKind::Pack => Err(Self::fail(key)),
             _ => self.0.get(key, max_len),
         }
     }
     fn get_range(&self, key: &vmkeep_store::Key, o: u64, l: u64) -> vmkeep_store::Result<Vec<u8>> {
         match key.kind {
-            Kind::Pack => Err(Self::fail(key)),
+            ObjectKind::Pack => Err(Self::fail(key)),
             _ => self.0.get_range(key, o, l),
         }
     }
@@ -425,7 +425,7 @@ impl Store for FailingReads {
     fn put_if_absent(&self, key: &vmkeep_store::Key, data: &[u8]) -> vmkeep_store::Result<bool> {
         self.0.put_if_absent(key, data)
     }
-    fn list(&self, kind: Kind) -> vmkeep_store::Result<Vec<vmkeep_store::ObjectMeta>> {
+    fn list(&self, kind: ObjectKind) -> vmkeep_store::Result<Vec<vmkeep_store::ObjectMeta>> {
         self.0.list(kind)
     }
     fn delete(&self, key: &vmkeep_store::Key) -> vmkeep_store::Result<()> {
@@ -458,7 +458,7 @@ fn a_manifest_put_that_outlasts_the_lease_is_verified_after_it_lands() {
     t.lease_timeout = Duration::from_secs(1);
     t.lease_refresh = Duration::from_secs(3600); // no refresh lands while the put hangs
     let slow_repo = slow_repo.with_tuning(t.clone());
-    let manifest_put = gates.arm(Op::Put, Kind::Snapshot, When::Before, 0);
+    let manifest_put = gates.arm(Op::Put, ObjectKind::Snapshot, When::Before, 0);
     let result = std::thread::scope(|s| {
         let b = s.spawn(|| backup(&slow_repo, "vm", &d));
         manifest_put.wait();
@@ -507,7 +507,9 @@ fn a_damaged_gc_record_is_replaced_by_the_next_prune() {
     let st = prune(&repo).unwrap();
     assert!(st.gc.packs_waiting > 0);
     drop(holder);
-    let rec = repo.store().list(Kind::Gc).unwrap()[0].key.clone();
+    let rec = repo.store().list(ObjectKind::GcRecord).unwrap()[0]
+        .key
+        .clone();
     std::fs::write(root.join(rec.path()), b"VMKO garbage").unwrap();
 
     let m2 = backup(&repo, "vm", &db).expect("a backup ignores the damaged record");
@@ -526,7 +528,7 @@ fn a_damaged_gc_record_is_replaced_by_the_next_prune() {
         st.gc.packs_deleted > 0,
         "m1's packs are condemned afresh and reclaimed"
     );
-    assert_eq!(count(&repo, Kind::Gc), 0);
+    assert_eq!(count(&repo, ObjectKind::GcRecord), 0);
     let r = assert_check_ok(&repo, "after the prune");
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     assert_restores(&repo, &m2, &db);

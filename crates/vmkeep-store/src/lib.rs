@@ -9,8 +9,10 @@ mod key;
 mod local;
 
 pub use error::{Error, Result};
-pub use key::{Key, Kind};
+pub use key::Key;
 pub use local::{LocalStore, TEMP_PREFIX};
+/// The kinds of objects, defined with their framing in vmkeep-core.
+pub use vmkeep_core::ObjectKind;
 
 use std::time::{Duration, SystemTime};
 
@@ -66,7 +68,7 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn put_if_absent(&self, key: &Key, data: &[u8]) -> Result<bool>;
 
     /// All objects of a kind. Objects being written (temporary files) are never listed.
-    fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>>;
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectMeta>>;
 
     /// Remove; absent objects are not an error.
     fn delete(&self, key: &Key) -> Result<()>;

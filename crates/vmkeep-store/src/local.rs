@@ -20,7 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use crate::error::{Error, Result};
-use crate::key::{Key, Kind};
+use crate::key::Key;
+use crate::ObjectKind;
 use crate::{ObjectMeta, Store, TemporariesRemoved, Temporary};
 
 /// Name prefix of the files `put` writes before renaming them to their final name.
@@ -63,9 +64,9 @@ impl LocalStore {
                 std::io::Error::new(ErrorKind::AlreadyExists, "folder is not empty"),
             ));
         }
-        for kind in Kind::ALL {
-            if kind != Kind::Config {
-                let d = root.join(kind.dir());
+        for kind in ObjectKind::ALL {
+            if kind != ObjectKind::Config {
+                let d = root.join(kind.folder());
                 fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
             }
         }
@@ -116,7 +117,7 @@ impl LocalStore {
     fn write_temp(&self, key: &Key, data: &[u8]) -> Result<(PathBuf, PathBuf)> {
         let path = self.path(key);
         let dir = path.parent().expect("object paths have a parent");
-        if key.kind == Kind::Pack {
+        if key.kind == ObjectKind::Pack {
             self.pack_folder(dir)?;
         }
         let tmp = self.temp_path(&path);
@@ -138,12 +139,12 @@ impl LocalStore {
     /// `packs/xx` folders. Files that vanish meanwhile (published or removed) are skipped.
     fn temporaries(&self) -> Result<Vec<(PathBuf, fs::Metadata)>> {
         let mut dirs = vec![self.root.clone()];
-        for kind in Kind::ALL {
-            if kind != Kind::Config {
-                dirs.push(self.root.join(kind.dir()));
+        for kind in ObjectKind::ALL {
+            if kind != ObjectKind::Config {
+                dirs.push(self.root.join(kind.folder()));
             }
         }
-        let packs = self.root.join(Kind::Pack.dir());
+        let packs = self.root.join(ObjectKind::Pack.folder());
         let mut out = Vec::new();
         while let Some(d) = dirs.pop() {
             let rd = match fs::read_dir(&d) {
@@ -202,7 +203,7 @@ impl Store for LocalStore {
         })?;
         let too_large = |size| Error::TooLarge {
             key: key.to_string(),
-            kind: key.kind.noun(),
+            kind: key.kind.name(),
             size,
             max: max_len,
         };
@@ -275,15 +276,15 @@ impl Store for LocalStore {
         }
     }
 
-    fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>> {
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectMeta>> {
         let mut out = Vec::new();
-        if kind == Kind::Config {
+        if kind == ObjectKind::Config {
             if let Ok(m) = fs::metadata(self.root.join("config")) {
                 out.push(meta_of(Key::config(), &m));
             }
             return Ok(out);
         }
-        let base = self.root.join(kind.dir());
+        let base = self.root.join(kind.folder());
         let mut dirs = vec![base.clone()];
         while let Some(d) = dirs.pop() {
             let rd = match fs::read_dir(&d) {
@@ -303,7 +304,7 @@ impl Store for LocalStore {
                     Err(err) => return Err(Error::io("stat", e.path(), err)),
                 };
                 if m.is_dir() {
-                    if kind == Kind::Pack && d == base {
+                    if kind == ObjectKind::Pack && d == base {
                         dirs.push(e.path());
                     }
                     continue;
@@ -392,7 +393,7 @@ mod tests {
     fn put_get_list_delete() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::create(dir.path().join("r")).unwrap();
-        let k = Key::new(Kind::Pack, "abcdef").unwrap();
+        let k = Key::new(ObjectKind::Pack, "abcdef").unwrap();
         s.put(&k, b"hello").unwrap();
         assert_eq!(s.get(&k, 5).unwrap(), b"hello");
         assert_eq!(s.get_range(&k, 1, 3).unwrap(), b"ell");
@@ -401,12 +402,12 @@ mod tests {
             Err(Error::ShortRead { .. })
         ));
         assert_eq!(s.size(&k).unwrap(), 5);
-        let l = s.list(Kind::Pack).unwrap();
+        let l = s.list(ObjectKind::Pack).unwrap();
         assert_eq!(l.len(), 1);
         assert_eq!(l[0].key, k);
         assert!(!s.put_if_absent(&k, b"other").unwrap());
         assert_eq!(s.get(&k, 5).unwrap(), b"hello");
-        let k2 = Key::new(Kind::Snapshot, "0123").unwrap();
+        let k2 = Key::new(ObjectKind::Snapshot, "0123").unwrap();
         assert!(s.put_if_absent(&k2, b"x").unwrap());
         s.delete(&k).unwrap();
         s.delete(&k).unwrap();
@@ -422,7 +423,7 @@ mod tests {
     fn get_is_bounded_before_reading() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::create(dir.path()).unwrap();
-        let k = Key::new(Kind::Snapshot, "abcd").unwrap();
+        let k = Key::new(ObjectKind::Snapshot, "abcd").unwrap();
         s.put(&k, b"12345").unwrap();
         assert_eq!(s.get(&k, 5).unwrap(), b"12345");
         assert_eq!(s.get(&k, u64::MAX).unwrap(), b"12345");
@@ -442,7 +443,7 @@ mod tests {
             other => panic!("expected TooLarge, got {other:?}"),
         }
         // A sparse 1 TiB object: refused from its size alone (reading it would take hours).
-        let huge = Key::new(Kind::Index, "ef01").unwrap();
+        let huge = Key::new(ObjectKind::Index, "ef01").unwrap();
         File::create(s.path(&huge))
             .unwrap()
             .set_len(1 << 40)
@@ -454,7 +455,7 @@ mod tests {
     fn temporaries_are_invisible_listed_and_removed_by_age() {
         let dir = tempfile::tempdir().unwrap();
         let s = LocalStore::create(dir.path()).unwrap();
-        s.put(&Key::new(Kind::Pack, "abcdef").unwrap(), b"pack")
+        s.put(&Key::new(ObjectKind::Pack, "abcdef").unwrap(), b"pack")
             .unwrap();
         let old = SystemTime::now() - Duration::from_secs(600);
         for (path, len, modified) in [
@@ -472,8 +473,8 @@ mod tests {
                 .set_modified(modified)
                 .unwrap();
         }
-        assert!(s.list(Kind::Index).unwrap().is_empty());
-        assert_eq!(s.list(Kind::Pack).unwrap().len(), 1);
+        assert!(s.list(ObjectKind::Index).unwrap().is_empty());
+        assert_eq!(s.list(ObjectKind::Pack).unwrap().len(), 1);
         let listed = s.list_temporaries().unwrap();
         assert_eq!(listed.len(), 4, "{listed:?}");
         assert_eq!(listed.iter().map(|t| t.size).sum::<u64>(), 17);
@@ -489,7 +490,7 @@ mod tests {
         assert_eq!(left.len(), 1);
         assert!(left[0].location.ends_with("snapshots/.tmp-live"));
         assert_eq!(
-            s.list(Kind::Pack).unwrap().len(),
+            s.list(ObjectKind::Pack).unwrap().len(),
             1,
             "objects are untouched"
         );
@@ -497,8 +498,8 @@ mod tests {
 
     #[test]
     fn bad_names_are_refused() {
-        assert!(Key::new(Kind::Index, "../x").is_err());
-        assert!(Key::new(Kind::Index, "").is_err());
-        assert!(Key::new(Kind::Config, "other").is_err());
+        assert!(Key::new(ObjectKind::Index, "../x").is_err());
+        assert!(Key::new(ObjectKind::Index, "").is_err());
+        assert!(Key::new(ObjectKind::Config, "other").is_err());
     }
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 use tokio::runtime::Runtime;
 use tracing::warn;
 use vmkeep_core::manifest::{ChangeTracking, Checkpoint, Manifest};
-use vmkeep_repo::{BackupOptions, BackupSession, Hooks, Progress, ReadPlan, Repository};
+use vmkeep_repo::{BackupOptions, BackupSession, Progress, ReadPlan, Repository};
 
 use crate::disk_reader::NbdDisk;
 use crate::qmp::{EventStream, QmpClient};
@@ -71,7 +71,6 @@ pub struct VmBackupOptions {
     /// Stop the VM for the cut and resume it after.
     pub suspend: bool,
     pub freeze: Freeze,
-    pub hooks: Hooks,
     /// The guard to start (see [`guard`]); None runs without one.
     pub guard: Option<GuardCommand>,
 }
@@ -142,8 +141,7 @@ pub fn backup_vm(
         }
         let session = repo.begin_backup(BackupOptions {
             vm: opts.vm.clone(),
-            hooks: opts.hooks.clone(),
-            no_parent: false,
+            ..Default::default()
         })?;
         let cut = CutOptions {
             full: opts.full,

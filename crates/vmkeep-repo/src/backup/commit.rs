@@ -36,6 +36,7 @@ fn lost() -> Error {
 impl BackupSession<'_> {
     /// Commit: write the remaining packs and indexes, flush, then the manifest (commit point).
     pub fn commit(mut self) -> Result<Manifest> {
+        #[cfg(feature = "test-hooks")]
         if let Some(h) = &self.opts.hooks.before_commit {
             h();
         }
@@ -64,7 +65,7 @@ impl BackupSession<'_> {
         // The manifest's own size counts as stored metadata; estimate it before writing.
         let estimate = vmkeep_core::object::seal(
             &self.repo.keys,
-            vmkeep_core::object::ObjectKind::Manifest,
+            vmkeep_core::ObjectKind::Snapshot,
             &m.to_json(),
         )
         .len() as u64;

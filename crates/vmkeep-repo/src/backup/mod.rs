@@ -28,6 +28,7 @@ use vmkeep_core::manifest::{BackupStats, DiskEntry, Manifest, StreamRecord};
 use vmkeep_core::BlobId;
 
 use crate::error::{Error, Result};
+#[cfg(feature = "test-hooks")]
 use crate::hooks::Hooks;
 use crate::index::BlobIndex;
 use crate::lease::{Lease, LeaseKind};
@@ -39,6 +40,7 @@ use crate::Repository;
 pub(crate) struct Dedup {
     pub(crate) index: Arc<BlobIndex>,
     claimed: Mutex<HashSet<BlobId>>,
+    #[cfg(feature = "test-hooks")]
     hooks: Hooks,
 }
 
@@ -47,6 +49,7 @@ impl Dedup {
     /// in a usable pack or another thread of this session writes it.
     pub fn claim(&self, id: &BlobId) -> bool {
         if self.index.usable(id) {
+            #[cfg(feature = "test-hooks")]
             if let Some(h) = &self.hooks.after_reuse_decision {
                 h(id);
             }
@@ -59,6 +62,7 @@ impl Dedup {
 #[derive(Clone, Debug, Default)]
 pub struct BackupOptions {
     pub vm: String,
+    #[cfg(feature = "test-hooks")]
     pub hooks: Hooks,
     /// Ignore earlier restore points when choosing the parent (change maps then cover everything).
     pub no_parent: bool,
@@ -97,6 +101,7 @@ impl Repository {
         let dedup = Arc::new(Dedup {
             index,
             claimed: Mutex::new(HashSet::new()),
+            #[cfg(feature = "test-hooks")]
             hooks: opts.hooks.clone(),
         });
         Ok(BackupSession {

@@ -22,10 +22,10 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
-use vmkeep_core::object::{self, ObjectKind};
 use vmkeep_core::pack::{IndexFile, PackEntry};
+use vmkeep_core::{object, ObjectKind};
 use vmkeep_core::{GcRecordId, LeaseId, PackId, SnapshotId};
-use vmkeep_store::{Key, Kind};
+use vmkeep_store::Key;
 
 use crate::error::Result;
 use crate::hooks::kill_point;
@@ -329,11 +329,13 @@ impl Repository {
                 let sealed = object::seal(&self.keys, ObjectKind::Index, &file.encode());
                 let new_name = blake3::hash(&sealed).to_hex().to_string();
                 if new_name != *name {
-                    self.store.put(&Key::new(Kind::Index, new_name)?, &sealed)?;
+                    self.store
+                        .put(&Key::new(ObjectKind::Index, new_name)?, &sealed)?;
                 }
             }
             self.store.flush()?;
-            self.store.delete(&Key::new(Kind::Index, name.clone())?)?;
+            self.store
+                .delete(&Key::new(ObjectKind::Index, name.clone())?)?;
             n += 1;
         }
         self.store.flush()?;

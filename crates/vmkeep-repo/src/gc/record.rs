@@ -10,9 +10,9 @@
 //! what is still running of the earlier one). No clocks are compared.
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use vmkeep_core::object::{self, ObjectKind};
+use vmkeep_core::{object, ObjectKind};
 use vmkeep_core::{GcRecordId, LeaseId, PackId};
-use vmkeep_store::{Key, Kind};
+use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
 use crate::lease::HostIdentity;
@@ -34,7 +34,7 @@ pub struct GcRecord {
 }
 
 pub(crate) fn record_key(id: &GcRecordId) -> Key {
-    Key::new(Kind::Gc, id.to_hex()).expect("hex names are valid keys")
+    Key::new(ObjectKind::GcRecord, id.to_hex()).expect("hex names are valid keys")
 }
 
 /// The GC records, read in one pass.
@@ -66,15 +66,12 @@ impl Records {
 /// Every GC record, oldest first (bounded reads; damaged ones apart).
 pub fn load_all(repo: &Repository) -> Result<Records> {
     let mut out = Records::default();
-    for meta in repo.store.list(Kind::Gc)? {
+    for meta in repo.store.list(ObjectKind::GcRecord)? {
         let Ok(id) = meta.key.name.parse::<GcRecordId>() else {
             tracing::warn!(object = %meta.key, "ignoring a gc object whose name is not a record id");
             continue;
         };
-        let bytes = match repo
-            .store
-            .get(&meta.key, ObjectKind::GcRecord.max_size() as u64)
-        {
+        let bytes = match repo.store.get(&meta.key, ObjectKind::GcRecord.max_size()) {
             Ok(b) => b,
             Err(e) if e.is_not_found() => continue, // swept meanwhile
             Err(e) if e.is_too_large() => {

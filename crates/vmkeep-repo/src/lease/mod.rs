@@ -22,9 +22,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use vmkeep_core::object::{self, ObjectKind};
 use vmkeep_core::LeaseId;
-use vmkeep_store::{Key, Kind};
+use vmkeep_core::{object, ObjectKind};
+use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
 use crate::Repository;
@@ -45,7 +45,7 @@ pub fn boot_time() -> Duration {
 }
 
 pub(crate) fn lease_key(id: &LeaseId) -> Key {
-    Key::new(Kind::Lock, id.to_hex()).expect("hex names are valid keys")
+    Key::new(ObjectKind::Lock, id.to_hex()).expect("hex names are valid keys")
 }
 
 struct Shared {
@@ -257,15 +257,12 @@ impl Drop for Lease {
 /// lease can only make GC more careful, never less.
 pub fn list(repo: &Repository) -> Result<Vec<ListedLease>> {
     let mut out = Vec::new();
-    for meta in repo.store.list(Kind::Lock)? {
+    for meta in repo.store.list(ObjectKind::Lock)? {
         let Ok(id) = meta.key.name.parse::<LeaseId>() else {
             tracing::warn!(object = %meta.key, "ignoring a lock object whose name is not a lease id");
             continue;
         };
-        let bytes = match repo
-            .store
-            .get(&meta.key, ObjectKind::Lock.max_size() as u64)
-        {
+        let bytes = match repo.store.get(&meta.key, ObjectKind::Lock.max_size()) {
             Ok(b) => b,
             Err(e) if e.is_too_large() => Vec::new(), // unreadable: judged by its time
             Err(e) if e.is_not_found() => continue,

@@ -11,13 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vmkeep_core::keys::{BlobKind, KdfParams};
-use vmkeep_core::object::{self, ObjectKind};
+use vmkeep_core::{object, ObjectKind};
 use vmkeep_core::{BlobId, SnapshotId};
 use vmkeep_repo::{
     BackupOptions, CheckOptions, CheckReport, ImageBackupOptions, InitOptions, Manifest,
     NoProgress, Repository, RestoreOptions, Tuning,
 };
-use vmkeep_store::{Key, Kind, LocalStore, Store};
+use vmkeep_store::{Key, LocalStore, Store};
 pub use vmkeep_testkit::data::Rng;
 pub use vmkeep_testkit::image::{differing_chunks, Chunk, Spec};
 pub use vmkeep_testkit::store::{is_injected, FaultStore, IgnoreConditionalStore, SlowStore};
@@ -259,7 +259,7 @@ pub fn simulate_death(repo: &Repository) -> usize {
         rec.pid = pid;
         rec.pid_start = None;
         let body = serde_json::to_vec(&rec).unwrap();
-        let key = Key::new(Kind::Lock, l.id.to_hex()).unwrap();
+        let key = Key::new(ObjectKind::Lock, l.id.to_hex()).unwrap();
         repo.store()
             .put(&key, &object::seal(repo.keys(), ObjectKind::Lock, &body))
             .unwrap();
@@ -267,13 +267,13 @@ pub fn simulate_death(repo: &Repository) -> usize {
     leases.len()
 }
 
-pub fn count(repo: &Repository, kind: Kind) -> usize {
+pub fn count(repo: &Repository, kind: ObjectKind) -> usize {
     repo.store().list(kind).unwrap().len()
 }
 
 pub fn pack_bytes(repo: &Repository) -> u64 {
     repo.store()
-        .list(Kind::Pack)
+        .list(ObjectKind::Pack)
         .unwrap()
         .iter()
         .map(|m| m.size)
@@ -307,13 +307,13 @@ pub fn flip_byte(path: &Path, offset: u64) {
 pub fn dangling_index_packs(repo: &Repository) -> Vec<String> {
     let packs: std::collections::HashSet<String> = repo
         .store()
-        .list(Kind::Pack)
+        .list(ObjectKind::Pack)
         .unwrap()
         .into_iter()
         .map(|m| m.key.name)
         .collect();
     let mut out = Vec::new();
-    for meta in repo.store().list(Kind::Index).unwrap() {
+    for meta in repo.store().list(ObjectKind::Index).unwrap() {
         let bytes = repo.store().get(&meta.key, u64::MAX).unwrap();
         let body = object::open(repo.keys(), ObjectKind::Index, &bytes).unwrap();
         let file = vmkeep_core::pack::IndexFile::decode(&body).unwrap();

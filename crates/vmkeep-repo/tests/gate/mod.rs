@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crossbeam_channel::{bounded, Receiver, Sender};
-use vmkeep_store::{Key, Kind, ObjectMeta, Result, Store};
+use vmkeep_store::{Key, ObjectKind, ObjectMeta, Result, Store};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
@@ -29,7 +29,7 @@ pub enum When {
 
 struct Armed {
     op: Op,
-    kind: Kind,
+    kind: ObjectKind,
     when: When,
     /// Matching calls to let through before this gate closes.
     skip: usize,
@@ -87,7 +87,7 @@ impl GateStore {
     }
 
     /// Stop the `skip+1`-th call of `op` on `kind` at `when`.
-    pub fn arm(&self, op: Op, kind: Kind, when: When, skip: usize) -> Gate {
+    pub fn arm(&self, op: Op, kind: ObjectKind, when: When, skip: usize) -> Gate {
         let (atx, arx) = bounded(1);
         let (rtx, rrx) = bounded(1);
         self.gates.lock().unwrap().0.push(Armed {
@@ -104,7 +104,7 @@ impl GateStore {
         }
     }
 
-    fn pass(&self, op: Op, kind: Kind, when: When) {
+    fn pass(&self, op: Op, kind: ObjectKind, when: When) {
         let hit = {
             let mut g = self.gates.lock().unwrap();
             let pos =
@@ -125,7 +125,7 @@ impl GateStore {
         }
     }
 
-    fn around<T>(&self, op: Op, kind: Kind, f: impl FnOnce() -> T) -> T {
+    fn around<T>(&self, op: Op, kind: ObjectKind, f: impl FnOnce() -> T) -> T {
         self.pass(op, kind, When::Before);
         let r = f();
         self.pass(op, kind, When::After);
@@ -152,7 +152,7 @@ impl Store for GateStore {
     fn put_if_absent(&self, key: &Key, data: &[u8]) -> Result<bool> {
         self.around(Op::Put, key.kind, || self.inner.put_if_absent(key, data))
     }
-    fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>> {
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectMeta>> {
         self.around(Op::List, kind, || self.inner.list(kind))
     }
     fn delete(&self, key: &Key) -> Result<()> {

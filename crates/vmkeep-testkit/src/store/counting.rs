@@ -2,7 +2,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use vmkeep_store::{Key, Kind, ObjectMeta, Result, Store};
+use vmkeep_store::{Key, ObjectKind, ObjectMeta, Result, Store};
 
 use super::{kind_of, Op};
 
@@ -17,14 +17,14 @@ pub struct CountingStore {
 /// What a [`CountingStore`] saw.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
-    pub calls: BTreeMap<(Op, Option<Kind>), u64>,
+    pub calls: BTreeMap<(Op, Option<ObjectKind>), u64>,
     pub bytes_read: u64,
     pub bytes_written: u64,
 }
 
 impl Counts {
     /// Calls of `op` about `kind`.
-    pub fn of(&self, op: Op, kind: Kind) -> u64 {
+    pub fn of(&self, op: Op, kind: ObjectKind) -> u64 {
         self.calls.get(&(op, Some(kind))).copied().unwrap_or(0)
     }
 
@@ -65,7 +65,7 @@ impl CountingStore {
         std::mem::take(&mut *self.counts.lock().unwrap())
     }
 
-    fn count(&self, op: Op, kind: Option<Kind>, read: u64, written: u64) {
+    fn count(&self, op: Op, kind: Option<ObjectKind>, read: u64, written: u64) {
         let mut c = self.counts.lock().unwrap();
         *c.calls.entry((op, kind)).or_default() += 1;
         c.bytes_read += read;
@@ -108,7 +108,7 @@ impl Store for CountingStore {
         );
         self.inner.put_if_absent(key, data)
     }
-    fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>> {
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectMeta>> {
         self.count(Op::List, kind_of(None, Some(kind)), 0, 0);
         self.inner.list(kind)
     }
@@ -141,19 +141,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let local: Arc<dyn Store> = Arc::new(LocalStore::create(dir.path().join("r")).unwrap());
         let s = CountingStore::new(local);
-        let k = Key::new(Kind::Index, "ab").unwrap();
+        let k = Key::new(ObjectKind::Index, "ab").unwrap();
         s.put(&k, b"12345").unwrap();
         s.get(&k, 1 << 20).unwrap();
         s.get_range(&k, 1, 2).unwrap();
         assert!(s
-            .get(&Key::new(Kind::Index, "cd").unwrap(), 1 << 20)
+            .get(&Key::new(ObjectKind::Index, "cd").unwrap(), 1 << 20)
             .is_err());
-        s.list(Kind::Pack).unwrap();
+        s.list(ObjectKind::Pack).unwrap();
         s.delete(&k).unwrap();
         s.flush().unwrap();
         let c = s.take();
-        assert_eq!(c.of(Op::Get, Kind::Index), 2, "failed calls count too");
-        assert_eq!(c.of(Op::List, Kind::Pack), 1);
+        assert_eq!(
+            c.of(Op::Get, ObjectKind::Index),
+            2,
+            "failed calls count too"
+        );
+        assert_eq!(c.of(Op::List, ObjectKind::Pack), 1);
         assert_eq!(c.of_op(Op::Flush), 1);
         assert_eq!(c.mutations(), 2);
         assert_eq!((c.bytes_read, c.bytes_written), (7, 5));

@@ -4,7 +4,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmkeep_store::{Error, Key, Kind, ObjectMeta, Result, Store, TemporariesRemoved, Temporary};
+use vmkeep_store::{
+    Error, Key, ObjectKind, ObjectMeta, Result, Store, TemporariesRemoved, Temporary,
+};
 
 /// The `op` of the I/O error a [`FaultStore`] returns, so a test can tell it from a real one.
 pub const INJECTED: &str = "injected fault at";
@@ -80,7 +82,7 @@ impl Store for FaultStore {
         self.gate(key)?;
         self.inner.put_if_absent(key, data)
     }
-    fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>> {
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectMeta>> {
         self.inner.list(kind)
     }
     fn delete(&self, key: &Key) -> Result<()> {
@@ -132,7 +134,7 @@ impl Store for IgnoreConditionalStore {
         self.inner.put(key, data)?;
         Ok(true)
     }
-    fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>> {
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectMeta>> {
         self.inner.list(kind)
     }
     fn delete(&self, key: &Key) -> Result<()> {
@@ -157,7 +159,7 @@ mod tests {
     use vmkeep_store::LocalStore;
 
     fn key(name: &str) -> Key {
-        Key::new(Kind::Snapshot, name).unwrap()
+        Key::new(ObjectKind::Snapshot, name).unwrap()
     }
 
     #[test]
@@ -177,7 +179,7 @@ mod tests {
             b"1",
             "the failed delete did nothing"
         );
-        assert_eq!(s.list(Kind::Snapshot).unwrap().len(), 2);
+        assert_eq!(s.list(ObjectKind::Snapshot).unwrap().len(), 2);
         s.fail_from(0);
         s.put(&key("a3"), b"3").unwrap();
         assert_eq!(s.writes(), 1);

@@ -11,7 +11,7 @@ pub use counting::{CountingStore, Counts};
 pub use fault::{is_injected, FaultStore, IgnoreConditionalStore, INJECTED};
 pub use slow::SlowStore;
 
-use vmkeep_store::{Key, Kind};
+use vmkeep_store::{Key, ObjectKind};
 
 /// The operations of the `Store` interface (`location` is not one: it does no I/O).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +45,6 @@ impl Op {
 }
 
 /// The kind a call is about: its key's, the listed kind, none for `flush`.
-fn kind_of(key: Option<&Key>, listed: Option<Kind>) -> Option<Kind> {
+fn kind_of(key: Option<&Key>, listed: Option<ObjectKind>) -> Option<ObjectKind> {
     key.map(|k| k.kind).or(listed)
 }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vmkeep_store::{Key, Kind, ObjectMeta, Result, Store};
+use vmkeep_store::{Key, ObjectKind, ObjectMeta, Result, Store};
 
 use super::{kind_of, Op};
 
@@ -18,7 +18,7 @@ pub struct SlowStore {
     inner: Arc<dyn Store>,
     delay: Mutex<Duration>,
     ops: Option<BTreeSet<Op>>,
-    kinds: Option<BTreeSet<Kind>>,
+    kinds: Option<BTreeSet<ObjectKind>>,
     late: bool,
     delayed: AtomicU64,
 }
@@ -43,7 +43,7 @@ impl SlowStore {
     }
 
     /// Only calls about these kinds wait (`flush`, which has no kind, then never waits).
-    pub fn only_kinds(mut self, kinds: &[Kind]) -> SlowStore {
+    pub fn only_kinds(mut self, kinds: &[ObjectKind]) -> SlowStore {
         self.kinds = Some(kinds.iter().copied().collect());
         self
     }
@@ -64,7 +64,7 @@ impl SlowStore {
         self.delayed.load(Ordering::SeqCst)
     }
 
-    fn wait(&self, op: Op, kind: Option<Kind>) {
+    fn wait(&self, op: Op, kind: Option<ObjectKind>) {
         let delay = *self.delay.lock().unwrap();
         let op_chosen = self.ops.as_ref().is_none_or(|s| s.contains(&op));
         let kind_chosen = match &self.kinds {
@@ -78,7 +78,7 @@ impl SlowStore {
         std::thread::sleep(delay);
     }
 
-    fn call<T>(&self, op: Op, kind: Option<Kind>, f: impl FnOnce() -> T) -> T {
+    fn call<T>(&self, op: Op, kind: Option<ObjectKind>, f: impl FnOnce() -> T) -> T {
         if !self.late {
             self.wait(op, kind);
         }
@@ -117,7 +117,7 @@ impl Store for SlowStore {
             self.inner.put_if_absent(key, data)
         })
     }
-    fn list(&self, kind: Kind) -> Result<Vec<ObjectMeta>> {
+    fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectMeta>> {
         self.call(Op::List, kind_of(None, Some(kind)), || {
             self.inner.list(kind)
         })
@@ -162,14 +162,14 @@ mod tests {
         let local: Arc<dyn Store> = Arc::new(LocalStore::create(dir.path().join("r")).unwrap());
         let s = SlowStore::new(local, DELAY)
             .only_ops(&[Op::List, Op::Put])
-            .only_kinds(&[Kind::Snapshot]);
-        let snap = Key::new(Kind::Snapshot, "a").unwrap();
-        let lock = Key::new(Kind::Lock, "b").unwrap();
+            .only_kinds(&[ObjectKind::Snapshot]);
+        let snap = Key::new(ObjectKind::Snapshot, "a").unwrap();
+        let lock = Key::new(ObjectKind::Lock, "b").unwrap();
         assert!(timed(|| s.put(&snap, b"x").unwrap()) >= DELAY);
-        assert!(timed(|| s.list(Kind::Snapshot).unwrap()) >= DELAY);
+        assert!(timed(|| s.list(ObjectKind::Snapshot).unwrap()) >= DELAY);
         assert_eq!(s.delayed_calls(), 2);
         s.put(&lock, b"y").unwrap();
-        s.list(Kind::Lock).unwrap();
+        s.list(ObjectKind::Lock).unwrap();
         s.get(&snap, 1 << 20).unwrap();
         s.flush().unwrap();
         assert_eq!(
@@ -193,16 +193,16 @@ mod tests {
         );
         let lister = {
             let s = s.clone();
-            std::thread::spawn(move || s.list(Kind::Snapshot).unwrap())
+            std::thread::spawn(move || s.list(ObjectKind::Snapshot).unwrap())
         };
         std::thread::sleep(DELAY);
         local
-            .put(&Key::new(Kind::Snapshot, "new").unwrap(), b"x")
+            .put(&Key::new(ObjectKind::Snapshot, "new").unwrap(), b"x")
             .unwrap();
         assert!(
             lister.join().unwrap().is_empty(),
             "listed before the put, answered after it"
         );
-        assert_eq!(s.list(Kind::Snapshot).unwrap().len(), 1);
+        assert_eq!(s.list(ObjectKind::Snapshot).unwrap().len(), 1);
     }
 }

@@ -88,7 +88,6 @@ fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
             FreezeMode::On => Freeze::On,
             FreezeMode::Off => Freeze::Off,
         },
-        hooks: Default::default(),
         guard,
     };
     let bars = Bars::new(g.quiet);
