@@ -18,7 +18,7 @@ use vmkeep_core::{object, ObjectKind};
 use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
-use crate::index::{pack_key, pack_sizes};
+use crate::index::{pack_key, pack_sizes, RawIndex};
 use crate::lease::LeaseKind;
 use crate::progress::Progress;
 use crate::Repository;
@@ -32,9 +32,11 @@ pub struct RepairIndexStats {
     pub blobs_indexed: u64,
     pub index_objects_written: u64,
     pub index_objects_removed: u64,
-    /// Packs whose header could not be read (and why): their blobs are not indexed; `check`
-    /// reports the restore points that need them.
+    /// Packs whose header could not be read (and why). Those the old index objects named keep
+    /// their old entries (counted in `packs_kept_from_old_index`); the others' blobs are not
+    /// indexed, and `check` reports the restore points that need them.
     pub packs_unreadable: Vec<(PackId, String)>,
+    pub packs_kept_from_old_index: u64,
 }
 
 impl Repository {
@@ -47,6 +49,9 @@ impl Repository {
             .into_iter()
             .map(|m| m.key)
             .collect();
+        // What the old index objects say, for packs whose header cannot be read: their blobs
+        // may still be intact (check --read-data verifies them), so their entries are kept.
+        let known = RawIndex::load(self)?.by_pack;
         let mut packs: Vec<(PackId, u64)> = pack_sizes(self)?.into_iter().collect();
         packs.sort();
         progress.phase("read pack headers", packs.len() as u64);
@@ -57,7 +62,17 @@ impl Repository {
                     stats.blobs_indexed += entries.len() as u64;
                     found.push((*p, entries));
                 }
-                Err(e) if e.is_damage() => stats.packs_unreadable.push((*p, e.to_string())),
+                Err(e) if e.is_damage() => {
+                    if let Some(entries) = known.get(p) {
+                        let mut entries = entries.clone();
+                        entries.sort_by_key(|e| e.offset);
+                        entries.dedup_by_key(|e| e.offset);
+                        stats.blobs_indexed += entries.len() as u64;
+                        stats.packs_kept_from_old_index += 1;
+                        found.push((*p, entries));
+                    }
+                    stats.packs_unreadable.push((*p, e.to_string()));
+                }
                 Err(e) => return Err(e),
             }
             stats.packs_read += 1;

@@ -104,3 +104,34 @@ fn a_full_backup_heals_restore_points_of_a_lost_pack() {
         assert_same_file(&target.join("sys.raw"), &img);
     }
 }
+
+/// A pack whose header is damaged but whose blobs are intact stays usable: `repair index` keeps
+/// what the old index objects said about it instead of dropping its blobs.
+#[test]
+fn repair_index_keeps_entries_of_a_pack_with_a_damaged_header() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let repo = dir.join("repo");
+    ok(vmkeep(&repo).args(["init"]));
+    let img = dir.join("a.img");
+    write(&img, &semi_bytes(3 << 20, seed("repair-header")));
+    let v = backup(&repo, "vm", &[("sys", &img)]);
+    let pack = objects(&repo, "packs").into_iter().next().unwrap();
+    let path = pack_path(&repo, &pack);
+    let len = std::fs::metadata(&path).unwrap().len();
+    patch(&path, len - 12, &[0x5a]); // inside the sealed header, before its length
+    let st = json(vmkeep(&repo).args(["repair", "index"]));
+    println!("repair index: {st}");
+    assert_eq!(st["packs_unreadable"].as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(st["packs_kept_from_old_index"].as_u64(), Some(1), "{st}");
+    let out = vmkeep(&repo)
+        .args(["--json", "check", "--read-data"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the blobs are intact: {}",
+        describe(&out)
+    );
+    assert_restores(&repo, &id_of(&v), "sys", &img, dir);
+}

@@ -22,6 +22,7 @@ fn index(g: &Global) -> Result<u8> {
             "blobs_indexed": st.blobs_indexed,
             "index_objects_written": st.index_objects_written,
             "index_objects_removed": st.index_objects_removed,
+            "packs_kept_from_old_index": st.packs_kept_from_old_index,
             "packs_unreadable": st
                 .packs_unreadable
                 .iter()
@@ -30,7 +31,7 @@ fn index(g: &Global) -> Result<u8> {
         }))?;
     } else {
         for (p, why) in &st.packs_unreadable {
-            eprintln!("vmkeep: warning: pack {p} could not be indexed: {why}");
+            eprintln!("vmkeep: warning: the header of pack {p} cannot be read: {why}");
         }
         print_line(&format!(
             "indexed {} blobs of {} packs into {} index objects (replacing {}); run `vmkeep check`",
