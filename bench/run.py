@@ -35,7 +35,10 @@ VM = "bench"
 DISK = "disk0"
 STEPS = ("full", "incremental", "nochange")
 ALL_TOOLS = ("vmkeep", "restic", "rustic", "borg", "zstd")
-PEERS = ("restic", "rustic")  # vmkeep/<peer> ratio rows
+# "vmkeep-base": a second vmkeep binary (--vmkeep-base PATH, e.g. built from an older commit),
+# measured in the same rotation so that the new/old ratio comes from one run under one load.
+EXTRA_TOOLS = ("vmkeep-base",)
+PEERS = ("restic", "rustic", "vmkeep-base")  # vmkeep/<peer> ratio rows (when measured)
 # A backup starts only when the image's last change (ctime) is this old. vmkeep (like git's
 # "racy clean" rule) records a file's identity for the next backup's unchanged-file check only
 # when its ctime is over 1 s old at backup start; without the pause, whether the no-change
@@ -167,9 +170,13 @@ class Borg(Tool):
 class Vmkeep(Tool):
     name, label = "vmkeep", "vmkeep (--encrypt)"
 
-    def __init__(self, work, binary):
+    def __init__(self, work, binary, name=None, label=None):
         super().__init__(work)
         self.binary = binary
+        if name:
+            self.name = name
+        if label:
+            self.label = label
 
     def env(self):
         return {"VMKEEP_PASSWORD": bl.PASSWORD}
@@ -204,6 +211,9 @@ class Vmkeep(Tool):
         return res, path
 
 
+BASE_LABEL = "vmkeep base binary (--encrypt)"
+
+
 class Zstd(Tool):
     name, label, binary = "zstd", "zstd -1 -T2 (limit)", "zstd"
 
@@ -224,8 +234,11 @@ def step_record(res: dict, repo: Path | None) -> dict:
     return rec
 
 
-def sync():
+def sync() -> float:
+    """Flush every dirty page; return the seconds it took (untimed for the step itself)."""
+    t = time.perf_counter()
     os.sync()
+    return time.perf_counter() - t
 
 
 def settle(img: Path) -> float:
@@ -268,8 +281,9 @@ def run_tool(tool: Tool, image: str, pristine: Path, rep: int, args, datamap) ->
             sync()
             waited = settle(img)
             res = tool.backup(repo, img, step)
-            sync()
+            synced = sync()
             rec["steps"][step] = step_record(res, repo)
+            rec["steps"][step]["sync_after_s"] = synced
             rec["steps"][step]["settle_wait_s"] = waited
             if res["rc"] != 0:
                 raise RuntimeError(f"{step} backup failed: {res['stderr'].strip()[-300:]}")
@@ -281,8 +295,12 @@ def run_tool(tool: Tool, image: str, pristine: Path, rep: int, args, datamap) ->
         dest.mkdir()
         sync()
         res, path = tool.restore(repo, img, dest, last_id)
-        sync()
+        synced = sync()
         rec["steps"]["restore"] = step_record(res, None)
+        # Write-back the tool left to the OS: a tool that fsyncs its output (vmkeep's restore
+        # since its durability fix) pays it inside its timed step, one that does not leaves it
+        # here; restore seconds + this is the like-for-like "restored and on disk" time.
+        rec["steps"]["restore"]["sync_after_s"] = synced
         if res["rc"] != 0:
             raise RuntimeError(f"restore failed: {res['stderr'].strip()[-300:]}")
         ok = bl.files_identical(path, img)
@@ -315,6 +333,9 @@ def derive(rec: dict) -> dict:
         d[f"{step}_cpu_s"] = st.get("cpu_s") if ok else None
         d[f"{step}_rss_kib"] = st.get("maxrss_kib") if ok else None
         d[f"{step}_rchar"] = st.get("rchar") if ok else None
+    r = s.get("restore")
+    d["restore_sync_s"] = (r["seconds"] + r["sync_after_s"]
+                           if r and r["rc"] == 0 and r.get("sync_after_s") is not None else None)
     rss = [st.get("maxrss_kib") for st in s.values() if st and st.get("maxrss_kib") is not None]
     d["peak_rss_kib"] = max(rss) if rss else None
 
@@ -371,7 +392,7 @@ def fmt_mib(kib) -> str:
 
 def markdown(meta, med, tools, images, image_size, targets, failures) -> str:
     labels = {"vmkeep": Vmkeep.label, "restic": Restic.label, "rustic": Rustic.label, "borg": Borg.label,
-              "zstd": Zstd.label}
+              "zstd": Zstd.label, "vmkeep-base": BASE_LABEL}
     steps4 = ("full", "incremental", "nochange", "restore")
     L = []
     L.append(f"## vmkeep benchmark, {meta['started']}")
@@ -430,6 +451,13 @@ def markdown(meta, med, tools, images, image_size, targets, failures) -> str:
             cols = [ratio(v.get(k), r.get(k)) for k in
                     ("full_s", "incremental_s", "nochange_s", "restore_s", "stored_inc", "repo_full", "peak_rss_kib")]
             L.append(f"| **vmkeep/{peer}** | {image} | " + " | ".join(fmt_ratio(c) for c in cols) + " |")
+    rs = [(f"{t} {image}", med[f"{image}/{t}"].get("restore_sync_s")) for image in images for t in tools
+          if t != "zstd" and med.get(f"{image}/{t}")]
+    if any(v is not None for _, v in rs):
+        L.append("")
+        L.append("Restore until on disk (restore s + the untimed sync after it, medians; vmkeep fsyncs "
+                 "its restored file inside the restore, the peers leave the write-back to that sync): "
+                 + "; ".join(f"{k} {bl.fmt_s(v)}" for k, v in rs) + ".")
     L.append("")
     L.append("Per step (medians), full / incremental / no-change / restore: bytes the tool's processes "
              "read (rchar: read() calls, page-cache hits included; image, repository and cache), "
@@ -522,7 +550,7 @@ def finish(meta, runs, tools, images, image_size):
 def report(path):
     import json
     d = json.loads(Path(path).read_text())
-    tools = [t for t in ALL_TOOLS if any(r["tool"] == t for r in d["runs"])]
+    tools = [t for t in ALL_TOOLS + EXTRA_TOOLS if any(r["tool"] == t for r in d["runs"])]
     images = [i for i in ("allocated", "sparse") if any(r["image"] == i for r in d["runs"])]
     _, _, failures, md = finish(d, d["runs"], tools, images, d["images"]["image_size"])
     print(md)
@@ -537,7 +565,12 @@ def main(argv=None):
     ap.add_argument("--vmkeep", default=bl.DEFAULT_VMKEEP, help="vmkeep binary (default %(default)s)")
     ap.add_argument("--rustic", default=default_rustic(),
                     help="rustic binary (default %(default)s, built by scripts/install-deps.sh bench)")
-    ap.add_argument("--tools", default=",".join(ALL_TOOLS), help="comma list (default %(default)s)")
+    ap.add_argument("--vmkeep-base", metavar="PATH",
+                    help="a second vmkeep binary (e.g. an older commit's), measured as tool "
+                         "'vmkeep-base' in the same rotation; adds a vmkeep/vmkeep-base ratio row")
+    ap.add_argument("--tools", default=",".join(ALL_TOOLS),
+                    help="comma list (default %(default)s; vmkeep-base is added after vmkeep "
+                         "when --vmkeep-base is given)")
     ap.add_argument("--images", default="allocated,sparse", help="comma list (default %(default)s)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the 1%% change (default 1)")
     ap.add_argument("--min-free-gib", type=float, default=20, help="free space required in --work (default 20)")
@@ -550,14 +583,20 @@ def main(argv=None):
     work = Path(args.work)
     tools = [t for t in args.tools.split(",") if t]
     if args.skip_vmkeep:
-        tools = [t for t in tools if t != "vmkeep"]
+        tools = [t for t in tools if t not in ("vmkeep", "vmkeep-base")]
+    if args.vmkeep_base and not args.skip_vmkeep and "vmkeep-base" not in tools:
+        at = tools.index("vmkeep") + 1 if "vmkeep" in tools else len(tools)
+        tools.insert(at, "vmkeep-base")
+    if "vmkeep-base" in tools and not args.vmkeep_base:
+        bl.die("tool vmkeep-base needs --vmkeep-base PATH", 2)
     images = [i for i in args.images.split(",") if i]
     for i in images:
         if i not in ("allocated", "sparse"):
             bl.die(f"unknown image {i!r} (allocated, sparse)", 2)
     known = {"vmkeep": lambda: Vmkeep(work, args.vmkeep), "restic": lambda: Restic(work),
              "rustic": lambda: Rustic(work, args.rustic), "borg": lambda: Borg(work),
-             "zstd": lambda: Zstd(work)}
+             "zstd": lambda: Zstd(work),
+             "vmkeep-base": lambda: Vmkeep(work, args.vmkeep_base, "vmkeep-base", BASE_LABEL)}
     for t in tools:
         if t not in known:
             bl.die(f"unknown tool {t!r} ({', '.join(known)})", 2)
