@@ -192,3 +192,47 @@ fn prune_dry_run_reports_what_prune_reclaims() {
     assert_eq!(dry["reclaimed_bytes"], real["reclaimed_bytes"]);
     assert_eq!(dry["forgotten"], real["forgotten"]);
 }
+
+/// A prune stopped past its lease timeout (right after writing its GC record, before sealing
+/// it) is judged dead; a second prune runs meanwhile (and seals and sweeps that record). When
+/// the first resumes, it finds its lease lost and stops before changing anything else: two
+/// prunes never sweep at once.
+#[test]
+fn a_prune_stopped_past_its_lease_stops_when_it_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, _b) = setup(tmp.path());
+    let timeouts = [
+        ("VMKEEP_LEASE_TIMEOUT_SECS", "2"),
+        ("VMKEEP_LEASE_REFRESH_SECS", "1"),
+    ];
+    let mut first = vmkeep_std(&repo);
+    first
+        .args(["--json", "prune"])
+        .env("VMKEEP_STOP_AT", "after-gc-record")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in timeouts {
+        first.env(k, v);
+    }
+    let mut first = first.spawn().unwrap();
+    wait_stopped(&mut first);
+    std::thread::sleep(Duration::from_secs(3)); // past the lease timeout
+    let mut second = vmkeep(&repo);
+    for (k, v) in timeouts {
+        second.env(k, v);
+    }
+    let st = json(second.args(["--json", "prune"]));
+    println!("the second prune: {st}");
+    assert!(st["gc"]["packs_deleted"].as_u64().unwrap() > 0, "{st}");
+    resume(&first);
+    let out = first.wait_with_output().unwrap();
+    println!("the first prune, resumed: {}", describe(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("prune was stopped longer than its lease timeout"),
+        "{err}"
+    );
+    let (code, report) = check_exit(&repo);
+    assert_eq!(code, 0, "{report}");
+}
