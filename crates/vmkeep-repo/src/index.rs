@@ -107,6 +107,16 @@ fn check_index_name(name: &str, bytes: &[u8]) -> vmkeep_core::Result<()> {
     })
 }
 
+impl RawIndex {
+    /// Entries of a pack as indexed (all index objects' entries for it, one per offset).
+    pub fn entries_of(&self, p: &PackId) -> Vec<PackEntry> {
+        let mut v = self.by_pack.get(p).cloned().unwrap_or_default();
+        v.sort_by_key(|e| e.offset);
+        v.dedup_by_key(|e| e.offset);
+        v
+    }
+}
+
 /// Size of every pack in the store.
 pub(crate) fn pack_sizes(repo: &Repository) -> Result<HashMap<PackId, u64>> {
     Ok(repo

@@ -51,7 +51,7 @@ impl Repository {
             .collect();
         // What the old index objects say, for packs whose header cannot be read: their blobs
         // may still be intact (check --read-data verifies them), so their entries are kept.
-        let known = RawIndex::load(self)?.by_pack;
+        let known = RawIndex::load(self)?;
         let mut packs: Vec<(PackId, u64)> = pack_sizes(self)?.into_iter().collect();
         packs.sort();
         progress.phase("read pack headers", packs.len() as u64);
@@ -63,10 +63,8 @@ impl Repository {
                     found.push((*p, entries));
                 }
                 Err(e) if e.is_damage() => {
-                    if let Some(entries) = known.get(p) {
-                        let mut entries = entries.clone();
-                        entries.sort_by_key(|e| e.offset);
-                        entries.dedup_by_key(|e| e.offset);
+                    let entries = known.entries_of(p);
+                    if !entries.is_empty() {
                         stats.blobs_indexed += entries.len() as u64;
                         stats.packs_kept_from_old_index += 1;
                         found.push((*p, entries));

@@ -20,6 +20,34 @@ fn prune(repo: &Repository) -> vmkeep_repo::Result<PruneStats> {
     repo.prune(&plan, &NoProgress)
 }
 
+/// A repository holding one restore point of a 2 MiB image, just forgotten: its packs are
+/// garbage to a prune, and a new backup of the same image would reuse them.
+struct Forgotten {
+    _tmp: tempfile::TempDir,
+    root: std::path::PathBuf,
+    repo: Repository,
+    d: Disks,
+}
+
+fn forgotten_point(seed: u64, encrypted: bool) -> Forgotten {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut rng = Rng::new(seed);
+    let image = Spec::mixed(2 << 20, &mut rng);
+    let d = disks(&[("sys", &image.write(&dir.join("a.img")))]);
+    let root = dir.join("repo");
+    init_repo(&root, encrypted);
+    let repo = open_local(&root, encrypted, 2);
+    let m1 = backup(&repo, "vm", &d).unwrap();
+    repo.forget(&[m1.id]).unwrap();
+    Forgotten {
+        _tmp: tmp,
+        root,
+        repo,
+        d,
+    }
+}
+
 /// A second handle on the repository at `root` whose store calls pass through a gate store.
 fn gated(root: &std::path::Path, encrypted: bool) -> (Repository, Arc<GateStore>) {
     let g = GateStore::new(Arc::new(LocalStore::open(root).unwrap()));
@@ -34,16 +62,12 @@ fn gated(root: &std::path::Path, encrypted: bool) -> (Repository, Arc<GateStore>
 #[test]
 fn backup_finishing_during_prune_mark_keeps_its_data() {
     for encrypted in [false, true] {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let mut rng = Rng::new(1 + encrypted as u64);
-        let image = Spec::mixed(2 << 20, &mut rng);
-        let d = disks(&[("sys", &image.write(&dir.join("a.img")))]);
-        let root = dir.join("repo");
-        init_repo(&root, encrypted);
-        let repo = open_local(&root, encrypted, 2);
-        let m1 = backup(&repo, "vm", &d).unwrap();
-        repo.forget(&[m1.id]).unwrap();
+        let Forgotten {
+            _tmp,
+            root,
+            repo,
+            d,
+        } = forgotten_point(1 + encrypted as u64, encrypted);
 
         let (prune_repo, gates) = gated(&root, encrypted);
         let record = gates.arm(Op::Put, ObjectKind::GcRecord, When::Before, 0);
@@ -72,16 +96,12 @@ fn backup_finishing_during_prune_mark_keeps_its_data() {
 #[test]
 fn backup_starting_while_the_gc_record_is_written_keeps_its_data() {
     for encrypted in [false, true] {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let mut rng = Rng::new(10 + encrypted as u64);
-        let image = Spec::mixed(2 << 20, &mut rng);
-        let d = disks(&[("sys", &image.write(&dir.join("a.img")))]);
-        let root = dir.join("repo");
-        init_repo(&root, encrypted);
-        let repo = open_local(&root, encrypted, 2);
-        let m1 = backup(&repo, "vm", &d).unwrap();
-        repo.forget(&[m1.id]).unwrap();
+        let Forgotten {
+            _tmp,
+            root,
+            repo,
+            d,
+        } = forgotten_point(10 + encrypted as u64, encrypted);
 
         let (prune_repo, gates) = gated(&root, encrypted);
         let record = gates.arm(Op::Put, ObjectKind::GcRecord, When::Before, 0);
@@ -442,16 +462,12 @@ impl Store for FailingReads {
 /// manifest it just wrote and fails: no restore point with missing data stays.
 #[test]
 fn a_manifest_put_that_outlasts_the_lease_is_verified_after_it_lands() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let mut rng = Rng::new(80);
-    let image = Spec::mixed(2 << 20, &mut rng);
-    let d = disks(&[("sys", &image.write(&dir.join("a.img")))]);
-    let root = dir.join("repo");
-    init_repo(&root, false);
-    let repo = open_local(&root, false, 2);
-    let m1 = backup(&repo, "vm", &d).unwrap();
-    repo.forget(&[m1.id]).unwrap();
+    let Forgotten {
+        _tmp,
+        root,
+        repo,
+        d,
+    } = forgotten_point(80, false);
 
     let (slow_repo, gates) = gated(&root, false);
     let mut t = tuning(2);

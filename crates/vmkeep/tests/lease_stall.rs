@@ -7,37 +7,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-/// Wait until `child` has stopped itself (state T in /proc).
-fn wait_stopped(child: &mut Child) {
-    let stat = format!("/proc/{}/stat", child.id());
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("the backup exited ({st}) before reaching its stop point");
-        }
-        let s = std::fs::read_to_string(&stat).unwrap_or_default();
-        // The state follows the parenthesised command name.
-        if s.rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('T'))
-        {
-            return;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "backup never stopped"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn resume(child: &Child) {
-    // SAFETY: kill(2) with a pid we spawned and a valid signal.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGCONT) }, 0);
-}
 
 /// An image whose first half is the forgotten restore point's whole disk and whose second half
 /// is new: the backup reuses the first half and writes more than one 16 MiB pack of the second,

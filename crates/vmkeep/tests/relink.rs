@@ -6,25 +6,8 @@
 mod common;
 
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use common::*;
-
-fn wait_stopped(child: &mut std::process::Child) {
-    let stat = format!("/proc/{}/stat", child.id());
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("exited ({st}) before its stop point");
-        }
-        let s = std::fs::read_to_string(&stat).unwrap_or_default();
-        if s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')) {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "never stopped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn a_dangling_parent_left_by_two_crashes_is_relinked_by_the_next_prune() {
@@ -67,8 +50,7 @@ fn a_dangling_parent_left_by_two_crashes_is_relinked_by_the_next_prune() {
         describe(&out)
     );
     // The backup writes its manifest naming m1, and dies before it checks its parent again.
-    // SAFETY: kill(2) on our own child with a valid signal.
-    assert_eq!(unsafe { libc::kill(b.id() as i32, libc::SIGCONT) }, 0);
+    resume(&b);
     let out = b.wait_with_output().unwrap();
     assert!(
         !out.status.success(),

@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -76,22 +76,6 @@ fn wrapped(prefix: &[&str], repo: &Path) -> Command {
     }
     c.stdin(Stdio::null());
     with_timeouts(c)
-}
-
-fn wait_stopped(child: &mut Child) {
-    let stat = format!("/proc/{}/stat", child.id());
-    let t0 = Instant::now();
-    loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("the backup exited ({st}) before its stop point");
-        }
-        let s = std::fs::read_to_string(&stat).unwrap_or_default();
-        if s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('T')) {
-            return;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(120), "never stopped");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// What a backup process ended with: its restore point id, or its one-line error.
@@ -189,8 +173,7 @@ fn torture_rounds_never_commit_missing_data() {
         let namespaced = backup_cmd(&repo, &in_ns, "d", &base).spawn().unwrap();
         wait_stopped(&mut stopped);
         std::thread::sleep(Duration::from_millis(4500)); // past the 3 s lease timeout
-                                                         // SAFETY: kill(2) on our own child with a valid signal.
-        assert_eq!(unsafe { libc::kill(stopped.id() as i32, libc::SIGCONT) }, 0);
+        resume(&stopped);
 
         let prune_out = prune.wait_with_output().unwrap();
         assert!(

@@ -113,20 +113,23 @@ impl Repository {
     /// GC under the exclusive maintenance lease `lease`.
     pub(crate) fn gc_locked(&self, lease: &Lease, progress: &dyn Progress) -> Result<GcStats> {
         let mut stats = GcStats::default();
-        let mine = *lease.id();
-        // 1. Seal what a killed prune left unsealed.
+        // 1. Seal what a killed prune left unsealed: one lease listing, made after all of
+        //    them landed, serves them all.
         let mut loaded = record::load_all(self)?;
         loaded.warn_damaged();
-        for (id, rec) in loaded
+        let mut unsealed = loaded
             .records
             .iter_mut()
             .filter(|(_, r)| r.waiting.is_none())
-        {
-            let waiting = self.live_leases_except(&mine)?;
-            lease.check()?;
-            rec.waiting = Some(waiting);
-            record::put(self, id, rec)?;
-            stats.records_sealed += 1;
+            .peekable();
+        if unsealed.peek().is_some() {
+            let waiting = self.live_leases_except(lease.id())?;
+            for (id, rec) in unsealed {
+                lease.check()?;
+                rec.waiting = Some(waiting.clone());
+                record::put(self, id, rec)?;
+                stats.records_sealed += 1;
+            }
         }
         self.store.flush()?;
 
@@ -236,14 +239,12 @@ impl Repository {
         stats: &mut GcStats,
         progress: &dyn Progress,
     ) -> Result<()> {
-        let records = record::load_all(self)?.records;
+        let loaded = record::load_all(self)?;
         let live: HashSet<LeaseId> = self.live_leases_except(lease.id())?.into_iter().collect();
         // After the lease listing: every restore point committed by an operation that is not
         // listed any more is visible now.
-        let pending: HashSet<PackId> = records
-            .iter()
-            .flat_map(|(_, r)| r.condemned.iter().copied())
-            .collect();
+        let pending = loaded.condemned();
+        let records = loaded.records;
         let listed = mark.list_new(&HashSet::new())?;
         let snap = Snapshot::load(self, &pending)?;
         progress.phase("mark", 0);
@@ -322,7 +323,7 @@ impl Repository {
             let keep: Vec<(PackId, Vec<PackEntry>)> = packs
                 .iter()
                 .filter(|p| !dropped.contains(p))
-                .map(|p| (*p, entries_of(&raw.by_pack, p)))
+                .map(|p| (*p, raw.entries_of(p)))
                 .collect();
             if !keep.is_empty() {
                 let file = IndexFile { packs: keep };
@@ -350,17 +351,10 @@ impl Repository {
         forgotten: &HashSet<SnapshotId>,
         progress: &dyn Progress,
     ) -> Result<GcPreview> {
-        let records = record::load_all(self)?.records;
-        let now = chrono::Utc::now();
-        let live: HashSet<LeaseId> = crate::lease::list(self)?
-            .into_iter()
-            .filter(|l| self.judge_lease(l, now).is_alive())
-            .map(|l| l.id)
-            .collect();
-        let mut pending: HashSet<PackId> = records
-            .iter()
-            .flat_map(|(_, r)| r.condemned.iter().copied())
-            .collect();
+        let loaded = record::load_all(self)?;
+        let live: HashSet<LeaseId> = self.live_leases(None)?.into_iter().collect();
+        let mut pending = loaded.condemned();
+        let records = loaded.records;
         let mut mark = Mark::new(self);
         let listed = mark.list_new(forgotten)?;
         let snap = Snapshot::load(self, &pending)?;
@@ -429,12 +423,4 @@ impl Repository {
             sweep,
         })
     }
-}
-
-/// Entries of a pack as indexed (all index objects' entries for that pack, deduplicated).
-fn entries_of(by_pack: &HashMap<PackId, Vec<PackEntry>>, p: &PackId) -> Vec<PackEntry> {
-    let mut v = by_pack.get(p).cloned().unwrap_or_default();
-    v.sort_by_key(|e| e.offset);
-    v.dedup_by_key(|e| e.offset);
-    v
 }

@@ -75,12 +75,10 @@ impl Shared {
 /// A held lease; refreshed by a background thread until released or dropped.
 pub struct Lease {
     id: LeaseId,
-    key: Key,
-    record: LeaseRecord,
+    /// Writes the lease object (the refresh thread has its own clone).
+    writer: Writer,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
-    store: Arc<dyn vmkeep_store::Store>,
-    keys: vmkeep_core::keys::Keys,
 }
 
 fn encode(repo_keys: &vmkeep_core::keys::Keys, rec: &LeaseRecord) -> Vec<u8> {
@@ -105,9 +103,16 @@ impl Lease {
             refreshed: now,
         };
         let id = LeaseId::random();
-        let key = lease_key(&id);
+        let writer = Writer {
+            key: lease_key(&id),
+            record,
+            store: repo.store.clone(),
+            keys: repo.keys.clone(),
+        };
         let started = boot_time();
-        repo.store.put(&key, &encode(&repo.keys, &record))?;
+        writer
+            .store
+            .put(&writer.key, &encode(&writer.keys, &writer.record))?;
         let shared = Arc::new(Shared {
             stop: Mutex::new(false),
             wake: Condvar::new(),
@@ -117,17 +122,14 @@ impl Lease {
         });
         let mut lease = Lease {
             id,
-            key,
-            record,
+            writer,
             shared,
             thread: None,
-            store: repo.store.clone(),
-            keys: repo.keys.clone(),
         };
         let spawned = {
             let shared = lease.shared.clone();
             let every = repo.tuning.lease_refresh;
-            let writer = lease.writer();
+            let writer = lease.writer.clone();
             std::thread::Builder::new()
                 .name("vmkeep-lease".into())
                 .spawn(move || loop {
@@ -153,24 +155,15 @@ impl Lease {
         match spawned {
             Ok(t) => lease.thread = Some(t),
             Err(e) => {
-                let _ = lease.store.delete(&lease.key);
+                let _ = lease.writer.delete();
                 return Err(Error::Internal(format!("spawning the lease thread: {e}")));
             }
         }
         Ok(lease)
     }
 
-    fn writer(&self) -> Writer {
-        Writer {
-            key: self.key.clone(),
-            record: self.record.clone(),
-            store: self.store.clone(),
-            keys: self.keys.clone(),
-        }
-    }
-
     pub fn record(&self) -> &LeaseRecord {
-        &self.record
+        &self.writer.record
     }
 
     pub fn id(&self) -> &LeaseId {
@@ -182,7 +175,7 @@ impl Lease {
     pub fn check(&self) -> Result<()> {
         if self.shared.lost_now() {
             Err(Error::LeaseLost {
-                kind: self.record.kind,
+                kind: self.writer.record.kind,
             })
         } else {
             Ok(())
@@ -197,7 +190,7 @@ impl Lease {
     /// which the write started. The lost mark stays.
     pub fn refresh_now(&self) -> Result<Duration> {
         self.shared.lost_now();
-        self.writer().write(&self.shared)
+        self.writer.write(&self.shared)
     }
 
     /// After a lost lease was written again at `since` and everything it protects was
@@ -220,12 +213,12 @@ impl Lease {
 
     pub fn release(mut self) -> Result<()> {
         self.stop_thread();
-        self.store.delete(&self.key)?;
-        Ok(())
+        self.writer.delete()
     }
 }
 
-/// What the refresh thread needs to write the lease.
+/// The lease object's key and body, and the store it lives in.
+#[derive(Clone)]
 struct Writer {
     key: Key,
     record: LeaseRecord,
@@ -242,13 +235,18 @@ impl Writer {
         *shared.written_at.lock().unwrap() = started;
         Ok(started)
     }
+
+    fn delete(&self) -> Result<()> {
+        self.store.delete(&self.key)?;
+        Ok(())
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if self.thread.is_some() {
             self.stop_thread();
-            let _ = self.store.delete(&self.key);
+            let _ = self.writer.delete();
         }
     }
 }
@@ -294,10 +292,15 @@ impl Repository {
 
     /// Ids of the leases other than `mine` whose holders may still run.
     pub(crate) fn live_leases_except(&self, mine: &LeaseId) -> Result<Vec<LeaseId>> {
+        self.live_leases(Some(mine))
+    }
+
+    /// Ids of the leases (other than `except`) whose holders may still run.
+    pub(crate) fn live_leases(&self, except: Option<&LeaseId>) -> Result<Vec<LeaseId>> {
         let now = Utc::now();
         Ok(list(self)?
             .into_iter()
-            .filter(|l| l.id != *mine && self.judge_lease(l, now).is_alive())
+            .filter(|l| Some(&l.id) != except && self.judge_lease(l, now).is_alive())
             .map(|l| l.id)
             .collect())
     }

@@ -311,3 +311,33 @@ pub fn assert_restores(repo: &Path, snap: &str, disk: &str, want: &Path, scratch
     assert_same_file(&got, want);
     std::fs::remove_dir_all(&target).unwrap();
 }
+
+/// Wait until `child` has stopped itself at its `VMKEEP_STOP_AT` point (state T in
+/// `/proc/<pid>/stat`).
+pub fn wait_stopped(child: &mut std::process::Child) {
+    let stat = format!("/proc/{}/stat", child.id());
+    let t0 = std::time::Instant::now();
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("vmkeep exited ({st}) before reaching its stop point");
+        }
+        let s = std::fs::read_to_string(&stat).unwrap_or_default();
+        // The state follows the parenthesised command name.
+        if s.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('T'))
+        {
+            return;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "vmkeep never stopped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Resume a child stopped by `VMKEEP_STOP_AT`.
+pub fn resume(child: &std::process::Child) {
+    // SAFETY: kill(2) with a pid we spawned and a valid signal.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGCONT) }, 0);
+}

@@ -342,25 +342,35 @@ impl Protocol {
             .map(|(id, m)| (*id, *m))
     }
 
-    /// A lease refresh: "lost" becomes (and stays) true if the lease had expired; the lease is
-    /// written again with its original creation time (recreated if a prune removed it).
-    fn refresh(&self, s: &mut State, p: usize) {
-        let name = self.lease_name(p);
+    /// Write process `p`'s lease (created at `pr.lease_created`, refreshed now, recreated if a
+    /// prune removed it); a successful write restarts its CLOCK_BOOTTIME count.
+    fn write_lease(&self, s: &mut State, p: usize, pr: &mut Proc) {
         let clock = self.clock(s, p);
-        let now = s.now;
-        let pr = &mut s.procs[p];
-        if !self.cfg.variant.non_sticky_lost && now - pr.t0 >= TIMEOUT {
-            pr.lost = true;
-        }
-        pr.t0 = now;
         s.leases.insert(
-            name,
+            self.lease_name(p),
             Lease {
                 created: pr.lease_created,
                 refreshed: clock,
                 maintenance: !self.is_backup(p),
             },
         );
+        pr.t0 = s.now;
+    }
+
+    /// A refresh by the lease thread: "lost" becomes (and stays) true if the lease had
+    /// expired, then the lease is written again.
+    fn refresh(&self, s: &mut State, p: usize) {
+        let mut pr = s.procs[p].clone();
+        if !self.cfg.variant.non_sticky_lost && s.now - pr.t0 >= TIMEOUT {
+            pr.lost = true;
+        }
+        self.write_lease(s, p, &mut pr);
+        s.procs[p] = pr;
+    }
+
+    /// The newest restore point of `vm` other than `me`, with its content: a backup's parent.
+    fn newest_parent(s: &State, vm: u8, me: u8) -> Option<(u8, [u8; POS])> {
+        Self::latest(s, vm, Some(me)).map(|(i, m)| (i, m.content))
     }
 
     fn holds_lease(pc: Pc) -> bool {

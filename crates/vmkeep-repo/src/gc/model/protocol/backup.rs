@@ -20,16 +20,8 @@ impl Protocol {
         let my_pack = (PACK_OF_BACKUP + p as u8) as usize;
         match pr.pc {
             Pc::BLease => {
-                s.leases.insert(
-                    name,
-                    Lease {
-                        created: clock,
-                        refreshed: clock,
-                        maintenance: false,
-                    },
-                );
                 pr.lease_created = clock;
-                pr.t0 = now;
+                self.write_lease(s, p, pr);
                 pr.pc = Pc::BGc;
             }
             Pc::BGc => {
@@ -44,8 +36,7 @@ impl Protocol {
                         usable |= 1 << b;
                     }
                 }
-                let parent =
-                    Self::latest(s, spec.vm, Some(my_manifest)).map(|(i, m)| (i, m.content));
+                let parent = Self::newest_parent(s, spec.vm, my_manifest);
                 pr.usable = usable;
                 pr.parent = parent;
                 pr.pc = Pc::BDecide;
@@ -73,8 +64,7 @@ impl Protocol {
             Pc::BCheckParent => {
                 if let Some((pid, _)) = pr.parent {
                     if !s.manifests.contains_key(&pid) {
-                        let relinked = Self::latest(s, spec.vm, Some(my_manifest))
-                            .map(|(i, m)| (i, m.content));
+                        let relinked = Self::newest_parent(s, spec.vm, my_manifest);
                         pr.parent = relinked;
                     }
                 }
@@ -95,8 +85,7 @@ impl Protocol {
                     .parent
                     .is_some_and(|(pid, _)| !s.manifests.contains_key(&pid));
                 if dangling {
-                    let relinked =
-                        Self::latest(s, spec.vm, Some(my_manifest)).map(|(i, m)| (i, m.content));
+                    let relinked = Self::newest_parent(s, spec.vm, my_manifest);
                     let m = self.manifest_of(spec, relinked, s.manifests[&my_manifest].time);
                     s.manifests.insert(my_manifest, m);
                     pr.parent = relinked;
@@ -111,15 +100,7 @@ impl Protocol {
             }
             Pc::BRefresh => {
                 if !self.cfg.variant.non_sticky_lost {
-                    s.leases.insert(
-                        name,
-                        Lease {
-                            created: pr.lease_created,
-                            refreshed: clock,
-                            maintenance: false,
-                        },
-                    );
-                    pr.t0 = now;
+                    self.write_lease(s, p, pr);
                 }
                 pr.pc = Pc::BRecoverGc;
             }

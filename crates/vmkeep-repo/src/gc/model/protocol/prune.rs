@@ -34,7 +34,6 @@ impl Protocol {
         let spec = &self.cfg.prunes[j];
         let v = self.cfg.variant;
         let name = self.lease_name(p);
-        let now = s.now;
         let clock = self.clock(s, p);
         let my_record = j as u8;
         let my_pack = PACK_OF_PRUNE + j as u8;
@@ -46,16 +45,8 @@ impl Protocol {
         }
         match pr.pc {
             Pc::PLease => {
-                s.leases.insert(
-                    name,
-                    Lease {
-                        created: clock,
-                        refreshed: clock,
-                        maintenance: true,
-                    },
-                );
                 pr.lease_created = clock;
-                pr.t0 = now;
+                self.write_lease(s, p, pr);
                 pr.pc = Pc::PExclusive;
             }
             Pc::PExclusive => {
