@@ -134,7 +134,7 @@ impl NbdDisk {
     }
 }
 
-impl vmkeep_repo::DiskReader for NbdDisk {
+impl vmkeep_io::DiskReader for NbdDisk {
     fn size(&self) -> u64 {
         self.client.size()
     }
@@ -200,13 +200,13 @@ pub fn ranges_with(extents: &[Extent], pred: impl Fn(u32) -> bool) -> Vec<(u64, 
 /// Chunk runs `(first, count)` covering every chunk that touches a `base:allocation` extent
 /// not flagged as reading zeros (holes that do not read as zeros are read too).
 pub fn allocated_runs(extents: &[Extent], chunk_size: u64) -> Vec<(u64, u64)> {
-    vmkeep_repo::backup::chunk_runs(&ranges_with(extents, |f| f & STATE_ZERO == 0), chunk_size)
+    vmkeep_io::chunk_runs(&ranges_with(extents, |f| f & STATE_ZERO == 0), chunk_size)
 }
 
 /// Chunk runs covering every chunk that touches a dirty extent of a
 /// `qemu:dirty-bitmap:NAME` map (any granularity: a partial touch marks the whole chunk).
 pub fn dirty_runs(extents: &[Extent], chunk_size: u64) -> Vec<(u64, u64)> {
-    vmkeep_repo::backup::chunk_runs(&ranges_with(extents, |f| f & STATE_DIRTY != 0), chunk_size)
+    vmkeep_io::chunk_runs(&ranges_with(extents, |f| f & STATE_DIRTY != 0), chunk_size)
 }
 
 #[cfg(test)]

@@ -86,6 +86,15 @@ pub enum Error {
     #[error("NBD export {export:?} is read-only")]
     NbdReadOnly { export: String },
 
+    /// The VM was stopped (by someone else, or QEMU) after our `cont` while its memory was
+    /// captured: RAM and disks would not be from one instant.
+    #[error("the VM was stopped during the memory capture, so its RAM and disks would not be from one instant; the capture was discarded")]
+    InstantMoved,
+
+    /// A capture or recovery refused, with what to do about it.
+    #[error("{0}")]
+    Refused(String),
+
     /// The NBD connection is closed (after a protocol error, a disconnect, or EOF).
     #[error("NBD connection closed{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     NbdClosed { reason: Option<String> },

@@ -286,7 +286,7 @@ impl Qcow2Target {
         std::fs::File::open(&self.partial)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(format!("fsync {}", self.partial.display()), e))?;
-        vmkeep_repo::restore::publish(&self.partial, &self.path)
+        vmkeep_io::publish(&self.partial, &self.path)
             .map_err(|e| Error::io(format!("rename to {}", self.path.display()), e))?;
         self.committed = true;
         Ok(self.path.clone())
@@ -307,7 +307,7 @@ impl Drop for Qcow2Target {
     }
 }
 
-impl vmkeep_repo::DiskWriter for Qcow2Target {
+impl vmkeep_io::DiskWriter for Qcow2Target {
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
         Qcow2Target::write_at(self, data, offset).map_err(std::io::Error::other)
     }

@@ -7,8 +7,8 @@ mod common;
 
 use std::process::Command;
 
+use crate::common::{backup_vm, VmBackupOptions};
 use common::*;
-use vmkeep_qemu::capture::{backup_vm, VmBackupOptions};
 use vmkeep_qemu::qmp::QmpClient;
 use vmkeep_repo::NoProgress;
 

@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
+use common::{backup_vm, VmBackupOptions};
 use live::*;
-use vmkeep_qemu::capture::{backup_vm, Freeze, VmBackupOptions};
+use vmkeep_qemu::capture::Freeze;
 use vmkeep_repo::NoProgress;
 
 /// The guest's initrd with qemu-ga appended (built once, cached beside the guest).

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
+use common::backup_images;
 use common::*;
-use vmkeep_qemu::capture::backup_images;
 use vmkeep_repo::{BackupOptions, NoProgress, Repository};
 
 const K64: u64 = 65536;

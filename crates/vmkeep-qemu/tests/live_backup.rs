@@ -36,8 +36,11 @@ fn point_in_time_full_then_incremental_while_writing() {
     let left = vm.leftovers();
     vm.kill9();
 
-    assert_eq!(m1.pause_ms, 0);
-    assert_eq!(m2.pause_ms, 0);
+    // The cut stops the guest for the milliseconds it takes to insert the copy-before-write
+    // filters and switch bitmaps (generous bounds: TCG on a busy host).
+    for m in [&m1, &m2] {
+        assert!(m.pause_ms > 0 && m.pause_ms < 1000, "{}", m.pause_ms);
+    }
     for (name, c, reason) in cbt(&m1) {
         assert_eq!(
             (c.as_str(), reason.as_deref()),
@@ -154,8 +157,7 @@ fn kill9_of_qemu_means_rescan_and_a_correct_backup() {
         vm: "guest".into(),
         ..Default::default()
     };
-    let m_off =
-        vmkeep_qemu::capture::backup_images(&repo, opts, &images, false, &NoProgress).unwrap();
+    let m_off = crate::common::backup_images(&repo, opts, &images, false, &NoProgress).unwrap();
     assert!(
         cbt(&m_off).iter().all(|c| c.1 == "used"),
         "{:?}",

@@ -64,6 +64,9 @@ pub enum Error {
     Store(vmkeep_store::Error),
     #[error(transparent)]
     Core(#[from] vmkeep_core::Error),
+    /// The capture this backup reads from failed (a QEMU or NBD error, a refusal).
+    #[error("{0}")]
+    Source(vmkeep_io::SourceError),
     #[error("cannot read {path}: {cause}")]
     SourceRead {
         path: PathBuf,

@@ -1,30 +1,12 @@
-//! Test instruments: named kill points, always compiled (the real binary is tested with them),
-//! and, with the `test-hooks` feature only, callbacks at the instants where concurrency matters.
+//! Test instruments: named kill points (from vmkeep-io, always compiled: the real binary is
+//! tested with them) and, with the `test-hooks` feature only, callbacks at the instants where concurrency matters.
 #[cfg(feature = "test-hooks")]
 use std::sync::Arc;
 
 #[cfg(feature = "test-hooks")]
 use vmkeep_core::BlobId;
 
-/// Abort the process (as kill -9 would end it: no destructors, no cleanup) when the environment
-/// variable `VMKEEP_KILL_AT` names this point, or stop it (SIGSTOP, as a suspended machine or an
-/// operator's ^Z would) when `VMKEEP_STOP_AT` names it; a test resumes it with SIGCONT.
-/// Points: see docs/FORMAT.md "Crash points".
-pub fn kill_point(name: &str) {
-    if let Some(v) = std::env::var_os("VMKEEP_KILL_AT") {
-        if v == name {
-            eprintln!("vmkeep: VMKEEP_KILL_AT={name}: aborting");
-            std::process::abort();
-        }
-    }
-    if let Some(v) = std::env::var_os("VMKEEP_STOP_AT") {
-        if v == name {
-            eprintln!("vmkeep: VMKEEP_STOP_AT={name}: stopping (resume with SIGCONT)");
-            // SAFETY: raise(2) with a valid signal number has no memory-safety preconditions.
-            unsafe { libc::raise(libc::SIGSTOP) };
-        }
-    }
-}
+pub use vmkeep_io::killpoint::kill_point;
 
 /// A callback given the id of a blob.
 #[cfg(feature = "test-hooks")]

@@ -121,9 +121,18 @@ pub struct BackupVmArgs {
     /// Guest filesystem freeze through the QEMU guest agent
     #[arg(long, value_enum, default_value = "auto")]
     pub freeze: FreezeMode,
-    /// Stop the VM for the capture and resume it right after the cut
+    /// Keep the VM stopped from the cut until its disks are read (by default it is paused only
+    /// for the milliseconds of the cut)
     #[arg(long)]
     pub suspend: bool,
+    /// Also capture RAM and device state at the same instant (restore point that `recover`
+    /// resumes)
+    #[arg(long)]
+    pub memory: bool,
+    /// Where the capture's scratch images go (default: $TMPDIR or /tmp); they hold the old
+    /// contents of blocks the guest rewrites while the backup reads
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
     /// Internal: run as the capture guard of a vmkeep process (state on stdin)
     #[arg(long, hide = true)]
     pub guard: bool,
@@ -140,6 +149,9 @@ pub struct BackupImageArgs {
     /// Read every image in full, even files unchanged since the last restore point
     #[arg(long)]
     pub full: bool,
+    /// Where qcow2 images' capture scratch goes (default: $TMPDIR or /tmp)
+    #[arg(long, value_name = "DIR")]
+    pub scratch_dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -71,7 +71,9 @@ fn json_shape_and_change_tracking() {
     for b in [&b1, &b2] {
         assert!(b["id"].as_str().is_some_and(|s| !s.is_empty()), "{b}");
         assert_eq!(b["vm"], "guest", "{b}");
-        assert_eq!(b["pause_ms"], 0, "disk-only capture never pauses: {b}");
+        // The cut pauses the guest for the milliseconds it takes to insert the filters.
+        let pause = b["pause_ms"].as_u64().unwrap();
+        assert!(pause > 0 && pause < 1000, "pause_ms: {b}");
         for k in ["read_bytes", "stored_bytes", "seconds"] {
             assert!(b["stats"][k].is_number(), "stats.{k}: {b}");
         }

@@ -1,8 +1,9 @@
 //! A `vmkeep backup vm` killed (abort, as kill -9 would) at each named point of a live capture
 //! never harms the VM: its guard (the binary re-executed as `backup vm --guard`) puts the VM
-//! back: running, no scratch node, job or export left, checkpoint bitmaps merged back. The next
-//! backup still uses change tracking and is a correct point-in-time image. When the guard could
-//! not start either, the next capture finds the leftovers by name and undoes them the same way.
+//! back: running, no scratch node, filter or export left, checkpoint bitmaps merged back. The
+//! next backup still uses change tracking and is a correct point-in-time image. When vmkeep and
+//! its guard die together (a cgroup or OOM kill takes both), the next capture finds the dead
+//! capture's undo log in its scratch directory and undoes it with the same executor.
 //!
 //! The real binary against a real QEMU guest on two disks (vda: -blockdev, device id `vd0`;
 //! vdb: -drive `drive1` on an anonymous device) running the seqwrite workload
@@ -10,9 +11,6 @@
 
 mod common;
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::sync::Arc;
@@ -23,10 +21,9 @@ use serde_json::Value;
 use vmkeep_repo::{Manifest, Repository};
 use vmkeep_store::LocalStore;
 use vmkeep_testkit::guest::{check_two_disk_cut, guest, make_filled_disks, two_disk_vm};
-use vmkeep_testkit::process::{require, run};
 use vmkeep_testkit::vm::{qemu_lock, Vm};
 
-/// The repository is encrypted: the test without a guard hands the passphrase over a FIFO.
+/// The repository is encrypted (the guard never needs the passphrase).
 const PASS: &str = "guard test passphrase";
 
 const KILL_POINTS: [&str; 5] = [
@@ -164,76 +161,87 @@ fn a_vmkeep_killed_at_each_capture_point_leaves_the_vm_unharmed() {
         check_cut(&repo, &id_of(&b), &d.join(format!("r-{point}")));
     }
 
-    // vmkeep and its guard both gone: the next capture finds the leftovers by name and undoes
-    // them the same way; tracking is still used.
-    let out = killed_without_guard(&repo, &vm, d);
-    eprintln!("without a guard: {}", describe(&out));
+    // vmkeep and its guard both gone: the next capture finds the dead capture's log and
+    // undoes it (the VM it left stopped runs again); tracking is still used.
+    let tmp = d.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    killed_with_guard(&repo, &vm, &tmp);
     let left = vm.leftovers();
-    assert_eq!(left.len(), 4, "2 scratch nodes and 2 jobs left: {left:?}");
+    assert_eq!(
+        left.len(),
+        6,
+        "2 scratch nodes, 2 filters, 2 snapshot nodes left: {left:?}"
+    );
+    assert!(!vm.running(), "--suspend left the VM stopped");
     assert_eq!(
         vm.vmkeep_bitmaps().len(),
         4,
         "old disabled + new recording per disk"
     );
-    let b = backup(&repo, &vm);
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        1,
+        "its scratch directory"
+    );
+    let b = json(
+        vmkeep(&repo)
+            .env("VMKEEP_PASSWORD", PASS)
+            .env("TMPDIR", &tmp)
+            .args(["backup", "vm", "--qmp"])
+            .arg(&vm.qmp)
+            .args(["--vm", "guest"]),
+    );
     assert!(cbt(&b).iter().all(|c| c == "used"), "{b}");
+    assert!(vm.running(), "the next capture resumed the VM");
     assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "scratch removed"
+    );
     assert_bitmaps_of(&vm, &latest(&repo), "after the recovery");
     check_cut(&repo, &id_of(&b), &d.join("r-no-guard"));
     vm.kill9();
 }
 
-/// A `backup vm --suspend` killed mid-read whose guard could not start: it runs from a copy of
-/// the binary that is deleted while it runs, so re-executing itself fails ("cannot start the
-/// capture guard"). The order is certain: vmkeep reads its passphrase from a FIFO before it
-/// starts a guard, and the test deletes the copy before it writes the passphrase.
-fn killed_without_guard(repo: &Path, vm: &Vm, d: &Path) -> Output {
-    let exe = d.join("vmkeep-unguarded");
-    std::fs::copy(bin(), &exe).unwrap();
-    let fifo = d.join("passphrase.fifo");
-    run(std::process::Command::new(require("mkfifo")).arg(&fifo));
-    let mut child = vmkeep_std_at(&exe, repo)
-        .env("VMKEEP_PASSWORD_FILE", &fifo)
+/// A `backup vm --suspend` stopped mid-read, then its guard and it killed (-9), the guard
+/// first so it cannot undo anything.
+fn killed_with_guard(repo: &Path, vm: &Vm, tmp: &Path) {
+    let mut child = vmkeep_std(repo)
+        .env("VMKEEP_PASSWORD", PASS)
+        .env("TMPDIR", tmp)
         .args(["backup", "vm", "--qmp"])
         .arg(&vm.qmp)
         .args(["--vm", "guest", "--suspend", "--json"])
-        .env("VMKEEP_KILL_AT", "capture-mid-read")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .env("VMKEEP_STOP_AT", "capture-mid-read")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // A non-blocking open for writing succeeds once vmkeep has the FIFO open for reading.
-    let start = Instant::now();
-    let mut writer = loop {
-        match OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&fifo)
-        {
-            Ok(f) => break f,
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
-                if let Some(st) = child.try_wait().unwrap() {
-                    let out = child.wait_with_output().unwrap();
-                    panic!("vmkeep exited ({st}) before reading its passphrase: {out:?}");
-                }
-                assert!(
-                    start.elapsed() < Duration::from_secs(60),
-                    "vmkeep did not open its password file"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(e) => panic!("opening {}: {e}", fifo.display()),
-        }
-    };
-    std::fs::remove_file(&exe).unwrap();
-    writer.write_all(PASS.as_bytes()).unwrap();
-    drop(writer);
-    let out = child.wait_with_output().unwrap();
-    assert_killed(&out, "capture-mid-read");
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot start the capture guard"),
-        "the guard did not fail to start: {}",
-        describe(&out)
-    );
-    out
+    wait_stopped(&mut child);
+    let children = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+        .unwrap()
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|p| p.parse::<i32>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(children.len(), 1, "one guard: {children:?}");
+    // SAFETY: kill(2) with a pid of our child's child and a valid signal.
+    assert_eq!(unsafe { libc::kill(children[0], libc::SIGKILL) }, 0);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The guard is gone too (reaped by init; wait until its /proc entry is).
+    let t0 = Instant::now();
+    while Path::new(&format!("/proc/{}/stat", children[0])).exists()
+        && std::fs::read_to_string(format!("/proc/{}/stat", children[0]))
+            .is_ok_and(|s| !s.contains(") Z"))
+    {
+        assert!(t0.elapsed() < Duration::from_secs(10), "guard still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -29,6 +29,10 @@ pub struct Decision {
     pub base: Option<BlobId>,
     /// Bitmaps to remove before the cut: inconsistent `vmkeep-*` ones (unusable forever).
     pub remove_stale: Vec<String>,
+    /// Recording bitmaps of dead captures to merge into `previous` (which they left disabled)
+    /// before the cut, after which `previous` records again and covers every write since its
+    /// restore point. When the merge fails the disk is rescanned instead.
+    pub repair: Vec<String>,
 }
 
 /// The facts about one disk the decision needs.
@@ -41,6 +45,10 @@ pub struct DiskFacts<'a> {
     /// Canonical image path and the QEMU process, for [`source_identity`].
     pub file: &'a str,
     pub pid: Option<u32>,
+    /// Why this disk's bitmaps cannot be persistent (None: they can), for reasons.
+    pub not_persistent: Option<&'a str>,
+    /// The bitmap name of this capture: `vmkeep-<chain>-<token>` (see executor::same_chain).
+    pub new_bitmap: &'a str,
 }
 
 /// Identity of where a checkpoint bitmap lives: the qcow2 image for persistent bitmaps, the
@@ -57,7 +65,7 @@ pub fn source_identity(persistent: bool, file: &str, qemu_pid: Option<u32>) -> S
 }
 
 pub fn decide(disk: &DiskFacts<'_>, parent: Option<&Manifest>, full: bool) -> Decision {
-    let ours = |b: &&DirtyBitmapInfo| b.name.starts_with(BITMAP_PREFIX);
+    let ours = |b: &&DirtyBitmapInfo| super::executor::same_chain(disk.new_bitmap, &b.name);
     let remove_stale: Vec<String> = disk
         .bitmaps
         .iter()
@@ -72,6 +80,7 @@ pub fn decide(disk: &DiskFacts<'_>, parent: Option<&Manifest>, full: bool) -> De
         previous: None,
         base: None,
         remove_stale,
+        repair: Vec::new(),
     };
     let rescan = |mut d: Decision, why: &str| {
         d.cbt = ChangeTracking::Rescan;
@@ -94,7 +103,11 @@ pub fn decide(disk: &DiskFacts<'_>, parent: Option<&Manifest>, full: bool) -> De
         if cp.source.starts_with("qemu-pid:")
             && cp.source != source_identity(false, disk.file, disk.pid)
         {
-            return rescan(d, "QEMU restarted (raw disk, non-persistent bitmap)");
+            let why = format!(
+                "QEMU restarted (the checkpoint bitmap could not be persistent: {})",
+                disk.not_persistent.unwrap_or("non-persistent bitmap")
+            );
+            return rescan(d, &why);
         }
         let others = disk
             .bitmaps
@@ -119,10 +132,21 @@ pub fn decide(disk: &DiskFacts<'_>, parent: Option<&Manifest>, full: bool) -> De
     // From here the old bitmap is healthy: retire it with this restore point.
     d.previous = Some(bm.name.clone());
     if !bm.recording {
-        return rescan(
-            d,
-            "bitmap not recording (an earlier backup was interrupted)",
-        );
+        // A capture that died after its cut left it disabled, and its own bitmap recording
+        // every write since: together they are exact again.
+        d.repair = disk
+            .bitmaps
+            .iter()
+            .filter(ours)
+            .filter(|b| b.name != bm.name && b.recording && !b.inconsistent && !b.busy)
+            .map(|b| b.name.clone())
+            .collect();
+        if d.repair.is_empty() {
+            return rescan(
+                d,
+                "bitmap not recording (an earlier backup was interrupted)",
+            );
+        }
     }
     if cp.source != source_identity(bm.persistent, disk.file, disk.pid) {
         return rescan(d, "disk image changed");
@@ -207,7 +231,34 @@ mod tests {
             bitmaps,
             file,
             pid,
+            not_persistent: None,
+            new_bitmap: "vmkeep-c-new",
         }
+    }
+
+    #[test]
+    fn a_disabled_checkpoint_is_repaired_only_from_recording_orphans() {
+        let src = "qcow2:/a.qcow2";
+        let p = parent(1 << 20, Some("vmkeep-c-1"), src);
+        // A dead capture disabled vmkeep-c-1 and left vmkeep-c-2 recording.
+        let left = [
+            bm("vmkeep-c-1", false, false),
+            bm("vmkeep-c-2", true, false),
+            bm("vmkeep-other-3", true, false),
+        ];
+        let d = decide(&facts(&left, src), Some(&p), false);
+        assert_eq!(d.cbt, ChangeTracking::Used);
+        assert_eq!(d.repair, vec!["vmkeep-c-2".to_string()]);
+        assert_eq!(d.previous.as_deref(), Some("vmkeep-c-1"));
+        // Disabled with nothing recording the writes since: never trusted.
+        let alone = [
+            bm("vmkeep-c-1", false, false),
+            bm("vmkeep-other-3", true, false),
+        ];
+        let d = decide(&facts(&alone, src), Some(&p), false);
+        assert_eq!(d.cbt, ChangeTracking::Rescan);
+        assert!(d.repair.is_empty());
+        assert!(d.reason.unwrap().contains("not recording"));
     }
 
     #[test]

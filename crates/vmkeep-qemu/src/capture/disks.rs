@@ -20,12 +20,28 @@ pub struct VmDisk {
     pub size: u64,
     /// Bitmaps on the root node.
     pub bitmaps: Vec<DirtyBitmapInfo>,
+    /// The device the guest writes through (`query-block` `qdev`); None for a drive without
+    /// one (nothing writes to it, so it needs no copy-before-write filter).
+    pub qdev: Option<String>,
+    /// Why checkpoint bitmaps on this disk cannot be persistent (None: they can).
+    pub not_persistent: Option<String>,
 }
 
 impl VmDisk {
-    /// Persistent bitmaps are stored in qcow2 images; anything else gets process-lifetime ones.
+    /// Persistent bitmaps are stored in qcow2 v3 images; anything else gets process-lifetime
+    /// ones.
     pub fn persistent_bitmaps(&self) -> bool {
-        self.format == "qcow2"
+        self.not_persistent.is_none()
+    }
+}
+
+/// Why a node cannot hold persistent bitmaps (decided per disk, so one qcow2 v2 disk does not
+/// make every disk's bitmaps non-persistent).
+pub fn not_persistent(format: &str, node: Option<&crate::qmp::BlockNodeInfo>) -> Option<String> {
+    match (format, node.and_then(|n| n.qcow2_compat())) {
+        ("qcow2", Some("0.10")) => Some("qcow2 v2 (compat 0.10) image".into()),
+        ("qcow2", _) => None,
+        (f, _) => Some(format!("{f} disk")),
     }
 }
 
@@ -85,18 +101,18 @@ pub async fn list_disks(qmp: &QmpClient) -> Result<Vec<VmDisk>> {
             name = disk_name("", None, node);
         }
         let size = ins["image"]["virtual-size"].as_u64().unwrap_or(0);
-        let bitmaps = nodes
-            .iter()
-            .find(|n| n.node_name == node)
-            .map(|n| n.dirty_bitmaps.clone())
-            .unwrap_or_default();
+        let info = nodes.iter().find(|n| n.node_name == node);
+        let bitmaps = info.map(|n| n.dirty_bitmaps.clone()).unwrap_or_default();
+        let format = ins["drv"].as_str().unwrap_or_default().to_string();
         out.push(VmDisk {
             name,
             node: node.to_string(),
-            format: ins["drv"].as_str().unwrap_or_default().to_string(),
+            not_persistent: not_persistent(&format, info),
+            format,
             file: ins["file"].as_str().unwrap_or_default().to_string(),
             size,
             bitmaps,
+            qdev: b["qdev"].as_str().map(str::to_string),
         });
     }
     Ok(out)

@@ -1,13 +1,12 @@
-//! The guard: a small child process that puts the VM back if vmkeep dies mid-capture.
+//! The guard: a small child process that undoes the capture if vmkeep dies mid-capture.
 //!
 //! vmkeep starts the guard (its own process group, so a Ctrl-C to vmkeep does not reach it)
-//! with a pipe on its stdin and writes one JSON line per step: what it stopped, added, cut and
-//! committed. A clean finish ends with `{"done":true}` and the guard exits. If the pipe closes
-//! without it, vmkeep is gone: its QMP connection closed with it, so the guard connects to the
-//! monitor and undoes the capture: `cont` if vmkeep had stopped the VM, exports, fleecing jobs,
-//! scratch nodes and the NBD server removed, and the bitmaps put back (the consumed previous
-//! checkpoint re-enabled with the new writes merged in; after a commit only the consumed
-//! previous bitmap is removed). The next backup then still uses change tracking.
+//! with a pipe on its stdin, and mirrors every line of the undo log to it ([`super::undo`]).
+//! The guard inherits the capture's scratch lock, so the next capture leaves the scratch
+//! directory alone while either of them lives. A clean finish ends with a `finished` line and
+//! the guard exits. If the pipe closes without it, vmkeep is gone, and with it its QMP
+//! connection: the guard connects to the monitor and runs the one undo executor over the steps
+//! still pending, then removes the scratch directory.
 //!
 //! The guard is any program that calls [`run_guard`] with the pipe as stdin: the `vmkeep`
 //! binary re-executes itself (`backup vm --guard`). crates/vmkeep/tests/capture_guard.rs kills
@@ -16,14 +15,14 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 use tracing::warn;
 
-use super::fleece::FleeceDisk;
-use crate::qmp::{BitmapRef, QmpClient, QmpOptions, TransactionAction};
+use super::executor::{self, Scope};
+use super::undo::{Pending, Sink};
+use crate::qmp::{QmpClient, QmpOptions};
 
 /// How to start the guard: a program and its arguments (stdin is connected by vmkeep).
 #[derive(Clone, Debug)]
@@ -33,132 +32,88 @@ pub struct GuardCommand {
     pub env: Vec<(String, String)>,
 }
 
-/// One step vmkeep reports to its guard.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct GuardState {
-    pub qmp: PathBuf,
-    pub stopped: bool,
-    pub resumed: bool,
-    pub nodes: Vec<String>,
-    pub jobs: Vec<String>,
-    pub exports: Vec<String>,
-    pub nbd: bool,
-    pub cut: bool,
-    pub bitmaps: Vec<GuardBitmaps>,
-    pub committed: bool,
-    pub done: bool,
-    /// The guest agent's socket, and whether the guest was (about to be) frozen / thawed.
-    pub agent: Option<PathBuf>,
-    pub frozen: bool,
-    pub thawed: bool,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct GuardBitmaps {
-    pub node: String,
-    pub new: String,
-    pub previous: Option<String>,
-}
-
-impl GuardBitmaps {
-    pub fn of(disks: &[FleeceDisk]) -> Vec<GuardBitmaps> {
-        disks
-            .iter()
-            .map(|d| GuardBitmaps {
-                node: d.root.clone(),
-                new: d.new_bitmap.clone(),
-                previous: d.previous.clone(),
-            })
-            .collect()
-    }
-}
-
-/// vmkeep's end of the guard. Without a guard command every report is a no-op.
+/// vmkeep's end of the guard.
 pub struct Guard {
-    child: Option<(Child, ChildStdin)>,
-    pub state: GuardState,
+    child: Child,
+    stdin: Arc<Mutex<Option<ChildStdin>>>,
+}
+
+/// Writes log lines to the guard's stdin; a guard that went away is logged once.
+pub struct GuardSink(Arc<Mutex<Option<ChildStdin>>>);
+
+impl Sink for GuardSink {
+    fn line(&mut self, line: &str) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(stdin) = g.as_mut() {
+            let mut buf = line.as_bytes().to_vec();
+            buf.push(b'\n');
+            if stdin.write_all(&buf).and_then(|_| stdin.flush()).is_err() {
+                warn!("the capture guard went away");
+                *g = None;
+            }
+        }
+    }
 }
 
 impl Guard {
-    pub fn start(cmd: Option<&GuardCommand>, qmp: PathBuf) -> Guard {
-        let state = GuardState {
-            qmp,
-            ..Default::default()
-        };
-        let child = cmd.and_then(|c| {
-            use std::os::unix::process::CommandExt;
-            let mut command = Command::new(&c.program);
-            command
-                .args(&c.args)
-                .envs(c.env.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .process_group(0);
-            match command.spawn() {
-                Ok(mut ch) => {
-                    let stdin = ch.stdin.take().expect("piped stdin");
-                    Some((ch, stdin))
+    /// Starts the guard, handing it `lock_fd` (the scratch lock) to hold while it lives.
+    /// None when it cannot start (the capture goes on without it, with a warning).
+    pub fn start(cmd: &GuardCommand, lock_fd: i32) -> Option<Guard> {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(&cmd.program);
+        command
+            .args(&cmd.args)
+            .envs(cmd.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .process_group(0);
+        // SAFETY: only async-signal-safe fcntl runs between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Keep the lock's fd open across exec: the guard holds the lock too.
+                if libc::fcntl(lock_fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
                 }
-                Err(e) => {
-                    warn!(error = %e, "cannot start the capture guard; continuing without it");
-                    None
-                }
+                Ok(())
+            });
+        }
+        match command.spawn() {
+            Ok(mut child) => {
+                let stdin = child.stdin.take();
+                Some(Guard {
+                    child,
+                    stdin: Arc::new(Mutex::new(stdin)),
+                })
             }
-        });
-        let mut g = Guard { child, state };
-        g.report();
-        g
-    }
-
-    /// Sends the current state (one JSON line).
-    pub fn report(&mut self) {
-        if let Some((_, stdin)) = &mut self.child {
-            let mut line = serde_json::to_vec(&self.state).unwrap_or_default();
-            line.push(b'\n');
-            if stdin.write_all(&line).and_then(|_| stdin.flush()).is_err() {
-                warn!("the capture guard went away");
-                self.child = None;
+            Err(e) => {
+                warn!(error = %e, "cannot start the capture guard; continuing without it");
+                None
             }
         }
     }
 
-    /// Clean finish: the guard exits without touching the VM.
+    pub fn sink(&self) -> GuardSink {
+        GuardSink(self.stdin.clone())
+    }
+
+    /// Closes the pipe and waits for the guard (which exits at once after a `finished` line,
+    /// or undoes what is pending).
     pub fn finish(mut self) {
-        self.state.done = true;
-        self.report();
-        if let Some((mut ch, stdin)) = self.child.take() {
-            drop(stdin);
-            let _ = ch.wait();
-        }
+        drop(self.stdin.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let _ = self.child.wait();
     }
 }
 
-/// The guard's main: read states from `input` until EOF; undo the capture unless told `done`.
-/// Returns what it did, for logs and tests.
+/// The guard's main: read log lines from `input` until EOF; undo what is pending unless the
+/// capture finished. Returns what it did, for logs and tests.
 pub fn run_guard(input: impl BufRead) -> Vec<String> {
-    let mut state: Option<GuardState> = None;
-    for line in input.lines() {
-        let Ok(line) = line else { break };
-        if let Ok(s) = serde_json::from_str::<GuardState>(&line) {
-            if s.done {
-                return Vec::new();
-            }
-            state = Some(s);
-        }
+    let pending = Pending::from_lines(input.lines().map_while(|l| l.ok()));
+    if pending.is_empty() {
+        return Vec::new();
     }
-    match state {
-        Some(s) => undo(&s),
-        None => Vec::new(),
-    }
-}
-
-fn undo(s: &GuardState) -> Vec<String> {
-    let mut log = Vec::new();
-    let nothing = !s.stopped && s.nodes.is_empty() && !s.cut && !s.nbd && !s.frozen;
-    if nothing {
-        return log;
-    }
+    let Some(monitor) = pending.monitor().map(PathBuf::from) else {
+        return vec!["no monitor in the undo log".into()];
+    };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -166,97 +121,32 @@ fn undo(s: &GuardState) -> Vec<String> {
         Ok(rt) => rt,
         Err(e) => return vec![format!("no runtime: {e}")],
     };
-    rt.block_on(async {
+    let (mut lines, clean) = rt.block_on(async {
         let opts = QmpOptions {
             greeting_timeout: Duration::from_secs(30),
             ..Default::default()
         };
-        let qmp = match QmpClient::connect_with(&s.qmp, opts).await {
+        let qmp = match QmpClient::connect_with(&monitor, opts).await {
             Ok(q) => q,
-            Err(e) => {
-                log.push(format!("cannot connect to QMP: {e}"));
-                return;
-            }
+            Err(e) => return (vec![format!("cannot connect to QMP: {e}")], false),
         };
-        let mut step = |what: String, r: crate::Result<()>| match r {
-            Ok(()) => log.push(what),
-            Err(e) => log.push(format!("{what}: {e}")),
-        };
-        if s.stopped && !s.resumed {
-            step("cont".into(), qmp.cont().await);
-        }
-        if let (true, false, Some(path)) = (s.frozen, s.thawed, &s.agent) {
-            let r = match super::agent::Agent::connect(path, Duration::from_secs(10)).await {
-                Ok(mut a) => a.thaw().await.map(drop),
-                Err(e) => Err(e),
-            };
-            step("guest-fsfreeze-thaw".into(), r);
-        }
-        for id in &s.exports {
-            let r = qmp
-                .execute("block-export-del", json!({"id": id, "mode": "hard"}))
-                .await
-                .map(drop);
-            step(format!("block-export-del {id}"), r);
-        }
-        if !s.exports.is_empty() {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        for job in &s.jobs {
-            let mut ev = qmp.events();
-            let r = qmp.block_job_cancel(job, true).await;
-            let ok = r.is_ok();
-            step(format!("block-job-cancel {job}"), r);
-            if ok {
-                let _ = ev
-                    .wait_for(
-                        "BLOCK_JOB_CANCELLED",
-                        |e| e.data["device"] == job.as_str(),
-                        Duration::from_secs(30),
-                    )
-                    .await;
-            }
-        }
-        for node in &s.nodes {
-            step(format!("blockdev-del {node}"), qmp.blockdev_del(node).await);
-        }
-        if s.nbd {
-            step("nbd-server-stop".into(), qmp.nbd_server_stop().await);
-        }
-        if s.cut {
-            for b in &s.bitmaps {
-                let r = if s.committed {
-                    match &b.previous {
-                        Some(p) => qmp.block_dirty_bitmap_remove(&b.node, p).await,
-                        None => Ok(()),
-                    }
-                } else {
-                    match &b.previous {
-                        Some(p) => {
-                            qmp.transaction(&[
-                                TransactionAction::BlockDirtyBitmapMerge {
-                                    node: b.node.clone(),
-                                    target: p.clone(),
-                                    bitmaps: vec![BitmapRef::name(&b.new)],
-                                },
-                                TransactionAction::BlockDirtyBitmapEnable {
-                                    node: b.node.clone(),
-                                    name: p.clone(),
-                                },
-                                TransactionAction::BlockDirtyBitmapRemove {
-                                    node: b.node.clone(),
-                                    name: b.new.clone(),
-                                },
-                            ])
-                            .await
-                        }
-                        None => qmp.block_dirty_bitmap_remove(&b.node, &b.new).await,
-                    }
-                };
-                step(format!("bitmaps of {}", b.node), r);
-            }
-        }
+        let out = executor::undo(
+            &qmp,
+            &pending.steps,
+            Scope::All {
+                committed: pending.committed(),
+            },
+        )
+        .await;
         qmp.close().await;
+        (out.lines, out.first_error.is_none())
     });
-    log
+    // After a failure the directory and its log stay for the next capture to finish the undo.
+    if let (true, Some(dir)) = (clean, pending.scratch()) {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => lines.push(format!("removed {}", dir.display())),
+            Err(e) => lines.push(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+    lines
 }

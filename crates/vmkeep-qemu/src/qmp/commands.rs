@@ -53,6 +53,16 @@ pub struct BlockNodeInfo {
     pub dirty_bitmaps: Vec<DirtyBitmapInfo>,
     #[serde(rename = "ro", default)]
     pub read_only: bool,
+    /// `image` (ImageInfo), kept raw: only a few format-specific fields are read.
+    #[serde(default)]
+    pub image: Value,
+}
+
+impl BlockNodeInfo {
+    /// For qcow2 nodes, the image's compatibility level (`0.10` = v2, `1.1` = v3).
+    pub fn qcow2_compat(&self) -> Option<&str> {
+        self.image["format-specific"]["data"]["compat"].as_str()
+    }
 }
 
 /// A dirty bitmap as reported in `query-named-block-nodes`.

@@ -58,3 +58,95 @@ pub fn restore_disks(repo: &Repository, m: &Manifest, dir: &Path) -> Vec<(String
         .map(|d| (d.name.clone(), std::fs::read(&d.path).unwrap()))
         .collect()
 }
+
+/// What the tests back up a running VM with (the capture options plus the VM's name).
+#[derive(Clone, Debug, Default)]
+pub struct VmBackupOptions {
+    pub qmp: std::path::PathBuf,
+    pub vm: String,
+    pub full: bool,
+    pub suspend: bool,
+    pub memory: bool,
+    pub freeze: vmkeep_qemu::capture::Freeze,
+}
+
+pub type AnyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A capture wired to a backup session, as the binary does (commands/backup.rs), without the
+/// binary's retry.
+pub fn capture_into(
+    repo: &vmkeep_repo::Repository,
+    vm: &str,
+    start: impl FnOnce(
+        Option<&vmkeep_core::manifest::Manifest>,
+    ) -> AnyResult<Box<dyn vmkeep_io::VmSource>>,
+    progress: &dyn vmkeep_repo::Progress,
+) -> AnyResult<vmkeep_core::manifest::Manifest> {
+    let mut session = repo.begin_backup(vmkeep_repo::BackupOptions {
+        vm: vm.to_string(),
+        ..Default::default()
+    })?;
+    let mut capture = start(session.parent())?;
+    session.add_source(&mut *capture, progress)?;
+    let committed = session.commit();
+    capture.finish(committed.is_ok())?;
+    Ok(committed?)
+}
+
+fn capture_options(
+    repo: &vmkeep_repo::Repository,
+    full: bool,
+) -> vmkeep_qemu::capture::CaptureOptions {
+    vmkeep_qemu::capture::CaptureOptions {
+        full,
+        chain: repo.config().id.chars().take(8).collect(),
+        chunk_size: repo.config().chunk_size as u64,
+        ..Default::default()
+    }
+}
+
+/// Backs up the running VM behind `opts.qmp` (no guard).
+pub fn backup_vm(
+    repo: &vmkeep_repo::Repository,
+    opts: &VmBackupOptions,
+    progress: &dyn vmkeep_repo::Progress,
+) -> AnyResult<vmkeep_core::manifest::Manifest> {
+    let o = vmkeep_qemu::capture::CaptureOptions {
+        qmp: opts.qmp.clone(),
+        suspend: opts.suspend,
+        memory: opts.memory,
+        freeze: opts.freeze,
+        ..capture_options(repo, opts.full)
+    };
+    capture_into(
+        repo,
+        &opts.vm,
+        |parent| {
+            Ok(Box::new(vmkeep_qemu::capture::QmpCapture::start(
+                o, parent,
+            )?))
+        },
+        progress,
+    )
+}
+
+/// Backs up image files through qemu-storage-daemon.
+pub fn backup_images(
+    repo: &vmkeep_repo::Repository,
+    backup: vmkeep_repo::BackupOptions,
+    images: &[(String, std::path::PathBuf)],
+    full: bool,
+    progress: &dyn vmkeep_repo::Progress,
+) -> AnyResult<vmkeep_core::manifest::Manifest> {
+    let o = capture_options(repo, full);
+    capture_into(
+        repo,
+        &backup.vm,
+        |parent| {
+            Ok(Box::new(vmkeep_qemu::capture::ImageCapture::start(
+                images, o, parent,
+            )?))
+        },
+        progress,
+    )
+}

@@ -4,9 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::common::{backup_vm, VmBackupOptions};
 use crate::common::{plain_repo, restore_disks};
 use vmkeep_core::manifest::Manifest;
-use vmkeep_qemu::capture::{backup_vm, VmBackupOptions};
 use vmkeep_repo::{NoProgress, Repository};
 use vmkeep_testkit::guest::{check_two_disk_cut, two_disk_vm};
 pub use vmkeep_testkit::guest::{guest, make_filled_disks as make_disks, DISK_MIB};

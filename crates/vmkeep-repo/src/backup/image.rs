@@ -136,25 +136,7 @@ fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     Ok(out)
 }
 
-/// Chunk runs (first, count) covering byte extents, merged where they touch.
-pub fn chunk_runs(extents: &[(u64, u64)], chunk_size: u64) -> Vec<(u64, u64)> {
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    for &(off, len) in extents {
-        if len == 0 {
-            continue;
-        }
-        let first = off / chunk_size;
-        let last = (off + len - 1) / chunk_size;
-        match runs.last_mut() {
-            Some((s, n)) if *s + *n >= first => {
-                let end = (*s + *n).max(last + 1);
-                *n = end - *s;
-            }
-            _ => runs.push((first, last - first + 1)),
-        }
-    }
-    runs
-}
+pub use vmkeep_io::source::chunk_runs;
 
 impl RawImage {
     pub fn info(&self) -> &ImageInfo {

@@ -14,11 +14,13 @@ mod commit;
 mod image;
 mod jobs;
 mod pipeline;
+mod source;
 mod stream;
 
 pub use image::{chunk_runs, probe_image, ImageInfo, RawImage};
 pub use jobs::ImageBackupOptions;
 pub use pipeline::{DiskReader, ReadPlan};
+pub use source::MEMORY_STREAM;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -12,7 +12,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use vmkeep_core::blob;
 use vmkeep_core::changes::ChangeMap;
 use vmkeep_core::keys::BlobKind;
-use vmkeep_core::manifest::{ChangeTracking, Checkpoint, DiskEntry, Manifest};
+use vmkeep_core::manifest::{DiskEntry, Manifest};
 use vmkeep_core::tree::{self, TreeBuilder};
 use vmkeep_core::BlobId;
 
@@ -22,6 +22,7 @@ use crate::nodes::SessionNodes;
 use crate::packer::{EncodedBlob, Packer};
 use crate::progress::Progress;
 use crate::Repository;
+pub use vmkeep_io::source::{DiskReader, ReadPlan};
 
 pub(crate) const PACKER_GONE: &str = "packer gone";
 
@@ -29,35 +30,6 @@ pub(crate) const PACKER_GONE: &str = "packer gone";
 const BATCH_BYTES: u64 = 1 << 20;
 
 static ZEROS: [u8; 4 << 20] = [0u8; 4 << 20];
-
-/// A disk to read: a raw image file, a block device, or (later) an NBD export.
-pub trait DiskReader: Sync {
-    fn size(&self) -> u64;
-    /// Fill `buf` from `offset`; the range lies inside the disk.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
-    /// For messages: a path or an export name.
-    fn describe(&self) -> String;
-    /// How many `read_at` calls may usefully run at once (an NBD export over several
-    /// connections); the pipeline runs that many reader threads. Local files: 1.
-    fn parallel_reads(&self) -> usize {
-        1
-    }
-}
-
-/// What to read of a disk, and where the rest comes from.
-#[derive(Clone, Debug, Default)]
-pub struct ReadPlan {
-    /// Tree (of a disk of the same size) supplying every chunk not read; None = zeros.
-    pub base: Option<BlobId>,
-    /// Chunk runs (first, count) to read, ascending and disjoint.
-    pub runs: Vec<(u64, u64)>,
-    /// What change tracking did, recorded in the manifest.
-    pub cbt: ChangeTracking,
-    pub cbt_reason: Option<String>,
-    pub checkpoint: Option<Checkpoint>,
-    /// Identity of an image file, recorded in the manifest (see DiskEntry::source_identity).
-    pub source_identity: Option<String>,
-}
 
 pub(crate) struct DiskOutcome {
     pub entry: DiskEntry,

@@ -6,7 +6,7 @@
 //! `.partial` name, fsynced, renamed when complete and its folder fsynced ([`publish`]), so
 //! neither a killed restore nor a power loss leaves a file that looks finished. [`Repository::restore_disk_to`] writes one disk into any other target (e.g. a
 //! qcow2 image behind an NBD server, in vmkeep-qemu).
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crossbeam_channel::bounded;
 use serde::Serialize;
@@ -26,18 +26,7 @@ pub mod raw;
 pub use publish::{create_target_dir, publish};
 pub use raw::RawFileWriter;
 
-/// Where a restored disk goes: positional writes of whole chunks from several worker threads
-/// at once, then one `finish`. Ranges never written must read as zeros (a fresh sparse file,
-/// a new qcow2 image).
-pub trait DiskWriter: Sync {
-    /// Writes `data` at `offset`. Called concurrently for disjoint ranges.
-    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
-    /// Called once after every chunk was written: makes every write durable (fsync); the caller
-    /// then renames the target ([`publish`]). Not called after a failure.
-    fn finish(&self) -> std::io::Result<()>;
-    /// What is being written, for error messages.
-    fn target(&self) -> &Path;
-}
+pub use vmkeep_io::target::DiskWriter;
 
 #[derive(Clone, Debug, Default)]
 pub struct RestoreOptions {

@@ -3,7 +3,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde_json::json;
 use vmkeep_core::manifest::ChangeTracking;
-use vmkeep_repo::{BackupOptions, ImageBackupOptions, Manifest};
+use vmkeep_io::VmSource;
+use vmkeep_qemu::capture::{CaptureOptions, ImageCapture, QmpCapture};
+use vmkeep_repo::{BackupOptions, ImageBackupOptions, Manifest, Repository};
 
 use crate::args::{BackupCommand, BackupImageArgs, BackupVmArgs, FreezeMode, Global};
 use crate::context::open_repo;
@@ -48,15 +50,70 @@ fn image(g: &Global, a: &BackupImageArgs) -> Result<u8> {
         )
     });
     let m = if non_raw {
-        vmkeep_qemu::capture::backup_images(&repo, opts.backup, &opts.disks, a.full, &bars)?
+        let scratch = a.scratch_dir.clone();
+        let full = a.full;
+        let chain = chain_of(&repo);
+        let cs = repo.config().chunk_size as u64;
+        let images = opts.disks.clone();
+        capture_backup(&repo, opts.backup, &bars, &|parent| {
+            let o = CaptureOptions {
+                full,
+                scratch_dir: scratch.clone(),
+                chain: chain.clone(),
+                chunk_size: cs,
+                ..Default::default()
+            };
+            Ok(Box::new(ImageCapture::start(&images, o, parent)?))
+        })?
     } else {
         repo.backup_image(&opts, &bars)?
     };
     report(g, &m)
 }
 
+/// The checkpoint chain of this repository in bitmap names: its id's first 8 characters.
+fn chain_of(repo: &Repository) -> String {
+    repo.config().id.chars().take(8).collect()
+}
+
+type StartCapture<'a> =
+    dyn Fn(Option<&Manifest>) -> Result<Box<dyn VmSource>, vmkeep_qemu::Error> + 'a;
+
+/// One restore point from a capture: the session decides the parent, the capture cuts, the
+/// session reads it, commits, and the capture settles its checkpoints. When the memory
+/// instant moved (the guest was stopped by someone else mid-capture), the capture is undone
+/// and taken once more.
+fn capture_backup(
+    repo: &Repository,
+    backup: BackupOptions,
+    bars: &Bars,
+    start: &StartCapture<'_>,
+) -> Result<Manifest> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut session = repo.begin_backup(backup.clone())?;
+        let mut capture = start(session.parent())?;
+        if let Err(e) = session.add_source(&mut *capture, bars) {
+            drop(capture); // undone
+            let moved = matches!(&e, vmkeep_repo::Error::Source(s)
+                if matches!(s.downcast_ref::<vmkeep_qemu::Error>(), Some(vmkeep_qemu::Error::InstantMoved)));
+            if moved && attempt == 1 {
+                tracing::warn!("{e}; capturing again");
+                continue;
+            }
+            return Err(e.into());
+        }
+        let committed = session.commit();
+        if let Err(e) = capture.finish(committed.is_ok()) {
+            tracing::warn!(error = %e, "capture cleanup after the commit incomplete");
+        }
+        return Ok(committed?);
+    }
+}
+
 fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
-    use vmkeep_qemu::capture::{backup_vm, run_guard, Freeze, GuardCommand, VmBackupOptions};
+    use vmkeep_qemu::capture::{run_guard, Freeze, GuardCommand};
     if a.guard {
         // The guard of another vmkeep process: undo its capture if it dies (see capture::guard).
         for line in run_guard(std::io::stdin().lock()) {
@@ -64,8 +121,9 @@ fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
         }
         return Ok(0);
     }
-    let guard = std::env::current_exe().ok().map(|exe| GuardCommand {
-        program: exe,
+    // /proc/self/exe, not the path: it works even if the binary was replaced meanwhile.
+    let guard = Some(GuardCommand {
+        program: PathBuf::from("/proc/self/exe"),
         args: vec![
             "backup".into(),
             "vm".into(),
@@ -78,20 +136,29 @@ fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
         env: Vec::new(),
     });
     let repo = open_repo(g)?;
-    let opts = VmBackupOptions {
+    let opts = CaptureOptions {
         qmp: a.qmp.clone(),
-        vm: a.vm.clone(),
         full: a.full,
         suspend: a.suspend,
+        memory: a.memory,
         freeze: match a.freeze {
             FreezeMode::Auto => Freeze::Auto,
             FreezeMode::On => Freeze::On,
             FreezeMode::Off => Freeze::Off,
         },
         guard,
+        scratch_dir: a.scratch_dir.clone(),
+        chain: chain_of(&repo),
+        chunk_size: repo.config().chunk_size as u64,
     };
     let bars = Bars::new(g.quiet);
-    let m = backup_vm(&repo, &opts, &bars)?;
+    let backup = BackupOptions {
+        vm: a.vm.clone(),
+        ..Default::default()
+    };
+    let m = capture_backup(&repo, backup, &bars, &|parent| {
+        Ok(Box::new(QmpCapture::start(opts.clone(), parent)?))
+    })?;
     report(g, &m)
 }
 

@@ -1,0 +1,93 @@
+//! Where disk data comes from: a [`DiskReader`] (a raw image, a block device, an NBD export of a
+//! live VM's disk) and the [`ReadPlan`] saying which chunks to read and where the rest comes from.
+//! Capture drivers produce both; the repository's backup session consumes them.
+use vmkeep_core::manifest::{ChangeTracking, Checkpoint};
+use vmkeep_core::BlobId;
+
+/// A disk to read: a raw image file, a block device, or (later) an NBD export.
+pub trait DiskReader: Sync {
+    fn size(&self) -> u64;
+    /// Fill `buf` from `offset`; the range lies inside the disk.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// For messages: a path or an export name.
+    fn describe(&self) -> String;
+    /// How many `read_at` calls may usefully run at once (an NBD export over several
+    /// connections); the pipeline runs that many reader threads. Local files: 1.
+    fn parallel_reads(&self) -> usize {
+        1
+    }
+}
+
+/// What to read of a disk, and where the rest comes from.
+#[derive(Clone, Debug, Default)]
+pub struct ReadPlan {
+    /// Tree (of a disk of the same size) supplying every chunk not read; None = zeros.
+    pub base: Option<BlobId>,
+    /// Chunk runs (first, count) to read, ascending and disjoint.
+    pub runs: Vec<(u64, u64)>,
+    /// What change tracking did, recorded in the manifest.
+    pub cbt: ChangeTracking,
+    pub cbt_reason: Option<String>,
+    pub checkpoint: Option<Checkpoint>,
+    /// Identity of an image file, recorded in the manifest (see DiskEntry::source_identity).
+    pub source_identity: Option<String>,
+}
+
+/// Chunk runs (first, count) covering byte extents, merged where they touch.
+pub fn chunk_runs(extents: &[(u64, u64)], chunk_size: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &(off, len) in extents {
+        if len == 0 {
+            continue;
+        }
+        let first = off / chunk_size;
+        let last = (off + len - 1) / chunk_size;
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n >= first => {
+                let end = (*s + *n).max(last + 1);
+                *n = end - *s;
+            }
+            _ => runs.push((first, last - first + 1)),
+        }
+    }
+    runs
+}
+
+/// Errors of a source (a capture driver's own error type, boxed so the repository need not
+/// know it; callers downcast when they must tell errors apart).
+pub type SourceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A disk of a [`VmSource`].
+#[derive(Debug, Clone)]
+pub struct SourceDisk {
+    pub name: String,
+    pub size: u64,
+}
+
+/// A VM captured at one instant, as the repository consumes it (a capture driver: QEMU through
+/// QMP, images through qemu-storage-daemon, later libvirt).
+///
+/// The cut has happened when the source exists. The consumer reads the memory stream first
+/// ([`take_memory`](Self::take_memory): the guest's writes to RAM wait on it), checks it
+/// ([`memory_done`](Self::memory_done)), then each disk ([`open_disk`](Self::open_disk)),
+/// releases the VM ([`release`](Self::release)), commits, and settles the checkpoints with
+/// [`finish`](Self::finish)`(committed)`. Dropping a source undoes the capture.
+pub trait VmSource {
+    /// The disks, in the order [`open_disk`](Self::open_disk) takes.
+    fn disks(&self) -> Vec<SourceDisk>;
+    /// The memory and device state stream, once (None when not captured).
+    fn take_memory(&mut self) -> Option<Box<dyn std::io::Read + Send>>;
+    /// After the memory stream's end: whether the capture held (one instant, no guest error).
+    fn memory_done(&mut self) -> Result<(), SourceError>;
+    /// A reader of disk `i` at the captured instant, and what to read of it.
+    fn open_disk(
+        &mut self,
+        i: usize,
+    ) -> Result<(Box<dyn DiskReader + Send>, ReadPlan), SourceError>;
+    /// Everything is read: the VM no longer carries the capture.
+    fn release(&mut self) -> Result<(), SourceError>;
+    /// Milliseconds the guest was paused for the cut.
+    fn pause_ms(&self) -> u64;
+    /// After the commit (or its failure): checkpoints settled, everything else undone.
+    fn finish(self: Box<Self>, committed: bool) -> Result<(), SourceError>;
+}

@@ -1,0 +1,58 @@
+//! Where restored data goes: a [`DiskWriter`]; and making a written target durable: the file's
+//! bytes, then its final name, then the folder.
+//!
+//! A restore writes `DIR/<disk>.<ext>.partial`, fsyncs it ([`DiskWriter::finish`]), renames it
+//! to its final name and fsyncs `DIR`, so after a power loss the final name either does not
+//! exist or holds every byte. A newly created `DIR` (and each new parent) is fsynced into its
+//! parent too.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+/// Makes `dir`'s entries durable.
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The folder holding `path` ("." for a bare file name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Creates `dir` and its missing parents; each new folder is fsynced into its parent.
+pub fn create_target_dir(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.as_os_str().is_empty() && !d.exists() {
+        missing.push(d);
+        d = parent_of(d);
+    }
+    std::fs::create_dir_all(dir)?;
+    for new in missing.iter().rev() {
+        fsync_dir(parent_of(new))?;
+    }
+    Ok(())
+}
+
+/// Renames the finished (already fsynced) `partial` to `path` and fsyncs the folder.
+pub fn publish(partial: &Path, path: &Path) -> io::Result<()> {
+    std::fs::rename(partial, path)?;
+    fsync_dir(parent_of(path))
+}
+
+/// Where a restored disk goes: positional writes of whole chunks from several worker threads
+/// at once, then one `finish`. Ranges never written must read as zeros (a fresh sparse file,
+/// a new qcow2 image).
+pub trait DiskWriter: Sync {
+    /// Writes `data` at `offset`. Called concurrently for disjoint ranges.
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Called once after every chunk was written: makes every write durable (fsync); the caller
+    /// then renames the target ([`publish`]). Not called after a failure.
+    fn finish(&self) -> std::io::Result<()>;
+    /// What is being written, for error messages.
+    fn target(&self) -> &Path;
+}

@@ -1,0 +1,33 @@
+//! A whole VM from a capture driver ([`VmSource`]): memory first (the guest's writes to RAM
+//! wait on it), then every disk, then the VM is released. The caller commits and settles the
+//! capture's checkpoints with `finish(committed)`.
+use vmkeep_core::stream::CdcParams;
+use vmkeep_io::VmSource;
+
+use super::BackupSession;
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// Name of the memory and device state stream in a restore point.
+pub const MEMORY_STREAM: &str = "memory";
+
+impl BackupSession<'_> {
+    /// Reads everything `source` captured into this session (not yet committed).
+    pub fn add_source(&mut self, source: &mut dyn VmSource, progress: &dyn Progress) -> Result<()> {
+        if let Some(mut memory) = source.take_memory() {
+            self.add_stream(MEMORY_STREAM, &mut memory, CdcParams::MEMORY, progress)?;
+            source.memory_done().map_err(Error::Source)?;
+        }
+        for (i, d) in source.disks().iter().enumerate() {
+            let (reader, plan) = source.open_disk(i).map_err(Error::Source)?;
+            self.add_disk(&d.name, &*reader, plan, progress)?;
+            if i == 0 {
+                vmkeep_io::kill_point("capture-mid-read"); // one disk read, its reader open
+            }
+        }
+        source.release().map_err(Error::Source)?;
+        self.set_pause_ms(source.pause_ms());
+        vmkeep_io::kill_point("capture-before-commit");
+        Ok(())
+    }
+}
