@@ -63,7 +63,7 @@ pub struct QmpCapture {
     nbd_socket: PathBuf,
     pid: Option<u32>,
     events: Option<EventStream>,
-    memory: Option<File>,
+    memory: Option<MemoryStream>,
     memory_taken: bool,
     /// Our `cont` was answered with RESUME: a STOP after it moves the memory instant.
     resumed: bool,
@@ -204,7 +204,9 @@ impl QmpCapture {
                 &token,
             ))?;
             drop(write); // QEMU holds its own copy
-            self.memory = Some(File::from(read));
+                         // Drained from now on: QEMU cannot even `cont` while its migration thread is blocked
+                         // on a full pipe, so the stream is queued (bounded) until the caller reads it.
+            self.memory = Some(MemoryStream::pump(File::from(read))?);
             Some(target)
         } else {
             None
@@ -462,15 +464,74 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// The memory stream as the caller reads it.
+/// Bytes of the migration stream queued between the pipe and the caller: enough for the
+/// milliseconds between `migrate` and the caller's first read, whatever the RAM size.
+const MEMORY_QUEUE_BUFFERS: usize = 64;
+const MEMORY_BUFFER: usize = 1 << 20;
+
+/// The memory stream as the caller reads it: a thread drains the pipe into a bounded queue
+/// (no temporary file: memory holds the guest's secrets).
 struct MemoryStream {
-    file: File,
+    rx: crossbeam_channel::Receiver<std::io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
     read: u64,
+    eof: bool,
+}
+
+impl MemoryStream {
+    fn pump(mut pipe: File) -> Result<MemoryStream> {
+        let (tx, rx) = crossbeam_channel::bounded(MEMORY_QUEUE_BUFFERS);
+        std::thread::Builder::new()
+            .name("vmkeep-memory".into())
+            .spawn(move || loop {
+                let mut buf = vec![0u8; MEMORY_BUFFER];
+                match pipe.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(buf)).is_err() {
+                            return; // the capture is gone: closing the pipe stops QEMU
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::io("start the memory stream thread", e))?;
+        Ok(MemoryStream {
+            rx,
+            current: Vec::new(),
+            at: 0,
+            read: 0,
+            eof: false,
+        })
+    }
 }
 
 impl Read for MemoryStream {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.file.read(buf)?;
+        while self.at == self.current.len() {
+            if self.eof {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(r) => {
+                    self.current = r?;
+                    self.at = 0;
+                }
+                Err(_) => {
+                    self.eof = true;
+                    return Ok(0);
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
         let before = self.read;
         self.read += n as u64;
         if before < 4 << 20 && self.read >= 4 << 20 {
@@ -495,7 +556,7 @@ impl QmpCapture {
         self.memory_taken = true;
         self.memory
             .take()
-            .map(|file| Box::new(MemoryStream { file, read: 0 }) as Box<dyn Read + Send>)
+            .map(|m| Box::new(m) as Box<dyn Read + Send>)
     }
 
     /// See [`VmSource::memory_done`]; [`Error::InstantMoved`] when the instant moved.

@@ -1,0 +1,291 @@
+//! Defects a review of live capture reproduced (issue 7), each through the real binary against
+//! a real QEMU: a backup must never harm the guest, and an incremental marked `used` must never
+//! restore wrong data. One QEMU at a time machine-wide.
+
+mod common;
+#[path = "common/qemu.rs"]
+mod qemu;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+use qemu::*;
+use serde_json::{json as j, Value};
+use vmkeep_testkit::tools::make_qcow2;
+
+fn backup_vm(repo: &Path, vm: &Vm, extra: &[&str]) -> Value {
+    json(
+        vmkeep(repo)
+            .args(["backup", "vm", "--qmp"])
+            .arg(&vm.qmp)
+            .args(["--vm", "guest"])
+            .args(extra),
+    )
+}
+
+fn cbt_of(v: &Value) -> Vec<(String, String, String)> {
+    v["disks"]
+        .as_array()
+        .expect("disks")
+        .iter()
+        .map(|d| {
+            (
+                d["name"].as_str().unwrap().to_string(),
+                d["cbt"].as_str().unwrap().to_string(),
+                d["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Defect 4: QEMU running as another user (libvirt's `-run-with user=`) cannot open paths in
+/// vmkeep's private scratch directory: images and the NBD socket go over as fds.
+#[test]
+fn qemu_running_as_another_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    init(&repo, &[]);
+    let disk = d.join("vda.qcow2");
+    make_qcow2(&disk, &format!("{DISK_MIB}M"));
+    let _lock = qemu_lock();
+    let mut vm = VmBuilder::new(d, "")
+        .blockdev_qcow2(&disk, "vd0")
+        .seqwrite(&guest(), None)
+        .args(["-run-with", "user=nobody"])
+        .boot();
+    vm.wait_progress(3);
+    let b = backup_vm(&repo, &vm, &[]);
+    assert!(vm.running());
+    assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
+    drop(vm);
+    let target = d.join("r");
+    restore(&repo, &id_of(&b), &target);
+    let img = std::fs::read(target.join("vd0.raw")).unwrap();
+    assert!(prefix_k(&img, "run-with") >= 0);
+}
+
+/// Defect 5: a QEMU that already runs an NBD server (libvirt's backup job, another tool):
+/// vmkeep fails before the cut, changes nothing, and never stops that server. A long scratch
+/// path (longer than a unix socket path may be) works.
+#[test]
+fn an_nbd_server_of_someone_else_and_a_long_scratch_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    init(&repo, &[]);
+    let _lock = qemu_lock();
+    let vm = boot(d, false);
+    let theirs = d.join("theirs.sock");
+    vm.execute(
+        "nbd-server-start",
+        j!({"addr": {"type": "unix", "data": {"path": theirs}}}),
+    );
+    let err = fails_with(
+        vmkeep(&repo)
+            .args(["backup", "vm", "--qmp"])
+            .arg(&vm.qmp)
+            .args(["--vm", "guest"]),
+        &["already runs an NBD server", "Nothing was changed"],
+    );
+    assert!(vm.leftovers().is_empty(), "{err}: {:?}", vm.leftovers());
+    assert!(vm.vmkeep_bitmaps().is_empty(), "{:?}", vm.vmkeep_bitmaps());
+    // Their server still runs: a second start is refused, and it serves.
+    let again = vm
+        .connect()
+        .try_execute(
+            "nbd-server-start",
+            j!({"addr": {"type": "unix", "data": {"path": d.join("x.sock")}}}),
+        )
+        .unwrap_err();
+    assert!(again.contains("already running"), "{again}");
+    vm.execute("nbd-server-stop", Value::Null);
+
+    let long = d.join("s".repeat(110));
+    std::fs::create_dir(&long).unwrap();
+    // (TMPDIR: the default scratch location, which every vmkeep version honours.)
+    let b = json(
+        vmkeep(&repo)
+            .env("TMPDIR", &long)
+            .args(["backup", "vm", "--qmp"])
+            .arg(&vm.qmp)
+            .args(["--vm", "guest"]),
+    );
+    assert_eq!(b["disks"][0]["cbt"], "none", "{b}");
+    assert_eq!(
+        std::fs::read_dir(&long).unwrap().count(),
+        0,
+        "scratch removed"
+    );
+}
+
+/// Defect 6: the bitmap of a forgotten restore point kept recording on the disk (slowing the
+/// guest's writes, blocking `qemu-img snapshot -a`): after a commit only the new checkpoint is
+/// left.
+#[test]
+fn bitmaps_of_forgotten_restore_points_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    init(&repo, &[]);
+    let _lock = qemu_lock();
+    let vm = boot(d, false);
+    backup_vm(&repo, &vm, &[]);
+    let b2 = backup_vm(&repo, &vm, &[]);
+    json(vmkeep(&repo).args(["forget", &id_of(&b2)]));
+    let b3 = backup_vm(&repo, &vm, &[]);
+    let c = cbt_of(&b3);
+    assert_eq!(c[0].1, "rescan", "{b3}");
+    assert!(c[0].2.contains("forgotten"), "{b3}");
+    let bitmaps = vm.vmkeep_bitmaps();
+    assert_eq!(bitmaps.len(), 1, "{bitmaps:?}");
+    assert!(bitmaps[0].2, "recording");
+    // The next backup uses it.
+    let b4 = backup_vm(&repo, &vm, &[]);
+    assert_eq!(cbt_of(&b4)[0].1, "used", "{b4}");
+    assert_eq!(vm.vmkeep_bitmaps().len(), 1);
+}
+
+/// Defect 7: one qcow2 v2 disk (no persistent bitmaps) made every disk's bitmaps
+/// non-persistent, for good, and the reason named a raw disk. Per disk now: after QEMU
+/// restarts, the v3 disk still uses tracking; the v2 disk is rescanned for the true reason.
+#[test]
+fn one_qcow2_v2_disk_does_not_cost_the_others_their_tracking() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    init(&repo, &[]);
+    let v3 = d.join("v3.qcow2");
+    make_qcow2(&v3, "8M");
+    let v2 = d.join("v2.qcow2");
+    vmkeep_testkit::process::run(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-o", "compat=0.10"])
+            .arg(&v2)
+            .arg("8M"),
+    );
+    let _lock = qemu_lock();
+    let start = |tag: &str| {
+        VmBuilder::new(d, tag)
+            .blockdev_qcow2(&v3, "v3")
+            .blockdev_qcow2(&v2, "v2")
+            .boot()
+    };
+    let vm = start("a");
+    let b1 = backup_vm(&repo, &vm, &[]);
+    let b2 = backup_vm(&repo, &vm, &[]);
+    assert!(cbt_of(&b2).iter().all(|c| c.1 == "used"), "{b2}");
+    vm.quit();
+    let vm = start("b");
+    let b3 = backup_vm(&repo, &vm, &[]);
+    let c = cbt_of(&b3);
+    assert_eq!(c[0].0, "v3");
+    assert_eq!(
+        c[0].1, "used",
+        "the v3 disk's bitmap persisted: {b3} (after {b1})"
+    );
+    assert_eq!(c[1].1, "rescan", "{b3}");
+    assert!(c[1].2.contains("qcow2 v2"), "the true reason: {b3}");
+}
+
+/// Mounts a tmpfs of `size` at `at`; None (with the reason printed) where mounting is not
+/// allowed (not root, or no mount namespace rights).
+fn small_tmpfs(at: &Path, size: &str) -> Option<Mounted> {
+    std::fs::create_dir_all(at).unwrap();
+    let out = std::process::Command::new("mount")
+        .args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size},mode=0700"),
+            "tmpfs",
+        ])
+        .arg(at)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "SKIPPED: cannot mount a tmpfs (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    Some(Mounted(at.to_path_buf()))
+}
+
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Defect 1: scratch space running out while the backup reads must fail the backup, never the
+/// guest's writes (it left the VM in `io-error`, or the guest lost writes, while vmkeep said 0).
+#[test]
+fn scratch_space_full_fails_the_backup_not_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    init(&repo, &[]);
+    let small = d.join("small");
+    let Some(_mounted) = small_tmpfs(&small, "1m") else {
+        return;
+    };
+    // Written data (a fresh image's zero clusters cost the scratch image nothing).
+    let [disk, _] = vmkeep_testkit::guest::make_filled_disks(d);
+    let _lock = qemu_lock();
+    let mut vm = VmBuilder::new(d, "")
+        .blockdev_qcow2(&disk, "vd0")
+        .seqwrite(&guest(), None)
+        .boot();
+    vm.wait_progress(3);
+    let mut child = vmkeep_std(&repo)
+        .args(["backup", "vm", "--qmp"])
+        .arg(&vm.qmp)
+        .args(["--vm", "guest"])
+        .env("TMPDIR", &small)
+        .env("VMKEEP_STOP_AT", "capture-after-fleece")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_stopped(&mut child);
+    // Every new write copies a 64 KiB cluster to the scratch image: 40 of them overflow 1 MiB.
+    let at = vm.progress();
+    vm.wait_progress(at + 40);
+    resume(&child);
+    let t0 = Instant::now();
+    let out = loop {
+        if child.try_wait().unwrap().is_some() {
+            break child.wait_with_output().unwrap();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "vmkeep hangs");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        !out.status.success(),
+        "the backup cannot have succeeded: {}",
+        describe(&out)
+    );
+    // The guest never noticed: running, still writing, no failed write on its console.
+    let at = vm.progress();
+    vm.wait_progress(at + 5);
+    assert!(vm.running(), "{}", describe(&out));
+    let serial = vm.serial();
+    assert!(!serial.contains("failed"), "guest I/O errors: {serial}");
+    assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
+    assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0);
+    // And the next backup (with room) is a correct incremental.
+    let b = backup_vm(&repo, &vm, &[]);
+    let target = d.join("r");
+    restore(&repo, &id_of(&b), &target);
+    let img = std::fs::read(target.join("vd0.raw")).unwrap();
+    vmkeep_testkit::guest::prefix_k(&img, vmkeep_testkit::guest::FILL, "after a full scratch");
+}
