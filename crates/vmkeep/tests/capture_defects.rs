@@ -289,3 +289,99 @@ fn scratch_space_full_fails_the_backup_not_the_guest() {
     let img = std::fs::read(target.join("vd0.raw")).unwrap();
     vmkeep_testkit::guest::prefix_k(&img, vmkeep_testkit::guest::FILL, "after a full scratch");
 }
+
+/// Defect 2: vmkeep and its guard both died after a cut (the previous checkpoint left disabled,
+/// the dead capture's bitmap recording every write since), its log lost; a later capture that
+/// failed after its cut re-enabled the previous checkpoint with only its own writes merged in,
+/// and the next backup said `used` and missed every write in between. Now the checkpoint is
+/// repaired from the dead capture's bitmap first, and a checkpoint that was not recording is
+/// never re-enabled.
+#[test]
+fn a_stale_checkpoint_is_never_re_enabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    init(&repo, &[]);
+    let tmp = d.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let _lock = qemu_lock();
+    let mut vm = boot(d, true);
+    vm.wait_progress(3);
+    let qmp = vm.qmp.clone();
+    let run = |extra_env: (&str, &str)| {
+        vmkeep_std(&repo)
+            .env("TMPDIR", &tmp)
+            .env(extra_env.0, extra_env.1)
+            .args(["backup", "vm", "--qmp"])
+            .arg(&qmp)
+            .args(["--vm", "guest"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    json(
+        vmkeep(&repo)
+            .env("TMPDIR", &tmp)
+            .args(["backup", "vm", "--qmp"])
+            .arg(&vm.qmp)
+            .args(["--vm", "guest"]),
+    );
+    // A: cut, read, torn down, then killed with its guard before the commit.
+    let at = vm.progress();
+    vm.wait_progress(at + 10);
+    let mut a = run(("VMKEEP_STOP_AT", "capture-before-commit"));
+    wait_stopped(&mut a);
+    for pid in children(a.id()) {
+        // SAFETY: kill(2) with our child's child and a valid signal.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    a.kill().unwrap();
+    a.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // Its log lost too (a temp cleaner, another TMPDIR): only the bitmaps tell.
+    for e in std::fs::read_dir(&tmp).unwrap() {
+        std::fs::remove_dir_all(e.unwrap().path()).unwrap();
+    }
+    let bitmaps = vm.vmkeep_bitmaps();
+    assert!(
+        bitmaps.iter().any(|b| !b.2) && bitmaps.iter().any(|b| b.2),
+        "one disabled checkpoint, one recording orphan: {bitmaps:?}"
+    );
+    // Writes only the orphan records.
+    let at = vm.progress();
+    vm.wait_progress(at + 30);
+    // B: killed after its cut; its guard undoes it.
+    let b = run(("VMKEEP_KILL_AT", "capture-mid-read"));
+    let out = b.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let at = vm.progress();
+    vm.wait_progress(at + 10);
+    // C: whatever it decides, its restore point is exact.
+    let c = json(
+        vmkeep(&repo)
+            .env("TMPDIR", &tmp)
+            .args(["backup", "vm", "--qmp"])
+            .arg(&vm.qmp)
+            .args(["--vm", "guest"]),
+    );
+    let target = d.join("r");
+    restore(&repo, &id_of(&c), &target);
+    let img = std::fs::read(target.join("vd0.raw")).unwrap();
+    prefix_k(&img, &format!("after the stale checkpoint: {c}"));
+    assert_eq!(vm.vmkeep_bitmaps().len(), 1, "{:?}", vm.vmkeep_bitmaps());
+}
+
+fn children(pid: u32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|p| p.parse::<i32>().unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
