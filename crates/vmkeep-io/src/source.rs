@@ -67,12 +67,16 @@ pub struct SourceDisk {
 /// A VM captured at one instant, as the repository consumes it (a capture driver: QEMU through
 /// QMP, images through qemu-storage-daemon, later libvirt).
 ///
-/// The cut has happened when the source exists. The consumer reads the memory stream first
-/// ([`take_memory`](Self::take_memory): the guest's writes to RAM wait on it), checks it
-/// ([`memory_done`](Self::memory_done)), then each disk ([`open_disk`](Self::open_disk)),
-/// releases the VM ([`release`](Self::release)), commits, and settles the checkpoints with
-/// [`finish`](Self::finish)`(committed)`. Dropping a source undoes the capture.
-pub trait VmSource {
+/// A new source is prepared, not yet cut. The consumer takes the memory stream
+/// ([`take_memory`](Self::take_memory)) and reads it WHILE [`cut`](Self::cut) runs on another
+/// thread (QEMU cannot resume the guest while its migration waits for a reader; the guest's
+/// writes to RAM wait on it too), checks it ([`memory_done`](Self::memory_done)), then reads
+/// each disk ([`open_disk`](Self::open_disk)), releases the VM ([`release`](Self::release)),
+/// commits, and settles the checkpoints with [`finish`](Self::finish)`(committed)`. Dropping a
+/// source undoes the capture. A failed cut ends the memory stream with an error.
+pub trait VmSource: Send {
+    /// Takes the VM's instant (disks, and memory when asked for).
+    fn cut(&mut self) -> Result<(), SourceError>;
     /// The disks, in the order [`open_disk`](Self::open_disk) takes.
     fn disks(&self) -> Vec<SourceDisk>;
     /// The memory and device state stream, once (None when not captured).

@@ -108,20 +108,37 @@ impl Guard {
 /// capture finished. Returns what it did, for logs and tests.
 pub fn run_guard(input: impl BufRead) -> Vec<String> {
     let pending = Pending::from_lines(input.lines().map_while(|l| l.ok()));
-    if pending.is_empty() {
+    if pending.finished {
         return Vec::new();
     }
+    let (mut lines, clean) = if pending.is_empty() {
+        (Vec::new(), true) // nothing reached the VM
+    } else {
+        undo_pending(&pending)
+    };
+    // After a failure the directory and its log stay for the next capture to finish the undo.
+    if let (true, Some(dir)) = (clean, pending.scratch()) {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => lines.push(format!("removed {}", dir.display())),
+            Err(e) => lines.push(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+    lines
+}
+
+/// Connects to the monitor (vmkeep's connection closed with it) and runs the executor.
+fn undo_pending(pending: &Pending) -> (Vec<String>, bool) {
     let Some(monitor) = pending.monitor().map(PathBuf::from) else {
-        return vec!["no monitor in the undo log".into()];
+        return (vec!["no monitor in the undo log".into()], false);
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => return vec![format!("no runtime: {e}")],
+        Err(e) => return (vec![format!("no runtime: {e}")], false),
     };
-    let (mut lines, clean) = rt.block_on(async {
+    rt.block_on(async {
         let opts = QmpOptions {
             greeting_timeout: Duration::from_secs(30),
             ..Default::default()
@@ -140,13 +157,5 @@ pub fn run_guard(input: impl BufRead) -> Vec<String> {
         .await;
         qmp.close().await;
         (out.lines, out.first_error.is_none())
-    });
-    // After a failure the directory and its log stay for the next capture to finish the undo.
-    if let (true, Some(dir)) = (clean, pending.scratch()) {
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => lines.push(format!("removed {}", dir.display())),
-            Err(e) => lines.push(format!("cannot remove {}: {e}", dir.display())),
-        }
-    }
-    lines
+    })
 }

@@ -168,6 +168,9 @@ impl VmSource for ImageCapture {
     fn disks(&self) -> Vec<SourceDisk> {
         self.inner.as_ref().map(|c| c.disks()).unwrap_or_default()
     }
+    fn cut(&mut self) -> Result<(), SourceError> {
+        Ok(self.inner().cut()?)
+    }
     fn take_memory(&mut self) -> Option<Box<dyn std::io::Read + Send>> {
         None
     }

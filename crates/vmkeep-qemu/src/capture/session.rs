@@ -64,6 +64,9 @@ pub struct QmpCapture {
     pid: Option<u32>,
     events: Option<EventStream>,
     memory: Option<MemoryStream>,
+    memory_abort: Option<crossbeam_channel::Sender<std::io::Result<Vec<u8>>>>,
+    memory_target: Option<cut::MemoryTarget>,
+    agent: Option<(PathBuf, super::agent::Agent)>,
     memory_taken: bool,
     /// Our `cont` was answered with RESUME: a STOP after it moves the memory instant.
     resumed: bool,
@@ -138,6 +141,9 @@ impl QmpCapture {
             pid,
             events: None,
             memory: None,
+            memory_abort: None,
+            memory_target: None,
+            agent: None,
             memory_taken: false,
             resumed: false,
             instant_moved: false,
@@ -204,18 +210,43 @@ impl QmpCapture {
                 &token,
             ))?;
             drop(write); // QEMU holds its own copy
-                         // Drained from now on: QEMU cannot even `cont` while its migration thread is blocked
-                         // on a full pipe, so the stream is queued (bounded) until the caller reads it.
-            self.memory = Some(MemoryStream::pump(File::from(read))?);
+            let (stream, abort) = MemoryStream::pump(File::from(read))?;
+            self.memory = Some(stream);
+            self.memory_abort = Some(abort);
             Some(target)
         } else {
             None
         };
-        let mut agent = self
+        self.agent = self
             .rt
             .block_on(super::connect_agent(qmp, self.opts.freeze))?;
+        self.memory_target = memory;
+        Ok(())
+    }
 
-        // The cut. The guest is paused from here to `cont`.
+    /// The cut (see [`cut::cut`]) and the exports. The guest is paused from `stop` to `cont`.
+    /// With memory, the caller must be reading the memory stream meanwhile (QEMU cannot
+    /// `cont` while its migration is blocked on a full pipe): [`VmSource::cut`] runs on its own
+    /// thread while the repository reads.
+    pub fn cut(&mut self) -> Result<()> {
+        let r = self.cut_and_export();
+        if r.is_ok() {
+            // Only the pump's sender is left: the stream ends when QEMU's does.
+            self.memory_abort = None;
+        }
+        if r.is_err() {
+            // The reader of the memory stream must not wait for bytes that never come.
+            if let Some(tx) = self.memory_abort.take() {
+                let _ = tx.try_send(Err(std::io::Error::other("the capture failed")));
+            }
+        }
+        r
+    }
+
+    fn cut_and_export(&mut self) -> Result<()> {
+        let qmp = self.qmp.as_ref().expect("capture open");
+        let memory = self.memory_target.take();
+        let mut agent = self.agent.take();
         let mut events = qmp.events();
         let rt = &self.rt;
         let log = &mut self.log;
@@ -380,6 +411,8 @@ impl QmpCapture {
         }
         self.ended = true;
         self.memory = None; // a migration still writing fails at once on a closed pipe
+        self.memory_abort = None;
+        self.agent = None;
         if let Some(qmp) = self.qmp.take() {
             let pending = self.log.pending().to_vec();
             let out = self
@@ -464,13 +497,14 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-/// Bytes of the migration stream queued between the pipe and the caller: enough for the
-/// milliseconds between `migrate` and the caller's first read, whatever the RAM size.
+/// Bytes of the migration stream queued between the pipe and the caller (who reads from
+/// before the cut on), whatever the RAM size.
 const MEMORY_QUEUE_BUFFERS: usize = 64;
 const MEMORY_BUFFER: usize = 1 << 20;
 
 /// The memory stream as the caller reads it: a thread drains the pipe into a bounded queue
-/// (no temporary file: memory holds the guest's secrets).
+/// (no temporary file: memory holds the guest's secrets). The stream ends when QEMU closes its
+/// end (the migration completed or failed), or with an error when the capture failed.
 struct MemoryStream {
     rx: crossbeam_channel::Receiver<std::io::Result<Vec<u8>>>,
     current: Vec<u8>,
@@ -480,8 +514,16 @@ struct MemoryStream {
 }
 
 impl MemoryStream {
-    fn pump(mut pipe: File) -> Result<MemoryStream> {
+    /// The stream, and a sender to end it with an error when the capture fails.
+    #[allow(clippy::type_complexity)]
+    fn pump(
+        mut pipe: File,
+    ) -> Result<(
+        MemoryStream,
+        crossbeam_channel::Sender<std::io::Result<Vec<u8>>>,
+    )> {
         let (tx, rx) = crossbeam_channel::bounded(MEMORY_QUEUE_BUFFERS);
+        let abort = tx.clone();
         std::thread::Builder::new()
             .name("vmkeep-memory".into())
             .spawn(move || loop {
@@ -502,13 +544,16 @@ impl MemoryStream {
                 }
             })
             .map_err(|e| Error::io("start the memory stream thread", e))?;
-        Ok(MemoryStream {
-            rx,
-            current: Vec::new(),
-            at: 0,
-            read: 0,
-            eof: false,
-        })
+        Ok((
+            MemoryStream {
+                rx,
+                current: Vec::new(),
+                at: 0,
+                read: 0,
+                eof: false,
+            },
+            abort,
+        ))
     }
 }
 
@@ -686,6 +731,9 @@ impl QmpCapture {
 impl VmSource for QmpCapture {
     fn disks(&self) -> Vec<SourceDisk> {
         QmpCapture::disks(self)
+    }
+    fn cut(&mut self) -> Result<(), SourceError> {
+        QmpCapture::cut(self).map_err(Into::into)
     }
     fn take_memory(&mut self) -> Option<Box<dyn Read + Send>> {
         QmpCapture::take_memory(self)

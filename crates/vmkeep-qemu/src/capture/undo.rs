@@ -207,6 +207,8 @@ impl UndoLog {
             step: step.clone(),
         });
         self.pending.push((seq, step));
+        // Tests stop the capture after any prefix of its steps (the step recorded, not done).
+        vmkeep_io::kill_point(&format!("undo-step-{seq}"));
         seq
     }
 

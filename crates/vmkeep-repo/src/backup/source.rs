@@ -1,5 +1,5 @@
-//! A whole VM from a capture driver ([`VmSource`]): memory first (the guest's writes to RAM
-//! wait on it), then every disk, then the VM is released. The caller commits and settles the
+//! A whole VM from a capture driver ([`VmSource`]): the cut, with the memory stream read
+//! meanwhile (the guest's writes to RAM wait on it), then every disk, then the VM is released. The caller commits and settles the
 //! capture's checkpoints with `finish(committed)`.
 use vmkeep_core::stream::CdcParams;
 use vmkeep_io::VmSource;
@@ -14,9 +14,25 @@ pub const MEMORY_STREAM: &str = "memory";
 impl BackupSession<'_> {
     /// Reads everything `source` captured into this session (not yet committed).
     pub fn add_source(&mut self, source: &mut dyn VmSource, progress: &dyn Progress) -> Result<()> {
-        if let Some(mut memory) = source.take_memory() {
-            self.add_stream(MEMORY_STREAM, &mut memory, CdcParams::MEMORY, progress)?;
-            source.memory_done().map_err(Error::Source)?;
+        match source.take_memory() {
+            // The memory is read while the source cuts (see VmSource): QEMU's migration, and
+            // the guest's `cont`, wait for this reader.
+            Some(mut memory) => {
+                let (cut, read) = std::thread::scope(|s| {
+                    let cutter = s.spawn(|| source.cut());
+                    let read = self
+                        .add_stream(MEMORY_STREAM, &mut memory, CdcParams::MEMORY, progress)
+                        .map(drop);
+                    (cutter.join(), read)
+                });
+                match cut {
+                    Ok(r) => r.map_err(Error::Source)?,
+                    Err(_) => return Err(Error::Internal("the capture thread panicked".into())),
+                }
+                read?;
+                source.memory_done().map_err(Error::Source)?;
+            }
+            None => source.cut().map_err(Error::Source)?,
         }
         for (i, d) in source.disks().iter().enumerate() {
             let (reader, plan) = source.open_disk(i).map_err(Error::Source)?;
