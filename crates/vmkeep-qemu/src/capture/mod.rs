@@ -19,7 +19,7 @@ pub mod disks;
 pub mod fleece;
 pub mod guard;
 pub mod image;
-mod peer;
+pub(crate) mod peer;
 pub mod recover;
 
 use std::path::PathBuf;
