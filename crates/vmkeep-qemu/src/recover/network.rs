@@ -42,12 +42,15 @@ impl Hubs {
             .filter_map(|a| a.opts()?.get("hubid")?.parse::<u64>().ok())
             .max()
             .unwrap_or(0);
-        Hubs { next: used + 1 }
+        Hubs {
+            next: used.saturating_add(1),
+        }
     }
 
     fn take(&mut self) -> u64 {
-        self.next += 1;
-        self.next - 1
+        let hub = self.next;
+        self.next = self.next.saturating_add(1);
+        hub
     }
 }
 

@@ -399,7 +399,54 @@ fn refusals() {
     );
 }
 
+/// Fragments that make random command lines hit the disk, drive and network code paths.
+fn fragment() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("-drive".to_string()),
+        Just("-blockdev".to_string()),
+        Just("-netdev".to_string()),
+        Just("-nic".to_string()),
+        Just("-hda".to_string()),
+        Just("-pflash".to_string()),
+        Just("-machine".to_string()),
+        Just("node-name=d0,driver=qcow2,file=f0".to_string()),
+        Just("driver=file,node-name=f0,filename=/x".to_string()),
+        Just("driver=qcow2,node-name=d0,file=d0,backing=d0".to_string()),
+        Just(r#"{"node-name":"d0","driver":"raw","file":{"driver":"nbd","x":[1]}}"#.to_string()),
+        Just(r#"{"node-name":"d0","driver":"throttle","file":"d0"}"#.to_string()),
+        Just("file=/x,if=ide,bus=4294967295,unit=4294967295,id=drv".to_string()),
+        Just("file=/x,if=pflash,index=4294967295".to_string()),
+        Just("hubport,id=h,hubid=18446744073709551615".to_string()),
+        Just(r#"{"type":"socket","id":"n","hubid":18446744073709551615}"#.to_string()),
+        Just("q35,pflash0=d0,pflash1=f0".to_string()),
+        "[a-z0-9=,.:{}\"/ -]{0,16}",
+    ]
+}
+
 proptest! {
+    #[test]
+    fn never_panics_with_disks(
+        words in proptest::collection::vec(fragment(), 0..16),
+        which in 0u8..64,
+    ) {
+        let args: Vec<&str> = words.iter().map(String::as_str).collect();
+        let disks = [
+            disk("d0", "d0", None, "/x"),
+            disk("drv", "#b", Some("drv"), "/x"),
+            disk("ide", "#c", Some("ide0-hd0"), "/x"),
+        ];
+        let roles = ["kernel", "pflash0", "pflash1"];
+        let disks = disks.into_iter().enumerate().filter(|(i, _)| which & (1 << i) != 0);
+        let roles: Vec<&str> = roles
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| which & (8 << i) != 0)
+            .map(|(_, r)| r)
+            .collect();
+        let d = def(&args, disks.map(|(_, d)| d).collect(), &roles);
+        let _ = rewrite(&d, &plan(&d, StartMode::Resume));
+    }
+
     #[test]
     fn never_panics(words in proptest::collection::vec(
         prop_oneof![

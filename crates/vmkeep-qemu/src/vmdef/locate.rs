@@ -180,7 +180,7 @@ pub(crate) fn drives(cl: &CommandLine) -> Vec<DriveEntry> {
                             .get("bus")
                             .and_then(|v| v.parse::<u32>().ok())
                             .unwrap_or(0);
-                        unit.map(|u| bus * per_bus(&interface) + u)
+                        unit.and_then(|u| bus.checked_mul(per_bus(&interface))?.checked_add(u))
                     });
                 let cd = kv.get("media") == Some("cdrom");
                 (
