@@ -688,3 +688,124 @@ fn a_qemu_that_cannot_load_the_state_is_refused() {
         }
     }
 }
+
+/// Starts `args` (plus a QMP socket in `dir`) as the "original" VM, captures its definition
+/// and its state (stopped first), and stops it.
+fn original_vm(qemu: &Path, dir: &Path, args: &[&str]) -> (VmDefinition, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let plan = RecoveryPlan {
+        target_dir: dir.to_path_buf(),
+        disks: Default::default(),
+        boot_files: Default::default(),
+        qmp_socket: dir.join("qmp.sock"),
+        serial_log: dir.join("serial.log"),
+        qemu_log: dir.join("qemu.log"),
+        network: true,
+        mode: StartMode::Cold,
+        accel: None,
+    };
+    let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    argv.extend(["-display", "none", "-qmp"].map(String::from));
+    argv.push(format!(
+        "unix:{},server=on,wait=off",
+        plan.qmp_socket.display()
+    ));
+    let vm = start_qemu(qemu, &argv, &plan).unwrap();
+    let state = dir.join("state");
+    let def = vm.block_on(async {
+        let q = vm.qmp();
+        let def = capture_definition(q, &ArgsSource::QmpPeer).await.unwrap();
+        let mut events = q.events();
+        q.stop().await.unwrap();
+        q.migrate_set_capabilities(&[("events", true)])
+            .await
+            .unwrap();
+        q.migrate(&format!("file:{}", state.display()))
+            .await
+            .unwrap();
+        events
+            .wait_for(
+                "MIGRATION",
+                |e| e.data["status"] == "completed",
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        def
+    });
+    vm.shut_down();
+    (def, state)
+}
+
+#[test]
+fn cut_off_networks_and_moved_chardevs_still_load_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let qemu = require("qemu-system-x86_64");
+    let _lock = qemu_lock();
+    let sock = d.join("old-agent.sock");
+    let sock = format!(
+        "socket,id=charchannel0,path={},server=on,wait=off",
+        sock.display()
+    );
+    let configs: [(&str, Vec<&str>); 2] = [
+        // QEMU's defaults: a NIC on user networking, a serial port, a monitor, VGA.
+        ("defaults", vec!["-accel", "tcg", "-m", "64"]),
+        (
+            "explicit",
+            vec![
+                "-accel",
+                "tcg",
+                "-m",
+                "64",
+                "-nodefaults",
+                "-netdev",
+                "user,id=n0,hostfwd=tcp:127.0.0.1:0-:22",
+                "-device",
+                "virtio-net-pci,netdev=n0,id=net0",
+                "-nic",
+                "user,model=e1000",
+                "-netdev",
+                "socket,id=n2,udp=127.0.0.1:40001,localaddr=127.0.0.1:40002",
+                "-device",
+                "rtl8139,netdev=n2,id=net2",
+                "-chardev",
+                "pty,id=charserial0",
+                "-device",
+                r#"{"driver":"isa-serial","chardev":"charserial0","id":"serial0"}"#,
+                "-chardev",
+                &sock,
+                "-device",
+                "virtio-serial-pci,id=vser0",
+                "-device",
+                "virtserialport,chardev=charchannel0,id=channel0,name=org.qemu.guest_agent.0",
+            ],
+        ),
+    ];
+    for (tag, args) in configs {
+        let (def, state) = original_vm(&qemu, &d.join(format!("{tag}-original")), &args);
+        let plan = RecoveryPlan::in_dir(&def, &d.join(tag), StartMode::Resume);
+        std::fs::create_dir_all(&plan.target_dir).unwrap();
+        let argv = rewrite(&def, &plan).unwrap();
+        let mut vm = start_qemu(&qemu, &argv, &plan).unwrap();
+        let report = vm
+            .load_state(std::fs::File::open(&state).unwrap())
+            .unwrap_or_else(|e| panic!("{tag}: {e}\n{argv:?}"));
+        assert!(report.resumed_by_cont, "{tag}");
+        let usernet = vm
+            .block_on(vm.qmp().execute(
+                "human-monitor-command",
+                json!({ "command-line": "info usernet" }),
+            ))
+            .unwrap();
+        let usernet = usernet.as_str().unwrap_or_default().to_owned();
+        assert!(!usernet.contains("HOST_FORWARD"), "{tag}: {usernet}");
+        if tag == "explicit" {
+            // The user backend is still there (its state loaded), without the forward.
+            assert!(usernet.contains("(n0)"), "{tag}: {usernet}");
+            assert!(plan.target_dir.join("chardev-charchannel0.sock").exists());
+        }
+        vm.shut_down();
+    }
+    assert_eq!(processes_mentioning(d.to_str().unwrap()), Vec::<u32>::new());
+}
