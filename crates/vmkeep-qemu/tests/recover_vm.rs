@@ -483,6 +483,8 @@ fn failing_starts_and_loads_leave_no_qemu() {
         !Path::new(&format!("/proc/{pid}")).exists(),
         "QEMU {pid} left running"
     );
+    let e = vm.block_on(vm.qmp().query_status()).unwrap_err();
+    assert!(matches!(e, vmkeep_qemu::Error::QmpClosed { .. }), "{e}");
     drop(vm);
 
     // The source fails mid-stream: its error is the one reported. A real state first (of

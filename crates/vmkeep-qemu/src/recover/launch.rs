@@ -127,7 +127,8 @@ impl RunningQemu {
         self.pid
     }
 
-    /// Our QMP connection (the VM's only monitor, until [`detach`](Self::detach)).
+    /// Our QMP connection (the VM's only monitor, until [`detach`](Self::detach)). After a
+    /// failure stopped QEMU, its commands fail with [`Error::QmpClosed`].
     pub fn qmp(&self) -> &QmpClient {
         self.qmp
             .as_ref()
@@ -236,10 +237,10 @@ impl RunningQemu {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if let Some(q) = self.qmp.take() {
+        // The client stays: once QEMU is gone its commands fail with "connection closed".
+        if let Some(q) = &self.qmp {
             let quit = q.execute_with_timeout("quit", serde_json::Value::Null, QUIT_TIMEOUT);
             let _ = self.rt.block_on(quit);
-            self.rt.block_on(q.close());
         }
         let start = Instant::now();
         while start.elapsed() < QUIT_TIMEOUT {
