@@ -98,6 +98,20 @@ pub enum Error {
     /// The NBD connection is closed (after a protocol error, a disconnect, or EOF).
     #[error("NBD connection closed{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     NbdClosed { reason: Option<String> },
+
+    /// A VM definition cannot be captured, read, or rewritten for a recovery.
+    #[error("VM definition: {0}")]
+    Definition(String),
+
+    /// The QEMU at hand cannot run the recorded VM (architecture, machine type); the message
+    /// names both QEMUs and the way out.
+    #[error("{0}")]
+    NotLoadable(String),
+
+    /// A QEMU started for a recovery failed (exited, never answered, or refused the state);
+    /// `log` is the tail of its log. QEMU is no longer running when this is returned.
+    #[error("{what}{}", if log.is_empty() { String::new() } else { format!("; QEMU log ends with:\n{log}") })]
+    Recovery { what: String, log: String },
 }
 
 impl Error {

@@ -10,6 +10,11 @@
 //!   change-tracking decisions), and of stopped VMs' images through qemu-storage-daemon.
 //! - [`qcow2_target`]: a new qcow2 image, written through a private qemu-nbd, as a restore
 //!   target (`vmkeep_repo::DiskWriter`).
+//! - [`vmdef`]: the VM's definition (command line, resolved machine type, QEMU version, disks
+//!   and their devices, boot files), captured from a running QEMU and stored in restore points.
+//! - [`recover`]: running a VM again from its definition: the command line rewritten for a new
+//!   place, a check that the QEMU at hand can load the state, QEMU started in the background,
+//!   and the migration state streamed into it.
 //!
 //! Both speak to programs we do not control, so every reply is size-bounded and checked;
 //! hostile or broken peers produce an [`Error`], never a panic or an unbounded allocation.
@@ -20,5 +25,7 @@ pub mod error;
 pub mod nbd;
 pub mod qcow2_target;
 pub mod qmp;
+pub mod recover;
+pub mod vmdef;
 
 pub use error::{Error, Result};

@@ -20,7 +20,7 @@ pub mod executor;
 pub mod guard;
 pub mod image;
 pub mod leftovers;
-mod peer;
+pub(crate) mod peer;
 pub mod scratch;
 pub mod session;
 pub mod undo;
