@@ -81,6 +81,11 @@ pub trait VmSource: Send {
     fn disks(&self) -> Vec<SourceDisk>;
     /// The memory and device state stream, once (None when not captured).
     fn take_memory(&mut self) -> Option<Box<dyn std::io::Read + Send>>;
+    /// Small named streams describing the VM (its definition, the files it boots from), stored
+    /// beside its disks; read after the memory stream.
+    fn config_streams(&mut self) -> Vec<(String, Box<dyn std::io::Read + Send>)> {
+        Vec::new()
+    }
     /// After the memory stream's end: whether the capture held (one instant, no guest error).
     fn memory_done(&mut self) -> Result<(), SourceError>;
     /// A reader of disk `i` at the captured instant, and what to read of it.

@@ -133,6 +133,10 @@ pub struct BackupVmArgs {
     /// contents of blocks the guest rewrites while the backup reads
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
+    /// The VM's QEMU command line (a JSON array, or one argument per line) when it cannot be
+    /// read from the QEMU process (another PID namespace, another user)
+    #[arg(long, value_name = "FILE")]
+    pub vm_config: Option<PathBuf>,
     /// Internal: run as the capture guard of a vmkeep process (state on stdin)
     #[arg(long, hide = true)]
     pub guard: bool,

@@ -50,6 +50,8 @@ pub struct CaptureOptions {
     pub chain: String,
     /// The repository's chunk size (read plans are in chunks).
     pub chunk_size: u64,
+    /// The VM's command line from a file (`--vm-config`) instead of its QEMU process.
+    pub vm_config: Option<PathBuf>,
 }
 
 /// A running capture; see the module docs.
@@ -75,6 +77,8 @@ pub struct QmpCapture {
     /// `BLOCK_IO_ERROR`s the guest hit during the capture.
     io_errors: Vec<String>,
     no_tracking: Option<String>,
+    /// The VM's definition (stored as a stream beside the disks).
+    definition: Option<crate::vmdef::VmDefinition>,
     opts: CaptureOptions,
     ended: bool,
 }
@@ -117,7 +121,29 @@ impl QmpCapture {
                 opts.qmp.display()
             )));
         }
-        Self::start_on(rt, qmp, vm_disks, pid, opts, parent)
+        let source = match &opts.vm_config {
+            Some(f) => crate::vmdef::ArgsSource::File(f.clone()),
+            None => crate::vmdef::ArgsSource::QmpPeer,
+        };
+        let definition = match rt.block_on(crate::vmdef::capture_definition(&qmp, &source)) {
+            Ok(d) => Some(d),
+            // Without memory a restore point is still worth its disks; with it, recovery
+            // needs the definition.
+            Err(e) if !opts.memory => {
+                warn!(error = %e, "the VM's definition is not recorded (recover needs --vm-config then)");
+                None
+            }
+            Err(e) => {
+                rt.block_on(qmp.close());
+                return Err(Error::Refused(format!(
+                    "cannot record the VM's definition, which --memory needs to resume it: {e} \
+                     (give its command line with --vm-config FILE)"
+                )));
+            }
+        };
+        let mut c = Self::start_on(rt, qmp, vm_disks, pid, opts, parent)?;
+        c.definition = definition;
+        Ok(c)
     }
 
     /// The capture of `vm_disks` over an open monitor (also used for images behind our
@@ -150,6 +176,7 @@ impl QmpCapture {
             pause_ms: 0,
             io_errors: Vec::new(),
             no_tracking: None,
+            definition: None,
             opts,
             ended: false,
         };
@@ -737,6 +764,22 @@ impl VmSource for QmpCapture {
     }
     fn take_memory(&mut self) -> Option<Box<dyn Read + Send>> {
         QmpCapture::take_memory(self)
+    }
+    fn config_streams(&mut self) -> Vec<(String, Box<dyn Read + Send>)> {
+        let Some(def) = &self.definition else {
+            return Vec::new();
+        };
+        let mut out: Vec<(String, Box<dyn Read + Send>)> = vec![(
+            crate::vmdef::DEFINITION_STREAM.to_string(),
+            Box::new(std::io::Cursor::new(def.to_json())),
+        )];
+        for b in def.boot_files.iter().filter(|b| b.size.is_some()) {
+            match File::open(&b.host_path) {
+                Ok(f) => out.push((b.stream_name(), Box::new(f))),
+                Err(e) => warn!(error = %e, file = %b.host_path, "boot file not stored"),
+            }
+        }
+        out
     }
     fn memory_done(&mut self) -> Result<(), SourceError> {
         QmpCapture::memory_done(self).map_err(Into::into)

@@ -26,6 +26,8 @@ use crate::error::{Error, Result};
 pub use capture::{capture_definition, read_args_file, ArgsSource};
 
 /// Version of the stored JSON; readers refuse others.
+/// Name of the stream holding the definition in a restore point (FORMAT.md §11.1).
+pub const DEFINITION_STREAM: &str = "vm-definition";
 pub const DEFINITION_VERSION: u32 = 1;
 
 /// Largest stored definition a reader accepts (a command line is a few KiB).

@@ -34,6 +34,9 @@ impl BackupSession<'_> {
             }
             None => source.cut().map_err(Error::Source)?,
         }
+        for (name, mut stream) in source.config_streams() {
+            self.add_stream(&name, &mut stream, CdcParams::GENERAL, progress)?;
+        }
         for (i, d) in source.disks().iter().enumerate() {
             let (reader, plan) = source.open_disk(i).map_err(Error::Source)?;
             self.add_disk(&d.name, &*reader, plan, progress)?;

@@ -150,6 +150,7 @@ fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
         scratch_dir: a.scratch_dir.clone(),
         chain: chain_of(&repo),
         chunk_size: repo.config().chunk_size as u64,
+        vm_config: a.vm_config.clone(),
     };
     let bars = Bars::new(g.quiet);
     let backup = BackupOptions {
