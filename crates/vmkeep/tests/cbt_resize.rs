@@ -4,6 +4,7 @@
 //!
 //! Shrinking a disk and growing it back marks nothing dirty in QEMU's bitmaps, yet the area cut
 //! off now reads as zeros: an incremental trusting the bitmap would restore the old data there.
+//! The same for a stopped VM's qcow2 resized offline with `qemu-img` (`backup image`).
 
 mod common;
 #[path = "common/qemu.rs"]
@@ -132,4 +133,45 @@ fn shrink_and_regrow_between_backups_rescans() {
     );
     assert_restored(&repo, &b3, &live3, d, "ordinary incremental");
     vm.quit();
+}
+
+/// The same through `backup image` of a stopped VM's qcow2 (read by a qemu-storage-daemon
+/// vmkeep starts, its persistent bitmap kept in the image), resized offline with `qemu-img`.
+#[test]
+fn an_image_shrunk_and_regrown_offline_rescans() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    init(&repo, &[]);
+    let image = d.join("vd0.qcow2");
+    vmkeep_testkit::tools::make_qcow2(&image, "64M");
+    vmkeep_testkit::tools::qemu_io(&image, &["write -P 0x33 40M 1M"]);
+    let backup = || {
+        json(
+            vmkeep(&repo)
+                .args(["backup", "image", "--vm", "img", "--disk"])
+                .arg(format!("vd0={}", image.display())),
+        )
+    };
+    let b1 = backup();
+    assert_eq!(cbt(&b1).0, "none", "{b1}");
+    for (size, extra) in [("32M", &["--shrink"][..]), ("64M", &[][..])] {
+        let out = std::process::Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2"])
+            .args(extra)
+            .arg(&image)
+            .arg(size)
+            .output()
+            .expect("qemu-img resize");
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    let b2 = backup();
+    let (cbt2, reason2) = cbt(&b2);
+    assert_eq!(cbt2, "rescan", "{b2}");
+    assert!(
+        reason2.contains("reads zeros where its last restore point has data"),
+        "{b2}"
+    );
+    let live = vmkeep_testkit::tools::raw_content(&image, d);
+    assert_restored(&repo, &b2, &live, d, "offline regrow");
 }
