@@ -526,6 +526,85 @@ pub fn changed_chunks<S: NodeStore>(
     Ok(out)
 }
 
+/// The first chunk inside `runs` (ascending, disjoint, non-empty `(first, count)` within the
+/// disk) whose id is not ZERO, or None when they are all ZERO.
+///
+/// Descends only into non-ZERO subtrees overlapping a run; a non-ZERO subtree lying wholly
+/// inside a run answers without looking further than the path to its first chunk. So the cost
+/// is the nodes at the runs' edges (bounded by the stored nodes), not the runs' length: an
+/// empty area of a 1 TiB disk costs nothing, however long.
+pub fn first_nonzero_in<S: NodeStore>(
+    store: &S,
+    root: &BlobId,
+    chunks: u64,
+    runs: &[(u64, u64)],
+) -> Result<Option<u64>> {
+    /// The first non-ZERO chunk of the non-ZERO subtree `id` at (`level`, `start`).
+    fn first_chunk<S: NodeStore>(
+        store: &S,
+        id: &BlobId,
+        level: u8,
+        start: u64,
+        chunks: u64,
+    ) -> Result<u64> {
+        let (mut id, mut level, mut start) = (*id, level, start);
+        loop {
+            let node = load_checked(store, &id, level, start, chunks)?;
+            // A stored node has a non-ZERO child (load_checked refuses one that has none).
+            let slot = node
+                .children
+                .iter()
+                .position(|c| !c.is_zero())
+                .ok_or_else(|| corrupt(format!("node {id:#} has no non-zero child")))?;
+            start = child_start(level, start, slot);
+            if level == 0 {
+                return Ok(start);
+            }
+            id = node.children[slot];
+            level -= 1;
+        }
+    }
+    fn walk<S: NodeStore>(
+        store: &S,
+        id: &BlobId,
+        level: u8,
+        start: u64,
+        chunks: u64,
+        runs: &[(u64, u64)],
+    ) -> Result<Option<u64>> {
+        let node = load_checked(store, id, level, start, chunks)?;
+        for (slot, child) in node.children.iter().enumerate() {
+            if child.is_zero() {
+                continue;
+            }
+            let cs = child_start(level, start, slot);
+            let ce = (cs as u128 + child_cap(level)).min(chunks as u128) as u64;
+            // The first run ending after `cs`; none means no run is left anywhere.
+            let i = runs.partition_point(|&(f, n)| f + n <= cs);
+            let Some(&(f, n)) = runs.get(i) else {
+                return Ok(None);
+            };
+            if f >= ce {
+                continue;
+            }
+            if level == 0 {
+                return Ok(Some(cs));
+            }
+            if f <= cs && f + n >= ce {
+                return first_chunk(store, child, level - 1, cs, chunks).map(Some);
+            }
+            if let Some(x) = walk(store, child, level - 1, cs, chunks, runs)? {
+                return Ok(Some(x));
+            }
+        }
+        Ok(None)
+    }
+    if root.is_zero() || runs.is_empty() {
+        return Ok(None);
+    }
+    walk(store, root, depth(chunks) - 1, 0, chunks, runs)
+}
+
 /// Id of chunk `index` (ZERO when zero); used by rewind/diff confirmation.
 pub fn chunk_id<S: NodeStore>(store: &S, root: &BlobId, chunks: u64, index: u64) -> Result<BlobId> {
     if index >= chunks {

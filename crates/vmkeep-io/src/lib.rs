@@ -4,7 +4,7 @@
 //! restore targets (raw files, qcow2 images) implement these; the repository (vmkeep-repo)
 //! consumes them; the binary wires the two. Neither side depends on the other.
 //!
-//! - [`source`]: [`DiskReader`], [`ReadPlan`], [`chunk_runs`];
+//! - [`source`]: [`DiskReader`], [`ReadPlan`], [`chunk_runs`], [`zero_chunk_runs`];
 //! - [`target`]: [`DiskWriter`], [`publish`] (fsync, rename, fsync the folder);
 //! - [`progress`]: the [`Progress`] observer;
 //! - [`killpoint`]: named kill points for crash tests of the real binary.
@@ -16,5 +16,7 @@ pub mod target;
 
 pub use killpoint::kill_point;
 pub use progress::{NoProgress, Progress};
-pub use source::{chunk_runs, DiskReader, ReadPlan, SourceDisk, SourceError, VmSource};
+pub use source::{
+    chunk_runs, zero_chunk_runs, DiskReader, ReadPlan, SourceDisk, SourceError, VmSource,
+};
 pub use target::{create_target_dir, publish, DiskWriter};

@@ -25,6 +25,11 @@ pub struct ReadPlan {
     pub base: Option<BlobId>,
     /// Chunk runs (first, count) to read, ascending and disjoint.
     pub runs: Vec<(u64, u64)>,
+    /// Chunk runs (first, count), ascending and disjoint, that read as all zeros at the captured
+    /// instant (from the source's allocation map; empty when unknown). The repository checks a
+    /// `used` plan against them: a chunk zero now, not in `runs`, but holding data in `base`
+    /// proves the change tracking missed writes, and every chunk outside them is read instead.
+    pub zero_runs: Vec<(u64, u64)>,
     /// What change tracking did, recorded in the manifest.
     pub cbt: ChangeTracking,
     pub cbt_reason: Option<String>,
@@ -48,6 +53,30 @@ pub fn chunk_runs(extents: &[(u64, u64)], chunk_size: u64) -> Vec<(u64, u64)> {
                 *n = end - *s;
             }
             _ => runs.push((first, last - first + 1)),
+        }
+    }
+    runs
+}
+
+/// Chunk runs (first, count) lying wholly inside the byte ranges `zeros` (ascending, disjoint)
+/// of a disk of `size` bytes; the last chunk may be short. A chunk only partly inside is not
+/// included: it holds data, or zeros the allocation map cannot vouch for.
+pub fn zero_chunk_runs(zeros: &[(u64, u64)], size: u64, chunk_size: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for &(off, len) in zeros {
+        let end = off.saturating_add(len).min(size);
+        let first = off.div_ceil(chunk_size);
+        let last = if end == size {
+            size.div_ceil(chunk_size)
+        } else {
+            end / chunk_size
+        };
+        if last <= first {
+            continue;
+        }
+        match runs.last_mut() {
+            Some((s, n)) if *s + *n >= first => *n = last.max(*s + *n) - *s,
+            _ => runs.push((first, last - first)),
         }
     }
     runs
@@ -99,4 +128,24 @@ pub trait VmSource: Send {
     fn pause_ms(&self) -> u64;
     /// After the commit (or its failure): checkpoints settled, everything else undone.
     fn finish(self: Box<Self>, committed: bool) -> Result<(), SourceError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_chunks_are_whole_chunks_inside_zero_ranges() {
+        let k = 65536;
+        // chunk 0 partly zero, 1-2 zero, 3 data, 4 zero; the short last chunk (5) zero
+        let size = 5 * k + 100;
+        let zeros = [(4096, 3 * k - 4096), (4 * k, k + 100)];
+        assert_eq!(zero_chunk_runs(&zeros, size, k), vec![(1, 2), (4, 2)]);
+        // a zero range inside one chunk covers none; one ending mid-chunk stops before it
+        assert_eq!(zero_chunk_runs(&[(10, 100)], size, k), vec![]);
+        assert_eq!(zero_chunk_runs(&[(0, k + 5)], size, k), vec![(0, 1)]);
+        // touching ranges merge
+        assert_eq!(zero_chunk_runs(&[(0, k), (k, k)], size, k), vec![(0, 2)]);
+        assert_eq!(zero_chunk_runs(&[], size, k), vec![]);
+    }
 }

@@ -105,6 +105,11 @@ impl NbdDisk {
         allocated_runs(&self.allocation, chunk_size)
     }
 
+    /// Chunk runs that read wholly as zeros (see [`vmkeep_io::ReadPlan::zero_runs`]).
+    pub fn zero_runs(&self, chunk_size: u64) -> Vec<(u64, u64)> {
+        vmkeep_io::zero_chunk_runs(&self.zeros, self.client.size(), chunk_size)
+    }
+
     /// Chunk runs touched by the dirty bitmap `bitmap` (negotiated at connect).
     pub fn dirty_runs(&self, bitmap: &str, chunk_size: u64) -> Result<Vec<(u64, u64)>> {
         let size = self.client.size();

@@ -393,7 +393,15 @@ async fn silent_server_times_out_and_closes() {
     let c = NbdClient::connect_unix_with(&p, "x", &[], opts())
         .await
         .unwrap();
+    // Timeouts count running time in ticks (nbd/timeout.rs): a silent server still fails
+    // the request after about the limit (500 ms).
+    let t = Instant::now();
     let e = c.read(0, 4096).await.unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+        "timed out after {took:?}"
+    );
     assert!(matches!(c.read(0, 1).await, Err(Error::NbdClosed { .. })));
 }

@@ -653,6 +653,36 @@ fn store_failure_propagates() {
     assert!(b.finish().is_err());
 }
 
+/// `first_nonzero_in` over a 1 TiB disk: an empty area costs nothing however long; an area over
+/// data answers after one path; a run in a leaf that also holds data loads that path.
+#[test]
+fn first_nonzero_in_costs_the_run_edges() {
+    let chunks = 1u64 << 24;
+    let d = depth(chunks) as u64;
+    let mut s = MapStore::default();
+    // 200 chunks of data from chunk 2^20: one full leaf, one partly.
+    let data: Vec<(u64, BlobId)> = (0..200u64).map(|k| (1 << 20 | k, cid(1))).collect();
+    let root = build(&mut s, None, chunks, data.iter().copied()).unwrap();
+    let loads = |s: &MapStore, runs: &[(u64, u64)]| {
+        let l0 = s.loads.get();
+        let r = first_nonzero_in(s, &root, chunks, runs).unwrap();
+        (r, s.loads.get() - l0)
+    };
+    // Zeros everywhere but the data: the path to the partly filled leaf, and that leaf.
+    let around = [(0, 1 << 20), ((1 << 20) + 200, chunks - (1 << 20) - 200)];
+    assert_eq!(loads(&s, &around), (None, d));
+    assert_eq!(loads(&s, &[(0, chunks)]), (Some(1 << 20), d));
+    assert_eq!(
+        loads(&s, &[(5, 3), ((1 << 20) + 100, 1)]).0,
+        Some((1 << 20) + 100)
+    );
+    assert_eq!(loads(&s, &[]), (None, 0));
+    assert_eq!(
+        first_nonzero_in(&s, &BlobId::ZERO, chunks, &[(0, chunks)]).unwrap(),
+        None
+    );
+}
+
 // ---- properties ----
 
 /// A disk described by painted segments over zeros: (start, len, value, noisy).
@@ -747,6 +777,22 @@ proptest! {
         let want: Vec<(u64, BlobId)> = nz_new.iter().map(|&i| (i, new_ids[i as usize]))
             .collect();
         prop_assert_eq!(got, want);
+
+        // first_nonzero_in == the first non-zero chunk inside the runs (some of `points`).
+        let mut runs: Vec<(u64, u64)> = points.iter().map(|&(i, v)| ((i % n) as u64, v as u64 + 1))
+            .collect();
+        runs.sort_unstable();
+        let mut disjoint: Vec<(u64, u64)> = Vec::new();
+        for (f, c) in runs {
+            let c = c.min(chunks - f);
+            match disjoint.last() {
+                Some(&(pf, pc)) if pf + pc > f => {}
+                _ => disjoint.push((f, c)),
+            }
+        }
+        let naive = disjoint.iter().flat_map(|&(f, c)| f..f + c)
+            .find(|&i| new[i as usize] != 0);
+        prop_assert_eq!(first_nonzero_in(&s, &new_ref, chunks, &disjoint).unwrap(), naive);
 
         // chunk_id at a few positions.
         for &(i, _) in points.iter().take(5) {

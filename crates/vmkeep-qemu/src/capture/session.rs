@@ -712,6 +712,7 @@ impl QmpCapture {
             },
         };
         let plan = ReadPlan {
+            zero_runs: disk.zero_runs(cs), // lets the repository check a `used` plan
             checkpoint: d.bitmaps.then(|| Checkpoint {
                 bitmap: d.new_bitmap.clone(),
                 node: d.vm.node.clone(),

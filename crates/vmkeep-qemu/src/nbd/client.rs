@@ -4,8 +4,11 @@
 //! One reader task owns the receiving half of the socket and completes requests; senders
 //! share the sending half behind a mutex. A protocol violation, an EOF or a request timeout
 //! closes the connection: every outstanding and later request fails with a typed error.
+//! Timeouts count only time the process ran ([`super::timeout`]): a vmkeep stopped while a
+//! reply was on its way reads the reply when it runs again.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +21,7 @@ use tracing::{debug, warn};
 
 use super::handshake::{handshake, Negotiated};
 use super::proto::{self, BlockSize, Chunk, Extent, ReadReply, Request, RequestKind, ServerError};
+use super::timeout::within;
 use crate::error::{Error, Result};
 
 /// Tunables of an NBD connection.
@@ -25,17 +29,43 @@ use crate::error::{Error, Result};
 pub struct NbdOptions {
     /// Limit for the whole handshake (greeting to NBD_OPT_GO's ACK).
     pub handshake_timeout: Duration,
-    /// Limit for one request's reply; a request that times out closes the connection.
+    /// Limit for one request's reply (and for sending it), in time the process ran; a request
+    /// that times out closes the connection. Default 60 s, or [`TIMEOUT_ENV`].
     pub request_timeout: Duration,
     /// Requests kept in flight by one [`NbdClient::read`] or [`NbdClient::write`] call.
     pub max_in_flight: usize,
 }
 
+/// Environment variable overriding the default request timeout, in whole seconds (> 0).
+pub const TIMEOUT_ENV: &str = "VMKEEP_NBD_TIMEOUT_SECS";
+
+/// Request timeout when [`TIMEOUT_ENV`] is not set.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The request timeout [`TIMEOUT_ENV`] asks for: None when unset; an error text when it is not a
+/// whole number of seconds above 0.
+pub fn request_timeout_from_env() -> std::result::Result<Option<Duration>, String> {
+    let Some(v) = std::env::var_os(TIMEOUT_ENV) else {
+        return Ok(None);
+    };
+    match v.to_str().and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(secs) if secs > 0 => Ok(Some(Duration::from_secs(secs))),
+        _ => Err(format!(
+            "{TIMEOUT_ENV}={v:?}: expected a whole number of seconds above 0"
+        )),
+    }
+}
+
 impl Default for NbdOptions {
+    /// Request timeout from [`TIMEOUT_ENV`] when set (the binary refuses an invalid value at
+    /// start; here it falls back to [`DEFAULT_REQUEST_TIMEOUT`]).
     fn default() -> Self {
         NbdOptions {
             handshake_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(60),
+            request_timeout: request_timeout_from_env()
+                .ok()
+                .flatten()
+                .unwrap_or(DEFAULT_REQUEST_TIMEOUT),
             max_in_flight: 8,
         }
     }
@@ -126,12 +156,12 @@ impl NbdClient {
         opts: NbdOptions,
     ) -> Result<Self> {
         let path = path.as_ref();
-        let s = tokio::time::timeout(
+        let s = within(
             opts.handshake_timeout,
             tokio::net::UnixStream::connect(path),
         )
         .await
-        .map_err(|_| Error::Timeout {
+        .ok_or_else(|| Error::Timeout {
             what: format!("connect to NBD socket {}", path.display()),
             timeout: opts.handshake_timeout,
         })?
@@ -151,9 +181,9 @@ impl NbdClient {
         contexts: &[&str],
         opts: NbdOptions,
     ) -> Result<Self> {
-        let s = tokio::time::timeout(opts.handshake_timeout, tokio::net::TcpStream::connect(addr))
+        let s = within(opts.handshake_timeout, tokio::net::TcpStream::connect(addr))
             .await
-            .map_err(|_| Error::Timeout {
+            .ok_or_else(|| Error::Timeout {
                 what: format!("connect to NBD server {addr}"),
                 timeout: opts.handshake_timeout,
             })?
@@ -172,12 +202,12 @@ impl NbdClient {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let neg = tokio::time::timeout(
+        let neg = within(
             opts.handshake_timeout,
             handshake(&mut stream, export, contexts),
         )
         .await
-        .map_err(|_| Error::Timeout {
+        .ok_or_else(|| Error::Timeout {
             what: "NBD handshake".into(),
             timeout: opts.handshake_timeout,
         })??;
@@ -260,7 +290,7 @@ impl NbdClient {
                 next += u64::from(l);
             }
             if let Some(rx) = in_flight.pop_front() {
-                match self.wait(rx).await? {
+                match self.wait(stop_at_first_read(rx)).await? {
                     Outcome::Read(r) => {
                         data.extend_from_slice(&r.data);
                         for (o, l) in r.holes {
@@ -481,15 +511,15 @@ impl NbdClient {
             }
             Ok::<_, std::io::Error>(())
         };
-        let res = tokio::time::timeout(self.opts.request_timeout, send).await;
+        let res = within(self.opts.request_timeout, send).await;
         guard.sent = true;
         match res {
-            Ok(Ok(())) => Ok(rx),
-            Ok(Err(e)) => {
+            Some(Ok(())) => Ok(rx),
+            Some(Err(e)) => {
                 drop(w);
                 Err(self.fail(Error::io("send NBD request", e)))
             }
-            Err(_) => {
+            None => {
                 drop(w);
                 Err(self.fail(Error::Timeout {
                     what: "sending an NBD request".into(),
@@ -499,13 +529,16 @@ impl NbdClient {
         }
     }
 
-    async fn wait(&self, rx: oneshot::Receiver<Result<Outcome>>) -> Result<Outcome> {
-        match tokio::time::timeout(self.opts.request_timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::NbdClosed {
+    async fn wait(
+        &self,
+        rx: impl Future<Output = std::result::Result<Result<Outcome>, oneshot::error::RecvError>>,
+    ) -> Result<Outcome> {
+        match within(self.opts.request_timeout, rx).await {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(Error::NbdClosed {
                 reason: self.closed_reason(),
             }),
-            Err(_) => {
+            None => {
                 let e = Error::Timeout {
                     what: "NBD reply".into(),
                     timeout: self.opts.request_timeout,
@@ -537,6 +570,19 @@ impl NbdClient {
         }
         fail_all(&self.shared, reason, None);
     }
+}
+
+/// The process's first read stops at the kill point `nbd-request-sent` once its request was sent
+/// and its reply is awaited (`VMKEEP_STOP_AT`), so a test can stop vmkeep with a reply in
+/// flight. Later reads pass straight through.
+async fn stop_at_first_read<T>(
+    rx: oneshot::Receiver<T>,
+) -> std::result::Result<T, oneshot::error::RecvError> {
+    static STOPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !STOPPED.swap(true, Ordering::Relaxed) {
+        vmkeep_io::kill_point("nbd-request-sent");
+    }
+    rx.await
 }
 
 /// Closes the connection when dropped before `sent` is set.

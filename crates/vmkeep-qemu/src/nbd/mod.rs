@@ -18,8 +18,12 @@
 mod client;
 mod handshake;
 pub mod proto;
+mod timeout;
 
-pub use client::{NbdClient, NbdOptions, SparseRead};
+pub use client::{
+    request_timeout_from_env, NbdClient, NbdOptions, SparseRead, DEFAULT_REQUEST_TIMEOUT,
+    TIMEOUT_ENV,
+};
 pub use proto::{BlockSize, Extent};
 
 /// `base:allocation` flag: the range is a hole (not allocated).

@@ -16,6 +16,7 @@ mod jobs;
 mod pipeline;
 mod source;
 mod stream;
+mod tracking;
 
 pub use image::{chunk_runs, probe_image, ImageInfo, RawImage};
 pub use jobs::ImageBackupOptions;
@@ -152,6 +153,7 @@ impl<'r> BackupSession<'r> {
 
     /// Back up one disk: read the chunks `plan` lists from `reader`, keep the rest from
     /// `plan.base` (zeros when None). Returns the disk's entry as it will appear in the manifest.
+    /// A `used` plan the disk's allocation contradicts becomes a rescan (see [`tracking`]).
     pub fn add_disk(
         &mut self,
         name: &str,
@@ -160,6 +162,8 @@ impl<'r> BackupSession<'r> {
         progress: &dyn Progress,
     ) -> Result<&DiskEntry> {
         self.check_new_disk_name(name)?;
+        let plan =
+            tracking::check_used_plan(self.repo, &self.dedup.index, name, plan, reader.size())?;
         let packer = self.packer.as_ref().expect("session open");
         let out = pipeline::run(
             self.repo,

@@ -14,6 +14,8 @@ use crate::args::{Cli, Command};
 
 pub fn run(cli: Cli) -> Result<u8> {
     let g = &cli.global;
+    // Settings read deep in the libraries: a typo fails here, before anything starts.
+    vmkeep_qemu::nbd::request_timeout_from_env().map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Init(a) => init::run(g, &a),
         Command::Key(k) => key::run(g, &k),

@@ -29,6 +29,7 @@ const SCRUB: &[&str] = &[
     "VMKEEP_THREADS",
     "VMKEEP_LEASE_TIMEOUT_SECS",
     "VMKEEP_LEASE_REFRESH_SECS",
+    "VMKEEP_NBD_TIMEOUT_SECS",
 ];
 
 pub fn bin() -> PathBuf {
