@@ -19,10 +19,11 @@ use std::collections::BTreeMap;
 use super::qemu::RamBlock;
 use super::PAGE_SIZE;
 
-/// At most this many pages (16 MiB) wait for their chunk to finish.
+/// At most this much memory (in pages: 16 MiB) waits in open chunks.
 pub const MAX_HELD_PAGES: usize = 4096;
-/// At most this many chunks are open (mostly chunks of zero pages, which hold no data).
-const MAX_OPEN_CHUNKS: usize = 65536;
+/// At most this many chunks are open above their image's head (a page held needs at most
+/// one; more are chunks of zero pages waiting behind a gap, which then gets closed).
+const MAX_OPEN_CHUNKS: usize = MAX_HELD_PAGES;
 /// Page images (layers) per RAM block.
 pub const MAX_LAYERS: usize = 8;
 /// Page images in all.
@@ -30,12 +31,18 @@ pub const MAX_IMAGES: usize = 4096;
 /// Page buffers kept for reuse.
 const SPARE_PAGES: usize = 256;
 
+#[derive(Default)]
 struct Open {
     /// Pages seen (bit i = page i of the chunk).
     seen: u64,
-    /// The pages with data, as (bit, bytes): memory follows the pages held, not the chunks
-    /// open (pages ahead of QEMU's scan are one per chunk).
+    /// Pages with data that came while the chunk was above its image's head, as (bit,
+    /// bytes): memory follows the pages held, not the chunks open (pages ahead of QEMU's scan
+    /// are one per chunk).
     pages: Vec<(u32, Vec<u8>)>,
+    /// The head chunk's bytes: pages that come while it is the head go straight here.
+    data: Option<Vec<u8>>,
+    /// Memory held, in pages: one per entry of `pages`, the whole chunk for `data`.
+    held: usize,
 }
 
 struct Image {
@@ -43,6 +50,9 @@ struct Image {
     size: u64,
     /// Chunks below this one are finished.
     next: u64,
+    /// Chunk `next` (empty when nothing of it was seen). Kept here rather than in `open`: the
+    /// scan fills it page by page, and this is the hot path.
+    head: Open,
 }
 
 /// What the assembler produced, in an order the tree builders can follow.
@@ -65,8 +75,9 @@ pub struct PageAssembler {
     /// Per RAM block, its page images (layers) in creation order.
     layers: Vec<Vec<u32>>,
     images: Vec<Image>,
+    /// Open chunks above their image's `next` (the chunk `next` is the image's `head`).
     open: BTreeMap<(u32, u64), Open>,
-    /// Pages held in `open`.
+    /// Memory held by open chunks, in pages (see `Open::held`).
     held: usize,
     /// Page buffers to reuse.
     spare: Vec<Vec<u8>>,
@@ -106,18 +117,34 @@ impl PageAssembler {
     /// Place a page; returns the page image it went to, None when it must stay a literal.
     pub fn page(&mut self, block: usize, page: u64, data: &[u8]) -> Option<u32> {
         debug_assert_eq!(data.len(), PAGE_SIZE as usize);
-        let ((image, chunk), bit) = self.claim(block, page, true)?;
-        let buf = match self.spare.pop() {
-            Some(mut b) => {
-                b.copy_from_slice(data);
-                b
+        let (image, chunk, bit) = self.claim(block, page, true)?;
+        if chunk == self.images[image as usize].next {
+            // The whole chunk's buffer counts as held from its first page.
+            let len = self.chunk_len(image, chunk);
+            let head = &mut self.images[image as usize].head;
+            if head.data.is_none() {
+                head.data = Some(vec![0u8; len]);
+                head.held += len / PAGE_SIZE as usize;
+                self.held += len / PAGE_SIZE as usize;
             }
-            None => data.to_vec(),
-        };
-        let open = self.open.get_mut(&(image, chunk)).expect("claimed");
-        open.pages.push((bit, buf));
-        open.seen |= 1 << bit;
-        self.held += 1;
+            let buf = head.data.as_mut().expect("allocated above");
+            let at = bit as usize * PAGE_SIZE as usize;
+            buf[at..at + PAGE_SIZE as usize].copy_from_slice(data);
+            head.seen |= 1 << bit;
+        } else {
+            let buf = match self.spare.pop() {
+                Some(mut b) => {
+                    b.copy_from_slice(data);
+                    b
+                }
+                None => data.to_vec(),
+            };
+            let open = self.chunk_mut(image, chunk);
+            open.pages.push((bit, buf));
+            open.seen |= 1 << bit;
+            open.held += 1;
+            self.held += 1;
+        }
         self.placed += 1;
         self.advance(image);
         Some(image)
@@ -125,9 +152,9 @@ impl PageAssembler {
 
     /// A zero page: its place is accounted for (it stays a hole).
     pub fn zero_page(&mut self, block: usize, page: u64) {
-        if let Some((key, bit)) = self.claim(block, page, false) {
-            self.open.get_mut(&key).expect("claimed").seen |= 1 << bit;
-            self.advance(key.0);
+        if let Some((image, chunk, bit)) = self.claim(block, page, false) {
+            self.chunk_mut(image, chunk).seen |= 1 << bit;
+            self.advance(image);
         }
     }
 
@@ -136,80 +163,84 @@ impl PageAssembler {
         std::mem::take(&mut self.out)
     }
 
+    /// [`PageAssembler::take`] into `f`, keeping the buffer (this runs for every page).
+    pub fn drain_into(&mut self, f: impl FnMut(Assembled)) {
+        if !self.out.is_empty() {
+            self.out.drain(..).for_each(f);
+        }
+    }
+
     /// End of the stream: every open chunk is finished.
     pub fn finish(&mut self) -> Vec<Assembled> {
-        while let Some((&key, _)) = self.open.iter().next() {
-            self.finish_chunk(key);
+        for image in 0..self.images.len() as u32 {
+            self.finish_through(image, u64::MAX);
         }
         self.take()
     }
 
-    fn chunk_len(&self, (image, chunk): (u32, u64)) -> usize {
+    fn chunk_len(&self, image: u32, chunk: u64) -> usize {
         let size = self.images[image as usize].size;
         (size - chunk * self.chunk_size).min(self.chunk_size) as usize
     }
 
-    /// The open chunk of the page image where page `page` of `block` goes, opening it (and
-    /// the image) if needed, and the page's bit. With `data`, room for one more held page is
-    /// made first. None: the page stays a literal.
-    fn claim(&mut self, block: usize, page: u64, data: bool) -> Option<((u32, u64), u32)> {
+    /// The open chunk `chunk` of `image` (at or above its `next`), opened if needed.
+    fn chunk_mut(&mut self, image: u32, chunk: u64) -> &mut Open {
+        let img = &mut self.images[image as usize];
+        debug_assert!(chunk >= img.next);
+        if chunk == img.next {
+            &mut img.head
+        } else {
+            self.open.entry((image, chunk)).or_default()
+        }
+    }
+
+    /// Pages of `chunk` of `image` seen so far (0 when not open; None when finished).
+    fn seen(&self, image: u32, chunk: u64) -> Option<u64> {
+        let img = &self.images[image as usize];
+        match chunk.cmp(&img.next) {
+            std::cmp::Ordering::Less => None,
+            std::cmp::Ordering::Equal => Some(img.head.seen),
+            std::cmp::Ordering::Greater => {
+                Some(self.open.get(&(image, chunk)).map_or(0, |o| o.seen))
+            }
+        }
+    }
+
+    /// Where page `page` of `block` goes: (image, chunk, bit). The first layer of the block
+    /// whose chunk is not finished and lacks the page; else a new layer. With `data`, room for
+    /// one more held page is made first. None: the page stays a literal.
+    fn claim(&mut self, block: usize, page: u64, data: bool) -> Option<(u32, u64, u32)> {
         let size = self.blocks.get(block)?.size;
         if page >= size / PAGE_SIZE as u64 {
             return None;
         }
         let chunk = page / self.pages_per_chunk;
         let bit = (page % self.pages_per_chunk) as u32;
-        let image = self.layer_for(block, chunk, bit)?;
+        let fits = |me: &Self, i: u32| me.seen(i, chunk).is_some_and(|s| s & (1 << bit) == 0);
+        let image = match self.layers[block].iter().copied().find(|&i| fits(self, i)) {
+            Some(i) => i,
+            None => self.new_layer(block)?,
+        };
         // Over a budget: finish the lowest chunks (holding data, for the page budget) until
         // there is room; the page's own chunk may go, and then the page stays a literal.
         while data && self.held >= MAX_HELD_PAGES {
-            let lowest = *self
-                .open
-                .iter()
-                .find(|(_, o)| !o.pages.is_empty())
-                .expect("pages are held")
-                .0;
-            self.finish_chunk(lowest);
-            self.advance(lowest.0);
+            self.force_lowest_with_data();
         }
-        let key = (image, chunk);
-        if !self.open.contains_key(&key) && self.open.len() >= MAX_OPEN_CHUNKS {
-            let lowest = *self.open.keys().next().expect("not empty");
-            self.finish_chunk(lowest);
-            self.advance(lowest.0);
+        if chunk > self.images[image as usize].next
+            && self.open.len() >= MAX_OPEN_CHUNKS
+            && !self.open.contains_key(&(image, chunk))
+        {
+            let (i, c) = *self.open.keys().next().expect("not empty");
+            self.finish_through(i, c);
         }
-        if chunk < self.images[image as usize].next {
+        if !fits(self, image) {
             return None;
         }
-        let open = self.open.entry(key).or_insert_with(|| Open {
-            seen: 0,
-            pages: Vec::new(),
-        });
-        if open.seen & (1 << bit) != 0 {
-            return None;
-        }
-        Some((key, bit))
+        Some((image, chunk, bit))
     }
 
-    /// The layer of `block` for page `bit` of chunk `chunk`: one whose open chunk lacks the
-    /// page, else one that has not finished past the chunk, else a new one.
-    fn layer_for(&mut self, block: usize, chunk: u64, bit: u32) -> Option<u32> {
-        let layers = &self.layers[block];
-        let open_without = layers.iter().find(|&&i| {
-            self.open
-                .get(&(i, chunk))
-                .is_some_and(|o| o.seen & (1 << bit) == 0)
-        });
-        if let Some(&i) = open_without {
-            return Some(i);
-        }
-        let room = layers.iter().find(|&&i| {
-            self.images[i as usize].next <= chunk && !self.open.contains_key(&(i, chunk))
-        });
-        if let Some(&i) = room {
-            return Some(i);
-        }
-        if layers.len() >= MAX_LAYERS || self.images.len() >= MAX_IMAGES {
+    fn new_layer(&mut self, block: usize) -> Option<u32> {
+        if self.layers[block].len() >= MAX_LAYERS || self.images.len() >= MAX_IMAGES {
             return None;
         }
         let image = self.images.len() as u32;
@@ -217,6 +248,7 @@ impl PageAssembler {
             block: block as u32,
             size: self.blocks[block].size,
             next: 0,
+            head: Open::default(),
         });
         self.layers[block].push(image);
         self.out.push(Assembled::NewImage {
@@ -226,52 +258,107 @@ impl PageAssembler {
         Some(image)
     }
 
-    /// Finish the complete chunks of page image `image` that follow its finished ones without
-    /// a gap. (A chunk after a gap waits: the gap's pages may still come, or the budget
-    /// forces it out.)
+    /// Finishes the lowest chunk holding pages (with every open chunk below it in its image).
+    fn force_lowest_with_data(&mut self) {
+        for i in 0..self.images.len() {
+            let img = &self.images[i];
+            let target = if img.head.held > 0 {
+                Some(img.next)
+            } else {
+                self.open
+                    .range((i as u32, 0)..=(i as u32, u64::MAX))
+                    .find(|(_, o)| o.held > 0)
+                    .map(|(&(_, c), _)| c)
+            };
+            if let Some(c) = target {
+                self.finish_through(i as u32, c);
+                self.advance(i as u32);
+                return;
+            }
+        }
+        unreachable!("pages are held");
+    }
+
+    /// Finish the complete chunks of `image` that follow its finished ones without a gap. (A
+    /// chunk after a gap waits: the gap's pages may still come, or the budget forces it out.)
     fn advance(&mut self, image: u32) {
         loop {
-            let key = (image, self.images[image as usize].next);
-            let Some(open) = self.open.get(&key) else {
+            let img = &self.images[image as usize];
+            if img.next.saturating_mul(self.chunk_size) >= img.size {
                 return;
-            };
-            let pages = self.chunk_len(key) as u64 / PAGE_SIZE as u64;
+            }
+            let pages = self.chunk_len(image, img.next) as u64 / PAGE_SIZE as u64;
             let full = if pages == 64 {
                 u64::MAX
             } else {
                 (1u64 << pages) - 1
             };
-            if open.seen != full {
+            if img.head.seen != full {
                 return;
             }
-            self.finish_chunk(key);
+            self.finish_head(image);
         }
     }
 
-    /// Finishes `key` and, first, every open chunk below it in the same image.
-    fn finish_chunk(&mut self, key: (u32, u64)) {
-        let (image, chunk) = key;
-        while let Some((&k, _)) = self.open.range((image, 0)..=(image, chunk)).next() {
-            let open = self.open.remove(&k).expect("present");
-            self.images[image as usize].next = k.1 + 1;
-            if open.pages.is_empty() {
-                continue;
+    /// Finishes every open chunk of `image` up to `chunk`, in order.
+    fn finish_through(&mut self, image: u32, chunk: u64) {
+        loop {
+            let img = &self.images[image as usize];
+            if img.next > chunk || img.next.saturating_mul(self.chunk_size) >= img.size {
+                return;
             }
-            self.held -= open.pages.len();
-            let mut data = vec![0u8; self.chunk_len(k)];
-            for (bit, page) in open.pages {
-                let at = bit as usize * PAGE_SIZE as usize;
-                data[at..at + PAGE_SIZE as usize].copy_from_slice(&page);
-                if self.spare.len() < SPARE_PAGES {
-                    self.spare.push(page);
+            // Jump over chunks nothing was seen of, to the next open one (or past `chunk`).
+            if img.head.seen == 0 {
+                let next_open = self
+                    .open
+                    .range((image, img.next)..=(image, chunk))
+                    .next()
+                    .map(|(&(_, c), _)| c);
+                match next_open {
+                    Some(c) => {
+                        let o = self.open.remove(&(image, c)).expect("present");
+                        let img = &mut self.images[image as usize];
+                        img.next = c;
+                        img.head = o;
+                    }
+                    None => {
+                        let img = &mut self.images[image as usize];
+                        img.next = chunk.saturating_add(1);
+                        if let Some(o) = self.open.remove(&(image, img.next)) {
+                            img.head = o;
+                        }
+                        return;
+                    }
                 }
             }
-            self.out.push(Assembled::Chunk {
-                image,
-                chunk: k.1,
-                data,
-            });
+            self.finish_head(image);
         }
+    }
+
+    /// Emits the head chunk (when it holds pages) and makes the next chunk the head.
+    fn finish_head(&mut self, image: u32) {
+        let img = &mut self.images[image as usize];
+        let head = std::mem::take(&mut img.head);
+        let chunk = img.next;
+        img.next += 1;
+        if let Some(o) = self.open.remove(&(image, chunk + 1)) {
+            self.images[image as usize].head = o;
+        }
+        if head.held == 0 {
+            return;
+        }
+        self.held -= head.held;
+        let mut data = head
+            .data
+            .unwrap_or_else(|| vec![0u8; self.chunk_len(image, chunk)]);
+        for (bit, page) in head.pages {
+            let at = bit as usize * PAGE_SIZE as usize;
+            data[at..at + PAGE_SIZE as usize].copy_from_slice(&page);
+            if self.spare.len() < SPARE_PAGES {
+                self.spare.push(page);
+            }
+        }
+        self.out.push(Assembled::Chunk { image, chunk, data });
     }
 
     /// The RAM block of page image `image`.

@@ -56,6 +56,7 @@ impl MemoryLayout {
 /// The sink side: everything but the parser (split so the parser can borrow it).
 struct Sink {
     assembler: PageAssembler,
+    blocks: Vec<RamBlock>,
     ops: OpsWriter,
     /// Literal bytes since the last op.
     run: u64,
@@ -94,19 +95,15 @@ impl Sink {
     }
 
     fn take_images(&mut self) {
-        let produced = self.assembler.take();
-        self.add_images(produced);
+        let (out, blocks) = (&mut self.out, &self.blocks);
+        self.assembler.drain_into(|a| out.push(piece(a, blocks)));
     }
+}
 
-    fn add_images(&mut self, produced: Vec<Assembled>) {
-        for a in produced {
-            self.out.push(match a {
-                Assembled::NewImage { image, .. } => {
-                    Piece::NewImage(self.assembler.block_of(image).clone())
-                }
-                Assembled::Chunk { image, chunk, data } => Piece::Image { image, chunk, data },
-            });
-        }
+fn piece(a: Assembled, blocks: &[RamBlock]) -> Piece {
+    match a {
+        Assembled::NewImage { block, .. } => Piece::NewImage(blocks[block as usize].clone()),
+        Assembled::Chunk { image, chunk, data } => Piece::Image { image, chunk, data },
     }
 }
 
@@ -119,6 +116,7 @@ impl RecordSink for Sink {
 
     fn blocks(&mut self, blocks: &[RamBlock]) {
         self.assembler.set_blocks(blocks);
+        self.blocks = blocks.to_vec();
     }
 
     fn page(&mut self, block: usize, page: u64, data: &[u8]) {
@@ -164,6 +162,7 @@ impl MemoryEncoder {
             parser: layout.parse.then(QemuParser::new),
             sink: Sink {
                 assembler: PageAssembler::new(layout.image_chunk),
+                blocks: Vec::new(),
                 ops: OpsWriter::new(),
                 run: 0,
                 literal: Vec::with_capacity(BATCH + (64 << 10)),
@@ -194,8 +193,9 @@ impl MemoryEncoder {
             None => ParseReport::default(),
         };
         let s = &mut self.sink;
-        let produced = s.assembler.finish();
-        s.add_images(produced);
+        for a in s.assembler.finish() {
+            s.out.push(piece(a, &s.blocks));
+        }
         s.feed_literal(true);
         let literal_cdc =
             std::mem::replace(&mut s.literal_cdc, StreamChunker::new(CdcParams::MEMORY));

@@ -251,6 +251,7 @@ impl QemuParser {
                     self.state = State::SectionType;
                     continue;
                 }
+                State::Record => self.continued_records(sink),
                 _ => {}
             }
             let need = self.need();
@@ -262,6 +263,44 @@ impl QemuParser {
             self.element(start, sink);
         }
         self.flush_literal(sink);
+    }
+
+    /// The hot path: page and zero-page records that continue the current block, whole in
+    /// the buffer, taken in a tight loop. Exactly what the element-by-element path does with
+    /// them; anything else is left to it.
+    fn continued_records(&mut self, sink: &mut dyn RecordSink) {
+        let Some(block) = self.current_block else {
+            return;
+        };
+        let size = self.blocks[block].size;
+        let page_len = PAGE_SIZE as usize;
+        loop {
+            let rest = &self.buf[self.pos..];
+            if rest.len() < 9 {
+                return;
+            }
+            let h = be64(rest);
+            let (flags, addr) = (h & FLAG_MASK, h & !FLAG_MASK);
+            if addr >= size {
+                return;
+            }
+            let page = addr / PAGE_SIZE as u64;
+            if flags == FLAG_ZERO | FLAG_CONTINUE {
+                self.pos += 9;
+                self.report.zero_pages += 1;
+                sink.zero_page(block, page);
+            } else if flags == FLAG_PAGE | FLAG_CONTINUE && rest.len() >= 8 + page_len {
+                self.pos += 8;
+                self.flush_literal(sink);
+                let start = self.pos;
+                self.pos += page_len;
+                self.lit = self.pos;
+                self.report.pages += 1;
+                sink.page(block, page, &self.buf[start..self.pos]);
+            } else {
+                return;
+            }
+        }
     }
 
     fn need(&self) -> usize {

@@ -30,6 +30,8 @@ use crate::Repository;
 
 /// Bytes read from the source per `read` call.
 const READ_BYTES: usize = 1 << 20;
+/// Read buffers on their way through the stream hasher.
+const HASH_BUFFERS: usize = 4;
 /// A batch of pieces goes to the workers once it holds this many bytes.
 const BATCH_BYTES: usize = 1 << 20;
 
@@ -238,10 +240,13 @@ impl BackupSession<'_> {
         let threads = repo.tuning.threads.max(1);
         let (batch_tx, batch_rx) = bounded::<Batch>(threads * 2);
         let (done_tx, done_rx) = bounded::<BatchDone>(threads * 4);
-        let mut hasher = repo.keys.data_hasher();
-        let mut size = 0u64;
+        // The stream id is hashed on its own thread, beside the parser (only paged streams
+        // record it).
+        let (hash_tx, hash_rx) = bounded::<Arc<Vec<u8>>>(HASH_BUFFERS);
+        let (back_tx, back_rx) = bounded::<Arc<Vec<u8>>>(HASH_BUFFERS + 1);
+        let keys = &repo.keys;
 
-        let (read_r, worker_rs, collected) = std::thread::scope(|s| {
+        let (read_r, worker_rs, collected, stream_id) = std::thread::scope(|s| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     let (rx, tx, w) = (batch_rx.clone(), done_tx.clone(), writer.clone());
@@ -251,60 +256,16 @@ impl BackupSession<'_> {
             drop((batch_rx, done_tx));
             let w = writer.clone();
             let collector = s.spawn(move || collect(&w, layout.image_chunk, done_rx));
-
-            let read_r = (|| -> Result<Option<EncodedSizes>> {
-                let mut encoder = MemoryEncoder::new(layout);
-                let mut buf = vec![0u8; READ_BYTES];
-                let mut batch = Batch {
-                    seq: 0,
-                    pieces: Vec::new(),
-                };
-                let mut batch_bytes = 0usize;
-                let mut send = |pieces: Vec<Piece>, force: bool| -> bool {
-                    for p in pieces {
-                        batch_bytes += piece_len(&p);
-                        batch.pieces.push(p);
-                    }
-                    if batch_bytes >= BATCH_BYTES || (force && !batch.pieces.is_empty()) {
-                        let seq = batch.seq;
-                        let full = std::mem::replace(
-                            &mut batch,
-                            Batch {
-                                seq: seq + 1,
-                                pieces: Vec::new(),
-                            },
-                        );
-                        batch_bytes = 0;
-                        return batch_tx.send(full).is_ok();
-                    }
-                    true
-                };
-                loop {
-                    let n = match source.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            return Err(Error::SourceRead {
-                                path: format!("stream {name}").into(),
-                                cause: e,
-                            })
-                        }
-                    };
-                    size += n as u64;
-                    hasher.update(&buf[..n]);
-                    progress.advance(n as u64);
-                    if !send(encoder.push(&buf[..n]), false) {
-                        return Ok(None); // a consumer stopped; it reports why
-                    }
+            let hasher = s.spawn(move || {
+                let mut h = keys.data_hasher();
+                for buf in hash_rx {
+                    h.update(&buf);
+                    let _ = back_tx.try_send(buf); // for reuse; dropped when not wanted
                 }
-                let (pieces, sizes) = encoder.finish();
-                if !send(pieces, true) {
-                    return Ok(None);
-                }
-                Ok(Some(sizes))
-            })();
-            drop(batch_tx);
+                h.finish()
+            });
+            let hash = layout.parse.then_some(hash_tx);
+            let read_r = produce(name, source, layout, progress, batch_tx, hash, back_rx);
             let worker_rs: Vec<Result<()>> = workers
                 .into_iter()
                 .map(|h| {
@@ -315,15 +276,17 @@ impl BackupSession<'_> {
             let collected = collector
                 .join()
                 .unwrap_or_else(|_| Err(Error::Internal("stream collector panicked".into())));
-            (read_r, worker_rs, collected)
+            let stream_id = hasher.join();
+            (read_r, worker_rs, collected, stream_id)
         });
         // The root cause first: the source, then the workers (packer failures), the collector.
-        let sizes = read_r?;
+        let read = read_r?;
         for r in worker_rs {
             r?;
         }
         let c = collected?;
-        let Some(sizes) = sizes else {
+        let stream_id = stream_id.map_err(|_| Error::Internal("stream hasher panicked".into()))?;
+        let Some((sizes, size)) = read else {
             return Err(Error::Internal(
                 "the stream's consumers stopped early".into(),
             ));
@@ -338,8 +301,8 @@ impl BackupSession<'_> {
         self.stats.new_bytes += c.new_bytes;
         self.stats.chunks_new += c.chunks_new;
         self.stats.chunks_reused += c.chunks_reused;
-        let pages = (sizes.pages > 0).then(|| PageImages {
-            stream_id: hasher.finish(),
+        let pages = (sizes.pages > 0).then_some(PageImages {
+            stream_id,
             literal_size: sizes.literal,
             page_size: memory::PAGE_SIZE,
             chunk_size: layout.image_chunk,
@@ -355,6 +318,88 @@ impl BackupSession<'_> {
         };
         Ok((record, sizes))
     }
+}
+
+/// Reads `source` to its end on the caller's thread: each buffer to the hasher (`hash`) and the
+/// encoder, the pieces in batches to the workers. Ok(Some((sizes, stream bytes))), or
+/// Ok(None) when a consumer stopped (it reports why).
+fn produce(
+    name: &str,
+    source: &mut dyn Read,
+    layout: MemoryLayout,
+    progress: &dyn Progress,
+    batches: Sender<Batch>,
+    hash: Option<Sender<Arc<Vec<u8>>>>,
+    reuse: Receiver<Arc<Vec<u8>>>,
+) -> Result<Option<(EncodedSizes, u64)>> {
+    let mut encoder = MemoryEncoder::new(layout);
+    let mut batch = Batch {
+        seq: 0,
+        pieces: Vec::new(),
+    };
+    let mut batch_bytes = 0usize;
+    // Pieces come in bursts (the assembler releases many chunks at once): batches are cut at
+    // BATCH_BYTES whatever the burst, so every worker gets some.
+    let mut send = |pieces: Vec<Piece>, end: bool| -> bool {
+        let mut pieces = pieces.into_iter().peekable();
+        while pieces.peek().is_some() || (end && !batch.pieces.is_empty()) {
+            if let Some(p) = pieces.next() {
+                batch_bytes += piece_len(&p);
+                batch.pieces.push(p);
+            }
+            let last = pieces.peek().is_none();
+            if batch_bytes >= BATCH_BYTES || (end && last) {
+                let next = Batch {
+                    seq: batch.seq + 1,
+                    pieces: Vec::new(),
+                };
+                batch_bytes = 0;
+                if batches.send(std::mem::replace(&mut batch, next)).is_err() {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    let mut size = 0u64;
+    let mut spare: Option<Vec<u8>> = None;
+    loop {
+        // The last buffer when nobody else holds it, one the hasher is done with, or a new one.
+        let mut buf = spare
+            .take()
+            .or_else(|| reuse.try_recv().ok().and_then(|b| Arc::try_unwrap(b).ok()))
+            .unwrap_or_default();
+        buf.resize(READ_BYTES, 0);
+        let n = match source.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(Error::SourceRead {
+                    path: format!("stream {name}").into(),
+                    cause: e,
+                })
+            }
+        };
+        buf.truncate(n);
+        size += n as u64;
+        progress.advance(n as u64);
+        let buf = Arc::new(buf);
+        if let Some(h) = &hash {
+            if h.send(buf.clone()).is_err() {
+                return Ok(None);
+            }
+        }
+        if !send(encoder.push(&buf), false) {
+            return Ok(None);
+        }
+        spare = Arc::try_unwrap(buf).ok();
+    }
+    let (pieces, sizes) = encoder.finish();
+    if !send(pieces, true) {
+        return Ok(None);
+    }
+    Ok(Some((sizes, size)))
 }
 
 fn piece_len(p: &Piece) -> usize {
