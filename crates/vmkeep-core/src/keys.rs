@@ -285,6 +285,15 @@ impl Keys {
         BlobId(*hash.as_bytes())
     }
 
+    /// An incremental [`Keys::blob_id`] of kind Data, for a whole stream too long to hold:
+    /// `DataHasher::finish` gives the id `blob_id(BlobKind::Data, all bytes)` would.
+    pub fn data_hasher(&self) -> DataHasher {
+        DataHasher(match &self.master {
+            None => blake3::Hasher::new(),
+            Some(m) => blake3::Hasher::new_keyed(&m.id_key),
+        })
+    }
+
     /// AEAD-seal `plaintext` with associated data `aad`. Output: nonce(24) || ciphertext || tag(16).
     /// Construction (FORMAT.md): per-message subkey = BLAKE3-keyed(data_key, nonce[..16]),
     /// AES-256-GCM (ring) with nonce[16..24] || 0u32. Panics if the repository is plain.
@@ -336,6 +345,31 @@ impl Keys {
         self.derived
             .as_ref()
             .map(|d| *blake3::keyed_hash(&d.config_mac_key, bytes).as_bytes())
+    }
+}
+
+/// See [`Keys::data_hasher`]. Its state (which holds the id key) is wiped on drop.
+pub struct DataHasher(blake3::Hasher);
+
+impl DataHasher {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    pub fn finish(&self) -> BlobId {
+        BlobId(*self.0.finalize().as_bytes())
+    }
+}
+
+impl Drop for DataHasher {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl std::fmt::Debug for DataHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataHasher(<redacted>)")
     }
 }
 

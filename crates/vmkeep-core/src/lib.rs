@@ -14,6 +14,7 @@ pub mod id;
 pub mod keys;
 pub mod kind;
 pub mod manifest;
+pub mod memory;
 pub mod object;
 pub mod pack;
 pub mod retention;

@@ -111,9 +111,87 @@ pub struct Checkpoint {
 pub struct StreamRecord {
     /// e.g. "memory", "vm-config"
     pub name: String,
+    /// Bytes of the stream.
     pub size: u64,
-    /// Stream index blobs, in order (see stream.rs).
+    /// Stream index blobs, in order (see stream.rs): the whole stream, or with `pages` its
+    /// literal bytes.
     pub index: Vec<BlobId>,
+    /// A memory stream: the rest of its bytes are pages of page images, and an op stream says
+    /// how the two interleave (FORMAT.md §11.2). Absent for plain streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages: Option<PageImages>,
+}
+
+/// How a memory stream is regenerated from its literal bytes and its page images.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageImages {
+    /// The whole regenerated stream must have this id (computed as a Data blob's id: BLAKE3,
+    /// keyed in encrypted repositories).
+    pub stream_id: BlobId,
+    /// Bytes of the literal stream (the record's `index`).
+    pub literal_size: u64,
+    /// Bytes of a page (4096).
+    pub page_size: u32,
+    /// Chunk size of the page images (a power of two, 1 to 64 pages).
+    pub chunk_size: u32,
+    /// Bytes of the op stream and its stream index blobs.
+    pub ops_size: u64,
+    pub ops: Vec<BlobId>,
+    /// The page images, in the order the ops number them: one or more (layers) per RAM block.
+    pub images: Vec<PageImage>,
+}
+
+/// One page image: a RAM block's pages at their offsets, indexed like a disk.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageImage {
+    /// QEMU's name of the RAM block (1-255 bytes, any characters).
+    pub name: String,
+    /// Bytes (a multiple of the page size).
+    pub size: u64,
+    /// Root of its index tree (chunks of `chunk_size`).
+    pub root: BlobId,
+}
+
+impl PageImages {
+    /// Chunks of an image of `size` bytes.
+    pub fn chunks_of(&self, size: u64) -> u64 {
+        size.div_ceil(self.chunk_size as u64)
+    }
+
+    fn validate(&self, size: u64) -> Result<()> {
+        let invalid = |reason: String| Error::Invalid {
+            what: "memory stream",
+            reason,
+        };
+        if self.page_size != crate::memory::PAGE_SIZE {
+            return Err(invalid(format!("page size {}", self.page_size)));
+        }
+        crate::memory::validate_image_chunk_size(self.chunk_size)?;
+        if self.literal_size > size || (size - self.literal_size) % self.page_size as u64 != 0 {
+            return Err(invalid(format!(
+                "{} literal bytes in a stream of {size}",
+                self.literal_size
+            )));
+        }
+        if self.images.len() > crate::memory::assemble::MAX_IMAGES {
+            return Err(invalid(format!("{} page images", self.images.len())));
+        }
+        for i in &self.images {
+            if i.name.is_empty()
+                || i.name.len() > 255
+                || i.size == 0
+                || i.size % self.page_size as u64 != 0
+            {
+                return Err(invalid(format!(
+                    "page image {:?} of {} bytes",
+                    i.name, i.size
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -204,8 +282,21 @@ impl Manifest {
                     })?;
             }
         }
+        let mut names = std::collections::HashSet::new();
         for s in &self.streams {
             validate_name("stream name", &s.name)?;
+            if !names.insert(s.name.as_str()) {
+                return Err(Error::Invalid {
+                    what: "stream name",
+                    reason: format!("{:?} appears twice", s.name),
+                });
+            }
+            if let Some(p) = &s.pages {
+                p.validate(s.size).map_err(|e| Error::Invalid {
+                    what: "stream",
+                    reason: format!("{:?}: {e}", s.name),
+                })?;
+            }
         }
         Ok(())
     }
@@ -298,6 +389,19 @@ mod tests {
                 name: "memory".into(),
                 size: 1 << 30,
                 index: vec![BlobId([2; 32]), BlobId([3; 32])],
+                pages: Some(PageImages {
+                    stream_id: BlobId([4; 32]),
+                    literal_size: (1 << 30) - (100 << 12),
+                    page_size: 4096,
+                    chunk_size: 16384,
+                    ops_size: 300,
+                    ops: vec![BlobId([5; 32])],
+                    images: vec![PageImage {
+                        name: "/rom@etc/acpi/tables".into(),
+                        size: 128 << 10,
+                        root: BlobId([6; 32]),
+                    }],
+                }),
             }],
             stats: BackupStats {
                 read_bytes: 1,
@@ -372,6 +476,12 @@ mod tests {
         assert!(m.streams.is_empty());
         assert_eq!(m.pause_ms, 0);
         assert_eq!(m.disks[0].cbt, ChangeTracking::None);
+        // A stream written before memory streams existed has no `pages`.
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["streams"][0].as_object_mut().unwrap().remove("pages");
+        let m = Manifest::from_json(&serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(m.streams[0].pages.is_none());
+        assert!(!String::from_utf8(m.to_json()).unwrap().contains("pages"));
     }
 
     #[test]
@@ -390,6 +500,22 @@ mod tests {
         assert!(edit(|m| m.disks[1].name = "drive-virtio-disk0".into()).is_err());
         assert!(edit(|m| m.streams[0].name = "a/b".into()).is_err());
         assert!(edit(|m| m.chunk_size = 1000).is_err());
+        let dup = |m: &mut Manifest| {
+            let s = m.streams[0].clone();
+            m.streams.push(s);
+        };
+        assert!(edit(dup).is_err());
+        let pages = |f: fn(&mut PageImages)| edit(move |m| f(m.streams[0].pages.as_mut().unwrap()));
+        assert!(pages(|p| p.page_size = 8192).is_err());
+        assert!(pages(|p| p.chunk_size = 3 << 12).is_err());
+        assert!(pages(|p| p.chunk_size = 512 << 10).is_err());
+        assert!(pages(|p| p.chunk_size = 4096).is_ok());
+        assert!(pages(|p| p.literal_size = (1 << 30) + 1).is_err());
+        assert!(pages(|p| p.literal_size -= 1).is_err());
+        assert!(pages(|p| p.images[0].size = 1000).is_err());
+        assert!(pages(|p| p.images[0].size = 0).is_err());
+        assert!(pages(|p| p.images[0].name = String::new()).is_err());
+        assert!(pages(|p| p.images[0].name = "x".repeat(256)).is_err());
         assert!(edit(|m| m.chunk_size = 8 << 20).is_err());
         // A change map beyond the disk's chunks.
         assert!(edit(|m| m.disks[1].changes = Some(ChangeMap::from_sorted([1]))).is_err());

@@ -631,6 +631,61 @@ pub fn chunk_id<S: NodeStore>(store: &S, root: &BlobId, chunks: u64, index: u64)
     }
 }
 
+/// Looks up chunk ids by index, keeping the nodes on the path to the last chunk it looked up:
+/// lookups near one another (a memory stream's pages, mostly ascending) load each node once.
+/// Nodes are checked against the geometry as [`chunk_id`] checks them.
+pub struct ChunkCursor {
+    root: BlobId,
+    chunks: u64,
+    /// (level, start, children) from the root down.
+    path: Vec<(u8, u64, Vec<BlobId>)>,
+}
+
+impl ChunkCursor {
+    pub fn new(root: BlobId, chunks: u64) -> ChunkCursor {
+        ChunkCursor {
+            root,
+            chunks,
+            path: Vec::new(),
+        }
+    }
+
+    /// Id of chunk `index` (ZERO when zero).
+    pub fn get<S: NodeStore + ?Sized>(&mut self, store: &S, index: u64) -> Result<BlobId> {
+        if index >= self.chunks {
+            return Err(Error::Invalid {
+                what: "chunk index",
+                reason: format!("{index} is beyond the disk's {} chunks", self.chunks),
+            });
+        }
+        while self.path.last().is_some_and(|(level, start, _)| {
+            index < *start || (index - start) as u128 >= node_cap(*level)
+        }) {
+            self.path.pop();
+        }
+        if self.path.is_empty() {
+            if self.root.is_zero() {
+                return Ok(BlobId::ZERO);
+            }
+            let level = depth(self.chunks) - 1;
+            let node = load_checked(store, &self.root, level, 0, self.chunks)?;
+            self.path.push((level, 0, node.children));
+        }
+        loop {
+            let (level, start, children) = self.path.last().expect("not empty");
+            let (level, start) = (*level, *start);
+            let slot = ((index - start) as u128 / child_cap(level)) as usize;
+            let id = children[slot];
+            if level == 0 || id.is_zero() {
+                return Ok(id);
+            }
+            let start = child_start(level, start, slot);
+            let node = load_checked(store, &id, level - 1, start, self.chunks)?;
+            self.path.push((level - 1, start, node.children));
+        }
+    }
+}
+
 /// What storing a tree cost: see [`metadata_cost`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TreeCost {

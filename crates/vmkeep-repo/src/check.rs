@@ -1,6 +1,7 @@
 //! `check`: structure (every manifest readable, every index node readable and verified, every
 //! referenced blob indexed in a pack that exists) and, with `read_data`, the content of every
-//! pack (every blob decrypted, decompressed and hashed against its id, in parallel). Damage is
+//! pack (every blob decrypted, decompressed and hashed against its id, in parallel) and the op
+//! stream of every memory stream (it must give back exactly the stream's bytes). Damage is
 //! reported per restore point and disk, so the user knows what is affected.
 use std::collections::{HashMap, HashSet};
 
@@ -14,6 +15,7 @@ use crate::error::Result;
 use crate::gc;
 use crate::index::{pack_key, pack_sizes, BlobIndex, RawIndex};
 use crate::progress::Progress;
+use crate::restore::stream::verify_memory_ops;
 use crate::walk::Walker;
 use crate::Repository;
 
@@ -177,6 +179,11 @@ impl Repository {
                     (_, Some(s)) => walker.walk_stream(&index, s, &mut visit),
                     _ => Ok(()),
                 };
+                // A memory stream's ops must give back exactly its bytes.
+                let walked = walked.and_then(|()| match stream {
+                    Some(s) if opts.read_data => verify_memory_ops(self, &index, s),
+                    _ => Ok(()),
+                });
                 match walked {
                     Ok(()) => {}
                     Err(e) if e.is_damage() => {

@@ -51,6 +51,12 @@ pub enum Error {
         disk: String,
         available: String,
     },
+    #[error("restore point {snapshot} has no stream named {stream:?} (it has: {available})")]
+    NoSuchStream {
+        snapshot: String,
+        stream: String,
+        available: String,
+    },
     /// Corrupt or undecodable repository object.
     #[error("repository object {object} is damaged: {cause}")]
     CorruptObject {

@@ -1,7 +1,8 @@
 //! The one walker of what a restore point references: for every disk its index tree nodes and
-//! chunks, for every stream its index blobs and chunks. GC's mark, `check`, a stalled backup's
-//! verification and (next) replication all see restore points through it, so none of them can
-//! forget a kind of blob.
+//! chunks, for every stream its index blobs and chunks, and for a memory stream also its op
+//! stream's index blobs and chunks and its page images' tree nodes and chunks. GC's mark,
+//! `check`, a stalled backup's verification and (next) replication all see restore points
+//! through it, so none of them can forget a kind of blob.
 //!
 //! One [`Walker`] visits each distinct tree node and stream index blob once, over all the
 //! restore points it walks: a subtree shared by many restore points (the common case: unchanged
@@ -88,39 +89,51 @@ impl<'r> Walker<'r> {
         d: &'m vmkeep_core::manifest::DiskEntry,
         visit: &mut dyn FnMut(&Ref<'m>) -> Result<()>,
     ) -> Result<()> {
-        let nodes = RepoNodes::new(self.repo, index);
         let chunks = d.size.div_ceil(self.repo.config.chunk_size as u64);
-        let owner = Owner::Disk(&d.name);
-        // The visitor's own error travels through the core walk as a stand-in and comes back.
-        let mut stopped: Option<Error> = None;
-        let r =
-            tree::for_each_new_node(&nodes, &d.root, chunks, &mut self.nodes, &mut |id, node| {
-                let mut each = |id: BlobId, kind| {
-                    visit(&Ref { id, kind, owner }).map_err(|e| {
-                        stopped = Some(e);
-                        vmkeep_core::Error::Invalid {
-                            what: "walk",
-                            reason: "stopped by its visitor".into(),
-                        }
-                    })
-                };
-                each(*id, BlobKind::Tree)?;
-                if node.level == 0 {
-                    for c in node.children.iter().filter(|c| !c.is_zero()) {
-                        each(*c, BlobKind::Data)?;
-                    }
-                }
-                Ok(())
-            });
-        if let Some(e) = stopped {
-            return Err(e);
-        }
-        nodes.typed(r, || {
+        self.walk_tree(index, &d.root, chunks, Owner::Disk(&d.name), visit, || {
             format!("index of restore point {} disk {}", m.id, d.name)
         })
     }
 
-    /// The walk of one stream only.
+    /// The nodes and chunks of one index tree (a disk's or a page image's).
+    fn walk_tree<'m>(
+        &mut self,
+        index: &BlobIndex,
+        root: &BlobId,
+        chunks: u64,
+        owner: Owner<'m>,
+        visit: &mut dyn FnMut(&Ref<'m>) -> Result<()>,
+        what: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let nodes = RepoNodes::new(self.repo, index);
+        // The visitor's own error travels through the core walk as a stand-in and comes back.
+        let mut stopped: Option<Error> = None;
+        let r = tree::for_each_new_node(&nodes, root, chunks, &mut self.nodes, &mut |id, node| {
+            let mut each = |id: BlobId, kind| {
+                visit(&Ref { id, kind, owner }).map_err(|e| {
+                    stopped = Some(e);
+                    vmkeep_core::Error::Invalid {
+                        what: "walk",
+                        reason: "stopped by its visitor".into(),
+                    }
+                })
+            };
+            each(*id, BlobKind::Tree)?;
+            if node.level == 0 {
+                for c in node.children.iter().filter(|c| !c.is_zero()) {
+                    each(*c, BlobKind::Data)?;
+                }
+            }
+            Ok(())
+        });
+        if let Some(e) = stopped {
+            return Err(e);
+        }
+        nodes.typed(r, what)
+    }
+
+    /// The walk of one stream only: its index blobs and chunks, and for a memory stream also
+    /// its op stream (index blobs and chunks) and its page images (tree nodes and chunks).
     pub fn walk_stream<'m>(
         &mut self,
         index: &BlobIndex,
@@ -128,7 +141,32 @@ impl<'r> Walker<'r> {
         visit: &mut dyn FnMut(&Ref<'m>) -> Result<()>,
     ) -> Result<()> {
         let owner = Owner::Stream(&s.name);
-        for id in &s.index {
+        self.walk_stream_index(index, &s.index, owner, visit)?;
+        let Some(p) = &s.pages else {
+            return Ok(());
+        };
+        self.walk_stream_index(index, &p.ops, owner, visit)?;
+        for image in &p.images {
+            self.walk_tree(
+                index,
+                &image.root,
+                p.chunks_of(image.size),
+                owner,
+                visit,
+                || format!("index of stream {} page image {:?}", s.name, image.name),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn walk_stream_index<'m>(
+        &mut self,
+        index: &BlobIndex,
+        blobs: &[BlobId],
+        owner: Owner<'m>,
+        visit: &mut dyn FnMut(&Ref<'m>) -> Result<()>,
+    ) -> Result<()> {
+        for id in blobs {
             if !self.stream_indexes.insert(*id) {
                 continue;
             }

@@ -22,6 +22,9 @@ pub const FILL: u8 = 0x5a;
 /// The kernel command line of the seqwrite workload.
 pub const SEQWRITE: &str = "console=ttyS0 quiet panic=-1 vmkeep.workload=seqwrite";
 
+/// The kernel command line of the idle workload (prints `IDLE`, then sleeps).
+pub const IDLE: &str = "console=ttyS0 quiet panic=-1 vmkeep.workload=idle";
+
 /// The guest's folder (`vmlinuz`, `initrd.gz`), built once and cached by the script.
 pub fn guest() -> PathBuf {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/guest/build.sh");
@@ -41,6 +44,14 @@ impl VmBuilder {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| guest.join("initrd.gz"));
         self.kernel(&guest.join("vmlinuz"), &initrd, SEQWRITE)
+    }
+}
+
+impl VmBuilder {
+    /// Boots the test guest running the idle workload ([`crate::vm::Vm::wait_serial`] for
+    /// `IDLE`).
+    pub fn idle(self, guest: &Path) -> Self {
+        self.kernel(&guest.join("vmlinuz"), &guest.join("initrd.gz"), IDLE)
     }
 }
 

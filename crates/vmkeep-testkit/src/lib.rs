@@ -8,6 +8,8 @@
 //! - [`guest`]: the tiny Linux test guest of tests/guest/build.sh and its seqwrite workload:
 //!   boot configurations and the point-in-time check of a restored disk.
 //! - [`qmp`]: a small blocking QMP client, independent of the client under test.
+//! - [`migration`]: QEMU migration streams: built in QEMU's framing, or taken from a running
+//!   test VM through a pipe (background snapshot).
 //! - [`data`]: reproducible pseudo-random data (splitmix64, seeds that can be replayed).
 //! - [`image`]: chunk-by-chunk test images (holes, zeros, text, random) for repository tests.
 //! - [`store`]: `Store` wrappers for tests: faults at the Nth write, ignored conditional writes,
@@ -18,6 +20,7 @@
 pub mod data;
 pub mod guest;
 pub mod image;
+pub mod migration;
 pub mod process;
 pub mod qmp;
 pub mod store;

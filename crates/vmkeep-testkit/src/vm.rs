@@ -188,6 +188,22 @@ impl Vm {
         }
     }
 
+    /// Waits until the serial console shows `text`.
+    pub fn wait_serial(&mut self, text: &str) {
+        let start = Instant::now();
+        while !self.serial().contains(text) {
+            if let Ok(Some(st)) = self.qemu.0.try_wait() {
+                panic!("QEMU exited ({st})");
+            }
+            assert!(
+                start.elapsed() < PROGRESS_TIMEOUT,
+                "the guest never printed {text:?}: {}",
+                self.serial()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// A fresh QMP connection (QEMU serves one client per monitor: drop it before vmkeep
     /// connects).
     pub fn connect(&self) -> Qmp {

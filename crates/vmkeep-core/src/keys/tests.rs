@@ -560,3 +560,16 @@ fn seal_open_throughput() {
         std::mem::size_of::<aead::LessSafeKey>()
     );
 }
+
+#[test]
+fn data_hasher_gives_the_data_blob_id() {
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    for keys in [Keys::plain(), encrypted()] {
+        let mut h = keys.data_hasher();
+        for piece in data.chunks(7777) {
+            h.update(piece);
+        }
+        assert_eq!(h.finish(), keys.blob_id(BlobKind::Data, &data));
+        assert_eq!(format!("{h:?}"), "DataHasher(<redacted>)");
+    }
+}

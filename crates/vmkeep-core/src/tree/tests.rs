@@ -502,6 +502,43 @@ fn assert_all_readers_fail(s: &MapStore, root: &BlobId, chunks: u64) {
     );
     let any_err = (0..chunks.min(300)).any(|i| chunk_id(s, root, chunks, i).is_err());
     assert!(any_err, "chunk_id");
+    let mut cursor = ChunkCursor::new(*root, chunks);
+    let any_err = (0..chunks.min(300)).any(|i| cursor.get(s, i).is_err());
+    assert!(any_err, "ChunkCursor");
+}
+
+#[test]
+fn chunk_cursor_agrees_with_chunk_id_and_loads_each_node_once() {
+    let chunks = 128 * 128 * 3 + 5;
+    let mut s = MapStore::default();
+    let ids: Vec<_> = (0..chunks as u32)
+        .map(|i| if i % 1000 < 300 { cid(0) } else { cid(i + 1) })
+        .collect();
+    let root = build(
+        &mut s,
+        None,
+        chunks,
+        ids.iter().enumerate().map(|(i, id)| (i as u64, *id)),
+    )
+    .unwrap();
+    let nodes = all_nodes(&s, &root, chunks).unwrap().len() as u64;
+    let mut cursor = ChunkCursor::new(root, chunks);
+    s.loads.set(0);
+    for i in 0..chunks {
+        assert_eq!(cursor.get(&s, i).unwrap(), ids[i as usize], "chunk {i}");
+    }
+    assert_eq!(
+        s.loads.get(),
+        nodes,
+        "ascending lookups load each node once"
+    );
+    // Jumps back and forth give the same answers.
+    for i in [chunks - 1, 0, 20_000, 5, 128 * 128, 128 * 128 - 1, 49_000] {
+        assert_eq!(cursor.get(&s, i).unwrap(), ids[i as usize], "chunk {i}");
+    }
+    assert!(is_invalid(cursor.get(&s, chunks)));
+    let mut zero = ChunkCursor::new(BlobId::ZERO, 10);
+    assert_eq!(zero.get(&s, 9).unwrap(), BlobId::ZERO);
 }
 
 #[test]

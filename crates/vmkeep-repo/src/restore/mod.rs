@@ -22,6 +22,7 @@ use crate::Repository;
 
 mod publish;
 pub mod raw;
+pub(crate) mod stream;
 
 pub use publish::{create_target_dir, publish};
 pub use raw::RawFileWriter;
