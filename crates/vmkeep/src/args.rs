@@ -46,6 +46,9 @@ pub enum Command {
     Snapshots(SnapshotsArgs),
     /// Write a restore point's disks to files
     Restore(RestoreArgs),
+    /// Bring a VM back from a restore point: disks, boot files and definition into a folder,
+    /// QEMU started in the background, resumed from its memory (or booted with --cold)
+    Recover(RecoverArgs),
     /// Verify the repository
     Check(CheckArgs),
     /// Drop restore points (space returns with a later prune)
@@ -186,6 +189,28 @@ pub struct RestoreArgs {
     /// Output format
     #[arg(long, value_enum, default_value = "raw")]
     pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct RecoverArgs {
+    /// Restore point: id, unique prefix (>= 6 hex digits) or VM@latest
+    pub snapshot: String,
+    /// A new (or empty) folder for the VM's disks (DISK.qcow2), boot files, QMP socket and logs
+    #[arg(long, value_name = "DIR")]
+    pub target: PathBuf,
+    /// Boot from the disks instead of resuming from the captured memory
+    #[arg(long)]
+    pub cold: bool,
+    /// The QEMU to run (default: the one named in the VM's definition, found on PATH)
+    #[arg(long, value_name = "BINARY")]
+    pub qemu: Option<PathBuf>,
+    /// Keep the VM's network backends (default: cut off, so a recovered copy never talks to
+    /// the network as the original)
+    #[arg(long)]
+    pub network: bool,
+    /// Accelerator for the recovered VM (e.g. tcg on a host without KVM); default: the VM's
+    #[arg(long)]
+    pub accel: Option<String>,
 }
 
 #[derive(Args, Debug)]

@@ -64,7 +64,9 @@ fn cbt(b: &Value) -> (String, String) {
 /// Bytes read of the disk: `changed_bytes` (read_bytes also counts the VM's definition,
 /// which a live capture stores beside the disk).
 fn read_bytes(b: &Value) -> u64 {
-    b["stats"]["changed_bytes"].as_u64().expect("stats.changed_bytes")
+    b["stats"]["changed_bytes"]
+        .as_u64()
+        .expect("stats.changed_bytes")
 }
 
 /// Restores `b` and compares it with `want`, byte for byte.

@@ -526,7 +526,7 @@ fn pipe() -> Result<(OwnedFd, OwnedFd)> {
 
 /// Bytes of the migration stream queued between the pipe and the caller (who reads from
 /// before the cut on), whatever the RAM size.
-const MEMORY_QUEUE_BUFFERS: usize = 64;
+const MEMORY_QUEUE_BUFFERS: usize = 16;
 const MEMORY_BUFFER: usize = 1 << 20;
 
 /// The memory stream as the caller reads it: a thread drains the pipe into a bounded queue

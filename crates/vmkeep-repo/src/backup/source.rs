@@ -21,7 +21,7 @@ impl BackupSession<'_> {
                 let (cut, read) = std::thread::scope(|s| {
                     let cutter = s.spawn(|| source.cut());
                     let read = self
-                        .add_stream(MEMORY_STREAM, &mut memory, CdcParams::MEMORY, progress)
+                        .add_memory_stream(MEMORY_STREAM, &mut memory, progress)
                         .map(drop);
                     (cutter.join(), read)
                 });

@@ -4,6 +4,7 @@ mod check;
 mod init;
 mod key;
 mod maintenance;
+mod recover;
 mod repair;
 mod restore;
 mod snapshots;
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Backup(b) => backup::run(g, &b),
         Command::Snapshots(a) => snapshots::run(g, &a),
         Command::Restore(a) => restore::run(g, &a),
+        Command::Recover(a) => recover::run(g, &a),
         Command::Check(a) => check::run(g, &a),
         Command::Forget(a) => maintenance::forget(g, &a),
         Command::Prune(a) => maintenance::prune(g, &a),

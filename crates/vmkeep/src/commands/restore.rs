@@ -46,7 +46,7 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
 /// Every selected disk into a new DIR/DISK.qcow2, written through qemu-nbd (no temporary raw
 /// copy; zero chunks stay unallocated). Each image is written as DISK.qcow2.partial and
 /// renamed when complete.
-fn restore_qcow2(
+pub(crate) fn restore_qcow2(
     repo: &Repository,
     m: &Manifest,
     opts: &RestoreOptions,

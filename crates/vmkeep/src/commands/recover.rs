@@ -1,0 +1,162 @@
+//! `vmkeep recover SNAP --target DIR [--cold]`: the VM of a restore point running again.
+//!
+//! Order matters for "refuse clearly, leave nothing": the definition is read and the QEMU at
+//! hand checked (version, machine type, architecture) before anything is written; then the
+//! disks (qcow2) and boot files go into DIR; then QEMU starts in the background on the
+//! rewritten command line and, unless `--cold`, the memory state streams from the repository
+//! straight into QEMU (no temporary file) and the VM resumes. Any failure after QEMU started
+//! stops it (vmkeep_qemu::recover).
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use vmkeep_qemu::recover::{self, RecoveryPlan, StartMode};
+use vmkeep_qemu::vmdef::{VmDefinition, DEFINITION_MAX_BYTES, DEFINITION_STREAM};
+use vmkeep_repo::backup::MEMORY_STREAM;
+use vmkeep_repo::{Manifest, NoProgress, Repository, RestoreOptions};
+
+use crate::args::{Global, RecoverArgs};
+use crate::context::open_repo;
+use crate::output::{print_json, print_line};
+use crate::progress::Bars;
+
+pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
+    let repo = open_repo(g)?;
+    let m = repo.resolve(&a.snapshot)?;
+    let def = definition(&repo, &m)?;
+    let has_memory = m.streams.iter().any(|s| s.name == MEMORY_STREAM);
+    let mode = match (a.cold, has_memory) {
+        (true, _) => StartMode::Cold,
+        (false, true) => StartMode::Resume,
+        (false, false) => bail!(
+            "restore point {:#} has no memory state (it was taken without --memory): recover it \
+             with --cold to boot from its disks",
+            m.id
+        ),
+    };
+    // Absolute paths: QEMU runs in its own session and users script against the JSON.
+    let target = std::path::absolute(&a.target)
+        .with_context(|| format!("resolve {}", a.target.display()))?;
+    let mut plan = RecoveryPlan::in_dir(&def, &target, mode);
+    plan.network = a.network;
+    plan.accel = a.accel.clone();
+    let qemu = recover::qemu_binary(&def, a.qemu.as_deref());
+    recover::check_qemu(&qemu, &def, mode)?;
+    if target.exists()
+        && std::fs::read_dir(&target)
+            .with_context(|| format!("read {}", target.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty: recover into a new or empty folder",
+            target.display()
+        );
+    }
+
+    let bars = Bars::new(g.quiet);
+    let opts = RestoreOptions {
+        target: target.clone(),
+        disk: None,
+    };
+    super::restore::restore_qcow2(&repo, &m, &opts, &bars)?;
+    for b in def.boot_files.iter().filter(|b| b.size.is_some()) {
+        let Some(path) = plan.boot_files.get(&b.role) else {
+            continue;
+        };
+        write_stream(&repo, &m, &b.stream_name(), path)?;
+    }
+    let argv = recover::rewrite(&def, &plan)?;
+    let mut vm = recover::start_qemu(&qemu, &argv, &plan)?;
+    let resumed = match mode {
+        StartMode::Resume => {
+            let repo_ref = &repo;
+            let m_ref = &m;
+            let report = vm.load_state_with(move |pipe| {
+                repo_ref
+                    .read_stream_to(m_ref, MEMORY_STREAM, pipe, &NoProgress)
+                    .map_err(std::io::Error::other)
+            })?;
+            tracing::info!(
+                bytes = report.bytes,
+                seconds = report.elapsed.as_secs_f64(),
+                "state loaded"
+            );
+            true
+        }
+        StartMode::Cold => false,
+    };
+    let pid = vm.detach();
+    if g.json {
+        print_json(&json!({
+            "id": m.id,
+            "pid": pid,
+            "qmp": plan.qmp_socket,
+            "serial": plan.serial_log,
+            "resumed": resumed,
+            "target": plan.target_dir,
+        }))?;
+    } else {
+        print_line(&format!(
+            "VM {} of restore point {:#} {} (QEMU pid {pid}); monitor {}, serial console {}",
+            m.vm,
+            m.id,
+            if resumed {
+                "resumed where it was captured"
+            } else {
+                "booted from its disks"
+            },
+            plan.qmp_socket.display(),
+            plan.serial_log.display()
+        ))?;
+    }
+    Ok(0)
+}
+
+/// The VM's definition stored in the restore point (bounded: it is a few KiB).
+fn definition(repo: &Repository, m: &Manifest) -> Result<VmDefinition> {
+    if !m.streams.iter().any(|s| s.name == DEFINITION_STREAM) {
+        bail!(
+            "restore point {:#} has no VM definition (taken by `backup image`, or by a vmkeep \
+             that did not record one): restore its disks with `vmkeep restore` and start the VM \
+             yourself",
+            m.id
+        );
+    }
+    let mut buf = Bounded(Vec::new());
+    repo.read_stream_to(m, DEFINITION_STREAM, &mut buf, &NoProgress)?;
+    Ok(VmDefinition::from_json(&buf.0)?)
+}
+
+/// A Write that refuses to grow past the definition's bound.
+struct Bounded(Vec<u8>);
+
+impl Write for Bounded {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + b.len() > DEFINITION_MAX_BYTES {
+            return Err(std::io::Error::other(
+                "the VM definition is larger than allowed",
+            ));
+        }
+        self.0.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A stream into a new file, durable before QEMU reads it.
+fn write_stream(repo: &Repository, m: &Manifest, name: &str, path: &Path) -> Result<()> {
+    let mut f = File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    repo.read_stream_to(m, name, &mut f, &NoProgress)?;
+    f.sync_all()
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(())
+}
