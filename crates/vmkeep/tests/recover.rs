@@ -64,6 +64,8 @@ fn recover(repo: &Path, snap: &str, target: &Path, extra: &[&str]) -> (Value, Re
 }
 
 /// Runs `cmd` (stdout piped) and returns its JSON output and its peak RSS in KiB (wait4).
+// The child is reaped by wait4 (for its rusage), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
 fn json_and_rss(cmd: &mut std::process::Command) -> (Value, i64) {
     let child = cmd
         .stdout(std::process::Stdio::piped())
