@@ -3,8 +3,10 @@
 # part 1: make a disk image holding a real ext4 filesystem, back it up, change files in it, back
 # it up again (only the change is stored), restore both restore points and verify them;
 # part 2: boot a small test VM under QEMU (TCG) that writes continuously, back it up live twice
-# (the second through change tracking), restore the latest restore point and prove it is an
-# exact point-in-time image of the disk.
+# (the second through change tracking, with its RAM and device state), restore the latest
+# restore point and prove it is an exact point-in-time image of the disk;
+# part 3: the VM is gone; recover it from the restore point into a new folder: it resumes and
+# continues counting exactly where it was captured.
 # Usage: scripts/demo.sh [WORKDIR]   (default: a new temporary folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +18,13 @@ vmkeep="${CARGO_TARGET_DIR:-$root/target}/release/vmkeep"
 work=${1:-$(mktemp -d /var/tmp/vmkeep-demo.XXXXXX)}
 mkdir -p "$work"; cd "$work"
 export VMKEEP_REPO="$work/repo" VMKEEP_PASSWORD="demo passphrase"
-rm -rf repo restored1 restored2 disk.raw disk-v1.raw files guest vm restored-vm
+rm -rf repo restored1 restored2 disk.raw disk-v1.raw files guest vm restored-vm recovered
 qemu_pid=
-cleanup() { [ -z "$qemu_pid" ] || kill -9 "$qemu_pid" 2>/dev/null || true; }
+recovered_pid=
+cleanup() {
+  [ -z "$qemu_pid" ] || kill -9 "$qemu_pid" 2>/dev/null || true
+  [ -z "$recovered_pid" ] || kill -9 "$recovered_pid" 2>/dev/null || true
+}
 trap cleanup EXIT
 
 echo "== making a 512 MiB disk image with an ext4 filesystem full of real files (/usr/share)"
@@ -81,17 +87,18 @@ wait_writes() { # wait until the guest has done write number $1
 wait_writes 20
 echo "   guest booted and writing (write $(progress) done)"
 
-echo "== live backup 1 of the running VM (no pause: fleecing; the first backup reads the whole disk)"
+echo "== live backup 1 of the running VM (paused for milliseconds; the first backup reads the whole disk)"
 "$vmkeep" backup vm --qmp vm/qmp.sock --vm web1
 at=$(progress); wait_writes $((at + 40))
-echo "== live backup 2 while it keeps writing (change tracking: reads only the chunks written since)"
-"$vmkeep" backup vm --qmp vm/qmp.sock --vm web1 --json > vm/backup2.json
+echo "== live backup 2 while it keeps writing, with its RAM and device state (--memory; change"
+echo "   tracking reads only the chunks written since)"
+"$vmkeep" backup vm --qmp vm/qmp.sock --vm web1 --memory --json > vm/backup2.json
 python3 - vm/backup2.json <<'EOF'
 import json, sys
 b = json.load(open(sys.argv[1]))
 for d in b["disks"]:
     print(f"   disk {d['name']}: change tracking {d['cbt']}, {d['changed_chunks']} changed chunks")
-print(f"   read {b['stats']['read_bytes']} bytes of the 64 MiB disk, VM paused {b['pause_ms']} ms")
+print(f"   read {b['stats']['read_bytes']} bytes (memory and changed chunks), VM paused {b['pause_ms']} ms")
 EOF
 echo "   the guest went on writing after the cut: write $(progress) done"
 echo "== stopping the VM (QMP stop)"
@@ -139,7 +146,31 @@ live = seqs(sys.argv[2])
 print(f"   restored disk holds SEQ 0..{k}, every one, nothing newer: K = {k}")
 print(f"   (the VM's own disk has gone on to SEQ {max(live)} since the cut)")
 print("   restored disk is an exact point-in-time image")
+open("restored-vm/k", "w").write(str(k))
 EOF
 kill -9 "$qemu_pid" 2>/dev/null || true; wait "$qemu_pid" 2>/dev/null || true; qemu_pid=
+
+echo
+echo "== part 3: the VM is gone. vmkeep recover web1@latest --target recovered"
+echo "   (disks, boot files and definition into a new folder, QEMU started in the background,"
+echo "   RAM and device state streamed from the repository; no network unless --network)"
+"$vmkeep" recover web1@latest --target recovered --accel tcg --json > recovered.json
+recovered_pid=$(python3 -c 'import json; print(json.load(open("recovered.json"))["pid"])')
+n=0
+until [ "$(grep -c '^C ' recovered/serial.log 2>/dev/null || true)" -ge 3 ]; do
+  n=$((n+1)); [ $n -lt 600 ] || { echo "demo: the recovered VM prints nothing"; cat recovered/qemu.log; exit 1; }
+  sleep 0.1
+done
+python3 - recovered/serial.log restored-vm/k <<'EOF'
+import sys
+log = open(sys.argv[1]).read()
+k = int(open(sys.argv[2]).read())
+first = int([l for l in log.splitlines() if l.startswith("C ")][0][2:])
+print(f"   the captured disk holds SEQ 0..{k}; the recovered VM's first line is 'C {first}'")
+assert first in (k, k + 1), "it does not continue from the capture"
+assert "VMKEEP READY" not in log, "it booted instead of resuming"
+print("   it resumed where it was captured (no boot banner) and keeps writing")
+EOF
+kill -9 "$recovered_pid" 2>/dev/null || true; recovered_pid=
 "$vmkeep" check
 echo "== demo finished; everything is in $work"

@@ -189,6 +189,10 @@ pub struct RestoreArgs {
     /// Output format
     #[arg(long, value_enum, default_value = "raw")]
     pub format: Format,
+    /// Also write the captured RAM and device state (a QEMU migration stream) to FILE, for
+    /// QEMU's `-incoming file:FILE` (`vmkeep recover` does all of this for you)
+    #[arg(long, value_name = "FILE")]
+    pub memory_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

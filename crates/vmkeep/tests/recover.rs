@@ -119,7 +119,18 @@ fn a_recovered_vm_continues_where_it_was_captured() {
     let id = id_of(&b);
     // The disk of the restore point: SEQ 0..K.
     let restored = d.join("restored");
-    json(pv(&repo).args(["restore", &id, "--target"]).arg(&restored));
+    let state = d.join("state.bin");
+    let r = json(
+        pv(&repo)
+            .args(["restore", &id, "--target"])
+            .arg(&restored)
+            .arg("--memory-file")
+            .arg(&state),
+    );
+    // The state as QEMU wrote it: a migration stream (magic "QEVM"), for -incoming file:.
+    let bytes = std::fs::read(&state).unwrap();
+    assert_eq!(r["memory_bytes"].as_u64(), Some(bytes.len() as u64), "{r}");
+    assert_eq!(&bytes[..4], b"QEVM", "{r}");
     let k = prefix_k(
         &std::fs::read(restored.join("vd0.raw")).unwrap(),
         "captured disk",
@@ -191,6 +202,15 @@ fn without_memory_recover_needs_cold_and_boots() {
             .arg(d.join("t1")),
         &["no memory state", "--cold"],
     );
+    fails_with(
+        vmkeep(&repo)
+            .args(["restore", &id, "--target"])
+            .arg(d.join("r1"))
+            .arg("--memory-file")
+            .arg(d.join("state.bin")),
+        &["no memory state"],
+    );
+    assert!(!d.join("r1").exists(), "refused before writing anything");
     let (v, _qemu) = recover(&repo, &id, &d.join("t2"), &["--cold"]);
     assert_eq!(v["resumed"], false, "{v}");
     let serial = PathBuf::from(v["serial"].as_str().unwrap());

@@ -108,9 +108,27 @@ impl QmpClient {
     /// [`connect`](Self::connect) with explicit options.
     pub async fn connect_with(path: impl AsRef<Path>, opts: QmpOptions) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let stream = UnixStream::connect(&path)
-            .await
-            .map_err(|e| Error::io(format!("connect to QMP socket {}", path.display()), e))?;
+        // A monitor's listen backlog is tiny, and connections queued behind the current client
+        // (probes of who listens, a guard waiting its turn) fill it: a connect then fails with
+        // EAGAIN until QEMU accepts the next one. Retry that within the greeting timeout.
+        let started = std::time::Instant::now();
+        let stream = loop {
+            match UnixStream::connect(&path).await {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && started.elapsed() < opts.greeting_timeout =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    return Err(Error::io(
+                        format!("connect to QMP socket {}", path.display()),
+                        e,
+                    ))
+                }
+            }
+        };
         let (r, w) = stream.into_split();
         let mut r = BufReader::new(r);
         let mut line = Vec::new();

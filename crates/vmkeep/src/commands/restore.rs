@@ -1,8 +1,9 @@
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 use vmkeep_qemu::qcow2_target::Qcow2Target;
+use vmkeep_repo::backup::MEMORY_STREAM;
 use vmkeep_repo::restore::{select_disks, RestoredDisk};
 use vmkeep_repo::{Manifest, Progress, Repository, RestoreOptions, RestoreStats};
 
@@ -20,12 +21,29 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
         target: a.target.clone(),
         disk: a.disk.clone(),
     };
+    // Refused before any disk is written: a restore point without memory, a file that exists.
+    if let Some(f) = &a.memory_file {
+        if !m.streams.iter().any(|s| s.name == MEMORY_STREAM) {
+            anyhow::bail!(
+                "restore point {:#} has no memory state (it was taken without --memory)",
+                m.id
+            );
+        }
+        if f.exists() {
+            return Err(vmkeep_repo::Error::TargetExists { path: f.clone() }.into());
+        }
+    }
     let st = match a.format {
         Format::Raw => repo.restore(&m, &opts, &bars)?,
         Format::Qcow2 => restore_qcow2(&repo, &m, &opts, &bars)?,
     };
+    let memory_bytes = match &a.memory_file {
+        Some(f) => Some(write_memory(&repo, &m, f, &bars)?),
+        None => None,
+    };
     if g.json {
-        print_json(&json!({"id": m.id, "disks": st.disks, "seconds": st.seconds}))?;
+        print_json(&json!({"id": m.id, "disks": st.disks, "seconds": st.seconds,
+            "memory_file": a.memory_file, "memory_bytes": memory_bytes}))?;
     } else {
         for d in &st.disks {
             print_line(&format!(
@@ -35,12 +53,48 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
                 human(d.bytes_written)
             ))?;
         }
+        if let (Some(f), Some(n)) = (&a.memory_file, memory_bytes) {
+            print_line(&format!(
+                "memory and device state written to {} ({}); load it with QEMU's -incoming file:{}",
+                f.display(),
+                human(n),
+                f.display()
+            ))?;
+        }
         print_line(&format!(
             "restore point {:#} restored in {:.2} s",
             m.id, st.seconds
         ))?;
     }
     Ok(0)
+}
+
+/// The memory stream into FILE.partial, fsynced, renamed to FILE: never a half file under
+/// the final name.
+fn write_memory(repo: &Repository, m: &Manifest, path: &Path, progress: &dyn Progress) -> Result<u64> {
+    let partial = path.with_extension("partial");
+    let mut f = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
+        .with_context(|| format!("create {}", partial.display()))?;
+    let n = repo.read_stream_to(m, MEMORY_STREAM, &mut f, progress);
+    let n = match n.and_then(|n| {
+        f.sync_all().map_err(|cause| vmkeep_repo::Error::TargetWrite {
+            path: partial.clone(),
+            cause,
+        })?;
+        Ok(n)
+    }) {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            return Err(e.into());
+        }
+    };
+    vmkeep_repo::restore::publish(&partial, path)
+        .with_context(|| format!("rename {} to {}", partial.display(), path.display()))?;
+    Ok(n)
 }
 
 /// Every selected disk into a new DIR/DISK.qcow2, written through qemu-nbd (no temporary raw
