@@ -117,7 +117,7 @@ pub struct StreamRecord {
     /// literal bytes.
     pub index: Vec<BlobId>,
     /// A memory stream: the rest of its bytes are pages of page images, and an op stream says
-    /// how the two interleave (FORMAT.md §11.2). Absent for plain streams.
+    /// how the two interleave (FORMAT.md §11.1). Absent for plain streams.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pages: Option<PageImages>,
 }

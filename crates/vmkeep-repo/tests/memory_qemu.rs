@@ -1,5 +1,6 @@
 //! Memory streams of a real QEMU guest (background snapshots through a pipe): stored and read
-//! back byte for byte, and a second capture of an idle guest stores at most 5% of the first.
+//! back byte for byte, a second capture of an idle guest stores at most 5% of the first, and a
+//! capture read back into a pipe loads into a new QEMU, which runs on.
 mod common;
 
 use std::io::Read;
@@ -81,7 +82,7 @@ fn capture(repo: &Repository, vm: &Vm, dir: &Path) -> Manifest {
 }
 
 #[test]
-fn idle_guest_second_capture_stores_little() {
+fn idle_guest_captures_deduplicate_and_load_back_into_qemu() {
     let _lock = qemu_lock();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -108,6 +109,26 @@ fn idle_guest_second_capture_stores_little() {
     assert!(ratio <= 0.05, "second capture: {ratio:.4} of the first");
     assert_check_ok(&repo, "two captures");
     vm.quit();
+
+    // The second capture, read from the repository into a pipe, loads into a new QEMU of the
+    // same configuration, which then runs (the capture was taken while the guest ran).
+    let restored = VmBuilder::new(dir, "restored")
+        .memory_mib(256)
+        .idle(&guest())
+        .blockdev_qcow2(&disk, "vd0")
+        .args(["-incoming", "defer"])
+        .boot();
+    let status = migration::load(&restored, dir, |pipe| {
+        repo.read_stream_to(&m2, "memory", pipe, &NoProgress)
+            .unwrap();
+    });
+    assert_eq!(status, "running");
+    assert!(
+        !restored.serial().contains("VMKEEP READY"),
+        "the guest resumed, it did not boot again: {}",
+        restored.serial()
+    );
+    restored.quit();
 }
 
 #[test]

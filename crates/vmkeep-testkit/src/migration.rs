@@ -1,7 +1,8 @@
 //! QEMU migration streams for tests: streams built in QEMU's framing (with pages, zero pages,
-//! device state), and real ones taken from a running test VM through a pipe.
+//! device state), real ones taken from a running test VM through a pipe, and streams loaded
+//! into a VM started with `-incoming defer` through a pipe.
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -156,4 +157,50 @@ pub fn capture<R>(vm: &Vm, dir: &Path, consume: impl FnOnce(&mut dyn Read) -> R)
     }
     let _ = std::fs::remove_file(&fifo);
     out
+}
+
+/// Loads a migration stream into `vm` (started with `-incoming defer`): QEMU reads it from a
+/// pipe (`exec:cat FIFO`, the FIFO in `dir`) that `produce` writes. Waits until QEMU reports
+/// the migration completed and returns `query-status`'s `status`; panics if it failed.
+pub fn load(vm: &Vm, dir: &Path, produce: impl FnOnce(&mut dyn Write)) -> String {
+    let fifo = dir.join("incoming.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let mut q = vm.connect();
+    q.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    q.execute(
+        "migrate-incoming",
+        json!({"uri": format!("exec:cat {}", fifo.display())}),
+    );
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&fifo)
+            .expect("open the incoming pipe");
+        produce(&mut f);
+    }
+    let started = Instant::now();
+    loop {
+        let st = q.execute("query-migrate", Value::Null);
+        match st["status"].as_str() {
+            Some("completed") => break,
+            Some("failed") | Some("cancelled") => panic!("incoming migration failed: {st}"),
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "incoming migration did not complete: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_file(&fifo);
+    q.execute("query-status", Value::Null)["status"]
+        .as_str()
+        .expect("query-status: status")
+        .to_string()
 }

@@ -39,7 +39,7 @@ pub struct MemoryLayout {
 }
 
 impl MemoryLayout {
-    /// vmkeep's choice (FORMAT.md §11.2): 16 KiB image chunks, literals and ops in 8/16/64 KiB
+    /// vmkeep's choice (FORMAT.md §11.3): 16 KiB image chunks, literals and ops in 8/16/64 KiB
     /// content-defined chunks.
     pub const DEFAULT: MemoryLayout = MemoryLayout {
         parse: true,

@@ -1,5 +1,5 @@
 //! The op list of a memory stream: how its literal bytes and its image pages interleave to give
-//! back the original stream. FORMAT.md §11.2.
+//! back the original stream. FORMAT.md §11.1.
 //!
 //! ```text
 //! ops = "VMKM" || version u8 (1) || op*

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 pub use capture::{capture_definition, read_args_file, ArgsSource};
 
 /// Version of the stored JSON; readers refuse others.
-/// Name of the stream holding the definition in a restore point (FORMAT.md §11.1).
+/// Name of the stream holding the definition in a restore point (FORMAT.md §11.4).
 pub const DEFINITION_STREAM: &str = "vm-definition";
 pub const DEFINITION_VERSION: u32 = 1;
 

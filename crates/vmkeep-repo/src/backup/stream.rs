@@ -173,7 +173,7 @@ impl BackupSession<'_> {
     }
 
     /// Add a QEMU migration stream (RAM and device state) read to its end from `source`: its
-    /// pages go into page images, the rest into a literal stream (FORMAT.md §11.2). A stream
+    /// pages go into page images, the rest into a literal stream (FORMAT.md §11.1). A stream
     /// the parser does not understand, wholly or from some point on, is stored as literal
     /// bytes: never refused, always given back byte for byte.
     pub fn add_memory_stream(
