@@ -123,7 +123,10 @@ impl QmpCapture {
         }
         let source = match &opts.vm_config {
             Some(f) => crate::vmdef::ArgsSource::File(f.clone()),
-            None => crate::vmdef::ArgsSource::QmpPeer,
+            None => match pid {
+                Some(pid) => crate::vmdef::ArgsSource::Process(pid),
+                None => crate::vmdef::ArgsSource::QmpPeer,
+            },
         };
         let definition = match rt.block_on(crate::vmdef::capture_definition(&qmp, &source)) {
             Ok(d) => Some(d),

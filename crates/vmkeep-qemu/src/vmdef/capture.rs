@@ -22,6 +22,9 @@ pub enum ArgsSource {
     /// `/proc/PID/cmdline` of the process listening on the QMP socket (SO_PEERCRED). Fails in
     /// another PID namespace or for a process we may not inspect: then use `File`.
     QmpPeer,
+    /// `/proc/PID/cmdline` of a QEMU whose pid the caller already knows (a capture found it
+    /// once; every probe leaves a connection in the monitor's tiny listen backlog).
+    Process(u32),
     /// A file (`--vm-config`): either a JSON array of strings, or one argument per line (no
     /// quoting; empty lines are skipped; a line is taken as it is, spaces included). The first
     /// element is the program when it does not start with `-`. Relative paths in it are
@@ -34,6 +37,7 @@ pub enum ArgsSource {
 pub async fn capture_definition(qmp: &QmpClient, source: &ArgsSource) -> Result<VmDefinition> {
     let (argv, origin, binary, base) = match source {
         ArgsSource::QmpPeer => peer_args(qmp.path())?,
+        ArgsSource::Process(pid) => pid_args(*pid)?,
         ArgsSource::File(path) => {
             let (binary, args) = read_args_file(path)?;
             let base = path
@@ -195,6 +199,11 @@ fn peer_args(socket: &Path) -> Result<PeerArgs> {
             socket.display()
         ))
     })?;
+    pid_args(pid)
+}
+
+/// The command line, program and working directory of process `pid`.
+fn pid_args(pid: u32) -> Result<PeerArgs> {
     let proc = PathBuf::from(format!("/proc/{pid}"));
     let raw = read_bounded(&proc.join("cmdline")).map_err(|e| {
         Error::Definition(format!(

@@ -42,8 +42,10 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
         None => None,
     };
     if g.json {
-        print_json(&json!({"id": m.id, "disks": st.disks, "seconds": st.seconds,
-            "memory_file": a.memory_file, "memory_bytes": memory_bytes}))?;
+        print_json(
+            &json!({"id": m.id, "disks": st.disks, "seconds": st.seconds,
+            "memory_file": a.memory_file, "memory_bytes": memory_bytes}),
+        )?;
     } else {
         for d in &st.disks {
             print_line(&format!(
@@ -71,7 +73,12 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
 
 /// The memory stream into FILE.partial, fsynced, renamed to FILE: never a half file under
 /// the final name.
-fn write_memory(repo: &Repository, m: &Manifest, path: &Path, progress: &dyn Progress) -> Result<u64> {
+fn write_memory(
+    repo: &Repository,
+    m: &Manifest,
+    path: &Path,
+    progress: &dyn Progress,
+) -> Result<u64> {
     let partial = path.with_extension("partial");
     let mut f = std::fs::File::options()
         .write(true)
@@ -80,10 +87,11 @@ fn write_memory(repo: &Repository, m: &Manifest, path: &Path, progress: &dyn Pro
         .with_context(|| format!("create {}", partial.display()))?;
     let n = repo.read_stream_to(m, MEMORY_STREAM, &mut f, progress);
     let n = match n.and_then(|n| {
-        f.sync_all().map_err(|cause| vmkeep_repo::Error::TargetWrite {
-            path: partial.clone(),
-            cause,
-        })?;
+        f.sync_all()
+            .map_err(|cause| vmkeep_repo::Error::TargetWrite {
+                path: partial.clone(),
+                cause,
+            })?;
         Ok(n)
     }) {
         Ok(n) => n,
