@@ -23,7 +23,7 @@ pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
                     "time": m.time.to_rfc3339(),
                     "parent": m.parent,
                     "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size})).collect::<Vec<_>>(),
-                    "memory": m.streams.iter().any(|s| s.name == "memory"),
+                    "memory": has_memory(m),
                     "stats": m.stats,
                 })
             })
@@ -36,12 +36,12 @@ pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
         return Ok(0);
     }
     print_line(&format!(
-        "{:<10} {:<20} {:<25} {:>10} {:>10}  disks",
+        "{:<10} {:<20} {:<25} {:>10} {:>10}  disks (+ memory: RAM and device state)",
         "id", "vm", "time", "changed", "stored"
     ))?;
     for m in &list {
         print_line(&format!(
-            "{:<10} {:<20} {:<25} {:>10} {:>10}  {}",
+            "{:<10} {:<20} {:<25} {:>10} {:>10}  {}{}",
             format!("{:#}", m.id),
             m.vm,
             m.time.format("%Y-%m-%d %H:%M:%S UTC"),
@@ -51,9 +51,17 @@ pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
                 .iter()
                 .map(|d| format!("{} ({})", d.name, human(d.size)))
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            if has_memory(m) { " + memory" } else { "" }
         ))?;
     }
     print_line(&format!("{} restore points", list.len()))?;
     Ok(0)
+}
+
+/// A restore point that `recover` can resume (it carries RAM and device state).
+fn has_memory(m: &vmkeep_repo::Manifest) -> bool {
+    m.streams
+        .iter()
+        .any(|s| s.name == vmkeep_repo::backup::MEMORY_STREAM)
 }
