@@ -34,9 +34,13 @@ impl BackupSession<'_> {
             }
             None => source.cut().map_err(Error::Source)?,
         }
+        // The VM's definition and boot files: stored, but not VM data, so not in `read_bytes`
+        // (which says how much of the VM's disks and memory a backup read).
+        let read_before = self.stats.read_bytes;
         for (name, mut stream) in source.config_streams() {
             self.add_stream(&name, &mut stream, CdcParams::GENERAL, progress)?;
         }
+        self.stats.read_bytes = read_before;
         for (i, d) in source.disks().iter().enumerate() {
             let (reader, plan) = source.open_disk(i).map_err(Error::Source)?;
             self.add_disk(&d.name, &*reader, plan, progress)?;
