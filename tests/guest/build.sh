@@ -22,6 +22,21 @@
 #                             x = (x*1103515245 + 12345) mod 2^31 started at vmkeep.seed (default
 #                             1), each with dd conv=notrunc,fsync; prints "RANDWRITE START" after
 #                             the line and "RANDWRITE DONE M" at the end.
+#   vmkeep.workload=memfill   fills RAM for the memory benchmark (bench/memory_capture.py):
+#                             mounts a tmpfs on /fill and writes vmkeep.fill MiB (default: half
+#                             of MemTotal) of /dev/urandom data to /fill/data (distinct, non-zero
+#                             pages), prints "MEMFILL DONE fill=F cs=T" (T: centiseconds it
+#                             took), then rewrites that file forever, vmkeep.step MiB (default 1)
+#                             at a time, sweeping it from start to end: each step copies the
+#                             data one page (4 KiB) further on over it (dd), so the pages stay
+#                             non-zero and (but for one more copy of the last page per sweep)
+#                             distinct, while every page of the fill is written again each
+#                             sweep. Every >= 10 cs of /proc/uptime it prints "MW n cs KiB": line
+#                             number, centiseconds since the previous line, KiB written
+#                             meanwhile (the guest's own memory-write rate). A line "off" on the
+#                             second serial port (/dev/ttyS1, when the VM has one) pauses the
+#                             writes (the guest then only sleeps), "on" resumes them; each is
+#                             acknowledged with "MEMFILL off" / "MEMFILL on" on the console.
 # Every workload prints "VMKEEP READY" once the disks are visible.
 #
 # Needs: apt-get (download only, no root), dpkg-deb, busybox-static, cpio, gzip, sha256sum.
@@ -110,11 +125,15 @@ done
 workload=idle
 count=-1
 seed=1
+fill=
+step=1
 for a in $(cat /proc/cmdline); do
   case "$a" in
     vmkeep.workload=*) workload="${a#vmkeep.workload=}" ;;
     vmkeep.count=*) count="${a#vmkeep.count=}" ;;
     vmkeep.seed=*) seed="${a#vmkeep.seed=}" ;;
+    vmkeep.fill=*) fill="${a#vmkeep.fill=}" ;;
+    vmkeep.step=*) step="${a#vmkeep.step=}" ;;
   esac
 done
 # Wait (briefly) for the first disk.
@@ -158,6 +177,53 @@ case "$workload" in
       i=$((i+1))
     done
     echo "RANDWRITE DONE $count"
+    ;;
+  memfill)
+    # Centiseconds of uptime (/proc/uptime: "12345.67 ..."; "1${x}-100" keeps "05" decimal),
+    # read without a subshell: a fork costs milliseconds under TCG.
+    now_cs() { read -r up _ < /proc/uptime; cs=$(( ${up%.*} * 100 + 1${up#*.} - 100 )); }
+    [ -n "$fill" ] || fill=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 2048 ))
+    mkdir -p /fill
+    mount -t tmpfs -o size=$(( fill + 4 ))m tmpfs /fill
+    now_cs
+    t0=$cs
+    dd if=/dev/urandom of=/fill/data bs=1M count="$fill" 2>/dev/null || echo "VMKEEP memfill failed"
+    now_cs
+    echo on > /tmp/memfill.ctl
+    if [ -c /dev/ttyS1 ]; then
+      stty -F /dev/ttyS1 -echo 2>/dev/null
+      ( while read -r c; do
+          case "$c" in on|off) echo "$c" > /tmp/memfill.ctl; echo "MEMFILL $c" ;; esac
+        done < /dev/ttyS1 ) &
+    fi
+    echo "MEMFILL DONE fill=$fill cs=$(( cs - t0 ))"
+    n=0
+    at=0
+    kib=0
+    last=$cs
+    while true; do
+      read -r mode < /tmp/memfill.ctl
+      if [ "$mode" = off ]; then
+        sleep 0.2
+        now_cs
+        last=$cs
+        kib=0
+        continue
+      fi
+      dd if=/fill/data of=/fill/data bs=$(( step * 1048576 )) count=1 seek=$(( at / step )) \
+        skip=$(( at * 1048576 + 4096 )) iflag=skip_bytes conv=notrunc 2>/dev/null \
+        || echo "VMKEEP memfill write failed"
+      at=$(( at + step ))
+      [ "$at" -lt "$fill" ] || at=0
+      kib=$(( kib + step * 1024 ))
+      now_cs
+      if [ $(( cs - last )) -ge 10 ]; then
+        n=$(( n + 1 ))
+        echo "MW $n $(( cs - last )) $kib"
+        last=$cs
+        kib=0
+      fi
+    done
     ;;
   idle)
     echo "IDLE"
