@@ -43,9 +43,7 @@ pub async fn undo(qmp: &QmpClient, steps: &[(u64, Undo)], scope: Scope) -> Outco
         Scope::All { committed } => committed || steps.iter().any(|(_, s)| *s == Undo::Committed),
         Scope::Teardown => false,
     };
-    let mut order: Vec<&(u64, Undo)> = steps.iter().filter(|(_, s)| s.is_urgent()).collect();
-    order.extend(steps.iter().rev().filter(|(_, s)| !s.is_urgent()));
-    for (seq, step) in order {
+    for (seq, step) in order(steps) {
         let skip = match step {
             Undo::Bitmaps { .. } => scope == Scope::Teardown,
             Undo::Monitor { .. } | Undo::Committed => {
@@ -71,6 +69,14 @@ pub async fn undo(qmp: &QmpClient, steps: &[(u64, Undo)], scope: Scope) -> Outco
         }
     }
     out
+}
+
+/// The order of undoing: the urgent steps (the guest's CPU and filesystems back), newest first
+/// (`cont` before thaw: a stopped guest's agent cannot answer), then the rest, newest first.
+fn order(steps: &[(u64, Undo)]) -> Vec<&(u64, Undo)> {
+    let mut order: Vec<&(u64, Undo)> = steps.iter().rev().filter(|(_, s)| s.is_urgent()).collect();
+    order.extend(steps.iter().rev().filter(|(_, s)| !s.is_urgent()));
+    order
 }
 
 fn describe(step: &Undo) -> String {
@@ -302,7 +308,24 @@ async fn bitmaps(
 
 #[cfg(test)]
 mod tests {
-    use super::same_chain;
+    use super::{order, same_chain, Undo};
+
+    #[test]
+    fn the_guest_runs_again_before_anything_else_and_cont_precedes_thaw() {
+        let steps = vec![
+            (1, Undo::DeleteNode { node: "sc".into() }),
+            (
+                2,
+                Undo::Thaw {
+                    agent: "/qga".into(),
+                },
+            ),
+            (3, Undo::Resume),
+            (4, Undo::DeleteNode { node: "cbw".into() }),
+        ];
+        let seqs: Vec<u64> = order(&steps).iter().map(|(s, _)| *s).collect();
+        assert_eq!(seqs, vec![3, 2, 4, 1]);
+    }
 
     #[test]
     fn chains() {
