@@ -20,7 +20,9 @@ use vmkeep_qemu::recover::{
 use vmkeep_qemu::vmdef::{
     capture_definition, ArgsOrigin, ArgsSource, QemuVersion, VmDefinition, DEFINITION_VERSION,
 };
-use vmkeep_testkit::guest::{check_two_disk_cut, guest, make_filled_disks, two_disk_vm};
+use vmkeep_testkit::guest::{
+    check_two_disk_cut, counters, guest, make_filled_disks, two_disk_vm, wait_serial_log,
+};
 use vmkeep_testkit::vm::PROGRESS_TIMEOUT;
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -46,29 +48,6 @@ fn installed_version() -> QemuVersion {
 }
 
 /// The `C i` numbers of a serial log, in order.
-fn counters(log: &str) -> Vec<i64> {
-    log.lines()
-        .filter_map(|l| l.trim().strip_prefix("C ").and_then(|n| n.parse().ok()))
-        .collect()
-}
-
-/// Waits until the serial log at `path` satisfies `done`; returns its text.
-fn wait_serial(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if done(&text) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < PROGRESS_TIMEOUT,
-            "serial log {} never showed {what}: {text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Processes (other than this test) whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<u32> {
     let me = std::process::id();
@@ -279,7 +258,7 @@ fn a_recovered_vm_boots_cold_in_a_new_place() {
         );
     }
     let vm2 = start_qemu(&qemu, &argv, &plan).unwrap();
-    let text = wait_serial(&plan.serial_log, "a boot and the workload", |t| {
+    let text = wait_serial_log(&plan.serial_log, "a boot and the workload", |t| {
         t.contains("VMKEEP READY") && counters(t).iter().any(|&c| c >= 2)
     });
     assert_eq!(
@@ -362,7 +341,7 @@ fn a_recovered_vm_resumes_where_it_was_captured() {
         std::fs::metadata(&paused_state).unwrap().len()
     );
     assert!(vm2.block_on(vm2.qmp().query_status()).unwrap().running);
-    let text = wait_serial(&plan.serial_log, "the counter", |t| counters(t).len() >= 10);
+    let text = wait_serial_log(&plan.serial_log, "the counter", |t| counters(t).len() >= 10);
     assert!(
         !text.contains("VMKEEP READY"),
         "the guest booted again: {text}"
@@ -392,7 +371,7 @@ fn a_recovered_vm_resumes_where_it_was_captured() {
         .load_state(std::fs::File::open(&running_state).unwrap())
         .unwrap();
     assert!(!report.resumed_by_cont);
-    let text = wait_serial(&plan.serial_log, "the counter", |t| !counters(t).is_empty());
+    let text = wait_serial_log(&plan.serial_log, "the counter", |t| !counters(t).is_empty());
     // The first whole line after the capture instant (a line cut in the middle by the capture
     // is completed first).
     let first = counters(&text)[0];

@@ -118,3 +118,27 @@ pub fn check_two_disk_cut(vd0: &[u8], drive1: &[u8]) -> (i64, i64) {
     );
     (ka, kb)
 }
+
+/// The seqwrite counters (`C i` lines) of a serial log, in order.
+pub fn counters(log: &str) -> Vec<i64> {
+    log.lines()
+        .filter_map(|l| l.trim().strip_prefix("C ").and_then(|n| n.parse().ok()))
+        .collect()
+}
+
+/// Waits until the serial log at `path` satisfies `done`; returns its text.
+pub fn wait_serial_log(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            start.elapsed() < crate::vm::PROGRESS_TIMEOUT,
+            "serial log {} never showed {what}: {text}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -71,3 +71,74 @@ pub fn wait_for_socket(path: &Path, child: &mut ChildGuard) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// The children of process `pid` (every thread's `children` list in /proc).
+pub fn children_of(pid: u32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .flatten()
+                .flat_map(|t| {
+                    std::fs::read_to_string(t.path().join("children"))
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|p| p.parse::<i32>().ok())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `pid` is a running process (not gone, not a zombie).
+pub fn is_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+}
+
+/// Waits (10 s at most) until `pid` is no longer alive.
+pub fn wait_gone(pid: i32) {
+    let t0 = Instant::now();
+    while is_alive(pid) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "process {pid} still alive"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A tmpfs mounted for a test, unmounted (lazily) when dropped.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a 0700 tmpfs of `size` (e.g. `16m`) at `at`; None, with the reason printed,
+    /// where mounting is not allowed (not root, no mount rights).
+    pub fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(at)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs (needs root): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return None;
+        }
+        Some(Tmpfs(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}

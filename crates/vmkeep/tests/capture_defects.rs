@@ -6,13 +6,14 @@ mod common;
 #[path = "common/qemu.rs"]
 mod qemu;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
 use qemu::*;
 use serde_json::{json as j, Value};
+use vmkeep_testkit::process::{children_of, Tmpfs};
 use vmkeep_testkit::tools::make_qcow2;
 
 fn backup_vm(repo: &Path, vm: &Vm, extra: &[&str]) -> Value {
@@ -190,42 +191,6 @@ fn one_qcow2_v2_disk_does_not_cost_the_others_their_tracking() {
     assert!(c[1].2.contains("qcow2 v2"), "the true reason: {b3}");
 }
 
-/// Mounts a tmpfs of `size` at `at`; None (with the reason printed) where mounting is not
-/// allowed (not root, or no mount namespace rights).
-fn small_tmpfs(at: &Path, size: &str) -> Option<Mounted> {
-    std::fs::create_dir_all(at).unwrap();
-    let out = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={size},mode=0700"),
-            "tmpfs",
-        ])
-        .arg(at)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        eprintln!(
-            "SKIPPED: cannot mount a tmpfs (needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    Some(Mounted(at.to_path_buf()))
-}
-
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// Defect 1: scratch space running out while the backup reads must fail the backup, never the
 /// guest's writes (it left the VM in `io-error`, or the guest lost writes, while vmkeep said 0).
 #[test]
@@ -235,7 +200,7 @@ fn scratch_space_full_fails_the_backup_not_the_guest() {
     let repo = d.join("repo");
     init(&repo, &[]);
     let small = d.join("small");
-    let Some(_mounted) = small_tmpfs(&small, "1m") else {
+    let Some(_mounted) = Tmpfs::mount(&small, "1m") else {
         return;
     };
     // Written data (a fresh image's zero clusters cost the scratch image nothing).
@@ -332,7 +297,7 @@ fn a_stale_checkpoint_is_never_re_enabled() {
     vm.wait_progress(at + 10);
     let mut a = run(("VMKEEP_STOP_AT", "capture-before-commit"));
     wait_stopped(&mut a);
-    for pid in children(a.id()) {
+    for pid in children_of(a.id()) {
         // SAFETY: kill(2) with our child's child and a valid signal.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
@@ -370,18 +335,4 @@ fn a_stale_checkpoint_is_never_re_enabled() {
     let img = std::fs::read(target.join("vd0.raw")).unwrap();
     prefix_k(&img, &format!("after the stale checkpoint: {c}"));
     assert_eq!(vm.vmkeep_bitmaps().len(), 1, "{:?}", vm.vmkeep_bitmaps());
-}
-
-fn children(pid: u32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .flat_map(|t| {
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(|p| p.parse::<i32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect()
 }

@@ -14,13 +14,13 @@ mod common;
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 use vmkeep_repo::{Manifest, Repository};
 use vmkeep_store::LocalStore;
 use vmkeep_testkit::guest::{check_two_disk_cut, guest, make_filled_disks, two_disk_vm};
+use vmkeep_testkit::process::{children_of, wait_gone};
 use vmkeep_testkit::vm::{qemu_lock, Vm};
 
 /// The repository is encrypted (the guard never needs the passphrase).
@@ -219,29 +219,12 @@ fn killed_with_guard(repo: &Path, vm: &Vm, tmp: &Path) {
         .spawn()
         .unwrap();
     wait_stopped(&mut child);
-    let children = std::fs::read_dir(format!("/proc/{}/task", child.id()))
-        .unwrap()
-        .flatten()
-        .flat_map(|t| {
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(|p| p.parse::<i32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect::<Vec<_>>();
+    let children = children_of(child.id());
     assert_eq!(children.len(), 1, "one guard: {children:?}");
     // SAFETY: kill(2) with a pid of our child's child and a valid signal.
     assert_eq!(unsafe { libc::kill(children[0], libc::SIGKILL) }, 0);
     child.kill().unwrap();
     child.wait().unwrap();
-    // The guard is gone too (reaped by init; wait until its /proc entry is).
-    let t0 = Instant::now();
-    while Path::new(&format!("/proc/{}/stat", children[0])).exists()
-        && std::fs::read_to_string(format!("/proc/{}/stat", children[0]))
-            .is_ok_and(|s| !s.contains(") Z"))
-    {
-        assert!(t0.elapsed() < Duration::from_secs(10), "guard still alive");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The guard is gone too (reaped by init).
+    wait_gone(children[0]);
 }

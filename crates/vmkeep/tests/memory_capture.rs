@@ -11,11 +11,11 @@ mod qemu;
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 
 use common::*;
 use qemu::*;
 use serde_json::Value;
+use vmkeep_testkit::process::{children_of, wait_gone};
 
 const POINTS: [&str; 4] = [
     "capture-after-stop",
@@ -115,32 +115,10 @@ fn a_memory_capture_killed_anywhere_leaves_the_guest_running() {
     assert_eq!(unsafe { libc::kill(guard[0], libc::SIGKILL) }, 0);
     child.kill().unwrap();
     child.wait().unwrap();
-    let t0 = Instant::now();
-    while is_alive(guard[0]) {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_gone(guard[0]);
     assert!(!vm.running(), "stopped for the cut when both died");
     let b = backup_memory(&repo, &vm, &tmp);
     assert_eq!(b["disks"][0]["cbt"], "used", "{b}");
     assert_unharmed(&mut vm, &tmp, "after both died");
     assert_eq!(snapshot_ids(&repo).len(), 2);
-}
-
-fn children_of(pid: u32) -> Vec<i32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .flat_map(|t| {
-            std::fs::read_to_string(t.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .map(|p| p.parse::<i32>().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-fn is_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
 }

@@ -14,33 +14,13 @@ mod common;
 mod qemu;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use qemu::*;
 use serde_json::Value;
-
-fn counters(log: &str) -> Vec<i64> {
-    log.lines()
-        .filter_map(|l| l.trim().strip_prefix("C ").and_then(|n| n.parse().ok()))
-        .collect()
-}
-
-fn wait_serial(path: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
-    let start = Instant::now();
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if done(&text) {
-            return text;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(180),
-            "{} never showed {what}: {text}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use vmkeep_testkit::guest::{counters, wait_serial_log};
+use vmkeep_testkit::process::Tmpfs;
 
 /// The recovered QEMU, killed when the test ends.
 struct Recovered(u32);
@@ -151,7 +131,7 @@ fn a_recovered_vm_continues_where_it_was_captured() {
     let _qemu = Recovered(v["pid"].as_u64().unwrap() as u32);
     assert_eq!(v["resumed"], true, "{v}");
     let serial = PathBuf::from(v["serial"].as_str().unwrap());
-    let text = wait_serial(&serial, "three counter lines", |t| counters(t).len() >= 3);
+    let text = wait_serial_log(&serial, "three counter lines", |t| counters(t).len() >= 3);
     eprintln!(
         "recover to the first new serial line: {:.2} s",
         t0.elapsed().as_secs_f64()
@@ -214,7 +194,7 @@ fn without_memory_recover_needs_cold_and_boots() {
     let (v, _qemu) = recover(&repo, &id, &d.join("t2"), &["--cold"]);
     assert_eq!(v["resumed"], false, "{v}");
     let serial = PathBuf::from(v["serial"].as_str().unwrap());
-    wait_serial(&serial, "the boot banner and counting", |t| {
+    wait_serial_log(&serial, "the boot banner and counting", |t| {
         t.contains("VMKEEP READY") && counters(t).len() >= 2
     });
 }
@@ -280,35 +260,6 @@ fn a_qemu_that_cannot_load_the_state_is_refused_and_nothing_runs() {
     }
 }
 
-/// Mounts a tmpfs of `size` at `at`; None (reason printed) where that is not allowed.
-fn tmpfs(at: &Path, size: &str) -> Option<Unmount> {
-    std::fs::create_dir_all(at).unwrap();
-    let out = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-        .arg(at)
-        .output()
-        .unwrap();
-    if !out.status.success() {
-        eprintln!(
-            "SKIPPED: cannot mount a tmpfs (needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        return None;
-    }
-    Some(Unmount(at.to_path_buf()))
-}
-
-struct Unmount(PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn capture_and_recover_with_a_16_mib_tmpdir() {
     let dir = tempfile::tempdir().unwrap();
@@ -316,7 +267,7 @@ fn capture_and_recover_with_a_16_mib_tmpdir() {
     let repo = d.join("repo");
     init(&repo, &[]);
     let small = d.join("small");
-    let Some(_m) = tmpfs(&small, "16m") else {
+    let Some(_m) = Tmpfs::mount(&small, "16m") else {
         return;
     };
     let _lock = qemu_lock();
@@ -354,6 +305,6 @@ fn capture_and_recover_with_a_16_mib_tmpdir() {
     // Bounded, and well below the guest's RAM: no copy of the memory is held.
     assert!(rss_capture < 200 * 1024 && rss_recover < 200 * 1024);
     let serial = PathBuf::from(v["serial"].as_str().unwrap());
-    wait_serial(&serial, "counting", |t| counters(t).len() >= 2);
+    wait_serial_log(&serial, "counting", |t| counters(t).len() >= 2);
     assert_eq!(std::fs::read_dir(&small).unwrap().count(), 0);
 }
