@@ -98,7 +98,38 @@ fn machine_version(machine: &str) -> Option<(u64, u64)> {
 
 /// Asks `qemu` for its version, machine types and architecture.
 pub fn qemu_info(qemu: &Path) -> Result<QemuInfo> {
-    let version_text = probe(qemu, &["--version"], None)?;
+    let qmp = concat!(
+        "{\"execute\":\"qmp_capabilities\"}\n",
+        "{\"execute\":\"query-target\"}\n",
+        "{\"execute\":\"quit\"}\n"
+    );
+    let target_args = [
+        "-machine",
+        "none",
+        "-accel",
+        "kvm",
+        "-accel",
+        "tcg",
+        "-nodefaults",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+    ];
+    // Three independent runs of the binary, side by side: they are most of `recover`'s
+    // start-up time otherwise.
+    let (version_text, machines_text, out) = std::thread::scope(|s| {
+        let version = s.spawn(|| probe(qemu, &["--version"], None));
+        let machines = s.spawn(|| probe(qemu, &["-machine", "help"], None));
+        let target = probe(qemu, &target_args, Some(qmp.as_bytes()));
+        let join = |h: std::thread::ScopedJoinHandle<'_, Result<String>>| {
+            h.join()
+                .unwrap_or_else(|_| Err(Error::NotLoadable("a QEMU probe panicked".into())))
+        };
+        (join(version), join(machines), target)
+    });
+    let version_text = version_text?;
     let version = QemuVersion::find_in(&version_text).ok_or_else(|| {
         Error::NotLoadable(format!(
             "{} is not a QEMU system emulator: `--version` printed {:?}",
@@ -106,30 +137,8 @@ pub fn qemu_info(qemu: &Path) -> Result<QemuInfo> {
             first_line(&version_text)
         ))
     })?;
-    let machines = parse_machines(&probe(qemu, &["-machine", "help"], None)?);
-    let qmp = concat!(
-        "{\"execute\":\"qmp_capabilities\"}\n",
-        "{\"execute\":\"query-target\"}\n",
-        "{\"execute\":\"quit\"}\n"
-    );
-    let out = probe(
-        qemu,
-        &[
-            "-machine",
-            "none",
-            "-accel",
-            "kvm",
-            "-accel",
-            "tcg",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-S",
-            "-qmp",
-            "stdio",
-        ],
-        Some(qmp.as_bytes()),
-    )?;
+    let machines = parse_machines(&machines_text?);
+    let out = out?;
     let arch = out
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())

@@ -77,6 +77,19 @@ impl Repository {
         out: &mut dyn Write,
         progress: &dyn Progress,
     ) -> Result<u64> {
+        self.read_stream_with(&BlobIndex::load(self)?, m, name, out, progress)
+    }
+
+    /// [`read_stream_to`](Self::read_stream_to) through an index already loaded (a command
+    /// that reads several streams loads it once).
+    pub fn read_stream_with(
+        &self,
+        index: &BlobIndex,
+        m: &Manifest,
+        name: &str,
+        out: &mut dyn Write,
+        progress: &dyn Progress,
+    ) -> Result<u64> {
         let record =
             m.streams
                 .iter()
@@ -91,9 +104,8 @@ impl Repository {
                         .collect::<Vec<_>>()
                         .join(", "),
                 })?;
-        let index = BlobIndex::load(self)?;
         progress.phase(&format!("stream {name}"), record.size);
-        let r = self.write_stream(&index, record, out, progress);
+        let r = self.write_stream(index, record, out, progress);
         progress.finish_phase();
         r
     }

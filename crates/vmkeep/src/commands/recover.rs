@@ -15,6 +15,7 @@ use serde_json::json;
 use vmkeep_qemu::recover::{self, RecoveryPlan, StartMode};
 use vmkeep_qemu::vmdef::{VmDefinition, DEFINITION_MAX_BYTES, DEFINITION_STREAM};
 use vmkeep_repo::backup::MEMORY_STREAM;
+use vmkeep_repo::index::BlobIndex;
 use vmkeep_repo::{Manifest, NoProgress, Repository, RestoreOptions};
 
 use crate::args::{Global, RecoverArgs};
@@ -25,7 +26,9 @@ use crate::progress::Bars;
 pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
     let repo = open_repo(g)?;
     let m = repo.resolve(&a.snapshot)?;
-    let def = definition(&repo, &m)?;
+    // Loaded once for every stream and disk read below (each load lists the repository).
+    let index = BlobIndex::load(&repo)?;
+    let def = definition(&repo, &index, &m)?;
     let has_memory = m.streams.iter().any(|s| s.name == MEMORY_STREAM);
     let mode = match (a.cold, has_memory) {
         (true, _) => StartMode::Cold,
@@ -61,22 +64,22 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
         target: target.clone(),
         disk: None,
     };
-    super::restore::restore_qcow2(&repo, &m, &opts, &bars)?;
+    super::restore::restore_qcow2(&repo, &index, &m, &opts, &bars)?;
     for b in def.boot_files.iter().filter(|b| b.size.is_some()) {
         let Some(path) = plan.boot_files.get(&b.role) else {
             continue;
         };
-        write_stream(&repo, &m, &b.stream_name(), path)?;
+        write_stream(&repo, &index, &m, &b.stream_name(), path)?;
     }
     let argv = recover::rewrite(&def, &plan)?;
     let mut vm = recover::start_qemu(&qemu, &argv, &plan)?;
     let resumed = match mode {
         StartMode::Resume => {
             let repo_ref = &repo;
-            let m_ref = &m;
+            let (m_ref, index_ref) = (&m, &index);
             let report = vm.load_state_with(move |pipe| {
                 repo_ref
-                    .read_stream_to(m_ref, MEMORY_STREAM, pipe, &NoProgress)
+                    .read_stream_with(index_ref, m_ref, MEMORY_STREAM, pipe, &NoProgress)
                     .map_err(std::io::Error::other)
             })?;
             tracing::info!(
@@ -116,7 +119,7 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
 }
 
 /// The VM's definition stored in the restore point (bounded: it is a few KiB).
-fn definition(repo: &Repository, m: &Manifest) -> Result<VmDefinition> {
+fn definition(repo: &Repository, index: &BlobIndex, m: &Manifest) -> Result<VmDefinition> {
     if !m.streams.iter().any(|s| s.name == DEFINITION_STREAM) {
         bail!(
             "restore point {:#} has no VM definition (taken by `backup image`, or by a vmkeep \
@@ -126,7 +129,7 @@ fn definition(repo: &Repository, m: &Manifest) -> Result<VmDefinition> {
         );
     }
     let mut buf = Bounded(Vec::new());
-    repo.read_stream_to(m, DEFINITION_STREAM, &mut buf, &NoProgress)?;
+    repo.read_stream_with(index, m, DEFINITION_STREAM, &mut buf, &NoProgress)?;
     Ok(VmDefinition::from_json(&buf.0)?)
 }
 
@@ -149,13 +152,19 @@ impl Write for Bounded {
 }
 
 /// A stream into a new file, durable before QEMU reads it.
-fn write_stream(repo: &Repository, m: &Manifest, name: &str, path: &Path) -> Result<()> {
+fn write_stream(
+    repo: &Repository,
+    index: &BlobIndex,
+    m: &Manifest,
+    name: &str,
+    path: &Path,
+) -> Result<()> {
     let mut f = File::options()
         .write(true)
         .create_new(true)
         .open(path)
         .with_context(|| format!("create {}", path.display()))?;
-    repo.read_stream_to(m, name, &mut f, &NoProgress)?;
+    repo.read_stream_with(index, m, name, &mut f, &NoProgress)?;
     f.sync_all()
         .with_context(|| format!("write {}", path.display()))?;
     Ok(())

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 use vmkeep_qemu::qcow2_target::Qcow2Target;
 use vmkeep_repo::backup::MEMORY_STREAM;
+use vmkeep_repo::index::BlobIndex;
 use vmkeep_repo::restore::{select_disks, RestoredDisk};
 use vmkeep_repo::{Manifest, Progress, Repository, RestoreOptions, RestoreStats};
 
@@ -35,7 +36,7 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
     }
     let st = match a.format {
         Format::Raw => repo.restore(&m, &opts, &bars)?,
-        Format::Qcow2 => restore_qcow2(&repo, &m, &opts, &bars)?,
+        Format::Qcow2 => restore_qcow2(&repo, &BlobIndex::load(&repo)?, &m, &opts, &bars)?,
     };
     let memory_bytes = match &a.memory_file {
         Some(f) => Some(write_memory(&repo, &m, f, &bars)?),
@@ -110,6 +111,7 @@ fn write_memory(
 /// renamed when complete.
 pub(crate) fn restore_qcow2(
     repo: &Repository,
+    index: &BlobIndex,
     m: &Manifest,
     opts: &RestoreOptions,
     progress: &dyn Progress,
@@ -130,11 +132,10 @@ pub(crate) fn restore_qcow2(
             return Err(vmkeep_repo::Error::TargetExists { path }.into());
         }
     }
-    let index = vmkeep_repo::index::BlobIndex::load(repo)?;
     let mut out = Vec::new();
     for d in disks {
         let target = Qcow2Target::create(&path_of(&d.name), d.size)?;
-        let written = repo.restore_disk_to(&index, d, &target, progress)?;
+        let written = repo.restore_disk_to(index, d, &target, progress)?;
         let path = target.commit()?;
         out.push(RestoredDisk {
             name: d.name.clone(),
