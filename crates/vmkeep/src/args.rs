@@ -132,6 +132,10 @@ pub struct BackupVmArgs {
     /// resumes)
     #[arg(long)]
     pub memory: bool,
+    /// With --memory: limit QEMU's memory stream to RATE per second (e.g. 200M). Default: no
+    /// limit, so the guest's RAM is write-protected (its writes slowed) for the shortest time
+    #[arg(long, value_name = "RATE", requires = "memory", value_parser = parse_rate)]
+    pub memory_bandwidth: Option<u64>,
     /// Where the capture's scratch images go (default: $TMPDIR or /tmp); they hold the old
     /// contents of blocks the guest rewrites while the backup reads
     #[arg(long, value_name = "DIR")]
@@ -261,6 +265,13 @@ pub struct PruneArgs {
 
 /// A `--keep-*` count: a positive number or `unlimited` (as restic). 0 is refused rather than
 /// silently ignored (restic treats it as "rule not given").
+fn parse_rate(s: &str) -> Result<u64, String> {
+    match crate::size::parse_size(s)? {
+        0 => Err("the rate must be above 0 (leave --memory-bandwidth out for no limit)".into()),
+        n => Ok(n),
+    }
+}
+
 fn parse_keep_count(s: &str) -> Result<u32, String> {
     if s == "unlimited" {
         return Ok(vmkeep_core::retention::RetentionPolicy::UNLIMITED);

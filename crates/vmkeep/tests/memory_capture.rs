@@ -122,3 +122,68 @@ fn a_memory_capture_killed_anywhere_leaves_the_guest_running() {
     assert_unharmed(&mut vm, &tmp, "after both died");
     assert_eq!(snapshot_ids(&repo).len(), 2);
 }
+
+/// The QEMU process's anonymous memory in transparent huge pages, KiB.
+fn anon_huge_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// QEMU's background snapshot lifts its write-protection 4 KiB at a time, which splits every
+/// transparent huge page of the guest the stream passes over. The capture collapses them back:
+/// the guest does not run on small pages for minutes (khugepaged's pace), and the next
+/// capture's pause, spent walking page tables while the VM is stopped, does not grow
+/// several-fold (bench/memory_capture.py).
+#[test]
+fn a_memory_capture_gives_the_guest_its_huge_pages_back() {
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if thp.is_empty() || thp.contains("[never]") {
+        eprintln!(
+            "not run: transparent huge pages are disabled on this host ({thp:?}), so a capture \
+             has none to split or restore"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    init(&repo, &[]);
+    let tmp = d.join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    let _lock = qemu_lock();
+    let g = guest();
+    let disk = d.join("vda.qcow2");
+    vmkeep_testkit::tools::make_qcow2(&disk, "16M");
+    // 96 MiB of random data in the guest's tmpfs, rewritten 4 MiB at a time from then on.
+    let vm = VmBuilder::new(d, "")
+        .memory_mib(256)
+        .blockdev_qcow2(&disk, "vd0")
+        .kernel(
+            &g.join("vmlinuz"),
+            &g.join("initrd.gz"),
+            "console=ttyS0 quiet panic=-1 vmkeep.workload=memfill vmkeep.fill=96 vmkeep.step=4",
+        )
+        .boot();
+    vmkeep_testkit::guest::wait_serial_log(&vm.log, "MEMFILL DONE", |t| t.contains("MEMFILL DONE"));
+    let pid = vm.qemu.0.id();
+    let before = anon_huge_kib(pid);
+    assert!(
+        before >= 64 << 10,
+        "the guest's RAM is not on huge pages before the capture ({before} KiB)"
+    );
+    let bandwidth = || vm.execute("query-migrate-parameters", Value::Null)["max-bandwidth"].clone();
+    let limit = bandwidth();
+    backup_memory(&repo, &vm, &tmp);
+    // The capture lifted QEMU's bandwidth limit for its stream and put it back.
+    assert_eq!(bandwidth(), limit);
+    let after = anon_huge_kib(pid);
+    assert!(
+        after * 10 >= before * 9,
+        "huge pages: {before} KiB before the capture, {after} KiB after"
+    );
+}

@@ -1,9 +1,9 @@
 //! The undo executor, over every prefix of a capture's steps: a `backup vm --memory` is killed
 //! right after recording step k (before doing it), for every k, and its guard undoes the log.
 //! The VM must be exactly as before: nodes, devices' attachments, bitmaps (name, recording,
-//! persistence), exports, block jobs, fd sets, migration capabilities, no migration running,
-//! run state. A step recorded but never done (the last one each time) must undo harmlessly;
-//! the steps before it were done.
+//! persistence), exports, block jobs, fd sets, migration capabilities and bandwidth, no migration
+//! running, run state. A step recorded but never done (the last one each time) must undo
+//! harmlessly; the steps before it were done.
 //!
 //! The real binary, the real test guest. One QEMU at a time.
 
@@ -49,6 +49,7 @@ fn vm_state(vm: &Vm) -> Value {
         "jobs": vm.execute("query-block-jobs", Value::Null),
         "fdsets": vm.execute("query-fdsets", Value::Null),
         "caps": vm.execute("query-migrate-capabilities", Value::Null),
+        "max_bandwidth": vm.execute("query-migrate-parameters", Value::Null)["max-bandwidth"],
         "migration_active": matches!(migrating.as_str(), Some("setup" | "active" | "device" | "cancelling")),
         "running": vm.running(),
     })

@@ -185,6 +185,7 @@ pub async fn prepare_memory(
     log: &mut UndoLog,
     write_end: std::os::fd::BorrowedFd<'_>,
     token: &str,
+    bandwidth: Option<u64>,
 ) -> Result<MemoryTarget> {
     let info = qmp
         .query_migrate()
@@ -223,6 +224,12 @@ pub async fn prepare_memory(
         }
     }
     qmp.migrate_set_capabilities(&set).await?;
+    let old = qmp.migrate_max_bandwidth().await?;
+    let want = bandwidth.unwrap_or(UNLIMITED_BANDWIDTH);
+    if old != want {
+        log.record(Undo::RestoreMigrationBandwidth { max_bandwidth: old });
+        qmp.set_migrate_max_bandwidth(want).await?;
+    }
     let fd_name = format!("vmkeep-mig-{token}");
     log.record(Undo::CloseFd {
         name: fd_name.clone(),
@@ -230,6 +237,10 @@ pub async fn prepare_memory(
     qmp.getfd(&fd_name, write_end).await?;
     Ok(MemoryTarget { fd_name })
 }
+
+/// "No limit" for QEMU's `max-bandwidth` (the largest whole MiB/s it accepts, as libvirt
+/// sets it).
+pub const UNLIMITED_BANDWIDTH: u64 = (i64::MAX as u64) / (1 << 20) * (1 << 20);
 
 /// Capabilities a user may have on that do not change the stream or conflict with a
 /// background snapshot.

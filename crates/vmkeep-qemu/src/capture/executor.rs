@@ -93,6 +93,9 @@ fn describe(step: &Undo) -> String {
         Undo::DeleteExport { id } => format!("block-export-del {id}"),
         Undo::CancelMigration => "migrate_cancel".into(),
         Undo::RestoreMigrationCaps { .. } => "migration capabilities restored".into(),
+        Undo::RestoreMigrationBandwidth { max_bandwidth } => {
+            format!("migration max-bandwidth {max_bandwidth} restored")
+        }
         Undo::Committed => "committed".into(),
     }
 }
@@ -193,6 +196,9 @@ async fn undo_one(qmp: &QmpClient, step: &Undo, committed: bool) -> Result<Strin
         Undo::RestoreMigrationCaps { caps } => {
             let caps: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
             qmp.migrate_set_capabilities(&caps).await?;
+        }
+        Undo::RestoreMigrationBandwidth { max_bandwidth } => {
+            qmp.set_migrate_max_bandwidth(*max_bandwidth).await?;
         }
     }
     Ok(what)

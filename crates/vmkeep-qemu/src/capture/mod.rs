@@ -18,6 +18,7 @@ pub mod cut;
 pub mod disks;
 pub mod executor;
 pub mod guard;
+pub mod hugepages;
 pub mod image;
 pub mod leftovers;
 pub(crate) mod peer;

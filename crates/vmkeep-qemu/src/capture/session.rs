@@ -41,6 +41,9 @@ pub struct CaptureOptions {
     pub freeze: Freeze,
     /// Capture RAM and device state at the same instant as the disks.
     pub memory: bool,
+    /// QEMU's bandwidth for the memory stream in bytes/s (None: unlimited). QEMU's own default
+    /// (128 MiB/s) would keep the guest's RAM write-protected several times longer.
+    pub memory_bandwidth: Option<u64>,
     /// The guard to start (see [`super::guard`]); None runs without one.
     pub guard: Option<GuardCommand>,
     /// Where scratch images go (default: the system temp dir).
@@ -70,6 +73,9 @@ pub struct QmpCapture {
     memory_target: Option<cut::MemoryTarget>,
     agent: Option<(PathBuf, super::agent::Agent)>,
     memory_taken: bool,
+    /// Collapsing the guest's RAM back into huge pages after the memory stream (see
+    /// [`super::hugepages`]); joined at the end.
+    rehuge: Option<std::thread::JoinHandle<super::hugepages::Report>>,
     /// Our `cont` was answered with RESUME: a STOP after it moves the memory instant.
     resumed: bool,
     instant_moved: bool,
@@ -174,6 +180,7 @@ impl QmpCapture {
             memory_target: None,
             agent: None,
             memory_taken: false,
+            rehuge: None,
             resumed: false,
             instant_moved: false,
             pause_ms: 0,
@@ -238,6 +245,7 @@ impl QmpCapture {
                 &mut self.log,
                 std::os::fd::AsFd::as_fd(&write),
                 &token,
+                self.opts.memory_bandwidth,
             ))?;
             drop(write); // QEMU holds its own copy
             let (stream, abort) = MemoryStream::pump(File::from(read))?;
@@ -483,6 +491,9 @@ impl QmpCapture {
         if let Some(g) = self.guard.take() {
             g.finish();
         }
+        if let Some(t) = self.rehuge.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -557,16 +568,16 @@ impl MemoryStream {
         std::thread::Builder::new()
             .name("vmkeep-memory".into())
             .spawn(move || loop {
-                let mut buf = vec![0u8; MEMORY_BUFFER];
-                match pipe.read(&mut buf) {
+                // Whole buffers (QEMU writes 32 KiB at a time), never zero-filled first: a
+                // zeroed 1 MiB per pipe read cost more than the rest of this thread.
+                let mut buf = Vec::with_capacity(MEMORY_BUFFER);
+                match (&mut pipe).take(MEMORY_BUFFER as u64).read_to_end(&mut buf) {
                     Ok(0) => return,
-                    Ok(n) => {
-                        buf.truncate(n);
+                    Ok(_) => {
                         if tx.send(Ok(buf)).is_err() {
                             return; // the capture is gone: closing the pipe stops QEMU
                         }
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
                         let _ = tx.send(Err(e));
                         return;
@@ -658,6 +669,10 @@ impl QmpCapture {
             }
         };
         status?;
+        // Write-protection is over: give the guest its huge pages back while the disks are read.
+        if let Some(pid) = self.pid {
+            self.rehuge = Some(std::thread::spawn(move || super::hugepages::collapse(pid)));
+        }
         self.drain_events();
         if self.instant_moved {
             return Err(Error::InstantMoved);

@@ -59,6 +59,8 @@ pub enum Undo {
     CancelMigration,
     /// Migration capabilities as they were before we set ours.
     RestoreMigrationCaps { caps: Vec<(String, bool)> },
+    /// QEMU's migration bandwidth limit (`max-bandwidth`, bytes/s) as it was before ours.
+    RestoreMigrationBandwidth { max_bandwidth: u64 },
     /// The restore point was committed: bitmaps retire instead of reverting.
     Committed,
 }

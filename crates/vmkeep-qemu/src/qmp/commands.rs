@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::QmpClient;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// `query-status`.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -360,6 +360,29 @@ impl QmpClient {
         self.execute("migrate-set-capabilities", json!({ "capabilities": list }))
             .await
             .map(drop)
+    }
+
+    /// QEMU's migration bandwidth limit in bytes per second (`max-bandwidth`).
+    pub async fn migrate_max_bandwidth(&self) -> Result<u64> {
+        let p = self
+            .execute("query-migrate-parameters", Value::Null)
+            .await?;
+        p["max-bandwidth"].as_u64().ok_or_else(|| {
+            Error::QmpProtocol(format!(
+                "query-migrate-parameters has no max-bandwidth: {p}"
+            ))
+        })
+    }
+
+    /// Sets QEMU's migration bandwidth limit in bytes per second. It persists: put the old
+    /// value back when done.
+    pub async fn set_migrate_max_bandwidth(&self, bytes_per_second: u64) -> Result<()> {
+        self.execute(
+            "migrate-set-parameters",
+            json!({ "max-bandwidth": bytes_per_second }),
+        )
+        .await
+        .map(drop)
     }
 
     /// Starts a migration to `uri` (`file:PATH`, `fd:NAME`, `exec:CMD`).

@@ -141,6 +141,7 @@ fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
         full: a.full,
         suspend: a.suspend,
         memory: a.memory,
+        memory_bandwidth: a.memory_bandwidth,
         freeze: match a.freeze {
             FreezeMode::Auto => Freeze::Auto,
             FreezeMode::On => Freeze::On,
