@@ -144,9 +144,16 @@ impl QmpCapture {
             }
             Err(e) => {
                 rt.block_on(qmp.close());
+                // Say what to do once: most causes already end with the --vm-config advice.
+                let e = e.to_string();
+                let advice = if e.contains("--vm-config") {
+                    ""
+                } else {
+                    " (give its command line with --vm-config FILE)"
+                };
                 return Err(Error::Refused(format!(
-                    "cannot record the VM's definition, which --memory needs to resume it: {e} \
-                     (give its command line with --vm-config FILE)"
+                    "cannot record the VM's definition, which --memory needs to resume it: \
+                     {e}{advice}"
                 )));
             }
         };
