@@ -734,5 +734,8 @@ pub fn metadata_cost<S: NodeStore>(
     Ok((root, counting.cost))
 }
 
+mod diff;
+pub use diff::{differing_chunks, TreeRef};
+
 #[cfg(test)]
 mod tests;

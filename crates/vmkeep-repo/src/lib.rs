@@ -20,6 +20,7 @@
 
 pub mod backup;
 pub mod check;
+pub mod diff;
 mod error;
 pub mod forget;
 pub mod gc;

@@ -46,6 +46,8 @@ pub enum Command {
     Snapshots(SnapshotsArgs),
     /// Write a restore point's disks to files
     Restore(RestoreArgs),
+    /// What differs between two restore points: byte extents per disk, exact
+    Diff(DiffArgs),
     /// Bring a VM back from a restore point: disks, boot files and definition into a folder,
     /// QEMU started in the background, resumed from its memory (or booted with --cold)
     Recover(RecoverArgs),
@@ -163,6 +165,17 @@ pub struct BackupImageArgs {
     /// Where qcow2 images' capture scratch goes (default: $TMPDIR or /tmp)
     #[arg(long, value_name = "DIR")]
     pub scratch_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// The earlier (or any) restore point: id prefix or VM@latest
+    pub from: String,
+    /// The restore point to compare it with
+    pub to: String,
+    /// Only this disk
+    #[arg(long, value_name = "NAME")]
+    pub disk: Option<String>,
 }
 
 #[derive(Args, Debug)]

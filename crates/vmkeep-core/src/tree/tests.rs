@@ -891,3 +891,93 @@ proptest! {
         prop_assert_eq!(Node::decode(&n.encode()).unwrap(), n);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// differing_chunks == a chunk-by-chunk comparison of two disks of any sizes (depths 1-3;
+    /// beyond `from`'s end counts as zeros), and loads only nodes on differing paths.
+    #[test]
+    fn differing_chunks_equals_brute_force(
+        na in 0usize..20_000,
+        nb in 0usize..20_000,
+        old_segs in segs(),
+        new_segs in segs(),
+        points in prop::collection::vec((0usize..20_000, 0u32..6), 0..20),
+        same_base in any::<bool>(),
+    ) {
+        let mut old = vec![0u32; na];
+        paint(&mut old, &old_segs);
+        // Often the new disk starts from the old one (small diffs, some changed back).
+        let mut new: Vec<u32> = if same_base {
+            (0..nb).map(|i| old.get(i).copied().unwrap_or(0)).collect()
+        } else {
+            vec![0u32; nb]
+        };
+        paint(&mut new, &new_segs);
+        for &(i, v) in &points {
+            if nb > 0 {
+                new[i % nb] = v;
+            }
+        }
+        let mut s = MapStore::default();
+        let a = TreeRef { root: reference_root(&mut s, &ids_of(&old)), chunks: na as u64 };
+        let b = TreeRef { root: reference_root(&mut s, &ids_of(&new)), chunks: nb as u64 };
+        let expected: Vec<(u64, BlobId)> = (0..nb)
+            .filter(|&i| old.get(i).copied().unwrap_or(0) != new[i])
+            .map(|i| (i as u64, cid(new[i])))
+            .collect();
+        s.loads.set(0);
+        let mut got = Vec::new();
+        differing_chunks(&s, a, b, &mut |i, id| {
+            got.push((i, id));
+            Ok(())
+        })
+        .unwrap();
+        prop_assert_eq!(&got, &expected);
+        let d = depth(na as u64).max(depth(nb as u64)) as u64;
+        prop_assert!(s.loads.get() <= 2 * d * (expected.len() as u64 + 2),
+            "{} loads for {} differing chunks", s.loads.get(), expected.len());
+    }
+}
+
+#[test]
+fn differing_chunks_cost_follows_the_change_not_the_size() {
+    // 2^24 chunks (1 TiB of 64 KiB chunks), 3 chunks differ far apart.
+    let chunks = 1u64 << 24;
+    let mut s = MapStore::default();
+    let a = build(&mut s, None, chunks, [(5, cid(1)), (9_000_000, cid(2))]).unwrap();
+    let b = build(
+        &mut s,
+        Some(a),
+        chunks,
+        [(5, cid(3)), (7_000_000, cid(4)), (16_000_000, BlobId::ZERO)],
+    )
+    .unwrap();
+    let b2 = build(&mut s, Some(b), chunks, [(16_000_000, cid(5))]).unwrap();
+    s.loads.set(0);
+    let mut got = Vec::new();
+    let (ta, tb) = (TreeRef { root: a, chunks }, TreeRef { root: b2, chunks });
+    differing_chunks(&s, ta, tb, &mut |i, id| {
+        got.push((i, id));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        got,
+        vec![(5, cid(3)), (7_000_000, cid(4)), (16_000_000, cid(5))]
+    );
+    assert!(s.loads.get() <= 24, "{} loads", s.loads.get());
+    // A chunk changed and changed back in between is not a difference.
+    let back = build(&mut s, Some(b2), chunks, [(5, cid(1))]).unwrap();
+    got.clear();
+    differing_chunks(&s, ta, TreeRef { root: back, chunks }, &mut |i, _| {
+        got.push((i, BlobId::ZERO));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(
+        got.iter().map(|g| g.0).collect::<Vec<_>>(),
+        vec![7_000_000, 16_000_000]
+    );
+}

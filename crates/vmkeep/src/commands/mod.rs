@@ -1,6 +1,7 @@
 //! One module per command; each returns the process exit status.
 mod backup;
 mod check;
+mod diff;
 mod init;
 mod key;
 mod maintenance;
@@ -23,6 +24,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Backup(b) => backup::run(g, &b),
         Command::Snapshots(a) => snapshots::run(g, &a),
         Command::Restore(a) => restore::run(g, &a),
+        Command::Diff(a) => diff::run(g, &a),
         Command::Recover(a) => recover::run(g, &a),
         Command::Check(a) => check::run(g, &a),
         Command::Forget(a) => maintenance::forget(g, &a),
