@@ -56,3 +56,18 @@ pub trait DiskWriter: Sync {
     /// What is being written, for error messages.
     fn target(&self) -> &Path;
 }
+
+/// An existing disk image read and written in place (`restore --onto`): raw files and block
+/// devices, qcow2 through qemu-nbd. Called from several threads at once for disjoint ranges.
+pub trait ImageAccess: Sync {
+    /// Virtual size in bytes.
+    fn size(&self) -> u64;
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
+    /// Makes `offset..offset + len` read as zeros (unallocated where the format allows).
+    fn zero_at(&self, offset: u64, len: u64) -> std::io::Result<()>;
+    /// Every write durable.
+    fn flush(&self) -> std::io::Result<()>;
+    /// For messages: the path (and the format).
+    fn describe(&self) -> String;
+}

@@ -35,6 +35,10 @@ pub struct Qcow2Target {
     path: PathBuf,
     size: u64,
     committed: bool,
+    /// An image the user gave (`restore --onto`): written in place, never removed or renamed.
+    existing: bool,
+    /// What qemu-img reports as the image's backing file, if any.
+    backing: Option<String>,
 }
 
 impl std::fmt::Debug for Qcow2Target {
@@ -111,6 +115,8 @@ impl Qcow2Target {
             path: path.to_path_buf(),
             size,
             committed: false,
+            existing: false,
+            backing: None,
         };
         // From here on, Drop cleans up (kills qemu-nbd, removes the partial image).
         t.start_server(&qemu_nbd)?;
@@ -144,6 +150,8 @@ impl Qcow2Target {
         let child = Command::new(qemu_nbd)
             .args(["-f", "qcow2", "-x", EXPORT, "-e", "2"])
             .args(["--cache=writeback", "--discard=unmap", "--aio=threads"])
+            // Zeros written become unallocated clusters (restore --onto zeroes this way).
+            .arg("--detect-zeroes=unmap")
             .arg("-k")
             .arg(&sock)
             .arg(&self.partial)
@@ -252,11 +260,20 @@ impl Qcow2Target {
     /// Flushes, disconnects, waits for qemu-nbd to close the image, fsyncs it, and renames the
     /// partial image to its final path durably (folder fsynced), which it returns.
     pub fn commit(mut self) -> Result<PathBuf> {
+        self.shut_down()?;
+        vmkeep_io::publish(&self.partial, &self.path)
+            .map_err(|e| Error::io(format!("rename to {}", self.path.display()), e))?;
+        self.committed = true;
+        Ok(self.path.clone())
+    }
+
+    /// Flushes, disconnects, waits for qemu-nbd to close the image and fsyncs it.
+    fn shut_down(&mut self) -> Result<()> {
         self.flush()?;
         if let Some(c) = self.client.take() {
             self.rt.block_on(c.disconnect())?;
         }
-        let mut child = self.server.take().expect("server running until commit");
+        let mut child = self.server.take().expect("server running until shut down");
         let start = Instant::now();
         let status = loop {
             match child.try_wait() {
@@ -285,12 +302,109 @@ impl Qcow2Target {
         // header (dirty flag, refcounts). Our own fsync covers whatever the close wrote.
         std::fs::File::open(&self.partial)
             .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(format!("fsync {}", self.partial.display()), e))?;
-        vmkeep_io::publish(&self.partial, &self.path)
-            .map_err(|e| Error::io(format!("rename to {}", self.path.display()), e))?;
-        self.committed = true;
-        Ok(self.path.clone())
+            .map_err(|e| Error::io(format!("fsync {}", self.partial.display()), e))
     }
+
+    /// Opens the existing qcow2 image `path` for reading and writing in place
+    /// (`restore --onto`), first resized to `size` (`qemu-img resize`, `--shrink` when smaller).
+    pub fn open_existing(path: &Path, size: u64) -> Result<Self> {
+        let qemu_img = find_program("qemu-img")?;
+        let qemu_nbd = find_program("qemu-nbd")?;
+        let info = image_info(&qemu_img, path)?;
+        if info["format"].as_str() != Some("qcow2") {
+            return Err(Error::io(
+                format!("open {}", path.display()),
+                std::io::Error::other(format!("not a qcow2 image ({})", info["format"])),
+            ));
+        }
+        // qcow2 sizes are whole 512-byte sectors: a disk of another size lives in the
+        // rounded-up image, as `create` makes it, and the tail reads as zeros.
+        let virtual_size = size.div_ceil(512) * 512;
+        let have = info["virtual-size"].as_u64().unwrap_or(0);
+        if have != virtual_size {
+            let mut cmd = Command::new(&qemu_img);
+            cmd.args(["resize", "-q", "-f", "qcow2"]);
+            if virtual_size < have {
+                cmd.arg("--shrink");
+            }
+            let out = cmd
+                .arg(path)
+                .arg(virtual_size.to_string())
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
+            if !out.status.success() {
+                return Err(Error::io(
+                    format!("qemu-img resize {}", path.display()),
+                    std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+                ));
+            }
+        }
+        let sockdir = tempfile::Builder::new()
+            .prefix("vmkeep-qcow2-")
+            .tempdir()
+            .map_err(|e| Error::io("create a private directory for the NBD socket", e))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("vmkeep-qcow2")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the NBD runtime", e))?;
+        let mut t = Qcow2Target {
+            client: None,
+            rt,
+            server: None,
+            sockdir,
+            partial: path.to_path_buf(),
+            path: path.to_path_buf(),
+            size,
+            committed: false,
+            existing: true,
+            backing: info["backing-filename"].as_str().map(str::to_owned),
+        };
+        t.start_server(&qemu_nbd)?;
+        Ok(t)
+    }
+
+    /// The image's backing file (qemu-img's name for it), for an image opened in place.
+    pub fn backing(&self) -> Option<&str> {
+        self.backing.as_deref()
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let c = self.client()?;
+        let data = self.rt.block_on(c.read(offset, buf.len() as u64))?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Closes an image opened in place: flushed, qemu-nbd gone, fsynced.
+    pub fn close(mut self) -> Result<()> {
+        self.shut_down()
+    }
+}
+
+/// `qemu-img info --output=json` of `path` (format, virtual size, backing file).
+fn image_info(qemu_img: &Path, path: &Path) -> Result<serde_json::Value> {
+    let out = Command::new(qemu_img)
+        .args(["info", "--output=json"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
+    if !out.status.success() {
+        return Err(Error::io(
+            format!("qemu-img info {}", path.display()),
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        Error::io(
+            format!("qemu-img info {}", path.display()),
+            std::io::Error::other(e.to_string()),
+        )
+    })
 }
 
 impl Drop for Qcow2Target {
@@ -301,7 +415,7 @@ impl Drop for Qcow2Target {
             let _ = c.kill();
             let _ = c.wait();
         }
-        if !self.committed {
+        if !self.committed && !self.existing {
             let _ = std::fs::remove_file(&self.partial);
         }
     }
@@ -318,5 +432,34 @@ impl vmkeep_io::DiskWriter for Qcow2Target {
 
     fn target(&self) -> &Path {
         &self.partial
+    }
+}
+
+impl vmkeep_io::ImageAccess for Qcow2Target {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        Qcow2Target::read_at(self, buf, offset).map_err(std::io::Error::other)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        Qcow2Target::write_at(self, data, offset).map_err(std::io::Error::other)
+    }
+    fn zero_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        // qemu-nbd runs with --detect-zeroes=unmap: written zeros become unallocated clusters.
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64);
+            Qcow2Target::write_at(self, &zeros[..n as usize], at).map_err(std::io::Error::other)?;
+            at += n;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Qcow2Target::flush(self).map_err(std::io::Error::other)
+    }
+    fn describe(&self) -> String {
+        format!("{} (qcow2)", self.path.display())
     }
 }

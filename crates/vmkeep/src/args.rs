@@ -198,8 +198,12 @@ pub struct RestoreArgs {
     /// Restore point: id, unique prefix (>= 6 hex digits) or VM@latest
     pub snapshot: String,
     /// Directory to write DISK.raw files into
-    #[arg(long, value_name = "DIR")]
-    pub target: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "onto")]
+    pub target: Option<PathBuf>,
+    /// Make this existing image (raw file, block device or qcow2) hold the disk, writing only
+    /// the chunks that differ (rewind or roll forward); with --disk unless there is one disk
+    #[arg(long, value_name = "IMAGE", conflicts_with_all = ["target", "format", "memory_file"])]
+    pub onto: Option<PathBuf>,
     /// Only this disk
     #[arg(long)]
     pub disk: Option<String>,

@@ -267,7 +267,12 @@ fn two_disks_restore_one_by_name() {
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
     files.sort();
-    assert_eq!(files, ["data.raw"], "only the named disk is written");
+    // The disk, and the record of what it holds (for a later `restore --onto`).
+    assert_eq!(
+        files,
+        ["data.raw", "data.raw.vmkeep"],
+        "only the named disk is written"
+    );
 
     let all = dir.path().join("all");
     restore(&repo, &id, &all);

@@ -207,11 +207,13 @@ fn qcow2_restore_one_disk_and_refusals() {
     );
     assert_eq!(v["disks"].as_array().unwrap().len(), 1);
     assert_eq!(v["disks"][0]["name"], "sdb");
-    let names: Vec<_> = std::fs::read_dir(&target)
+    let mut names: Vec<_> = std::fs::read_dir(&target)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(names, ["sdb.qcow2"]);
+    names.sort();
+    // The image, and the record of what it holds (for a later `restore --onto`).
+    assert_eq!(names, ["sdb.qcow2", "sdb.qcow2.vmkeep"]);
     assert_same(&target.join("sdb.qcow2"), &sdb);
 
     // An existing image is never overwritten.

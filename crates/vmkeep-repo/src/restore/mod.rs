@@ -20,12 +20,13 @@ use crate::nodes::RepoNodes;
 use crate::progress::Progress;
 use crate::Repository;
 
+pub mod onto;
 mod publish;
 pub mod raw;
 pub(crate) mod stream;
 
 pub use publish::{create_target_dir, publish};
-pub use raw::RawFileWriter;
+pub use raw::{RawFileImage, RawFileWriter};
 
 pub use vmkeep_io::target::DiskWriter;
 

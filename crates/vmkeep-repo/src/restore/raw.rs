@@ -73,3 +73,96 @@ impl DiskWriter for RawFileWriter {
         &self.path
     }
 }
+
+/// An existing raw image (regular file or block device) for `restore --onto`.
+pub struct RawFileImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+    regular: bool,
+}
+
+impl RawFileImage {
+    /// Opens `path` for reading and writing; a regular file is first truncated or grown (with
+    /// a hole) to `size`; a block device must have that size.
+    pub fn open(path: &Path, size: u64) -> Result<Self> {
+        let err = |e| Error::TargetWrite {
+            path: path.to_path_buf(),
+            cause: e,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
+        let meta = file.metadata().map_err(err)?;
+        let regular = meta.is_file();
+        let have = if regular {
+            if meta.len() != size {
+                file.set_len(size).map_err(err)?;
+            }
+            size
+        } else {
+            use std::io::{Seek, SeekFrom};
+            (&file).seek(SeekFrom::End(0)).map_err(err)?
+        };
+        if have != size {
+            return Err(Error::Invalid {
+                what: "restore target",
+                reason: format!(
+                    "{} is a device of {have} bytes; the disk is {size}",
+                    path.display()
+                ),
+            });
+        }
+        Ok(RawFileImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+            regular,
+        })
+    }
+}
+
+impl vmkeep_io::ImageAccess for RawFileImage {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+    fn zero_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        if self.regular {
+            // SAFETY: fallocate on a descriptor we own.
+            let r = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+        }
+        // No holes here (a device, or a file system without them): write the zeros.
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(zeros.len() as u64);
+            self.file.write_all_at(&zeros[..n as usize], at)?;
+            at += n;
+        }
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.file.sync_all()
+    }
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+}

@@ -5,6 +5,7 @@ mod diff;
 mod init;
 mod key;
 mod maintenance;
+mod onto;
 mod recover;
 mod repair;
 mod restore;

@@ -18,8 +18,11 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
     let repo = open_repo(g)?;
     let m = repo.resolve(&a.snapshot)?;
     let bars = Bars::new(g.quiet);
+    if let Some(image) = &a.onto {
+        return super::onto::run(g, &repo, &m, a.disk.as_deref(), image, &bars);
+    }
     let opts = RestoreOptions {
-        target: a.target.clone(),
+        target: a.target.clone().expect("clap: --target unless --onto"),
         disk: a.disk.clone(),
     };
     // Refused before any disk is written: a restore point without memory, a file that exists.
@@ -38,6 +41,10 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
         Format::Raw => repo.restore(&m, &opts, &bars)?,
         Format::Qcow2 => restore_qcow2(&repo, &BlobIndex::load(&repo)?, &m, &opts, &bars)?,
     };
+    // What each new image holds, so a later `--onto` can write only the difference.
+    for d in &st.disks {
+        super::onto::write_record(&repo, &m, &d.name, &d.path)?;
+    }
     let memory_bytes = match &a.memory_file {
         Some(f) => Some(write_memory(&repo, &m, f, &bars)?),
         None => None,
