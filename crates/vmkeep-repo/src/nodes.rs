@@ -125,3 +125,11 @@ impl NodeStore for SessionNodes<'_> {
         Ok(id)
     }
 }
+
+impl Repository {
+    /// This repository's tree nodes read through `index`, for tools and benchmarks that walk
+    /// trees themselves (`vmkeep_core::tree`).
+    pub fn node_reader<'a>(&'a self, index: &'a BlobIndex) -> impl NodeStore + 'a {
+        RepoNodes::new(self, index)
+    }
+}
