@@ -33,6 +33,7 @@ pub mod progress;
 pub mod prune;
 mod relink;
 pub mod repair;
+pub mod replicate;
 pub mod repository;
 pub mod restore;
 mod snapshots;

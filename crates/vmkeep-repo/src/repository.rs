@@ -118,6 +118,42 @@ impl Repository {
         })
     }
 
+    /// A new repository at `store` that replicates `source` (`init --replica-of`): the same
+    /// chunk and pack sizes and the same key material (the source's key files copied as they
+    /// are, so the same passphrases open it and blobs copy between the two without
+    /// re-encryption), its own id.
+    pub fn init_replica(store: Arc<dyn Store>, source: &Repository) -> Result<Repository> {
+        match store.get(&Key::config(), ObjectKind::Config.max_size()) {
+            Ok(_) => {
+                return Err(Error::AlreadyExists {
+                    location: store.location(),
+                })
+            }
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut config = RepoConfig::new(source.config.chunk_size, source.config.encrypted)?;
+        config.pack_size = source.config.pack_size;
+        for meta in source.store.list(ObjectKind::Key)? {
+            let bytes = source.store.get(&meta.key, ObjectKind::Key.max_size())?;
+            store.put(&meta.key, &bytes)?;
+        }
+        store.flush()?;
+        if !store.put_if_absent(&Key::config(), &config.to_json(&source.keys))? {
+            return Err(Error::AlreadyExists {
+                location: store.location(),
+            });
+        }
+        store.flush()?;
+        Ok(Repository {
+            store,
+            config,
+            keys: source.keys.clone(),
+            tuning: Tuning::default(),
+            key_name: source.key_name.clone(),
+        })
+    }
+
     /// Open a repository; `passphrase` is needed when it is encrypted. A config that says
     /// "not encrypted" is refused when the repository shows otherwise, or when a passphrase is
     /// given ([`refuse_plain_if_encrypted`]): editing `config` must not switch encryption off.

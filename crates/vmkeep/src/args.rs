@@ -48,6 +48,8 @@ pub enum Command {
     Restore(RestoreArgs),
     /// What differs between two restore points: byte extents per disk, exact
     Diff(DiffArgs),
+    /// Copy restore points to (or from) a replica, sending only the data it lacks
+    Replicate(ReplicateArgs),
     /// Bring a VM back from a restore point: disks, boot files and definition into a folder,
     /// QEMU started in the background, resumed from its memory (or booted with --cold)
     Recover(RecoverArgs),
@@ -79,6 +81,30 @@ pub struct InitArgs {
     /// Fixed chunk size for disks: a power of two from 64K to 4M
     #[arg(long, value_name = "SIZE", default_value = "64K")]
     pub chunk_size: String,
+    /// A replica of the repository SRC (its chunk size and keys, so `replicate` copies blobs
+    /// as they are; opened with SRC's passphrase)
+    #[arg(long, value_name = "SRC", conflicts_with_all = ["encrypt", "chunk_size"])]
+    pub replica_of: Option<String>,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("direction").required(true).args(["to", "from"])))]
+pub struct ReplicateArgs {
+    /// Copy from --repo to this replica (push)
+    #[arg(long, value_name = "REPO")]
+    pub to: Option<String>,
+    /// Copy from this repository into --repo, a replica of it (pull)
+    #[arg(long, value_name = "REPO")]
+    pub from: Option<String>,
+    /// Only this VM
+    #[arg(long)]
+    pub vm: Option<String>,
+    /// Every restore point the destination lacks (default: those newer than its newest)
+    #[arg(long)]
+    pub all: bool,
+    /// Only say what would be copied and how many bytes the destination lacks
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Subcommand, Debug)]

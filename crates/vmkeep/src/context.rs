@@ -120,7 +120,12 @@ pub fn tuning() -> Tuning {
 /// whose config claims to be unencrypted is refused (a user with a passphrase expects
 /// encryption); the prompt is offered only when none is configured and the repository needs one.
 pub fn open_repo(g: &Global) -> Result<Repository> {
-    let location = repo_location(g)?;
+    open_repo_at(g, repo_location(g)?)
+}
+
+/// The repository at `location` (another than --repo: a replica, a replication source), opened
+/// with the same passphrase settings.
+pub fn open_repo_at(g: &Global, location: &str) -> Result<Repository> {
     let store = open_store(location)?;
     let configured = configured_passphrase(g)?;
     let pass = match Repository::open(store.clone(), configured.as_deref().map(Vec::as_slice)) {

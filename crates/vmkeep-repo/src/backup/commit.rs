@@ -71,7 +71,22 @@ impl BackupSession<'_> {
         .len() as u64;
         m.stats.stored_bytes += estimate;
         m.stats.metadata_bytes += estimate;
+        self.publish(m)
+    }
 
+    /// Commit a restore point copied from another repository (`replicate`): `m` as it is
+    /// there, its parent relinked when this repository lacks it. Every blob it references must
+    /// be here or have been sent through this session.
+    pub(crate) fn commit_replica(mut self, m: Manifest) -> Result<Manifest> {
+        let packer = self.packer.take().expect("session open");
+        packer.finish()?;
+        kill_point("after-data");
+        self.repo.store.flush()?;
+        self.publish(m)
+    }
+
+    /// Steps 2-6 for a manifest whose data is stored and flushed.
+    fn publish(self, mut m: Manifest) -> Result<Manifest> {
         self.relink_if_parent_gone(&mut m)?;
         if self.lease.is_lost() {
             self.recover(&m)?;

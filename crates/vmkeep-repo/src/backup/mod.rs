@@ -20,6 +20,7 @@ mod tracking;
 
 pub use image::{chunk_runs, probe_image, ImageInfo, RawImage};
 pub use jobs::ImageBackupOptions;
+pub(crate) use pipeline::PACKER_GONE as PACKER_GONE_MSG;
 pub use pipeline::{DiskReader, ReadPlan};
 pub use source::MEMORY_STREAM;
 
@@ -130,6 +131,32 @@ impl<'r> BackupSession<'r> {
 
     pub fn repository(&self) -> &'r Repository {
         self.repo
+    }
+
+    /// Stores a blob copied as it is (already compressed and sealed with this repository's
+    /// keys) unless this repository has it or this session already sent it. Returns whether
+    /// it was sent. The caller has verified it against its id.
+    pub(crate) fn add_encoded(&self, blob: crate::packer::EncodedBlob) -> Result<bool> {
+        if !self.dedup.claim(&blob.id) {
+            return Ok(false);
+        }
+        let tx = self.packer.as_ref().expect("session open").sender();
+        tx.send(blob)
+            .map_err(|_| Error::Internal(pipeline::PACKER_GONE.into()))?;
+        Ok(true)
+    }
+
+    /// Why the packer stopped (after a send failed with the packer gone).
+    pub(crate) fn packer_failure(&mut self) -> Error {
+        match self.packer.take() {
+            Some(p) => p.failure(),
+            None => Error::Internal(pipeline::PACKER_GONE.into()),
+        }
+    }
+
+    /// Whether this repository (as loaded at the session's start) or this session has `id`.
+    pub(crate) fn has_blob(&self, id: &BlobId) -> bool {
+        self.dedup.index.usable(id) || self.dedup.claimed.lock().unwrap().contains(id)
     }
 
     pub fn set_pause_ms(&mut self, ms: u64) {

@@ -14,6 +14,9 @@ use crate::size::parse_size;
 
 pub fn run(g: &Global, a: &InitArgs) -> Result<u8> {
     let location = repo_location(g)?;
+    if let Some(src) = &a.replica_of {
+        return replica(g, location, src);
+    }
     let chunk_size = parse_size(&a.chunk_size).map_err(anyhow::Error::msg)?;
     let chunk_size = u32::try_from(chunk_size).context("chunk size too large")?;
     vmkeep_core::config::RepoConfig::validate_chunk_size(chunk_size)?;
@@ -80,4 +83,34 @@ pub fn kdf_params() -> KdfParams {
         k.t_cost = 1;
     }
     k
+}
+
+/// `init --replica-of SRC`: SRC opened with the configured passphrase, its chunking and key
+/// files taken over.
+fn replica(g: &Global, location: &str, src: &str) -> Result<u8> {
+    let source = crate::context::open_repo_at(g, src)?;
+    let path = Path::new(location);
+    if path.join("config").exists() {
+        return Err(vmkeep_repo::Error::AlreadyExists {
+            location: location.into(),
+        }
+        .into());
+    }
+    let store = LocalStore::create(path)
+        .with_context(|| format!("creating the repository folder {location}"))?;
+    let repo = Repository::init_replica(Arc::new(store), &source)?;
+    let c = repo.config();
+    if g.json {
+        print_json(
+            &json!({"repo": location, "id": c.id, "encrypted": c.encrypted,
+            "chunk_size": c.chunk_size, "replica_of": src}),
+        )?;
+    } else {
+        print_line(&format!(
+            "created repository {} at {location}, a replica of {src} (same chunk size and keys: \
+             `vmkeep --repo {src} replicate --to {location}` fills it)",
+            c.id
+        ))?;
+    }
+    Ok(0)
 }

@@ -8,6 +8,7 @@ mod maintenance;
 mod onto;
 mod recover;
 mod repair;
+mod replicate;
 mod restore;
 mod snapshots;
 
@@ -26,6 +27,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Snapshots(a) => snapshots::run(g, &a),
         Command::Restore(a) => restore::run(g, &a),
         Command::Diff(a) => diff::run(g, &a),
+        Command::Replicate(a) => replicate::run(g, &a),
         Command::Recover(a) => recover::run(g, &a),
         Command::Check(a) => check::run(g, &a),
         Command::Forget(a) => maintenance::forget(g, &a),

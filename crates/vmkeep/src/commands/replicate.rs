@@ -1,0 +1,70 @@
+//! `vmkeep replicate --to REPO | --from REPO [--vm NAME] [--all] [--dry-run]`: restore points
+//! copied to a replica, only the blobs it lacks sent (vmkeep_repo::replicate).
+use anyhow::Result;
+use serde_json::json;
+use vmkeep_repo::replicate::ReplicateOptions;
+
+use crate::args::{Global, ReplicateArgs};
+use crate::context::{open_repo, open_repo_at};
+use crate::output::{print_json, print_line};
+use crate::progress::Bars;
+use crate::size::human;
+
+pub fn run(g: &Global, a: &ReplicateArgs) -> Result<u8> {
+    let here = open_repo(g)?;
+    let (source, dest) = match (&a.to, &a.from) {
+        (Some(to), None) => (here, open_repo_at(g, to)?),
+        (None, Some(from)) => (open_repo_at(g, from)?, here),
+        _ => unreachable!("clap: exactly one of --to and --from"),
+    };
+    let opts = ReplicateOptions {
+        vm: a.vm.clone(),
+        all: a.all,
+    };
+    let plan = source.plan_replication(&dest, &opts)?;
+    if a.dry_run {
+        if g.json {
+            print_json(&json!({
+                "dry_run": true,
+                "outstanding": plan.points.iter().map(|m| m.id).collect::<Vec<_>>(),
+                "blobs_missing": plan.blobs_missing,
+                "bytes_missing": plan.bytes_missing,
+            }))?;
+        } else {
+            for m in &plan.points {
+                print_line(&format!(
+                    "would copy {:#} {} {}",
+                    m.id,
+                    m.vm,
+                    m.time.format("%Y-%m-%d %H:%M:%S UTC")
+                ))?;
+            }
+            print_line(&format!(
+                "{} restore points outstanding, {} to send ({} blobs)",
+                plan.points.len(),
+                human(plan.bytes_missing),
+                plan.blobs_missing
+            ))?;
+        }
+        return Ok(0);
+    }
+    let bars = Bars::new(g.quiet);
+    let st = source.replicate(&dest, &plan, &bars)?;
+    if g.json {
+        print_json(&json!({
+            "copied": st.copied,
+            "bytes_sent": st.bytes_sent,
+            "chunks_sent": st.chunks_sent,
+            "chunks_skipped": st.chunks_skipped,
+        }))?;
+    } else {
+        print_line(&format!(
+            "{} restore points copied, {} sent ({} blobs; {} the destination had)",
+            st.copied.len(),
+            human(st.bytes_sent),
+            st.chunks_sent,
+            st.chunks_skipped
+        ))?;
+    }
+    Ok(0)
+}
