@@ -18,7 +18,7 @@ use crate::hooks::kill_point;
 use crate::index::pack_key;
 
 /// Packs per index object.
-const PACKS_PER_INDEX: usize = 8;
+pub(crate) const PACKS_PER_INDEX: usize = 8;
 
 pub(crate) struct EncodedBlob {
     pub kind: BlobKind,
@@ -49,6 +49,7 @@ struct Worker {
     store: Arc<dyn Store>,
     keys: Keys,
     pack_size: usize,
+    packs_per_index: usize,
     builder: PackBuilder,
     pending: IndexFile,
     stats: PackerStats,
@@ -68,7 +69,7 @@ impl Worker {
             kill_point("after-first-pack");
         }
         self.pending.packs.push((id, entries));
-        if self.pending.packs.len() >= PACKS_PER_INDEX {
+        if self.pending.packs.len() >= self.packs_per_index {
             self.write_index()?;
         }
         Ok(())
@@ -117,12 +118,24 @@ impl Worker {
 
 impl Packer {
     pub fn start(store: Arc<dyn Store>, keys: Keys, pack_size: usize) -> Result<Packer> {
+        Packer::start_with(store, keys, pack_size, PACKS_PER_INDEX)
+    }
+
+    /// [`start`](Self::start) writing an index object every `packs_per_index` packs (1 for
+    /// replication: a rerun after a kill then reuses every pack written before it).
+    pub fn start_with(
+        store: Arc<dyn Store>,
+        keys: Keys,
+        pack_size: usize,
+        packs_per_index: usize,
+    ) -> Result<Packer> {
         // Room for a few packs' worth of 64 KiB blobs while one pack is being written.
         let (tx, rx) = bounded::<EncodedBlob>(256);
         let worker = Worker {
             store,
             keys,
             pack_size,
+            packs_per_index: packs_per_index.max(1),
             builder: PackBuilder::new(),
             pending: IndexFile::default(),
             stats: PackerStats::default(),

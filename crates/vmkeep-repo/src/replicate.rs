@@ -16,8 +16,8 @@
 //! Crash story: a kill at any instant leaves at the destination the points committed so far, and
 //! packs and index objects without a manifest (prune reclaims them if nothing comes to use
 //! them). A rerun plans again and skips every blob the destination has indexed: it sends only
-//! the rest. (Blobs still in the packer's buffer, or in packs whose index object was not yet
-//! written, at most 8 packs, are sent again.)
+//! the rest: the destination session writes an index object after every pack, so only the
+//! blobs of the pack being filled at the kill are sent again.
 //! A damaged source blob fails the replication of its restore point; nothing of it is committed.
 
 use std::collections::{HashMap, HashSet};
@@ -154,6 +154,7 @@ impl Repository {
             let mut session = dest.begin_backup(BackupOptions {
                 vm: m.vm.clone(),
                 no_parent: true,
+                index_every_pack: true,
                 ..Default::default()
             })?;
             let mut walker = Walker::new(self);

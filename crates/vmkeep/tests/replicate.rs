@@ -210,3 +210,36 @@ fn replicate_refuses_what_is_not_a_replica() {
         &["not a replica", "--replica-of"],
     );
 }
+
+#[test]
+fn a_replication_killed_inside_a_large_point_keeps_its_finished_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (src, dst) = (d.join("src"), d.join("dst"));
+    json(vk(&src).args(["init", "--encrypt"]));
+    let img = d.join("big.img");
+    write(&img, &random_bytes(11, 40 * MIB));
+    backup_img(&src, "big", &img);
+    json(vk(&dst).arg("init").arg("--replica-of").arg(&src));
+    let full = replicate(&src, &["--to", dst.to_str().unwrap(), "--dry-run"])["bytes_missing"]
+        .as_u64()
+        .unwrap();
+    // Killed once the first 16 MiB pack and its index object are stored at the destination.
+    let out = vk_std(&src)
+        .env("VMKEEP_KILL_AT", "after-first-index")
+        .args(["replicate", "--to"])
+        .arg(&dst)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(ids(&dst).is_empty());
+    let rest = replicate(&src, &["--to", dst.to_str().unwrap()]);
+    let sent = rest["bytes_sent"].as_u64().unwrap();
+    // The first index object came with the first pack, long before the point's last blob.
+    assert!(sent > 0, "the kill came only after every pack was stored");
+    assert!(
+        sent + 15 * MIB as u64 <= full,
+        "the rerun sent {sent} of {full}: the stored pack was not reused"
+    );
+    restores(&dst, &ids(&src)[0], &img, d);
+}

@@ -70,6 +70,9 @@ pub struct BackupOptions {
     pub hooks: Hooks,
     /// Ignore earlier restore points when choosing the parent (change maps then cover everything).
     pub no_parent: bool,
+    /// An index object after every pack, not every 8 (replication: a rerun after a kill reuses
+    /// every pack written before it).
+    pub index_every_pack: bool,
 }
 
 pub struct BackupSession<'r> {
@@ -97,10 +100,15 @@ impl Repository {
         } else {
             self.newest_readable_for_parent(&opts.vm)?
         };
-        let packer = Packer::start(
+        let packer = Packer::start_with(
             self.store.clone(),
             self.keys.clone(),
             self.config.pack_size as usize,
+            if opts.index_every_pack {
+                1
+            } else {
+                crate::packer::PACKS_PER_INDEX
+            },
         )?;
         let dedup = Arc::new(Dedup {
             index,
