@@ -233,3 +233,63 @@ fn onto_says_what_is_wrong() {
         &["no disk vdz", "vda"],
     );
 }
+
+#[test]
+fn an_image_in_use_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let (ids, contents) = history(&repo, d);
+    let out = d.join("out");
+    restore(&repo, &ids[5], &out);
+    for format in ["raw", "qcow2"] {
+        let image = if format == "raw" {
+            out.join("vda.raw")
+        } else {
+            let q = out.join("vda.qcow2");
+            let st = Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(out.join("vda.raw"))
+                .arg(&q)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            q
+        };
+        // A QEMU-side program holding the image open, with QEMU's image locks.
+        let sock = d.join(format!("{format}.sock"));
+        // Killed when dropped, also when an assertion fails.
+        let holder = vmkeep_testkit::process::ChildGuard::spawn(
+            Command::new("qemu-nbd")
+                .args(["-f", format, "--persistent", "-k"])
+                .arg(&sock)
+                .arg(&image),
+        );
+        let t0 = std::time::Instant::now();
+        while !sock.exists() {
+            assert!(t0.elapsed().as_secs() < 20, "qemu-nbd did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let before = std::fs::read(&image).unwrap();
+        fails_with(
+            vmkeep(&repo)
+                .args(["restore", &ids[0], "--disk", "vda", "--onto"])
+                .arg(&image),
+            &["in use", "stop the VM"],
+        );
+        assert_eq!(
+            std::fs::read(&image).unwrap(),
+            before,
+            "{format}: untouched"
+        );
+        drop(holder);
+    }
+    // Free again: it works.
+    let image = out.join("vda.raw");
+    onto(&repo, &ids[0], &image);
+    assert_holds(
+        &std::fs::read(&image).unwrap(),
+        &contents[0],
+        "after the holder left",
+    );
+}

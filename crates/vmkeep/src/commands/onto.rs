@@ -126,6 +126,36 @@ pub fn write_record(repo: &Repository, m: &Manifest, disk: &str, image: &Path) -
         .with_context(|| format!("write {}", path.display()))
 }
 
+/// A write lock on the whole image (an open file description lock, as QEMU's image locking
+/// uses): refused while a QEMU, qemu-nbd or qemu-img has the image open, and while held, they
+/// cannot open it. Returned to be held.
+fn lock_image(image: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .with_context(|| format!("open {}", image.display()))?;
+    // SAFETY: flock is plain data; all-zero is a valid value, completed below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl on a descriptor we own, with a valid flock structure.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+            bail!(
+                "{} is in use (QEMU, qemu-nbd or another program has it open and locked): stop \
+                 the VM using it before rewriting its disk",
+                image.display()
+            );
+        }
+        return Err(e).with_context(|| format!("lock {}", image.display()));
+    }
+    Ok(f)
+}
+
 fn remove_record(image: &Path) -> Result<()> {
     let path = record_path(image);
     match std::fs::remove_file(&path) {
@@ -179,11 +209,15 @@ pub fn run(
         );
     }
     let qcow2 = is_qcow2(image)?;
+    // Never under a running VM: rewinding a disk the guest is using would corrupt it.
+    let guard = lock_image(image)?;
     let known = known_point(repo, image, &d.name);
     // From here the image changes: the record goes first (see the module docs).
     remove_record(image)?;
     let index = BlobIndex::load(repo)?;
     let (stats, backing) = if qcow2 {
+        // qemu-nbd takes QEMU's own image locks for the rest of the work (ours would stop it).
+        drop(guard);
         let t = Qcow2Target::open_existing(image, d.size)?;
         let backing = t.backing().map(str::to_owned);
         let base = known.as_ref().ok().filter(|_| backing.is_none());
@@ -193,6 +227,7 @@ pub fn run(
     } else {
         let t = RawFileImage::open(image, d.size)?;
         let st = repo.restore_onto(&index, m, d, &t, known.as_ref().ok(), progress)?;
+        drop(guard); // held until the image is complete: a QEMU cannot open it meanwhile
         (st, None)
     };
     if backing.is_none() {
