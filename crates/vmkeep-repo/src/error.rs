@@ -97,6 +97,14 @@ pub enum Error {
     /// suspended, store unreachable): others may have judged it dead and acted on that.
     #[error("{}", lease_lost_message(*kind))]
     LeaseLost { kind: crate::lease::LeaseKind },
+    /// A replication's destination session stalled past its lease and data it reused there
+    /// was reclaimed: nothing was committed.
+    #[error(
+        "this replication stalled longer than its lease at the destination and data it \
+             reused there was reclaimed meanwhile; nothing was committed: run the replication \
+             again (it sends only what is still missing)"
+    )]
+    ReplicationStalled,
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
     #[error("internal error: {0}")]

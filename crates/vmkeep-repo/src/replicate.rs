@@ -201,7 +201,10 @@ impl Repository {
                 });
             }
             kill_point("replicate-before-commit");
-            session.commit_replica(m.clone())?;
+            session.commit_replica(m.clone()).map_err(|e| match e {
+                Error::LeaseLost { .. } => Error::ReplicationStalled,
+                e => e,
+            })?;
             stats.copied.push(m.id);
             kill_point("replicate-after-commit");
         }

@@ -243,3 +243,81 @@ fn a_replication_killed_inside_a_large_point_keeps_its_finished_packs() {
     );
     restores(&dst, &ids(&src)[0], &img, d);
 }
+
+/// The lease protocol holds for replication as for backups: a replication stopped (SIGSTOP,
+/// as a suspended machine) past its lease timeout, its restore point reusing blobs the replica
+/// no longer references, while a prune at the replica reclaims them: it must not commit a
+/// restore point with missing data, and the replica checks clean.
+#[test]
+fn a_replication_stopped_past_its_lease_never_commits_lost_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (src, dst) = (d.join("src"), d.join("dst"));
+    init(&src, &[]);
+    let old = random_bytes(21, 24 * MIB);
+    let img = d.join("a.img");
+    write(&img, &old);
+    let first = id_of(&backup(&src, "vm", &[("vda", &img)]));
+    json(vmkeep(&dst).arg("init").arg("--replica-of").arg(&src));
+    json(vmkeep(&src).args(["replicate", "--to"]).arg(&dst));
+    // Forgotten on both sides: at the replica its blobs are unreferenced, reclaimable.
+    json(vmkeep(&src).args(["forget", &first]));
+    json(vmkeep(&dst).args(["forget", &first]));
+    let mut both = old;
+    both.extend_from_slice(&random_bytes(22, 24 * MIB));
+    write(&img, &both);
+    backup(&src, "vm", &[("vda", &img)]);
+    let timeouts = [
+        ("VMKEEP_LEASE_TIMEOUT_SECS", "3"),
+        ("VMKEEP_LEASE_REFRESH_SECS", "1"),
+    ];
+    let mut c = vmkeep_std(&src);
+    c.args(["replicate", "--to"])
+        .arg(&dst)
+        .env("VMKEEP_STOP_AT", "replicate-before-commit")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in timeouts {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().unwrap();
+    wait_stopped(&mut child);
+    std::thread::sleep(std::time::Duration::from_secs(5)); // past the lease timeout
+    let mut prune = vmkeep(&dst);
+    for (k, v) in timeouts {
+        prune.env(k, v);
+    }
+    let st = json(prune.arg("prune"));
+    assert!(
+        st["gc"]["packs_deleted"].as_u64().unwrap() > 0,
+        "prune judged the stopped replication dead and reclaimed the forgotten point: {st}"
+    );
+    resume(&child);
+    let out = child.wait_with_output().unwrap();
+    let check = vmkeep(&dst)
+        .args(["check", "--read-data"])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", describe(&check));
+    if out.status.success() {
+        // Committed: then everything it references must be there (check above) and whole.
+        restores_plain(&dst, &snapshot_ids(&dst)[0], &img, d);
+    } else {
+        assert!(snapshot_ids(&dst).is_empty(), "{}", describe(&out));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("run the replication again"),
+            "{}",
+            describe(&out)
+        );
+        // The rerun completes it.
+        json(vmkeep(&src).args(["replicate", "--to"]).arg(&dst));
+        restores_plain(&dst, &snapshot_ids(&dst)[0], &img, d);
+    }
+}
+
+fn restores_plain(repo: &Path, snap: &str, want: &Path, scratch: &Path) {
+    let out = scratch.join(format!("p-{snap}"));
+    restore(repo, snap, &out);
+    assert_same_file(&out.join("vda.raw"), want);
+}
