@@ -10,9 +10,12 @@
 //!
 //! Sizes: the extents are what differs once an image of `from` has `to`'s size (truncated, or
 //! grown with zeros); `zero_extents` is the part of them that reads as zeros in `to`.
-//! Memory and other streams: whether they differ, and the bytes that do (page-image chunks of
-//! memory streams compared like disks; their literal part, device state and headers, and plain
-//! streams count whole when their content differs).
+//! Memory and other streams: whether they differ (by the ids of their whole content), and how
+//! many bytes: for a memory stream the guest-RAM bytes in page-image chunks that differ
+//! (compared like disks, so at the images' chunk granularity, 16 KiB by default, and counting
+//! RAM, which can exceed the stream's own size: the stream leaves out zero pages), plus its
+//! literal part (device state, headers) whole when that differs; a plain stream counts whole
+//! when it differs.
 
 use vmkeep_core::manifest::{Manifest, PageImages, StreamRecord};
 use vmkeep_core::tree::{self, TreeRef};
@@ -56,7 +59,8 @@ pub struct StreamDiff {
     pub size_from: Option<u64>,
     pub size_to: Option<u64>,
     pub differs: bool,
-    /// Bytes of `to`'s stream that differ (see the module docs).
+    /// Bytes that differ: for a memory stream guest-RAM bytes at chunk granularity (see the
+    /// module docs).
     pub changed_bytes: u64,
 }
 

@@ -2,7 +2,8 @@
 //! site A (two, the second incremental), replicated to a replica at site B (its own folder;
 //! `--from` pull, as a DR site runs it), site A's repository gone, then `recover` at site B:
 //! the guest continues where the last capture left it (the first number it prints continues
-//! from the captured disk's SEQ 0..K) and never boots again.
+//! from the captured disk's SEQ 0..K) and never boots again. On the way, `diff` of the two
+//! replicated points says the memory changed (part of it) and the definition did not.
 //!
 //! Local repositories for now (the HTTPS server comes later). The real binary, the real test
 //! guest (seqwrite), one QEMU at a time.
@@ -54,7 +55,7 @@ fn back_up_at_a_replicate_to_b_recover_at_b() {
                 .args(["--vm", "guest"]),
         )
     };
-    backup(&repo_a, &vm);
+    let first = id_of(&backup(&repo_a, &vm));
     let at = vm.progress();
     vm.wait_progress(at + 5);
     let last = id_of(&backup(&repo_a, &vm));
@@ -67,6 +68,24 @@ fn back_up_at_a_replicate_to_b_recover_at_b() {
 
     let check = json(pv(&repo_b).args(["check", "--read-data"]));
     assert_eq!(check["ok"], true, "{check}");
+    // What changed between the two captures: the guest's memory (some of it), not its
+    // definition.
+    let diff = json(pv(&repo_b).args(["diff", &first, &last]));
+    let stream = |name: &str| {
+        diff["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no stream {name}: {diff}"))
+            .clone()
+    };
+    let mem = stream("memory");
+    assert_eq!(mem["differs"], true, "{diff}");
+    // RAM bytes in differing page-image chunks: some, not all of the guest's 256 MiB.
+    let changed = mem["changed_bytes"].as_u64().unwrap();
+    assert!(changed > 0 && changed < 256 << 20, "{diff}");
+    assert_eq!(stream("vm-definition")["differs"], false, "{diff}");
     let restored = site_b.join("disk");
     json(
         pv(&repo_b)
