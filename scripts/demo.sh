@@ -6,7 +6,9 @@
 # (the second through change tracking, with its RAM and device state), restore the latest
 # restore point and prove it is an exact point-in-time image of the disk;
 # part 3: the VM is gone; recover it from the restore point into a new folder: it resumes and
-# continues counting exactly where it was captured.
+# continues counting exactly where it was captured;
+# part 4: what differs between the two live restore points, a rewind of the restored image to
+# the first one writing only that, and a DR replica filled by replicate.
 # Usage: scripts/demo.sh [WORKDIR]   (default: a new temporary folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +20,7 @@ vmkeep="${CARGO_TARGET_DIR:-$root/target}/release/vmkeep"
 work=${1:-$(mktemp -d /var/tmp/vmkeep-demo.XXXXXX)}
 mkdir -p "$work"; cd "$work"
 export VMKEEP_REPO="$work/repo" VMKEEP_PASSWORD="demo passphrase"
-rm -rf repo restored1 restored2 disk.raw disk-v1.raw files guest vm restored-vm recovered
+rm -rf repo dr restored-first restored1 restored2 disk.raw disk-v1.raw files guest vm restored-vm recovered
 qemu_pid=
 recovered_pid=
 cleanup() {
@@ -172,5 +174,25 @@ assert "VMKEEP READY" not in log, "it booted instead of resuming"
 print("   it resumed where it was captured (no boot banner) and keeps writing")
 EOF
 kill -9 "$recovered_pid" 2>/dev/null || true; recovered_pid=
+
+echo
+echo "== part 4: what changed between the two live restore points, a rewind, a DR replica"
+read -r first last < <("$vmkeep" snapshots --vm web1 --json | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s[0]["id"], s[-1]["id"])')
+"$vmkeep" diff "$first" "$last" --disk vd0 --json | python3 -c 'import json,sys
+d = json.load(sys.stdin)["disks"][0]
+print("   vmkeep diff: %d bytes in %d extents differ on vd0 (exact, from the two indexes)" % (d["changed_bytes"], len(d["extents"])))'
+echo "   vmkeep restore $first --disk vd0 --onto restored-vm/vd0.qcow2 (rewind in place)"
+"$vmkeep" restore "$first" --disk vd0 --onto restored-vm/vd0.qcow2 --json | python3 -c 'import json,sys
+r = json.load(sys.stdin)
+how = "it held the later point, so only the difference was written" if r["from"] else "compared chunk by chunk"
+print("   read %d bytes of the image, wrote %d (%s)" % (r["bytes_read"], r["bytes_written"], how))'
+"$vmkeep" restore "$first" --target restored-first --format qcow2 >/dev/null
+qemu-img compare -q restored-vm/vd0.qcow2 restored-first/vd0.qcow2 \
+  && echo "   the rewound image is identical to a full restore of $first"
+"$vmkeep" --repo "$work/dr" init --replica-of "$work/repo" >/dev/null
+"$vmkeep" replicate --to "$work/dr" --dry-run | tail -1 | sed 's/^/   before: /'
+"$vmkeep" replicate --to "$work/dr" | sed 's/^/   /'
+"$vmkeep" replicate --to "$work/dr" | sed 's/^/   again: /'
+"$vmkeep" --repo "$work/dr" check | sed 's/^/   replica: /'
 "$vmkeep" check
 echo "== demo finished; everything is in $work"
