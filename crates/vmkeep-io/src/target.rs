@@ -70,4 +70,9 @@ pub trait ImageAccess: Sync {
     fn flush(&self) -> std::io::Result<()>;
     /// For messages: the path (and the format).
     fn describe(&self) -> String;
+    /// Byte ranges that may hold data, ascending (the rest reads as zeros without being
+    /// read), or None when the image cannot tell.
+    fn data_extents(&self) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        Ok(None)
+    }
 }

@@ -107,7 +107,7 @@ pub fn probe_image(path: &Path) -> Result<RawImage> {
 }
 
 /// Data extents by SEEK_DATA / SEEK_HOLE; the whole file when the filesystem cannot tell.
-fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+pub(crate) fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();
     let mut pos: i64 = 0;

@@ -11,7 +11,7 @@
 //! A crash before step 3's manifest leaves only packs and indexes, which a rerun reuses and
 //! prune eventually reclaims if nothing references them.
 mod commit;
-mod image;
+pub(crate) mod image;
 mod jobs;
 mod pipeline;
 mod source;

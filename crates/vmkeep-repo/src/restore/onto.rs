@@ -92,6 +92,15 @@ impl Repository {
                 });
             }
         }
+        // Holes of a sparse image read as zeros: known without reading them.
+        let data = if base.is_none() {
+            image.data_extents().map_err(|e| Error::SourceRead {
+                path: image.describe().into(),
+                cause: e,
+            })?
+        } else {
+            None
+        };
         let read = AtomicU64::new(0);
         let written = AtomicU64::new(0);
         let chunks_written = AtomicU64::new(0);
@@ -113,7 +122,7 @@ impl Repository {
             if compare { disk.size } else { 0 },
         );
         let threads = self.tuning.threads.max(1);
-        let (tx, rx) = bounded::<Vec<(u64, BlobId)>>(threads * 2);
+        let (tx, rx) = bounded::<Vec<(u64, BlobId, bool)>>(threads * 2);
         std::thread::scope(|s| {
             for _ in 0..threads {
                 let rx = rx.clone();
@@ -126,7 +135,7 @@ impl Repository {
                         if failure.lock().expect("not poisoned").is_some() {
                             continue; // drain
                         }
-                        for (i, want) in batch {
+                        for (i, want, hole) in batch {
                             let off = i * c;
                             let len = ((i + 1) * c).min(disk.size) - off;
                             let r = self.onto_chunk(
@@ -135,7 +144,7 @@ impl Repository {
                                 &mut buf[..len as usize],
                                 off,
                                 want,
-                                compare,
+                                compare && !hole,
                             );
                             match r {
                                 Ok((r, w)) => {
@@ -146,7 +155,7 @@ impl Repository {
                                             vmkeep_io::kill_point("onto-after-first-write");
                                         }
                                     }
-                                    progress.advance(if compare { len } else { w });
+                                    progress.advance(if compare { r } else { w });
                                 }
                                 Err(e) => {
                                     fail(e);
@@ -160,8 +169,8 @@ impl Repository {
             drop(rx);
             let nodes = RepoNodes::new(self, index);
             let mut batch = Vec::with_capacity(BATCH);
-            let mut send = |i: u64, id: BlobId| -> vmkeep_core::Result<()> {
-                batch.push((i, id));
+            let mut send = |i: u64, id: BlobId, hole: bool| -> vmkeep_core::Result<()> {
+                batch.push((i, id, hole));
                 if batch.len() == BATCH && tx.send(std::mem::take(&mut batch)).is_err() {
                     return Err(vmkeep_core::Error::Invalid {
                         what: "restore",
@@ -178,12 +187,18 @@ impl Repository {
                         chunks: to.chunks_of(b.size),
                     },
                     to_tree,
-                    &mut send,
+                    &mut |i, id| send(i, id, false),
                 ),
                 None => (|| {
                     let mut cursor = ChunkCursor::new(disk.root, chunks);
+                    let mut holes = Holes::new(data.as_deref());
                     for i in 0..chunks {
-                        send(i, cursor.get(&nodes, i)?)?;
+                        let id = cursor.get(&nodes, i)?;
+                        let hole = holes.covers(i * c, ((i + 1) * c).min(disk.size));
+                        // A hole where the restore point has zeros: nothing to read or write.
+                        if !(hole && id.is_zero()) {
+                            send(i, id, hole)?;
+                        }
                     }
                     Ok(())
                 })(),
@@ -261,5 +276,45 @@ impl Repository {
             image.write_at(&data, off).map_err(target_err)?;
         }
         Ok((read, len))
+    }
+}
+
+/// Whether byte ranges lie wholly in holes, asked in ascending order.
+struct Holes<'a> {
+    data: Option<&'a [(u64, u64)]>,
+    next: usize,
+}
+
+impl<'a> Holes<'a> {
+    fn new(data: Option<&'a [(u64, u64)]>) -> Holes<'a> {
+        Holes { data, next: 0 }
+    }
+
+    /// True when `start..end` meets no data extent (false when the extents are unknown).
+    fn covers(&mut self, start: u64, end: u64) -> bool {
+        let Some(data) = self.data else {
+            return false;
+        };
+        while self.next < data.len() && data[self.next].0 + data[self.next].1 <= start {
+            self.next += 1;
+        }
+        data.get(self.next).is_none_or(|&(off, _)| off >= end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Holes;
+
+    #[test]
+    fn holes_between_extents() {
+        let data = [(100, 50), (400, 10)];
+        let mut h = Holes::new(Some(&data));
+        assert!(h.covers(0, 100));
+        assert!(!h.covers(100, 200));
+        assert!(h.covers(200, 300));
+        assert!(!h.covers(300, 401));
+        assert!(h.covers(410, 1000));
+        assert!(!Holes::new(None).covers(0, 10));
     }
 }

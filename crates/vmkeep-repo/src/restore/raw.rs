@@ -165,4 +165,10 @@ impl vmkeep_io::ImageAccess for RawFileImage {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+    fn data_extents(&self) -> std::io::Result<Option<Vec<(u64, u64)>>> {
+        if !self.regular {
+            return Ok(None);
+        }
+        crate::backup::image::data_extents(&self.file, self.size).map(Some)
+    }
 }
