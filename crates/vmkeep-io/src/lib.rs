@@ -19,4 +19,4 @@ pub use progress::{NoProgress, Progress};
 pub use source::{
     chunk_runs, zero_chunk_runs, DiskReader, ReadPlan, SourceDisk, SourceError, VmSource,
 };
-pub use target::{create_target_dir, publish, DiskWriter, ImageAccess};
+pub use target::{create_target_dir, publish, unpublish, write_zeros, DiskWriter, ImageAccess};

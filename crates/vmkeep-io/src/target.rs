@@ -76,3 +76,30 @@ pub trait ImageAccess: Sync {
         Ok(None)
     }
 }
+
+/// Removes `path` (nothing to do when it is absent) and makes the removal durable (its folder
+/// fsynced): the counterpart of [`publish`].
+pub fn unpublish(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => fsync_dir(parent_of(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes zeros over `offset..offset + len` through `write` (offset, bytes), in pieces of at
+/// most 1 MiB: for targets that cannot punch a hole.
+pub fn write_zeros(
+    offset: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut at = offset;
+    while at < offset + len {
+        let n = (offset + len - at).min(zeros.len() as u64);
+        write(&zeros[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
+}

@@ -82,20 +82,31 @@ impl Qcow2Target {
         let qemu_nbd = find_program("qemu-nbd")?;
         let partial = partial_path(path);
         let _ = std::fs::remove_file(&partial);
-        let out = Command::new(&qemu_img)
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&partial)
-            .arg(size.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
-        if !out.status.success() {
+        let created = qemu_img_run(
+            &qemu_img,
+            Command::new(&qemu_img)
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(&partial)
+                .arg(size.to_string()),
+            format!("qemu-img create {}", partial.display()),
+        );
+        if let Err(e) = created {
             let _ = std::fs::remove_file(&partial);
-            return Err(Error::io(
-                format!("qemu-img create {}", partial.display()),
-                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-            ));
+            return Err(e);
         }
+        // From here on, Drop cleans up (kills qemu-nbd, removes the partial image).
+        Qcow2Target::serve(&qemu_nbd, partial, path, size, false, None)
+    }
+
+    /// The target over `partial` (the image qemu-nbd serves), qemu-nbd started and connected.
+    fn serve(
+        qemu_nbd: &Path,
+        partial: PathBuf,
+        path: &Path,
+        size: u64,
+        existing: bool,
+        backing: Option<String>,
+    ) -> Result<Self> {
         let sockdir = tempfile::Builder::new()
             .prefix("vmkeep-qcow2-")
             .tempdir()
@@ -115,11 +126,10 @@ impl Qcow2Target {
             path: path.to_path_buf(),
             size,
             committed: false,
-            existing: false,
-            backing: None,
+            existing,
+            backing,
         };
-        // From here on, Drop cleans up (kills qemu-nbd, removes the partial image).
-        t.start_server(&qemu_nbd)?;
+        t.start_server(qemu_nbd)?;
         Ok(t)
     }
 
@@ -327,43 +337,14 @@ impl Qcow2Target {
             if virtual_size < have {
                 cmd.arg("--shrink");
             }
-            let out = cmd
-                .arg(path)
-                .arg(virtual_size.to_string())
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
-            if !out.status.success() {
-                return Err(Error::io(
-                    format!("qemu-img resize {}", path.display()),
-                    std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-                ));
-            }
+            qemu_img_run(
+                &qemu_img,
+                cmd.arg(path).arg(virtual_size.to_string()),
+                format!("qemu-img resize {}", path.display()),
+            )?;
         }
-        let sockdir = tempfile::Builder::new()
-            .prefix("vmkeep-qcow2-")
-            .tempdir()
-            .map_err(|e| Error::io("create a private directory for the NBD socket", e))?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("vmkeep-qcow2")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::io("start the NBD runtime", e))?;
-        let mut t = Qcow2Target {
-            client: None,
-            rt,
-            server: None,
-            sockdir,
-            partial: path.to_path_buf(),
-            path: path.to_path_buf(),
-            size,
-            committed: false,
-            existing: true,
-            backing: info["backing-filename"].as_str().map(str::to_owned),
-        };
-        t.start_server(&qemu_nbd)?;
-        Ok(t)
+        let backing = info["backing-filename"].as_str().map(str::to_owned);
+        Qcow2Target::serve(&qemu_nbd, path.to_path_buf(), path, size, true, backing)
     }
 
     /// The image's backing file (qemu-img's name for it), for an image opened in place.
@@ -387,24 +368,31 @@ impl Qcow2Target {
 
 /// `qemu-img info --output=json` of `path` (format, virtual size, backing file).
 fn image_info(qemu_img: &Path, path: &Path) -> Result<serde_json::Value> {
-    let out = Command::new(qemu_img)
-        .args(["info", "--output=json"])
-        .arg(path)
+    let what = format!("qemu-img info {}", path.display());
+    let out = qemu_img_run(
+        qemu_img,
+        Command::new(qemu_img)
+            .args(["info", "--output=json"])
+            .arg(path),
+        what.clone(),
+    )?;
+    serde_json::from_slice(&out).map_err(|e| Error::io(what, std::io::Error::other(e.to_string())))
+}
+
+/// Runs `cmd` (a qemu-img command) without stdin; its stdout, or its stderr as the error of
+/// `what`.
+fn qemu_img_run(qemu_img: &Path, cmd: &mut Command, what: String) -> Result<Vec<u8>> {
+    let out = cmd
         .stdin(Stdio::null())
         .output()
         .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
     if !out.status.success() {
         return Err(Error::io(
-            format!("qemu-img info {}", path.display()),
+            what,
             std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
         ));
     }
-    serde_json::from_slice(&out.stdout).map_err(|e| {
-        Error::io(
-            format!("qemu-img info {}", path.display()),
-            std::io::Error::other(e.to_string()),
-        )
-    })
+    Ok(out.stdout)
 }
 
 impl Drop for Qcow2Target {
@@ -447,14 +435,9 @@ impl vmkeep_io::ImageAccess for Qcow2Target {
     }
     fn zero_at(&self, offset: u64, len: u64) -> std::io::Result<()> {
         // qemu-nbd runs with --detect-zeroes=unmap: written zeros become unallocated clusters.
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64);
-            Qcow2Target::write_at(self, &zeros[..n as usize], at).map_err(std::io::Error::other)?;
-            at += n;
-        }
-        Ok(())
+        vmkeep_io::write_zeros(offset, len, |z, at| {
+            Qcow2Target::write_at(self, z, at).map_err(std::io::Error::other)
+        })
     }
     fn flush(&self) -> std::io::Result<()> {
         Qcow2Target::flush(self).map_err(std::io::Error::other)

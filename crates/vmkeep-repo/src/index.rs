@@ -235,24 +235,28 @@ impl Repository {
 
     pub fn read_blob_at(&self, id: &BlobId, loc: &Location) -> Result<Vec<u8>> {
         let key = pack_key(&loc.pack);
-        let stored = match self
+        let stored = self.read_stored_blob(id, loc)?;
+        blob::decode(&self.keys, loc.kind, id, loc.raw_len, &stored)
+            .map_err(|e| Error::corrupt(format!("blob {id} in {key}"), e))
+    }
+
+    /// A blob's stored bytes (compressed and sealed) as its pack holds them, unverified.
+    pub(crate) fn read_stored_blob(&self, id: &BlobId, loc: &Location) -> Result<Vec<u8>> {
+        let key = pack_key(&loc.pack);
+        match self
             .store
             .get_range(&key, loc.offset as u64, loc.length as u64)
         {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => return Err(Error::BlobMissing { id: id.to_hex() }),
-            Err(vmkeep_store::Error::ShortRead { .. }) => {
-                return Err(Error::corrupt(
-                    key.to_string(),
-                    vmkeep_core::Error::Corrupt {
-                        kind: "pack",
-                        reason: "truncated".into(),
-                    },
-                ))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        blob::decode(&self.keys, loc.kind, id, loc.raw_len, &stored)
-            .map_err(|e| Error::corrupt(format!("blob {id} in {key}"), e))
+            Ok(b) => Ok(b),
+            Err(e) if e.is_not_found() => Err(Error::BlobMissing { id: id.to_hex() }),
+            Err(vmkeep_store::Error::ShortRead { .. }) => Err(Error::corrupt(
+                key.to_string(),
+                vmkeep_core::Error::Corrupt {
+                    kind: "pack",
+                    reason: "truncated".into(),
+                },
+            )),
+            Err(e) => Err(e.into()),
+        }
     }
 }

@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 
 use vmkeep_core::keys::BlobKind;
 use vmkeep_core::manifest::Manifest;
-use vmkeep_core::{blob, BlobId, SnapshotId};
+use vmkeep_core::{blob, SnapshotId};
 
 use crate::backup::BackupOptions;
 use crate::error::{Error, Result};
@@ -210,25 +210,5 @@ impl Repository {
         }
         progress.finish_phase();
         Ok(stats)
-    }
-
-    /// The stored (compressed, sealed) bytes of a blob, as its pack holds them.
-    fn read_stored_blob(&self, id: &BlobId, loc: &crate::index::Location) -> Result<Vec<u8>> {
-        let key = crate::index::pack_key(&loc.pack);
-        match self
-            .store
-            .get_range(&key, loc.offset as u64, loc.length as u64)
-        {
-            Ok(b) => Ok(b),
-            Err(e) if e.is_not_found() => Err(Error::BlobMissing { id: id.to_hex() }),
-            Err(vmkeep_store::Error::ShortRead { .. }) => Err(Error::corrupt(
-                key.to_string(),
-                vmkeep_core::Error::Corrupt {
-                    kind: "pack",
-                    reason: "truncated".into(),
-                },
-            )),
-            Err(e) => Err(e.into()),
-        }
     }
 }

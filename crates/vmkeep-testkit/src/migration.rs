@@ -121,10 +121,7 @@ impl StreamBuilder {
 /// comes. Waits until QEMU reports the migration completed; panics if it failed.
 pub fn capture<R>(vm: &Vm, dir: &Path, consume: impl FnOnce(&mut dyn Read) -> R) -> R {
     let fifo = dir.join("migration.fifo");
-    let _ = std::fs::remove_file(&fifo);
-    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    make_fifo(&fifo);
     let mut q = vm.connect();
     q.execute(
         "migrate-set-capabilities",
@@ -141,20 +138,7 @@ pub fn capture<R>(vm: &Vm, dir: &Path, consume: impl FnOnce(&mut dyn Read) -> R)
         let mut f = File::open(&fifo).expect("open the migration pipe");
         consume(&mut f)
     };
-    let started = Instant::now();
-    loop {
-        let st = q.execute("query-migrate", Value::Null);
-        match st["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") | Some("cancelled") => panic!("migration failed: {st}"),
-            _ => {}
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "migration did not complete: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_completed(&mut q, "migration");
     let _ = std::fs::remove_file(&fifo);
     out
 }
@@ -164,10 +148,7 @@ pub fn capture<R>(vm: &Vm, dir: &Path, consume: impl FnOnce(&mut dyn Read) -> R)
 /// the migration completed and returns `query-status`'s `status`; panics if it failed.
 pub fn load(vm: &Vm, dir: &Path, produce: impl FnOnce(&mut dyn Write)) -> String {
     let fifo = dir.join("incoming.fifo");
-    let _ = std::fs::remove_file(&fifo);
-    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    make_fifo(&fifo);
     let mut q = vm.connect();
     q.execute(
         "migrate-set-capabilities",
@@ -184,23 +165,36 @@ pub fn load(vm: &Vm, dir: &Path, produce: impl FnOnce(&mut dyn Write)) -> String
             .expect("open the incoming pipe");
         produce(&mut f);
     }
-    let started = Instant::now();
-    loop {
-        let st = q.execute("query-migrate", Value::Null);
-        match st["status"].as_str() {
-            Some("completed") => break,
-            Some("failed") | Some("cancelled") => panic!("incoming migration failed: {st}"),
-            _ => {}
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "incoming migration did not complete: {st}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_completed(&mut q, "incoming migration");
     let _ = std::fs::remove_file(&fifo);
     q.execute("query-status", Value::Null)["status"]
         .as_str()
         .expect("query-status: status")
         .to_string()
+}
+
+/// A new FIFO at `path` (an old file there removed first).
+fn make_fifo(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Polls `query-migrate` until the migration completed (60 s at most); panics if it failed.
+fn wait_completed(q: &mut crate::qmp::Qmp, what: &str) {
+    let started = Instant::now();
+    loop {
+        let st = q.execute("query-migrate", Value::Null);
+        match st["status"].as_str() {
+            Some("completed") => return,
+            Some("failed") | Some("cancelled") => panic!("{what} failed: {st}"),
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what} did not complete: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

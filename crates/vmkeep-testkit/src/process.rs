@@ -142,3 +142,14 @@ impl Drop for Tmpfs {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// A process the test did not spawn (one vmkeep started in the background, by its reported
+/// pid), killed with SIGKILL when the guard is dropped.
+pub struct PidGuard(pub u32);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with a pid the test was given and a valid signal.
+        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+    }
+}

@@ -16,6 +16,7 @@ use std::path::Path;
 use common::*;
 use qemu::*;
 use vmkeep_testkit::guest::{counters, wait_serial_log};
+use vmkeep_testkit::process::PidGuard;
 
 const PASS: &str = "dr drill passphrase";
 
@@ -23,16 +24,6 @@ fn pv(repo: &Path) -> assert_cmd::Command {
     let mut c = vmkeep(repo);
     c.env("VMKEEP_PASSWORD", PASS);
     c
-}
-
-/// The recovered QEMU, killed when the test ends.
-struct Recovered(u32);
-
-impl Drop for Recovered {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) with a pid vmkeep reported and a valid signal.
-        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-    }
 }
 
 #[test]
@@ -101,7 +92,7 @@ fn back_up_at_a_replicate_to_b_recover_at_b() {
             .args(["recover", "guest@latest", "--accel", "tcg", "--target"])
             .arg(site_b.join("vm")),
     );
-    let _qemu = Recovered(v["pid"].as_u64().unwrap() as u32);
+    let _qemu = PidGuard(v["pid"].as_u64().unwrap() as u32);
     assert_eq!(v["id"], last.as_str(), "{v}");
     assert_eq!(v["resumed"], true, "{v}");
     let serial = std::path::PathBuf::from(v["serial"].as_str().unwrap());

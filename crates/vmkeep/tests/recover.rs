@@ -20,19 +20,9 @@ use common::*;
 use qemu::*;
 use serde_json::Value;
 use vmkeep_testkit::guest::{counters, wait_serial_log};
-use vmkeep_testkit::process::Tmpfs;
+use vmkeep_testkit::process::{PidGuard, Tmpfs};
 
-/// The recovered QEMU, killed when the test ends.
-struct Recovered(u32);
-
-impl Drop for Recovered {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) with a pid vmkeep reported and a valid signal.
-        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
-    }
-}
-
-fn recover(repo: &Path, snap: &str, target: &Path, extra: &[&str]) -> (Value, Recovered) {
+fn recover(repo: &Path, snap: &str, target: &Path, extra: &[&str]) -> (Value, PidGuard) {
     let v = json(
         vmkeep(repo)
             .args(["recover", snap, "--accel", "tcg", "--target"])
@@ -40,7 +30,7 @@ fn recover(repo: &Path, snap: &str, target: &Path, extra: &[&str]) -> (Value, Re
             .args(extra),
     );
     let pid = v["pid"].as_u64().expect("pid") as u32;
-    (v, Recovered(pid))
+    (v, PidGuard(pid))
 }
 
 /// Runs `cmd` (stdout piped) and returns its JSON output and its peak RSS in KiB (wait4).
@@ -128,7 +118,7 @@ fn a_recovered_vm_continues_where_it_was_captured() {
             .args(["recover", &id, "--accel", "tcg", "--target"])
             .arg(&target),
     );
-    let _qemu = Recovered(v["pid"].as_u64().unwrap() as u32);
+    let _qemu = PidGuard(v["pid"].as_u64().unwrap() as u32);
     assert_eq!(v["resumed"], true, "{v}");
     let serial = PathBuf::from(v["serial"].as_str().unwrap());
     let text = wait_serial_log(&serial, "three counter lines", |t| counters(t).len() >= 3);
@@ -295,7 +285,7 @@ fn capture_and_recover_with_a_16_mib_tmpdir() {
             ])
             .arg(&target),
     );
-    let _qemu = Recovered(v["pid"].as_u64().unwrap() as u32);
+    let _qemu = PidGuard(v["pid"].as_u64().unwrap() as u32);
     eprintln!(
         "peak RSS of vmkeep: capture {} MiB, recover {} MiB (256 MiB guest; {} bytes read)",
         rss_capture / 1024,

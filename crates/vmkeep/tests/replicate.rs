@@ -41,18 +41,6 @@ fn restores(repo: &Path, snap: &str, want: &Path, scratch: &Path) {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
-fn random_bytes(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn replicate(repo: &Path, args: &[&str]) -> Value {
     json(vk(repo).arg("replicate").args(args))
 }
@@ -71,12 +59,12 @@ fn setup(d: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBu
     let (src, dst) = (d.join("src"), d.join("dst"));
     json(vk(&src).args(["init", "--encrypt"]));
     let web = d.join("web.img");
-    write(&web, &random_bytes(1, 8 * MIB));
+    write(&web, &random_bytes(8 * MIB, 1));
     backup_img(&src, "web", &web);
     let db = d.join("db.img");
-    write(&db, &random_bytes(2, 2 * MIB));
+    write(&db, &random_bytes(2 * MIB, 2));
     backup_img(&src, "db", &db);
-    patch(&web, 3 * MIB as u64, &random_bytes(3, 100_000));
+    patch(&web, 3 * MIB as u64, &random_bytes(100_000, 3));
     backup_img(&src, "web", &web);
     json(vk(&dst).arg("init").arg("--replica-of").arg(&src));
     (src, dst, web)
@@ -105,7 +93,7 @@ fn replicate_sends_only_what_the_replica_lacks() {
     assert_eq!(again["bytes_sent"], 0);
 
     // A 1% change: at most 1.1x what the new backup stored.
-    patch(&web, 5 * MIB as u64, &random_bytes(4, 8 * MIB / 100));
+    patch(&web, 5 * MIB as u64, &random_bytes(8 * MIB / 100, 4));
     let b = backup_img(&src, "web", &web);
     let stored = b["stats"]["stored_bytes"].as_u64().unwrap();
     let pull = json(
@@ -166,12 +154,12 @@ fn a_damaged_source_blob_is_never_committed() {
     let (src, dst) = (d.join("src"), d.join("dst"));
     init(&src, &[]);
     let img = d.join("a.img");
-    write(&img, &random_bytes(5, MIB));
+    write(&img, &random_bytes(MIB, 5));
     backup(&src, "a", &[("vda", &img)]);
     json(vmkeep(&dst).arg("init").arg("--replica-of").arg(&src));
     json(vmkeep(&src).args(["replicate", "--to"]).arg(&dst));
     let before = objects(&src, "packs");
-    let fresh = random_bytes(6, MIB);
+    let fresh = random_bytes(MIB, 6);
     write(&img, &fresh);
     backup(&src, "a", &[("vda", &img)]);
     let needle = &fresh[300_000..300_064];
@@ -218,7 +206,7 @@ fn a_replication_killed_inside_a_large_point_keeps_its_finished_packs() {
     let (src, dst) = (d.join("src"), d.join("dst"));
     json(vk(&src).args(["init", "--encrypt"]));
     let img = d.join("big.img");
-    write(&img, &random_bytes(11, 40 * MIB));
+    write(&img, &random_bytes(40 * MIB, 11));
     backup_img(&src, "big", &img);
     json(vk(&dst).arg("init").arg("--replica-of").arg(&src));
     let full = replicate(&src, &["--to", dst.to_str().unwrap(), "--dry-run"])["bytes_missing"]
@@ -254,7 +242,7 @@ fn a_replication_stopped_past_its_lease_never_commits_lost_data() {
     let d = dir.path();
     let (src, dst) = (d.join("src"), d.join("dst"));
     init(&src, &[]);
-    let old = random_bytes(21, 24 * MIB);
+    let old = random_bytes(24 * MIB, 21);
     let img = d.join("a.img");
     write(&img, &old);
     let first = id_of(&backup(&src, "vm", &[("vda", &img)]));
@@ -264,7 +252,7 @@ fn a_replication_stopped_past_its_lease_never_commits_lost_data() {
     json(vmkeep(&src).args(["forget", &first]));
     json(vmkeep(&dst).args(["forget", &first]));
     let mut both = old;
-    both.extend_from_slice(&random_bytes(22, 24 * MIB));
+    both.extend_from_slice(&random_bytes(24 * MIB, 22));
     write(&img, &both);
     backup(&src, "vm", &[("vda", &img)]);
     let timeouts = [

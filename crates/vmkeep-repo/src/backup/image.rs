@@ -84,16 +84,7 @@ pub fn probe_image(path: &Path) -> Result<RawImage> {
         .map(|d| d.as_nanos() as i128)
         .unwrap_or(0);
     let settled = now_ns - ctime_ns >= 1_000_000_000;
-    let identity = (!block_device && settled).then(|| {
-        format!(
-            "{}:{}:{}:{}:{}",
-            meta.dev(),
-            meta.ino(),
-            meta.size(),
-            meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
-            meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128
-        )
-    });
+    let identity = (!block_device && settled).then(|| file_identity(&meta));
     Ok(RawImage {
         file,
         path: path.to_path_buf(),
@@ -107,6 +98,19 @@ pub fn probe_image(path: &Path) -> Result<RawImage> {
 }
 
 /// Data extents by SEEK_DATA / SEEK_HOLE; the whole file when the filesystem cannot tell.
+/// "dev:inode:size:mtime_ns:ctime_ns" of a file: changes with any write to it (ctime cannot be
+/// set by user tools). Image backups and the records beside restored images use it.
+pub fn file_identity(meta: &std::fs::Metadata) -> String {
+    format!(
+        "{}:{}:{}:{}:{}",
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+        meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128
+    )
+}
+
 pub(crate) fn data_extents(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
     let fd = file.as_raw_fd();
     let mut out = Vec::new();

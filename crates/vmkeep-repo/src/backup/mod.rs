@@ -18,7 +18,7 @@ mod source;
 mod stream;
 mod tracking;
 
-pub use image::{chunk_runs, probe_image, ImageInfo, RawImage};
+pub use image::{chunk_runs, file_identity, probe_image, ImageInfo, RawImage};
 pub use jobs::ImageBackupOptions;
 pub(crate) use pipeline::PACKER_GONE as PACKER_GONE_MSG;
 pub use pipeline::{DiskReader, ReadPlan};

@@ -150,14 +150,7 @@ impl vmkeep_io::ImageAccess for RawFileImage {
             }
         }
         // No holes here (a device, or a file system without them): write the zeros.
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut at = offset;
-        while at < offset + len {
-            let n = (offset + len - at).min(zeros.len() as u64);
-            self.file.write_all_at(&zeros[..n as usize], at)?;
-            at += n;
-        }
-        Ok(())
+        vmkeep_io::write_zeros(offset, len, |z, at| self.file.write_all_at(z, at))
     }
     fn flush(&self) -> std::io::Result<()> {
         self.file.sync_all()

@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vmkeep_qemu::qcow2_target::Qcow2Target;
+use vmkeep_repo::backup::file_identity;
 use vmkeep_repo::index::BlobIndex;
 use vmkeep_repo::restore::onto::{ImageAccess, OntoStats};
 use vmkeep_repo::restore::RawFileImage;
@@ -44,17 +45,6 @@ pub fn record_path(image: &Path) -> PathBuf {
     let mut p = image.as_os_str().to_owned();
     p.push(".vmkeep");
     PathBuf::from(p)
-}
-
-fn identity(meta: &std::fs::Metadata) -> String {
-    format!(
-        "{}:{}:{}:{}:{}",
-        meta.dev(),
-        meta.ino(),
-        meta.size(),
-        meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
-        meta.ctime() as i128 * 1_000_000_000 + meta.ctime_nsec() as i128
-    )
 }
 
 fn is_qcow2(image: &Path) -> Result<bool> {
@@ -85,7 +75,7 @@ fn known_point(
         return Err(format!("it holds disk {}, not {disk}", rec.disk));
     }
     let meta = std::fs::metadata(image).map_err(|e| e.to_string())?;
-    if identity(&meta) != rec.identity {
+    if file_identity(&meta) != rec.identity {
         return Err("it was written since vmkeep recorded what it holds".into());
     }
     repo.resolve(&rec.snapshot)
@@ -116,7 +106,7 @@ pub fn write_record(repo: &Repository, m: &Manifest, disk: &str, image: &Path) -
         repo: repo.config().id.clone(),
         snapshot: m.id.to_string(),
         disk: disk.to_string(),
-        identity: identity(&meta),
+        identity: file_identity(&meta),
     };
     let path = record_path(image);
     let partial = vmkeep_qemu::qcow2_target::partial_path(&path);
@@ -158,16 +148,7 @@ fn lock_image(image: &Path) -> Result<std::fs::File> {
 
 fn remove_record(image: &Path) -> Result<()> {
     let path = record_path(image);
-    match std::fs::remove_file(&path) {
-        Ok(()) => {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
-            std::fs::File::open(dir.unwrap_or(Path::new(".")))
-                .and_then(|d| d.sync_all())
-                .with_context(|| format!("remove {}", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("remove {}", path.display())),
-    }
+    vmkeep_io::unpublish(&path).with_context(|| format!("remove {}", path.display()))
 }
 
 pub fn run(
