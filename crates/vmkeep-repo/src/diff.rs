@@ -116,8 +116,15 @@ impl Repository {
             if let Some(b) = b {
                 let tb = tree_of(to, b.size, b.root);
                 (extents.size, zero_extents.size) = (b.size, b.size);
+                let same_edge = match a {
+                    Some(a) => self.edge_chunk_same(&index, &nodes, ta, a.size, tb, b.size, c)?,
+                    None => None,
+                };
                 nodes.typed(
                     tree::differing_chunks(&nodes, ta, tb, &mut |i, id| {
+                        if same_edge == Some(i) {
+                            return Ok(());
+                        }
                         extents.push(i);
                         if id.is_zero() {
                             zero_extents.push(i);
@@ -148,6 +155,45 @@ impl Repository {
             disks,
             streams,
         })
+    }
+
+    /// When the sizes differ, the chunk holding the smaller disk's end has a different length
+    /// in the two (a short last chunk in one, a full one in the other), so its ids differ even
+    /// where the bytes a resized image would hold are the same. Returns that chunk's index when
+    /// its content is the same once brought to `to`'s length (cut, or grown with zeros).
+    #[allow(clippy::too_many_arguments)]
+    fn edge_chunk_same(
+        &self,
+        index: &BlobIndex,
+        nodes: &RepoNodes<'_>,
+        ta: TreeRef,
+        size_a: u64,
+        tb: TreeRef,
+        size_b: u64,
+        c: u64,
+    ) -> Result<Option<u64>> {
+        let edge = size_a.min(size_b);
+        if size_a == size_b || edge % c == 0 {
+            return Ok(None);
+        }
+        let i = edge / c;
+        let id_of = |t: TreeRef| {
+            nodes.typed(tree::chunk_id(nodes, &t.root, t.chunks, i), || {
+                format!("chunk {i} of a disk index")
+            })
+        };
+        let (ia, ib) = (id_of(ta)?, id_of(tb)?);
+        let len_b = ((i + 1) * c).min(size_b) - i * c;
+        let bytes = |id: BlobId| -> Result<Vec<u8>> {
+            let mut v = if id.is_zero() {
+                Vec::new()
+            } else {
+                self.read_blob(index, &id)?
+            };
+            v.resize(len_b as usize, 0);
+            Ok(v)
+        };
+        Ok((bytes(ia)? == bytes(ib)?).then_some(i))
     }
 
     fn stream_diffs(

@@ -15,21 +15,6 @@ const CHUNK: u64 = 64 << 10;
 /// Byte extents `(offset, length)`.
 type Extents = Vec<(u64, u64)>;
 
-/// xorshift64*: deterministic histories without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// One step of a history on `disk` (bytes in memory, written to `path` after).
 fn step(r: &mut Rng, disk: &mut Vec<u8>, history: &[Vec<u8>]) {
     match r.below(10) {
@@ -58,7 +43,7 @@ fn step(r: &mut Rng, disk: &mut Vec<u8>, history: &[Vec<u8>]) {
             for _ in 0..1 + r.below(4) {
                 let at = r.below(disk.len() as u64);
                 let len = (1 + r.below(CHUNK)).min(disk.len() as u64 - at);
-                let v = r.next();
+                let v = r.next_u64();
                 for (k, b) in disk[at as usize..(at + len) as usize]
                     .iter_mut()
                     .enumerate()
@@ -108,7 +93,7 @@ fn history(seed: u64, dir: &Path) {
     let repo = dir.join("repo");
     init(&repo, &["--chunk-size", "64K"]);
     let img = dir.join("vda.img");
-    let mut r = Rng(seed);
+    let mut r = Rng::new(seed);
     let mut disk = vec![0u8; (40 * CHUNK + 1234) as usize];
     let mut contents: Vec<Vec<u8>> = Vec::new();
     let mut ids = Vec::new();

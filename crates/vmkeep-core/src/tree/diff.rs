@@ -10,7 +10,10 @@
 //! to `to`'s size (truncated, or grown with zeros): a chunk beyond `from`'s end counts as ZERO
 //! there, chunks beyond `to`'s end are not compared. Trees of different depths are aligned by
 //! treating the shallower one as a chain of virtual nodes above its root (slot 0 the tree,
-//! the other slots beyond its disk).
+//! the other slots beyond its disk). One chunk is compared by id where ids cannot say it all:
+//! the one holding the smaller disk's end has a different length in each tree, so it is
+//! reported even when the bytes a resized image holds are the same; `vmkeep-repo`'s diff
+//! compares that chunk's content.
 
 use super::{child_count, child_start, depth, load_checked, NodeStore};
 use crate::error::Result;
