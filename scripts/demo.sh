@@ -8,7 +8,8 @@
 # part 3: the VM is gone; recover it from the restore point into a new folder: it resumes and
 # continues counting exactly where it was captured;
 # part 4: what differs between the two live restore points, a rewind of the restored image to
-# the first one writing only that, and a DR replica filled by replicate.
+# the first one writing only that, and a DR site served over HTTPS (`vmkeep serve`) filled by
+# replicate with an append token that cannot delete anything there.
 # Usage: scripts/demo.sh [WORKDIR]   (default: a new temporary folder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,10 +21,12 @@ vmkeep="${CARGO_TARGET_DIR:-$root/target}/release/vmkeep"
 work=${1:-$(mktemp -d /var/tmp/vmkeep-demo.XXXXXX)}
 mkdir -p "$work"; cd "$work"
 export VMKEEP_REPO="$work/repo" VMKEEP_PASSWORD="demo passphrase"
-rm -rf repo dr restored-first restored1 restored2 disk.raw disk-v1.raw files guest vm restored-vm recovered
+rm -rf repo dr dr-site dr-site.tokens serve.out restored-first restored1 restored2 disk.raw disk-v1.raw files guest vm restored-vm recovered
 qemu_pid=
 recovered_pid=
+serve_pid=
 cleanup() {
+  [ -z "$serve_pid" ] || kill "$serve_pid" 2>/dev/null || true
   [ -z "$qemu_pid" ] || kill -9 "$qemu_pid" 2>/dev/null || true
   [ -z "$recovered_pid" ] || kill -9 "$recovered_pid" 2>/dev/null || true
 }
@@ -189,10 +192,26 @@ print("   read %d bytes of the image, wrote %d (%s)" % (r["bytes_read"], r["byte
 "$vmkeep" restore "$first" --target restored-first --format qcow2 >/dev/null
 qemu-img compare -q restored-vm/vd0.qcow2 restored-first/vd0.qcow2 \
   && echo "   the rewound image is identical to a full restore of $first"
-"$vmkeep" --repo "$work/dr" init --replica-of "$work/repo" >/dev/null
-"$vmkeep" replicate --to "$work/dr" --dry-run | tail -1 | sed 's/^/   before: /'
-"$vmkeep" replicate --to "$work/dr" | sed 's/^/   /'
-"$vmkeep" replicate --to "$work/dr" | sed 's/^/   again: /'
-"$vmkeep" --repo "$work/dr" check | sed 's/^/   replica: /'
+echo "== a DR site: vmkeep serve over HTTPS (self-signed certificate, pinned by fingerprint)"
+"$vmkeep" --json serve --listen 127.0.0.1:0 --dir "$work/dr-site" --tokens "$work/dr-site.tokens" >serve.out 2>serve.log &
+serve_pid=$!
+for _ in $(seq 100); do [ -s serve.out ] && break; sleep 0.1; done
+read -r addr fp < <(python3 -c 'import json; s=json.load(open("serve.out")); print(s["listen"], s["fingerprint"])')
+echo "   listening on https://$addr, certificate fingerprint $fp"
+admin=$("$vmkeep" token add --tokens "$work/dr-site.tokens" --vms '*' --rights admin 2>/dev/null)
+push=$("$vmkeep" token add --tokens "$work/dr-site.tokens" --vms web1 --rights append 2>/dev/null)
+dr="https://$addr/dr"
+VMKEEP_TOKEN=$admin "$vmkeep" --repo "$dr" --tls-fingerprint "$fp" init --replica-of "$work/repo" >/dev/null
+echo "   the DR site's admin made the replica; this host pushes with an append token for web1 only"
+export VMKEEP_TLS_FINGERPRINT=$fp
+VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" --dry-run | tail -1 | sed 's/^/   before: /'
+VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" | sed 's/^/   /'
+VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" | sed 's/^/   again: /'
+if VMKEEP_TOKEN=$push "$vmkeep" --repo "$dr" forget "$first" 2>forget.err; then
+  echo "   ERROR: an append token deleted a restore point at the DR site"; exit 1
+fi
+echo "   an append token cannot delete: $(cat forget.err)"
+VMKEEP_TOKEN=$admin "$vmkeep" --repo "$dr" check | sed 's/^/   DR site: /'
+unset VMKEEP_TLS_FINGERPRINT
 "$vmkeep" check
 echo "== demo finished; everything is in $work"

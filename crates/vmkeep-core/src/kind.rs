@@ -19,10 +19,13 @@ pub enum ObjectKind {
     Lock,
     /// A GC record of a running or interrupted prune.
     GcRecord,
+    /// A restore point's pack list (`refs` folder): plain JSON naming its VM and the packs it
+    /// references, kept in served repositories (docs/PROTOCOL.md §5). Not framed.
+    Refs,
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 7] = [
+    pub const ALL: [ObjectKind; 8] = [
         ObjectKind::Config,
         ObjectKind::Key,
         ObjectKind::Snapshot,
@@ -30,6 +33,7 @@ impl ObjectKind {
         ObjectKind::Pack,
         ObjectKind::Lock,
         ObjectKind::GcRecord,
+        ObjectKind::Refs,
     ];
 
     /// What an object of this kind is, for messages.
@@ -42,6 +46,7 @@ impl ObjectKind {
             ObjectKind::Pack => "pack",
             ObjectKind::Lock => "lock",
             ObjectKind::GcRecord => "gc record",
+            ObjectKind::Refs => "pack list",
         }
     }
 
@@ -56,6 +61,7 @@ impl ObjectKind {
             ObjectKind::Pack => "packs",
             ObjectKind::Lock => "locks",
             ObjectKind::GcRecord => "gc",
+            ObjectKind::Refs => "refs",
         }
     }
 
@@ -67,7 +73,7 @@ impl ObjectKind {
             ObjectKind::Index => Some(2),
             ObjectKind::GcRecord => Some(3),
             ObjectKind::Lock => Some(4),
-            ObjectKind::Config | ObjectKind::Key | ObjectKind::Pack => None,
+            ObjectKind::Config | ObjectKind::Key | ObjectKind::Pack | ObjectKind::Refs => None,
         }
     }
 
@@ -89,6 +95,7 @@ impl ObjectKind {
             ObjectKind::Pack => MAX_PACK_LEN,
             ObjectKind::Lock => 1 << 20,
             ObjectKind::GcRecord => 256 << 20,
+            ObjectKind::Refs => 16 << 20,
         }
     }
 }
@@ -199,7 +206,7 @@ mod tests {
                 Some(b) => assert_eq!(ObjectKind::from_frame_byte(b), Some(kind)),
                 None => assert!(matches!(
                     kind,
-                    ObjectKind::Config | ObjectKind::Key | ObjectKind::Pack
+                    ObjectKind::Config | ObjectKind::Key | ObjectKind::Pack | ObjectKind::Refs
                 )),
             }
         }

@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod memory;
 pub mod object;
 pub mod pack;
+pub mod packlist;
 pub mod retention;
 pub mod stream;
 pub mod tree;

@@ -54,6 +54,7 @@ impl Repository {
         // First heal what a killed forget may have left.
         self.relink_orphans(&HashMap::new(), &check)?;
         let mut all = self.snapshots()?;
+        let keeps_lists = self.keeps_pack_lists()?;
         let mut order: Vec<&SnapshotId> = ids.iter().collect();
         order.sort_by_key(|id| all.iter().position(|m| m.id == **id));
         order.dedup();
@@ -82,6 +83,12 @@ impl Repository {
             check()?;
             self.store.delete(&snapshot_key(&g.id))?;
             kill_point("after-forget-delete");
+            // Its pack list (served repositories) goes with it; prune removes one left behind.
+            if keeps_lists {
+                if let Err(e) = self.store.delete(&crate::packlist::pack_list_key(&g.id)) {
+                    tracing::warn!(snapshot = %g.id, error = %e, "could not remove the pack list; prune removes it");
+                }
+            }
             done.push(g.id);
             gone.insert(g.id, g);
         }

@@ -29,6 +29,7 @@ pub mod index;
 pub mod lease;
 mod nodes;
 mod packer;
+pub mod packlist;
 pub mod progress;
 pub mod prune;
 mod relink;

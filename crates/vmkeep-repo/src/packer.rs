@@ -38,6 +38,8 @@ pub struct PackerStats {
     pub blobs: u64,
     /// Encoded bytes of Data blobs (chunks).
     pub data_blob_bytes: u64,
+    /// The packs written.
+    pub pack_ids: Vec<vmkeep_core::PackId>,
 }
 
 pub(crate) struct Packer {
@@ -65,6 +67,7 @@ impl Worker {
         self.store.put(&pack_key(&id), &bytes)?;
         self.stats.packs += 1;
         self.stats.pack_bytes += bytes.len() as u64;
+        self.stats.pack_ids.push(id);
         if self.stats.packs == 1 {
             kill_point("after-first-pack");
         }

@@ -57,6 +57,8 @@ pub struct PruneStats {
     pub forgotten: Vec<SnapshotId>,
     pub gc: GcStats,
     pub temporaries: crate::TemporaryStats,
+    /// Pack lists rewritten (repositories that keep them, docs/PROTOCOL.md §5).
+    pub pack_lists: Option<crate::packlist::PackListRepair>,
 }
 
 impl Repository {
@@ -98,6 +100,13 @@ impl Repository {
         let temporaries = self.remove_stale_temporaries()?; // safe age: temporaries.rs
         let forgotten = self.forget_locked(&lease, &plan.forgotten())?;
         let gc = self.gc_locked(&lease, progress)?;
+        // Served repositories: lists naming packs this (or an earlier) prune removed.
+        let pack_lists = if self.keeps_pack_lists()? {
+            lease.check()?;
+            Some(self.repair_pack_lists_locked(false)?)
+        } else {
+            None
+        };
         if let Err(e) = lease.release() {
             tracing::warn!(error = %e, "could not remove the lease; the next prune removes it");
         }
@@ -106,6 +115,7 @@ impl Repository {
             forgotten,
             gc,
             temporaries,
+            pack_lists,
         })
     }
 }

@@ -29,6 +29,50 @@ pub enum Error {
     },
     #[error("invalid object name {name:?}")]
     InvalidName { name: String },
+
+    // Remote stores (docs/PROTOCOL.md). `what` says the operation and the object or route,
+    // never the token.
+    /// The server answered 401: the token is missing, malformed or unknown.
+    #[error("the server {location} refused the token: pass --token-file or set VMKEEP_TOKEN")]
+    Unauthorized { location: String },
+    /// The server answered 403: the token lacks the right, or the object is outside its scope.
+    #[error("{what}: the server refused it ({message}): the token lacks the right or the VM is outside its scope")]
+    Forbidden { what: String, message: String },
+    /// The server answered 422: uploaded bytes that are not what their name says.
+    #[error("{what}: the server refused the upload as not matching its name ({message})")]
+    Verification { what: String, message: String },
+    /// Any other refusal, or a server error after the retries ran out.
+    #[error("{what}: the server answered {status} ({message})")]
+    Http {
+        what: String,
+        status: u16,
+        message: String,
+    },
+    /// A reply that does not follow the protocol (bad JSON, a bad object name, a missing header).
+    #[error("{what}: the server's reply is malformed: {message}")]
+    BadReply { what: String, message: String },
+    /// The server could not be reached, or the connection broke (after the retries ran out).
+    #[error("{what}: {cause} (is the server running and reachable?)")]
+    Network { what: String, cause: String },
+    /// The pinned fingerprint does not match the server's certificate.
+    #[error("the server's certificate fingerprint is {actual}, expected {expected} ({location}): check --tls-fingerprint or VMKEEP_TLS_FINGERPRINT against the one `vmkeep serve` printed")]
+    FingerprintMismatch {
+        location: String,
+        actual: String,
+        expected: String,
+    },
+    /// The TLS handshake failed (an untrusted certificate, a wrong host name, no common cipher).
+    #[error("TLS with {location} failed: {cause} (for a self-signed server certificate, pass --tls-fingerprint)")]
+    Tls { location: String, cause: String },
+    /// No fingerprint was given and the system has no CA certificates to verify the server.
+    #[error("no system CA certificates could be loaded{cause}: pass --tls-fingerprint with the fingerprint `vmkeep serve` printed")]
+    NoTrustRoots { cause: String },
+    #[error("invalid repository URL {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("invalid TLS fingerprint: {reason}; expected the 64 hex digits `vmkeep serve` prints (colons and case are ignored)")]
+    InvalidFingerprint { reason: String },
+    #[error("invalid token ({reason}): check --token-file or VMKEEP_TOKEN")]
+    InvalidToken { reason: String },
 }
 
 impl Error {

@@ -5,10 +5,12 @@
 //! directory renames, access times, POSIX locks, or on conditional writes being honoured.
 
 mod error;
+mod http;
 mod key;
 mod local;
 
 pub use error::{Error, Result};
+pub use http::{HttpOptions, HttpStore};
 pub use key::Key;
 pub use local::{LocalStore, TEMP_PREFIX};
 /// The kinds of objects, defined with their framing in vmkeep-core.
@@ -76,6 +78,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Durability barrier: every put that returned before this call is durable when it returns
     /// (local: syncfs). The repository calls it before each commit point.
     fn flush(&self) -> Result<()>;
+
+    /// Whether writers must keep a pack list (`refs/<snapshot id>`, docs/PROTOCOL.md §5) beside
+    /// each manifest: true for a store behind `vmkeep serve`, which scopes tokens with them.
+    fn needs_pack_lists(&self) -> bool {
+        false
+    }
 
     /// Temporary objects present (see [`Temporary`]). Stores that write without temporaries
     /// (an S3 put is atomic by itself) have none: the default.

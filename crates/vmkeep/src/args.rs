@@ -18,9 +18,22 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 pub struct Global {
-    /// Repository: a directory path
+    /// Repository: a directory path, or https://HOST[:PORT]/NAME (a `vmkeep serve` endpoint)
     #[arg(long, global = true, env = "VMKEEP_REPO", value_name = "REPO")]
     pub repo: Option<String>,
+    /// File holding the bearer token for an https:// repository (or set VMKEEP_TOKEN to the
+    /// token itself)
+    #[arg(long, global = true, env = "VMKEEP_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Trust the https:// server whose certificate has this SHA-256 fingerprint (64 hex
+    /// digits, as `vmkeep serve` prints it) instead of the system's CAs
+    #[arg(
+        long,
+        global = true,
+        env = "VMKEEP_TLS_FINGERPRINT",
+        value_name = "HEX"
+    )]
+    pub tls_fingerprint: Option<String>,
     /// File holding the repository passphrase (or set VMKEEP_PASSWORD)
     #[arg(long, global = true, env = "VMKEEP_PASSWORD_FILE", value_name = "FILE")]
     pub password_file: Option<PathBuf>,
@@ -64,6 +77,52 @@ pub enum Command {
     /// Repair the repository's metadata
     #[command(subcommand)]
     Repair(RepairCommand),
+    /// Serve repositories over HTTPS to remote hosts and DR sites (docs/PROTOCOL.md)
+    Serve(ServeArgs),
+    /// Manage the tokens of `vmkeep serve`
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on, e.g. 0.0.0.0:8443 (port 0: any free port, printed at start)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: std::net::SocketAddr,
+    /// Folder holding the repositories: https://HOST:PORT/NAME is DIR/NAME
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The tokens file (`vmkeep token add` writes it; reread when it changes)
+    #[arg(long, value_name = "FILE")]
+    pub tokens: PathBuf,
+    /// Certificate (PEM); without it a self-signed one is made once and kept in DIR
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM)
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Mint a token: printed once, stored hashed in the tokens file
+    Add(TokenAddArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct TokenAddArgs {
+    /// The tokens file of `vmkeep serve` (created when absent)
+    #[arg(long, value_name = "FILE")]
+    pub tokens: PathBuf,
+    /// VM names the token covers: globs (`*`, `?`), comma-separated
+    #[arg(long, value_name = "GLOB", value_delimiter = ',', required = true)]
+    pub vms: Vec<String>,
+    /// Rights, comma-separated: read, append (add restore points, never delete), admin
+    #[arg(long, value_name = "RIGHTS", value_delimiter = ',', required = true)]
+    pub rights: Vec<String>,
+    /// A note kept with the token (who or what it is for)
+    #[arg(long)]
+    pub comment: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -71,6 +130,13 @@ pub enum RepairCommand {
     /// Rebuild the index objects from the pack headers (lost or damaged index objects, or index
     /// entries naming packs that are gone)
     Index,
+    /// Write the pack list (docs/PROTOCOL.md §5) of every restore point that lacks one or
+    /// whose list is stale: once after serving a repository made locally, or after a local prune
+    Refs {
+        /// Rewrite every list, not only missing and stale ones
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 #[derive(Args, Debug)]

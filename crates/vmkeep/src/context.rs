@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use vmkeep_repo::{Repository, Tuning};
-use vmkeep_store::{LocalStore, Store};
+use vmkeep_store::{HttpOptions, HttpStore, LocalStore, Store};
 use zeroize::Zeroizing;
 
 use crate::args::Global;
@@ -18,10 +18,13 @@ pub fn repo_location(g: &Global) -> Result<&str> {
     }
 }
 
-/// The store behind a repository location (a directory for now).
-pub fn open_store(location: &str) -> Result<Arc<dyn Store>> {
+/// The store behind a repository location: a directory, or `https://HOST[:PORT]/NAME`.
+pub fn open_store(g: &Global, location: &str) -> Result<Arc<dyn Store>> {
+    if location.starts_with("https://") || location.starts_with("http://") {
+        return Ok(Arc::new(http_store(g, location)?));
+    }
     if location.contains("://") {
-        bail!("{location}: only local directories are supported by this version");
+        bail!("{location}: repositories are directories or https://HOST[:PORT]/NAME");
     }
     let path = Path::new(location);
     if !path.exists() {
@@ -31,6 +34,29 @@ pub fn open_store(location: &str) -> Result<Arc<dyn Store>> {
         .into());
     }
     Ok(Arc::new(LocalStore::open(path)?))
+}
+
+/// A `vmkeep serve` repository, with the token from --token-file or VMKEEP_TOKEN.
+pub fn http_store(g: &Global, url: &str) -> Result<HttpStore> {
+    let token = match &g.token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("reading the token file {}", f.display()))?;
+            Some(t.trim().to_string())
+        }
+        None => std::env::var("VMKEEP_TOKEN")
+            .ok()
+            .map(|t| t.trim().to_string()),
+    };
+    let mut opts = HttpOptions {
+        token,
+        tls_fingerprint: g.tls_fingerprint.clone(),
+        ..HttpOptions::default()
+    };
+    if let Some(d) = env_secs("VMKEEP_HTTP_RETRY_SECS") {
+        opts.retry_for = d;
+    }
+    Ok(HttpStore::connect(url, opts)?)
 }
 
 /// A passphrase in memory, wiped when dropped.
@@ -126,7 +152,7 @@ pub fn open_repo(g: &Global) -> Result<Repository> {
 /// The repository at `location` (another than --repo: a replica, a replication source), opened
 /// with the same passphrase settings.
 pub fn open_repo_at(g: &Global, location: &str) -> Result<Repository> {
-    let store = open_store(location)?;
+    let store = open_store(g, location)?;
     let configured = configured_passphrase(g)?;
     let pass = match Repository::open(store.clone(), configured.as_deref().map(Vec::as_slice)) {
         Ok(r) => return Ok(r.with_tuning(tuning())),

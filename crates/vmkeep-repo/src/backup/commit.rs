@@ -17,8 +17,11 @@
 //!    also re-lists after its deletions, so one of the two sees the other.)
 //! 6. The lease is released.
 use chrono::Utc;
+use std::collections::BTreeSet;
 use vmkeep_core::manifest::{Manifest, MANIFEST_VERSION};
-use vmkeep_core::SnapshotId;
+
+use vmkeep_core::packlist::PackList;
+use vmkeep_core::{PackId, SnapshotId};
 
 use super::BackupSession;
 use crate::error::{Error, Result};
@@ -71,7 +74,7 @@ impl BackupSession<'_> {
         .len() as u64;
         m.stats.stored_bytes += estimate;
         m.stats.metadata_bytes += estimate;
-        self.publish(m)
+        self.publish(m, pstats.pack_ids)
     }
 
     /// Commit a restore point copied from another repository (`replicate`): `m` as it is
@@ -79,14 +82,18 @@ impl BackupSession<'_> {
     /// be here or have been sent through this session.
     pub(crate) fn commit_replica(mut self, m: Manifest) -> Result<Manifest> {
         let packer = self.packer.take().expect("session open");
-        packer.finish()?;
+        let pstats = packer.finish()?;
         kill_point("after-data");
         self.repo.store.flush()?;
-        self.publish(m)
+        self.publish(m, pstats.pack_ids)
     }
 
-    /// Steps 2-6 for a manifest whose data is stored and flushed.
-    fn publish(self, mut m: Manifest) -> Result<Manifest> {
+    /// Steps 2-6 for a manifest whose data is stored and flushed (`written`: the packs this
+    /// session wrote).
+    fn publish(self, mut m: Manifest, written: Vec<PackId>) -> Result<Manifest> {
+        // Before anything reads the new restore point back (relink, recovery): a server lets a
+        // token read the packs its VMs' lists name.
+        self.write_pack_list(&m, written)?;
         self.relink_if_parent_gone(&mut m)?;
         if self.lease.is_lost() {
             self.recover(&m)?;
@@ -100,10 +107,16 @@ impl BackupSession<'_> {
             // The put itself outlasted the lease: make sure what it references survived.
             if let Err(e) = self.recover(&m) {
                 tracing::warn!(snapshot = %m.id, "the restore point lost data while it was written; deleting it");
-                self.repo
+                let key = crate::snapshots::snapshot_key(&m.id);
+                if let Err(d) = self
+                    .repo
                     .store
-                    .delete(&crate::snapshots::snapshot_key(&m.id))?;
-                self.repo.store.flush()?;
+                    .delete(&key)
+                    .and_then(|_| self.repo.store.flush())
+                {
+                    // A served repository's append token may not delete: an admin must forget it.
+                    tracing::warn!(snapshot = %m.id, error = %d, "could not delete the damaged restore point; forget it");
+                }
                 return Err(e);
             }
         }
@@ -114,6 +127,37 @@ impl BackupSession<'_> {
             tracing::warn!(error = %e, "could not remove the backup's lease; prune removes it later");
         }
         Ok(m)
+    }
+
+    /// The pack list of `m` (repositories that keep them): the packs this session wrote, the
+    /// packs of the stored blobs it referenced, and the parent's list, which covers what the
+    /// new trees took from the parent's. Without the parent's list the new restore point is
+    /// walked.
+    fn write_pack_list(&self, m: &Manifest, written: Vec<PackId>) -> Result<()> {
+        let Some(tracked) = &self.dedup.packs else {
+            return Ok(());
+        };
+        let list = match (&self.parent, &self.parent_packs) {
+            // The index as it is now: it holds what this session wrote.
+            (Some(_), None) => BlobIndex::load(self.repo)
+                .and_then(|now| self.repo.exact_pack_list(&now, m))
+                .map_err(|e| {
+                tracing::warn!(error = %e, "the parent restore point has no pack list and walking the new one failed: run `vmkeep repair refs` with an admin token");
+                e
+            })?,
+            (_, parent) => {
+                let mut packs: BTreeSet<PackId> = tracked.packs().into_iter().collect();
+                packs.extend(written);
+                // All of it, packs since removed included: a list naming a pack that is gone
+                // is how prune finds the lists it must rewrite (a repack moved blobs the new
+                // tree shares with the parent's to packs this list would otherwise lack).
+                if let Some(pp) = parent {
+                    packs.extend(pp.iter().copied());
+                }
+                PackList::new(m.id, &m.vm, packs)
+            }
+        };
+        self.repo.write_pack_list(&list)
     }
 
     /// Step 2: the parent chosen at the start was forgotten meanwhile.
@@ -142,7 +186,15 @@ impl BackupSession<'_> {
             if !self.relink_if_parent_gone(m)? {
                 return Ok(());
             }
-            self.repo.write_manifest(m)?;
+            if let Err(e) = self.repo.write_manifest(m) {
+                if !self.repo.store.needs_pack_lists() {
+                    return Err(e);
+                }
+                // Served with an append token, which may not replace a manifest: the restore
+                // point is complete; the next forget or prune (admin) relinks it.
+                tracing::warn!(snapshot = %m.id, error = %e, "could not relink the new restore point; the next prune does");
+                return Ok(());
+            }
             self.repo.store.flush()?;
         }
         tracing::warn!(snapshot = %m.id, "parents keep disappearing; the next prune relinks this restore point");

@@ -24,12 +24,12 @@ pub(crate) use pipeline::PACKER_GONE as PACKER_GONE_MSG;
 pub use pipeline::{DiskReader, ReadPlan};
 pub use source::MEMORY_STREAM;
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use vmkeep_core::manifest::{BackupStats, DiskEntry, Manifest, StreamRecord};
-use vmkeep_core::BlobId;
+use vmkeep_core::{BlobId, PackId};
 
 use crate::error::{Error, Result};
 #[cfg(feature = "test-hooks")]
@@ -37,6 +37,7 @@ use crate::hooks::Hooks;
 use crate::index::BlobIndex;
 use crate::lease::{Lease, LeaseKind};
 use crate::packer::Packer;
+use crate::packlist::PackTracker;
 use crate::progress::Progress;
 use crate::Repository;
 
@@ -44,6 +45,8 @@ use crate::Repository;
 pub(crate) struct Dedup {
     pub(crate) index: Arc<BlobIndex>,
     claimed: Mutex<HashSet<BlobId>>,
+    /// Packs of the stored blobs referenced, when the repository keeps pack lists.
+    pub(crate) packs: Option<PackTracker>,
     #[cfg(feature = "test-hooks")]
     hooks: Hooks,
 }
@@ -53,6 +56,9 @@ impl Dedup {
     /// in a usable pack or another thread of this session writes it.
     pub fn claim(&self, id: &BlobId) -> bool {
         if self.index.usable(id) {
+            if let Some(t) = &self.packs {
+                t.note(&self.index, id);
+            }
             #[cfg(feature = "test-hooks")]
             if let Some(h) = &self.hooks.after_reuse_decision {
                 h(id);
@@ -87,6 +93,9 @@ pub struct BackupSession<'r> {
     stats: BackupStats,
     started: Instant,
     pause_ms: u64,
+    /// The parent's pack list (repositories that keep them): None without a parent, or when
+    /// the parent has none (the commit then walks the new restore point).
+    parent_packs: Option<BTreeSet<PackId>>,
 }
 
 impl Repository {
@@ -110,9 +119,15 @@ impl Repository {
                 crate::packer::PACKS_PER_INDEX
             },
         )?;
+        let keeps_lists = self.keeps_pack_lists()?;
+        let parent_packs = match (&parent, keeps_lists) {
+            (Some(p), true) => self.load_pack_list(&p.id).ok().flatten().map(|l| l.packs),
+            _ => None,
+        };
         let dedup = Arc::new(Dedup {
             index,
             claimed: Mutex::new(HashSet::new()),
+            packs: keeps_lists.then(PackTracker::default),
             #[cfg(feature = "test-hooks")]
             hooks: opts.hooks.clone(),
         });
@@ -128,6 +143,7 @@ impl Repository {
             stats: BackupStats::default(),
             started,
             pause_ms: 0,
+            parent_packs,
         })
     }
 }
@@ -164,7 +180,13 @@ impl<'r> BackupSession<'r> {
 
     /// Whether this repository (as loaded at the session's start) or this session has `id`.
     pub(crate) fn has_blob(&self, id: &BlobId) -> bool {
-        self.dedup.index.usable(id) || self.dedup.claimed.lock().unwrap().contains(id)
+        if self.dedup.index.usable(id) {
+            if let Some(t) = &self.dedup.packs {
+                t.note(&self.dedup.index, id);
+            }
+            return true;
+        }
+        self.dedup.claimed.lock().unwrap().contains(id)
     }
 
     pub fn set_pause_ms(&mut self, ms: u64) {

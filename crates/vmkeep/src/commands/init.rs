@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vmkeep_core::keys::KdfParams;
 use vmkeep_repo::{InitOptions, Repository};
-use vmkeep_store::LocalStore;
+use vmkeep_store::{LocalStore, Store};
 
 use crate::args::{Global, InitArgs};
 use crate::context::{configured_passphrase, passphrase, repo_location};
@@ -31,18 +31,10 @@ pub fn run(g: &Global, a: &InitArgs) -> Result<u8> {
     } else {
         None
     };
-    let path = Path::new(location);
-    if path.join("config").exists() {
-        return Err(vmkeep_repo::Error::AlreadyExists {
-            location: location.into(),
-        }
-        .into());
-    }
-    let store = LocalStore::create(path)
-        .with_context(|| format!("creating the repository folder {location}"))?;
+    let store = new_store(g, location)?;
     let kdf = kdf_params();
     let repo = Repository::init(
-        Arc::new(store),
+        store,
         InitOptions {
             chunk_size,
             passphrase: pass,
@@ -72,6 +64,24 @@ pub fn run(g: &Global, a: &InitArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// The store of a repository to create: a new folder, or a `vmkeep serve` repository (which
+/// the server creates when the config lands; an admin token is needed).
+fn new_store(g: &Global, location: &str) -> Result<Arc<dyn Store>> {
+    if location.contains("://") {
+        return crate::context::open_store(g, location);
+    }
+    let path = Path::new(location);
+    if path.join("config").exists() {
+        return Err(vmkeep_repo::Error::AlreadyExists {
+            location: location.into(),
+        }
+        .into());
+    }
+    let store = LocalStore::create(path)
+        .with_context(|| format!("creating the repository folder {location}"))?;
+    Ok(Arc::new(store))
+}
+
 /// Argon2id cost; tests may lower it with VMKEEP_KDF_MEM_KIB (the value is stored in the key file).
 pub fn kdf_params() -> KdfParams {
     let mut k = KdfParams::default();
@@ -89,16 +99,8 @@ pub fn kdf_params() -> KdfParams {
 /// files taken over.
 fn replica(g: &Global, location: &str, src: &str) -> Result<u8> {
     let source = crate::context::open_repo_at(g, src)?;
-    let path = Path::new(location);
-    if path.join("config").exists() {
-        return Err(vmkeep_repo::Error::AlreadyExists {
-            location: location.into(),
-        }
-        .into());
-    }
-    let store = LocalStore::create(path)
-        .with_context(|| format!("creating the repository folder {location}"))?;
-    let repo = Repository::init_replica(Arc::new(store), &source)?;
+    let store = new_store(g, location)?;
+    let repo = Repository::init_replica(store, &source)?;
     let c = repo.config();
     if g.json {
         print_json(

@@ -99,6 +99,7 @@ pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
             "reclaimed_bytes": st.gc.reclaimed_bytes,
             "gc": st.gc,
             "temporaries": st.temporaries,
+            "pack_lists": st.pack_lists,
         }))?;
     } else {
         print_line(&format!(

@@ -10,6 +10,7 @@ mod recover;
 mod repair;
 mod replicate;
 mod restore;
+mod serve;
 mod snapshots;
 
 use anyhow::Result;
@@ -34,5 +35,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Prune(a) => maintenance::prune(g, &a),
         Command::Unlock(a) => maintenance::unlock(g, &a),
         Command::Repair(r) => repair::run(g, &r),
+        Command::Serve(a) => serve::serve(g, &a),
+        Command::Token(c) => serve::token(g, &c),
     }
 }

@@ -9,7 +9,22 @@ use crate::progress::Bars;
 pub fn run(g: &Global, c: &RepairCommand) -> Result<u8> {
     match c {
         RepairCommand::Index => index(g),
+        RepairCommand::Refs { all } => refs(g, *all),
     }
+}
+
+fn refs(g: &Global, all: bool) -> Result<u8> {
+    let repo = open_repo(g)?;
+    let st = repo.repair_pack_lists(all)?;
+    if g.json {
+        print_json(&json!({"checked": st.checked, "written": st.written, "removed": st.removed}))?;
+    } else {
+        print_line(&format!(
+            "pack lists: {} restore points checked, {} lists written, {} removed",
+            st.checked, st.written, st.removed
+        ))?;
+    }
+    Ok(0)
 }
 
 fn index(g: &Global) -> Result<u8> {
