@@ -156,6 +156,13 @@ pub(crate) fn read(repo: &Repo, p: &Principal, key: &Key, req: ReadRequest) -> A
         if end < start {
             return Err(ApiError::bad_request(format!("empty range {start}-{end}")));
         }
+        // Past the end first: `end` may be as large as u64::MAX, so the length below cannot
+        // overflow only once it is known to lie inside the object.
+        if end >= size {
+            return Err(ApiError::short(format!(
+                "range {start}-{end} is past the end of {key} ({size} bytes)"
+            )));
+        }
         let len = end - start + 1;
         if len > bound {
             return Err(ApiError::too_large(
@@ -165,11 +172,6 @@ pub(crate) fn read(repo: &Repo, p: &Principal, key: &Key, req: ReadRequest) -> A
                 ),
                 Some((len, bound)),
             ));
-        }
-        if end >= size {
-            return Err(ApiError::short(format!(
-                "range {start}-{end} is past the end of {key} ({size} bytes)"
-            )));
         }
         let data = store.get_range(key, start, len)?;
         let mut r = (StatusCode::PARTIAL_CONTENT, Body::from(data)).into_response();

@@ -29,9 +29,21 @@ pub(crate) struct PackLists {
 
 /// Read and parse one pack list (bounded by its kind's read bound).
 pub(crate) fn read(store: &dyn Store, key: &Key) -> vmkeep_store::Result<Option<PackList>> {
+    let unusable = |why: &dyn std::fmt::Display| {
+        // Scoped tokens lose sight of that restore point until the list is rewritten: say how.
+        tracing::warn!(
+            "pack list {key} in {} is unusable ({why}); its restore point is hidden from \
+             VM-scoped tokens until `vmkeep repair refs` rewrites it",
+            store.location()
+        );
+        Ok(None)
+    };
     match store.get(key, ObjectKind::Refs.max_size()) {
-        Ok(bytes) => Ok(PackList::from_json(&bytes).ok()),
-        Err(e) if e.is_too_large() => Ok(None),
+        Ok(bytes) => match PackList::from_json(&bytes) {
+            Ok(list) => Ok(Some(list)),
+            Err(e) => unusable(&e),
+        },
+        Err(e) if e.is_too_large() => unusable(&e),
         Err(e) => Err(e),
     }
 }
