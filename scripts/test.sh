@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs vmkeep's whole test suite: installs what the tests need (QEMU 10, qemu-utils, nbdinfo,
-# busybox, cpio, e2fsprogs), checks formatting and lints (rustfmt, clippy with warnings as
+# busybox, cpio, e2fsprogs; Garage and moto for the object-storage tests), checks formatting and lints (rustfmt, clippy with warnings as
 # errors), builds, then runs every test. Prints the time of each phase.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail
@@ -11,6 +11,10 @@ done_phase() { echo "=== $1 took $(( $(date +%s) - PHASE_START )) s ==="; }
 phase "install"
 scripts/install-deps.sh test
 done_phase "install"
+
+phase "S3 test servers (Garage, moto: built once, then cached)"
+scripts/install-deps.sh servers
+done_phase "S3 test servers"
 
 phase "lint"
 # rustup's minimal profile has neither tool; the default profile has both.

@@ -225,7 +225,7 @@ impl Repository {
     ) -> Result<HashSet<BlobId>> {
         let total: u64 = by_pack.keys().filter_map(|p| packs.get(p)).sum();
         progress.phase("read data", total);
-        let threads = self.tuning.threads.max(1);
+        let threads = self.reader_threads();
         let (tx, rx) = bounded::<(&PackId, &Vec<PackEntry>)>(threads * 2);
         struct Out {
             bad: HashSet<BlobId>,

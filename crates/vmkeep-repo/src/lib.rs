@@ -39,6 +39,7 @@ pub mod repository;
 pub mod restore;
 mod snapshots;
 pub mod temporaries;
+mod upload;
 pub mod walk;
 
 pub use backup::{BackupOptions, BackupSession, DiskReader, ImageBackupOptions, ReadPlan};

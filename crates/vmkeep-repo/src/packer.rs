@@ -16,6 +16,7 @@ use vmkeep_store::{Key, Store};
 use crate::error::{Error, Result};
 use crate::hooks::kill_point;
 use crate::index::pack_key;
+use crate::upload::Uploads;
 
 /// Packs per index object.
 pub(crate) const PACKS_PER_INDEX: usize = 8;
@@ -49,6 +50,7 @@ pub(crate) struct Packer {
 
 struct Worker {
     store: Arc<dyn Store>,
+    uploads: Uploads,
     keys: Keys,
     pack_size: usize,
     packs_per_index: usize,
@@ -64,9 +66,10 @@ impl Worker {
         }
         let builder = std::mem::take(&mut self.builder);
         let (id, bytes, entries) = builder.finish(&self.keys);
-        self.store.put(&pack_key(&id), &bytes)?;
         self.stats.packs += 1;
         self.stats.pack_bytes += bytes.len() as u64;
+        // Stored now, or in flight while the next pack fills (upload.rs).
+        self.uploads.put(pack_key(&id), bytes)?;
         self.stats.pack_ids.push(id);
         if self.stats.packs == 1 {
             kill_point("after-first-pack");
@@ -84,7 +87,8 @@ impl Worker {
         }
         // The packs must be durable before an index object names them: otherwise a power loss
         // could keep the index object and lose a pack, and later backups would reuse blobs that
-        // are gone (FORMAT.md §1, §7).
+        // are gone (FORMAT.md §1, §7). Uploads in flight finish first.
+        self.uploads.wait()?;
         self.store.flush()?;
         let file = std::mem::take(&mut self.pending);
         let sealed = object::seal(&self.keys, ObjectKind::Index, &file.encode());
@@ -115,6 +119,7 @@ impl Worker {
         }
         self.write_pack()?;
         self.write_index()?;
+        self.uploads.wait()?;
         Ok(self.stats)
     }
 }
@@ -135,6 +140,7 @@ impl Packer {
         // Room for a few packs' worth of 64 KiB blobs while one pack is being written.
         let (tx, rx) = bounded::<EncodedBlob>(256);
         let worker = Worker {
+            uploads: Uploads::start(store.clone())?,
             store,
             keys,
             pack_size,

@@ -78,6 +78,12 @@ fn random_name() -> String {
 }
 
 impl Repository {
+    /// Threads that read blobs at once (restore, check): one per core, or as many requests as
+    /// the store serves well at once when that is more (a store with latency).
+    pub(crate) fn reader_threads(&self) -> usize {
+        self.tuning.threads.max(self.store.concurrency()).max(1)
+    }
+
     /// Create a repository in an empty store. Writes the key file first and the config last, so
     /// a crash leaves either no repository or a complete one.
     pub fn init(store: Arc<dyn Store>, opts: InitOptions) -> Result<Repository> {

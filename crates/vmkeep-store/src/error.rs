@@ -73,6 +73,14 @@ pub enum Error {
     InvalidFingerprint { reason: String },
     #[error("invalid token ({reason}): check --token-file or VMKEEP_TOKEN")]
     InvalidToken { reason: String },
+
+    // Object storage (s3://). `what` says the operation, the object and the bucket.
+    /// A request failed for good (after the retries, or one that is never retried).
+    #[error("{what}: {cause}")]
+    ObjectStore { what: String, cause: String },
+    /// The AWS configuration cannot be used (a missing profile, half a key pair, a bad URL).
+    #[error("S3 configuration: {reason}")]
+    S3Config { reason: String },
 }
 
 impl Error {

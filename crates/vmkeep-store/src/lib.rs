@@ -1,5 +1,6 @@
 //! vmkeep-store: a small object-store interface (get, put, list, delete by typed key) and its
-//! backends. It knows nothing about chunks or encryption; the repository protocol on top of it
+//! backends (a local folder, `vmkeep serve` over HTTPS, S3-compatible object storage). It
+//! knows nothing about chunks or encryption; the repository protocol on top of it
 //! (docs/FORMAT.md) relies only on what S3-compatible stores give: whole-object atomic puts,
 //! strongly consistent list-after-write, and nothing else. In particular it does not rely on
 //! directory renames, access times, POSIX locks, or on conditional writes being honoured.
@@ -8,11 +9,13 @@ mod error;
 mod http;
 mod key;
 mod local;
+pub mod s3;
 
 pub use error::{Error, Result};
 pub use http::{HttpOptions, HttpStore};
 pub use key::Key;
 pub use local::{LocalStore, TEMP_PREFIX};
+pub use s3::{S3Options, S3Store};
 /// The kinds of objects, defined with their framing in vmkeep-core.
 pub use vmkeep_core::ObjectKind;
 
@@ -78,6 +81,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Durability barrier: every put that returned before this call is durable when it returns
     /// (local: syncfs). The repository calls it before each commit point.
     fn flush(&self) -> Result<()>;
+
+    /// How many requests this store serves well at once. 1 (a local folder: the disk is the
+    /// bound) keeps writes inline and in order; stores with per-request latency say more, and
+    /// the packer keeps that many uploads in flight and restores read that many ranges at once.
+    fn concurrency(&self) -> usize {
+        1
+    }
 
     /// Whether writers must keep a pack list (`refs/<snapshot id>`, docs/PROTOCOL.md §5) beside
     /// each manifest: true for a store behind `vmkeep serve`, which scopes tokens with them.

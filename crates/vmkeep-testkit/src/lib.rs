@@ -10,19 +10,23 @@
 //! - [`qmp`]: a small blocking QMP client, independent of the client under test.
 //! - [`migration`]: QEMU migration streams: built in QEMU's framing, or taken from a running
 //!   test VM through a pipe (background snapshot).
+//! - [`conformance`]: the `Store` conformance suite every backend passes.
 //! - [`data`]: reproducible pseudo-random data (splitmix64, seeds that can be replayed).
 //! - [`image`]: chunk-by-chunk test images (holes, zeros, text, random) for repository tests.
+//! - [`s3`]: real S3 servers on loopback: a Garage cluster and moto's server.
 //! - [`store`]: `Store` wrappers for tests: faults at the Nth write, ignored conditional writes,
 //!   slow calls, counted calls.
 //!
 //! A dev-dependency only (`publish = false`): nothing here is part of vmkeep's API.
 
+pub mod conformance;
 pub mod data;
 pub mod guest;
 pub mod image;
 pub mod migration;
 pub mod process;
 pub mod qmp;
+pub mod s3;
 pub mod store;
 pub mod tools;
 pub mod vm;

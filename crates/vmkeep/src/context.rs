@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use vmkeep_repo::{Repository, Tuning};
-use vmkeep_store::{HttpOptions, HttpStore, LocalStore, Store};
+use vmkeep_store::{HttpOptions, HttpStore, LocalStore, S3Options, S3Store, Store};
 use zeroize::Zeroizing;
 
 use crate::args::Global;
@@ -18,13 +18,24 @@ pub fn repo_location(g: &Global) -> Result<&str> {
     }
 }
 
-/// The store behind a repository location: a directory, or `https://HOST[:PORT]/NAME`.
+/// The store behind a repository location: a directory, `s3://BUCKET[/PREFIX]` (configured
+/// as the AWS tools are), or `https://HOST[:PORT]/NAME`.
 pub fn open_store(g: &Global, location: &str) -> Result<Arc<dyn Store>> {
     if location.starts_with("https://") || location.starts_with("http://") {
         return Ok(Arc::new(http_store(g, location)?));
     }
+    if location.starts_with("s3://") {
+        let mut opts = S3Options::default();
+        if let Some(d) = env_secs("VMKEEP_S3_RETRY_SECS") {
+            opts.retry_for = d;
+        }
+        return Ok(Arc::new(S3Store::open(location, opts)?));
+    }
     if location.contains("://") {
-        bail!("{location}: repositories are directories or https://HOST[:PORT]/NAME");
+        bail!(
+            "{location}: repositories are directories, s3://BUCKET[/PREFIX] or \
+             https://HOST[:PORT]/NAME"
+        );
     }
     let path = Path::new(location);
     if !path.exists() {

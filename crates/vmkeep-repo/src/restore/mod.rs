@@ -153,7 +153,7 @@ impl Repository {
     ) -> Result<u64> {
         let cs = self.config.chunk_size as u64;
         let chunks = d.size.div_ceil(cs);
-        let threads = self.tuning.threads.max(1);
+        let threads = self.reader_threads();
         let (tx, rx) = bounded::<Vec<(u64, BlobId)>>(threads * 4);
         std::thread::scope(|s| {
             let mut workers = Vec::new();

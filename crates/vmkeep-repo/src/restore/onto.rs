@@ -121,7 +121,7 @@ impl Repository {
             ),
             if compare { disk.size } else { 0 },
         );
-        let threads = self.tuning.threads.max(1);
+        let threads = self.reader_threads();
         let (tx, rx) = bounded::<Vec<(u64, BlobId, bool)>>(threads * 2);
         std::thread::scope(|s| {
             for _ in 0..threads {

@@ -117,7 +117,7 @@ impl Repository {
         out: &mut dyn Write,
         progress: &dyn Progress,
     ) -> Result<u64> {
-        let threads = self.tuning.threads.max(1);
+        let threads = self.reader_threads();
         let (fetch_tx, fetch_rx) = bounded::<Fetch>(permits(threads));
         let (data_tx, data_rx) = bounded::<(u64, Result<Vec<u8>>)>(permits(threads));
         let (seg_tx, seg_rx) = bounded::<Segment>(4096);

@@ -402,6 +402,11 @@ impl Store for HttpStore {
         true
     }
 
+    fn concurrency(&self) -> usize {
+        // The server buffers each body (at most one pack) in memory: a few at once.
+        4
+    }
+
     fn list_temporaries(&self) -> Result<Vec<Temporary>> {
         let url = self.url.route("temporaries");
         let what = || format!("listing the temporaries of {}", self.location);

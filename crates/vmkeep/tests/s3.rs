@@ -1,0 +1,220 @@
+//! Repositories on S3 (`--repo s3://BUCKET/PREFIX`) with the real binary against a real
+//! distributed store: a 3-node Garage cluster on loopback (replication factor 3, conditional
+//! writes ignored), configured through the AWS environment variables as a user would.
+//!
+//! - Many hosts, one bucket: two "hosts" (separate state folders, so separate host identities,
+//!   one of them in its own PID namespace) back up different VMs into one repository at once
+//!   while a third runs prune beside them; nothing is lost and `check --read-data` is clean.
+//! - A node lost mid-backup: with one of three nodes killed the backup completes (quorum) and
+//!   checks clean; with two killed it fails with a clear error and leaves no restore point;
+//!   with the nodes back the next backup succeeds.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+use vmkeep_testkit::data::random_bytes;
+use vmkeep_testkit::s3::Garage;
+
+/// `vmkeep` with the cluster's AWS settings and its own state folder (its host identity).
+fn on_garage(garage: &Garage, url: &str, state: &Path) -> assert_cmd::Command {
+    let mut c = vmkeep(Path::new(url));
+    for (k, v) in garage.s3.env() {
+        c.env(k, v);
+    }
+    c.env("VMKEEP_STATE_DIR", state)
+        .env("VMKEEP_PASSWORD", "s3-test-passphrase");
+    c
+}
+
+fn std_on_garage(garage: &Garage, url: &str, state: &Path, prefix: &[&str]) -> Command {
+    let mut c = match prefix.split_first() {
+        Some((p, rest)) => {
+            let mut c = Command::new(p);
+            c.args(rest).arg(bin());
+            c
+        }
+        None => Command::new(bin()),
+    };
+    for (k, v) in garage.s3.env() {
+        c.env(k, v);
+    }
+    c.env("VMKEEP_KDF_MEM_KIB", KDF_MEM_KIB)
+        .env("VMKEEP_STATE_DIR", state)
+        .env("VMKEEP_PASSWORD", "s3-test-passphrase")
+        .env_remove("VMKEEP_REPO")
+        .arg("--repo")
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn image(dir: &Path, name: &str, mib: usize, seed: u64) -> std::path::PathBuf {
+    let p = dir.join(name);
+    write(&p, &random_bytes(mib << 20, seed));
+    p
+}
+
+fn succeeded(out: &Output, what: &str) {
+    assert!(out.status.success(), "{what}: {}", describe(out));
+}
+
+#[test]
+fn two_hosts_back_up_into_one_bucket_while_a_third_prunes() {
+    let garage = Garage::start(3);
+    garage.bucket("many-hosts");
+    let url = "s3://many-hosts/site-a";
+    let tmp = tempfile::tempdir().unwrap();
+    let (host_a, host_b, host_c) = (
+        tmp.path().join("a"),
+        tmp.path().join("b"),
+        tmp.path().join("c"),
+    );
+    json(on_garage(&garage, url, &host_a).args(["init", "--encrypt"]));
+    // First points of both VMs, then a forgotten one, so prune has something to reclaim.
+    let a0 = image(tmp.path(), "a0.img", 8, 1);
+    let b0 = image(tmp.path(), "b0.img", 8, 2);
+    for (vm, img, host) in [("vm-a", &a0, &host_a), ("vm-b", &b0, &host_b)] {
+        json(
+            on_garage(&garage, url, host)
+                .args(["backup", "image", "--vm", vm, "--disk"])
+                .arg(format!("sys={}", img.display())),
+        );
+    }
+    let gone = image(tmp.path(), "gone.img", 8, 3);
+    let v = json(
+        on_garage(&garage, url, &host_a)
+            .args(["backup", "image", "--vm", "vm-a", "--disk"])
+            .arg(format!("sys={}", gone.display())),
+    );
+    let gone_id = id_of(&v);
+    json(on_garage(&garage, url, &host_a).args(["forget", &gone_id]));
+
+    // Three rounds: host A backs up vm-a, host B (its own PID namespace) vm-b, host C prunes.
+    let mut last = Vec::new();
+    for round in 0..3u64 {
+        let a = image(tmp.path(), &format!("a{round}.img"), 8, 10 + round);
+        let b = image(tmp.path(), &format!("b{round}.img"), 8, 20 + round);
+        let mut ca = std_on_garage(&garage, url, &host_a, &[]);
+        ca.args(["--json", "backup", "image", "--vm", "vm-a", "--disk"])
+            .arg(format!("sys={}", a.display()));
+        let mut cb = std_on_garage(
+            &garage,
+            url,
+            &host_b,
+            &["unshare", "--pid", "--fork", "--mount-proc"],
+        );
+        cb.args(["--json", "backup", "image", "--vm", "vm-b", "--disk"])
+            .arg(format!("sys={}", b.display()));
+        let mut cc = std_on_garage(&garage, url, &host_c, &[]);
+        cc.args(["--json", "prune", "--keep-last", "2"]);
+        let (pa, pb, pc) = (
+            ca.spawn().unwrap(),
+            cb.spawn().unwrap(),
+            cc.spawn().unwrap(),
+        );
+        let (oa, ob, oc) = (
+            pa.wait_with_output().unwrap(),
+            pb.wait_with_output().unwrap(),
+            pc.wait_with_output().unwrap(),
+        );
+        succeeded(&oa, "host A's backup");
+        succeeded(&ob, "host B's backup");
+        succeeded(&oc, "host C's prune");
+        last = vec![
+            (id_of(&single_json(&oa.stdout)), a),
+            (id_of(&single_json(&ob.stdout)), b),
+        ];
+    }
+    let check = json(on_garage(&garage, url, &host_c).args(["check", "--read-data"]));
+    assert_eq!(check["ok"], true, "{check}");
+    assert_eq!(check["damaged"].as_array().unwrap().len(), 0, "{check}");
+    for (id, img) in &last {
+        let target = tmp.path().join(format!("restore-{id}"));
+        json(
+            on_garage(&garage, url, &host_c)
+                .args(["restore", id, "--target"])
+                .arg(&target),
+        );
+        assert_same_file(&target.join("sys.raw"), img);
+    }
+    let ids: Vec<String> = json(on_garage(&garage, url, &host_c).arg("snapshots"))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(!ids.contains(&gone_id), "the forgotten point came back");
+}
+
+#[test]
+fn a_lost_node_is_tolerated_two_are_a_clear_failure() {
+    let mut garage = Garage::start(3);
+    garage.bucket("quorum");
+    let url = "s3://quorum";
+    let tmp = tempfile::tempdir().unwrap();
+    let host = tmp.path().join("host");
+    json(on_garage(&garage, url, &host).args(["init", "--encrypt"]));
+    let img = image(tmp.path(), "disk.img", 48, 7);
+
+    // One node killed while the backup is stopped after its first pack: quorum holds.
+    let mut c = std_on_garage(&garage, url, &host, &[]);
+    c.env("VMKEEP_STOP_AT", "after-first-pack")
+        .args(["--json", "backup", "image", "--vm", "vm", "--disk"])
+        .arg(format!("sys={}", img.display()));
+    let mut child = c.spawn().unwrap();
+    wait_stopped(&mut child);
+    garage.kill_node(2);
+    resume(&child);
+    let out = child.wait_with_output().unwrap();
+    succeeded(&out, "backup with one node of three down");
+    let first = id_of(&single_json(&out.stdout));
+    let check = json(on_garage(&garage, url, &host).args(["check", "--read-data"]));
+    assert_eq!(check["ok"], true, "{check}");
+
+    // Two nodes down: no quorum. The backup fails, within the retry window, with an error
+    // that names the object store, and no restore point appears.
+    garage.kill_node(1);
+    let img2 = image(tmp.path(), "disk2.img", 8, 8);
+    let out = on_garage(&garage, url, &host)
+        .env("VMKEEP_S3_RETRY_SECS", "3")
+        .args(["backup", "image", "--vm", "vm", "--disk"])
+        .arg(format!("sys={}", img2.display()))
+        .output()
+        .unwrap();
+    let line = one_line_error(&out, 1);
+    assert!(line.contains("s3://quorum"), "{line}");
+    garage.start_node(1);
+    garage.start_node(2);
+    let snaps = json(on_garage(&garage, url, &host).arg("snapshots"));
+    let ids: Vec<&str> = snaps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![first.as_str()],
+        "only the first backup is visible"
+    );
+
+    // Nodes back: the next backup succeeds and everything checks clean.
+    let v = json(
+        on_garage(&garage, url, &host)
+            .args(["backup", "image", "--vm", "vm", "--disk"])
+            .arg(format!("sys={}", img2.display())),
+    );
+    let check = json(on_garage(&garage, url, &host).args(["check", "--read-data"]));
+    assert_eq!(check["ok"], true, "{check}");
+    let target = tmp.path().join("r");
+    json(
+        on_garage(&garage, url, &host)
+            .args(["restore", &id_of(&v), "--target"])
+            .arg(&target),
+    );
+    assert_same_file(&target.join("sys.raw"), &img2);
+}
