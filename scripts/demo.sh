@@ -204,9 +204,9 @@ dr="https://$addr/dr"
 VMKEEP_TOKEN=$admin "$vmkeep" --repo "$dr" --tls-fingerprint "$fp" init --replica-of "$work/repo" >/dev/null
 echo "   the DR site's admin made the replica; this host pushes with an append token for web1 only"
 export VMKEEP_TLS_FINGERPRINT=$fp
-VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" --dry-run | tail -1 | sed 's/^/   before: /'
-VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" | sed 's/^/   /'
-VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" | sed 's/^/   again: /'
+VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" --vm web1 --dry-run | tail -1 | sed 's/^/   before: /'
+VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" --vm web1 | sed 's/^/   /'
+VMKEEP_TOKEN=$push "$vmkeep" replicate --to "$dr" --vm web1 | sed 's/^/   again: /'
 if VMKEEP_TOKEN=$push "$vmkeep" --repo "$dr" forget "$first" 2>forget.err; then
   echo "   ERROR: an append token deleted a restore point at the DR site"; exit 1
 fi
