@@ -57,6 +57,20 @@ pub enum Error {
         stream: String,
         available: String,
     },
+    /// The local cache could not be read or written (FORMAT.md §17). It is never needed:
+    /// deleting it costs a rebuild from the repository.
+    #[error("local cache {path}: cannot {what}: {source} (the cache is safe to delete; run with --no-cache to do without it)")]
+    CacheIo {
+        path: PathBuf,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// A cache file failed its verification: it is not used, and is rebuilt on the next run.
+    #[error("local cache file {path} is damaged ({reason}); it was discarded and will be rebuilt from the repository: run the command again")]
+    CacheDamaged { path: PathBuf, reason: String },
+    /// A lookup in the local cache failed during the operation (the cache was discarded).
+    #[error("the local cache failed: {reason}; run the command again (the cache is rebuilt from the repository), or run with --no-cache")]
+    CacheFailed { reason: String },
     /// Corrupt or undecodable repository object.
     #[error("repository object {object} is damaged: {cause}")]
     CorruptObject {
@@ -151,6 +165,18 @@ pub(crate) fn too_large_or(e: vmkeep_store::Error) -> Result<(String, vmkeep_cor
 }
 
 impl Error {
+    pub(crate) fn cache_io(
+        path: &std::path::Path,
+        what: &'static str,
+        source: std::io::Error,
+    ) -> Error {
+        Error::CacheIo {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    }
+
     pub(crate) fn corrupt(object: impl Into<String>, source: vmkeep_core::Error) -> Error {
         Error::CorruptObject {
             object: object.into(),

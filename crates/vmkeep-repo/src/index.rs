@@ -1,14 +1,16 @@
 //! The in-memory blob index: which pack holds each blob, built from every `index/` object, and
 //! which packs are condemned by pending GC records (blobs there are not reused by new backups).
 use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use vmkeep_core::blob;
 use vmkeep_core::keys::BlobKind;
 use vmkeep_core::pack::{IndexFile, PackEntry};
 use vmkeep_core::{object, ObjectKind};
 use vmkeep_core::{BlobId, PackId};
-use vmkeep_store::Key;
+use vmkeep_store::{Key, Store};
 
+use crate::cache::{Cache, Table};
 use crate::error::{Error, Result};
 use crate::gc::record as gc_record;
 use crate::Repository;
@@ -38,12 +40,50 @@ impl Location {
 /// copies are in packs that do not exist (lost, or swept) or are condemned by a GC record is
 /// not *usable*: a backup writes it again instead of referencing it, which also heals restore
 /// points that reference a blob of a lost pack (their ids are the same).
-#[derive(Default, Debug)]
+///
+/// Two forms with the same answers: every entry in memory ([`BlobIndex::from_raw`], for
+/// `check` and `prune`, and without a cache), or the local cache's runs, read one bucket per
+/// lookup ([`BlobIndex::load`] with a cache), whose memory does not grow with the repository.
+#[derive(Debug)]
 pub struct BlobIndex {
-    map: HashMap<BlobId, Location>,
+    entries: Entries,
     condemned: HashSet<PackId>,
-    /// Packs listed in the store after the index objects were read.
-    existing: HashSet<PackId>,
+    packs: Packs,
+    /// The first cache failure met by a lookup (which then answered "not stored": safe for
+    /// deduplication, which writes the blob again); readers report it instead of "missing".
+    failure: Mutex<Option<String>>,
+}
+
+#[derive(Debug)]
+enum Entries {
+    /// The best location of each blob.
+    Memory(HashMap<BlobId, Location>),
+    /// Every location, from the cache.
+    Cached { table: Table, cache: Cache },
+}
+
+/// Which packs exist.
+#[derive(Debug)]
+enum Packs {
+    /// Listed after the index objects were read.
+    Listed(HashSet<PackId>),
+    /// Asked one by one when a lookup needs to know (after the index objects were read, as
+    /// listing would be), each answer kept: a repository of millions of packs is not listed.
+    Probed {
+        store: Arc<dyn Store>,
+        known: Mutex<HashMap<PackId, bool>>,
+    },
+}
+
+impl Default for BlobIndex {
+    fn default() -> Self {
+        BlobIndex {
+            entries: Entries::Memory(HashMap::new()),
+            condemned: HashSet::new(),
+            packs: Packs::Listed(HashSet::new()),
+            failure: Mutex::new(None),
+        }
+    }
 }
 
 pub(crate) fn pack_key(id: &PackId) -> Key {
@@ -67,22 +107,10 @@ impl RawIndex {
     pub fn load(repo: &Repository) -> Result<RawIndex> {
         let mut raw = RawIndex::default();
         for meta in repo.store.list(ObjectKind::Index)? {
-            let bytes = match repo.store.get(&meta.key, ObjectKind::Index.max_size()) {
-                Ok(b) => b,
-                Err(e) if e.is_not_found() => continue, // deleted by a concurrent prune
-                Err(e) => {
-                    let (_, cause) = crate::error::too_large_or(e)?;
-                    raw.damaged.push((meta.key, cause));
-                    continue;
-                }
-            };
-            // The name is BLAKE3 of the stored bytes (FORMAT.md §2): a renamed or substituted
-            // object is damaged even when its content is authentic.
-            match check_index_name(&meta.key.name, &bytes)
-                .and_then(|()| object::open(&repo.keys, ObjectKind::Index, &bytes))
-                .and_then(|body| IndexFile::decode(&body))
-            {
-                Ok(f) => {
+            match fetch_index_object(repo, &meta.key)? {
+                Fetched::Gone => {}
+                Fetched::Damaged(e) => raw.damaged.push((meta.key, e)),
+                Fetched::Read(f) => {
                     let mut names = Vec::with_capacity(f.packs.len());
                     for (pack, entries) in f.packs {
                         names.push(pack);
@@ -90,11 +118,42 @@ impl RawIndex {
                     }
                     raw.files.push((meta.key.name, names));
                 }
-                Err(e) => raw.damaged.push((meta.key, e)),
             }
         }
         Ok(raw)
     }
+}
+
+/// One index object as read.
+pub(crate) enum Fetched {
+    Read(IndexFile),
+    /// Deleted since it was listed (by a concurrent prune).
+    Gone,
+    /// Too large, misnamed, failing authentication or undecodable.
+    Damaged(vmkeep_core::Error),
+}
+
+/// Read, verify and decode one index object.
+pub(crate) fn fetch_index_object(repo: &Repository, key: &Key) -> Result<Fetched> {
+    let bytes = match repo.store.get(key, ObjectKind::Index.max_size()) {
+        Ok(b) => b,
+        Err(e) if e.is_not_found() => return Ok(Fetched::Gone),
+        Err(e) => {
+            let (_, cause) = crate::error::too_large_or(e)?;
+            return Ok(Fetched::Damaged(cause));
+        }
+    };
+    // The name is BLAKE3 of the stored bytes (FORMAT.md §2): a renamed or substituted
+    // object is damaged even when its content is authentic.
+    Ok(
+        match check_index_name(&key.name, &bytes)
+            .and_then(|()| object::open(&repo.keys, ObjectKind::Index, &bytes))
+            .and_then(|body| IndexFile::decode(&body))
+        {
+            Ok(f) => Fetched::Read(f),
+            Err(e) => Fetched::Damaged(e),
+        },
+    )
 }
 
 fn check_index_name(name: &str, bytes: &[u8]) -> vmkeep_core::Result<()> {
@@ -128,15 +187,45 @@ pub(crate) fn pack_sizes(repo: &Repository) -> Result<HashMap<PackId, u64>> {
 }
 
 impl BlobIndex {
-    /// Load pending GC records first, then every index object, then the list of packs
-    /// (FORMAT.md §13: a backup reads in this order after writing its lease).
+    /// Load pending GC records first, then the index objects, then which packs exist
+    /// (FORMAT.md §13: a backup reads in this order after writing its lease). With a cache,
+    /// only the index objects it does not hold yet are read.
     pub fn load(repo: &Repository) -> Result<BlobIndex> {
         let records = gc_record::load_all(repo)?;
         records.warn_damaged();
         let condemned = records.condemned();
-        let raw = RawIndex::load(repo)?;
-        let existing = pack_sizes(repo)?.into_keys().collect();
-        Ok(BlobIndex::from_raw(&raw, condemned, existing))
+        let Some(cache) = repo.cache.clone() else {
+            let raw = RawIndex::load(repo)?;
+            let existing = pack_sizes(repo)?.into_keys().collect();
+            return Ok(BlobIndex::from_raw(&raw, condemned, existing));
+        };
+        let listed = repo.store.list(ObjectKind::Index)?;
+        let synced = crate::cache::sync::sync(repo, &cache, &listed)?;
+        for (key, e) in &synced.damaged {
+            tracing::warn!(index = %key, error = %e, "skipping a damaged index object");
+        }
+        tracing::debug!(
+            entries = synced.table.entries(),
+            read = synced.fetched,
+            "blob index from the cache"
+        );
+        let packs = if synced.table.pack_count() <= repo.tuning.list_packs_up_to {
+            Packs::Listed(pack_sizes(repo)?.into_keys().collect())
+        } else {
+            Packs::Probed {
+                store: repo.store.clone(),
+                known: Mutex::new(HashMap::new()),
+            }
+        };
+        Ok(BlobIndex {
+            entries: Entries::Cached {
+                table: synced.table,
+                cache,
+            },
+            condemned,
+            packs,
+            failure: Mutex::new(None),
+        })
     }
 
     /// The lookup table of `raw`, treating the packs in `condemned` as about to disappear and
@@ -146,91 +235,186 @@ impl BlobIndex {
         condemned: HashSet<PackId>,
         existing: HashSet<PackId>,
     ) -> BlobIndex {
-        let mut idx = BlobIndex {
-            map: HashMap::new(),
-            condemned,
-            existing,
-        };
         for (key, e) in &raw.damaged {
             tracing::warn!(index = %key, error = %e, "skipping a damaged index object");
         }
+        let mut idx = BlobIndex {
+            entries: Entries::Memory(HashMap::new()),
+            condemned,
+            packs: Packs::Listed(existing),
+            failure: Mutex::new(None),
+        };
+        let mut map = HashMap::new();
         for (pack, entries) in &raw.by_pack {
             for e in entries {
-                idx.insert(e.id, Location::from_entry(*pack, e));
+                let loc = Location::from_entry(*pack, e);
+                let better = match map.get(&e.id) {
+                    None => true,
+                    Some(old) => idx.better(&loc, old),
+                };
+                if better {
+                    map.insert(e.id, loc);
+                }
             }
         }
+        idx.entries = Entries::Memory(map);
         idx
     }
 
     /// 0: usable; 1: exists but condemned (readable until swept); 2: gone.
     fn rank(&self, pack: &PackId) -> u8 {
-        match (self.existing.contains(pack), self.condemned.contains(pack)) {
+        match (self.pack_exists(pack), self.condemned.contains(pack)) {
             (true, false) => 0,
             (true, true) => 1,
             (false, _) => 2,
         }
     }
 
-    /// Add a location; the best of a blob's locations (by [`BlobIndex::rank`], then pack id,
-    /// so the choice does not depend on reading order) is kept.
-    pub fn insert(&mut self, id: BlobId, loc: Location) {
-        let better = match self.map.get(&id) {
-            None => true,
-            Some(old) => (self.rank(&loc.pack), loc.pack) < (self.rank(&old.pack), old.pack),
-        };
-        if better {
-            self.map.insert(id, loc);
+    /// The better of two locations: by [`BlobIndex::rank`], then pack id, so the choice does
+    /// not depend on reading order.
+    fn better(&self, a: &Location, b: &Location) -> bool {
+        (self.rank(&a.pack), a.pack) < (self.rank(&b.pack), b.pack)
+    }
+
+    fn note_failure(&self, e: crate::Error) {
+        let mut f = self.failure.lock().unwrap();
+        if f.is_none() {
+            tracing::warn!(error = %e, "the local cache failed; treating the blob as not stored");
+            if let (Entries::Cached { cache, .. }, crate::Error::CacheDamaged { path, .. }) =
+                (&self.entries, &e)
+            {
+                // The next run rebuilds it from the repository.
+                let _ = std::fs::remove_file(cache.path(crate::cache::table::CATALOG));
+                let _ = std::fs::remove_file(path);
+            }
+            *f = Some(e.to_string());
         }
     }
 
-    pub fn get(&self, id: &BlobId) -> Option<&Location> {
-        self.map.get(id)
+    /// The cache failure a lookup met, if any (its message).
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap().clone()
+    }
+
+    /// Every location of `id` the cache gives (empty on a failure, which is noted).
+    fn candidates(&self, table: &Table, id: &BlobId) -> Vec<Location> {
+        table.find(id).unwrap_or_else(|e| {
+            self.note_failure(e);
+            Vec::new()
+        })
+    }
+
+    /// The best location of a blob.
+    pub fn get(&self, id: &BlobId) -> Option<Location> {
+        match &self.entries {
+            Entries::Memory(map) => map.get(id).copied(),
+            Entries::Cached { table, .. } => {
+                let c = self.candidates(table, id);
+                if c.len() <= 1 {
+                    // One copy: no choice to make, and no need to ask whether its pack exists.
+                    return c.first().copied();
+                }
+                c.into_iter()
+                    .reduce(|best, l| if self.better(&l, &best) { l } else { best })
+            }
+        }
     }
 
     /// Present in a pack that exists and is not condemned: a backup may reference it without
     /// writing it.
     pub fn usable(&self, id: &BlobId) -> bool {
-        self.map.get(id).is_some_and(|l| self.rank(&l.pack) == 0)
+        self.usable_location(id).is_some()
     }
 
-    /// Whether the pack was listed when this index was loaded.
+    /// The usable location of a blob, if it has one.
+    pub fn usable_location(&self, id: &BlobId) -> Option<Location> {
+        match &self.entries {
+            Entries::Memory(map) => map.get(id).filter(|l| self.rank(&l.pack) == 0).copied(),
+            Entries::Cached { table, .. } => {
+                let mut c = self.candidates(table, id);
+                c.sort_by_key(|l| l.pack);
+                c.into_iter().find(|l| self.rank(&l.pack) == 0)
+            }
+        }
+    }
+
+    /// Whether the pack exists (listed when this index was loaded, or found when asked).
     pub fn pack_exists(&self, pack: &PackId) -> bool {
-        self.existing.contains(pack)
+        match &self.packs {
+            Packs::Listed(set) => set.contains(pack),
+            Packs::Probed { store, known } => {
+                if let Some(k) = known.lock().unwrap().get(pack) {
+                    return *k;
+                }
+                let exists = match store.size(&pack_key(pack)) {
+                    Ok(_) => true,
+                    Err(e) if e.is_not_found() => false,
+                    Err(e) => {
+                        // Unknown: not usable this time (writing a blob again is always safe).
+                        tracing::warn!(pack = %pack, error = %e, "cannot tell whether a pack exists");
+                        return false;
+                    }
+                };
+                known.lock().unwrap().insert(*pack, exists);
+                exists
+            }
+        }
     }
 
     pub fn is_condemned(&self, pack: &PackId) -> bool {
         self.condemned.contains(pack)
     }
 
+    /// Blobs in the index (every entry, with repeats, when cached).
     pub fn len(&self) -> usize {
-        self.map.len()
+        match &self.entries {
+            Entries::Memory(map) => map.len(),
+            Entries::Cached { table, .. } => table.entries() as usize,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
     }
 
+    /// Every blob and its location (in-memory indexes only: check and prune).
     pub fn iter(&self) -> impl Iterator<Item = (&BlobId, &Location)> {
-        self.map.iter()
-    }
-
-    /// Ids usable for deduplication.
-    pub fn usable_ids(&self) -> HashSet<BlobId> {
-        self.map
-            .iter()
-            .filter(|(_, l)| self.rank(&l.pack) == 0)
-            .map(|(id, _)| *id)
-            .collect()
+        let map = match &self.entries {
+            Entries::Memory(map) => Some(map),
+            Entries::Cached { .. } => None,
+        };
+        map.into_iter().flat_map(|m| m.iter())
     }
 }
 
 impl Repository {
-    /// Read, decrypt, decompress and verify one blob.
+    /// Read, decrypt, decompress and verify one blob. Through an index read from the cache,
+    /// tree nodes come from the cache when it has them (verified by their id, as every blob
+    /// read is) and are kept there after a read from the store; `check` and GC, whose index is
+    /// in memory, always read the store (they verify the repository, not the cache).
     pub fn read_blob(&self, index: &BlobIndex, id: &BlobId) -> Result<Vec<u8>> {
-        let loc = index
-            .get(id)
-            .ok_or_else(|| Error::BlobMissing { id: id.to_hex() })?;
-        self.read_blob_at(id, loc)
+        let loc = index.get(id).ok_or_else(|| match index.failure() {
+            Some(reason) => Error::CacheFailed { reason },
+            None => Error::BlobMissing { id: id.to_hex() },
+        })?;
+        let cache = match &index.entries {
+            Entries::Cached { cache, .. } if loc.kind == BlobKind::Tree => Some(cache),
+            _ => None,
+        };
+        let Some(cache) = cache else {
+            return self.read_blob_at(id, &loc);
+        };
+        if let Some(stored) = crate::cache::objects::get(cache, id, loc.length as u64) {
+            match blob::decode(&self.keys, loc.kind, id, loc.raw_len, &stored) {
+                Ok(plain) => return Ok(plain),
+                Err(_) => crate::cache::objects::discard(cache, id),
+            }
+        }
+        let stored = self.read_stored_blob(id, &loc)?;
+        let plain = blob::decode(&self.keys, loc.kind, id, loc.raw_len, &stored)
+            .map_err(|e| Error::corrupt(format!("blob {id} in {}", pack_key(&loc.pack)), e))?;
+        crate::cache::objects::put(cache, id, &stored);
+        Ok(plain)
     }
 
     pub fn read_blob_at(&self, id: &BlobId, loc: &Location) -> Result<Vec<u8>> {

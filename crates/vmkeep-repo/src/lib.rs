@@ -10,6 +10,7 @@
 //! | [`forget`], [`prune`] | retention, change-map merging, GC |
 //! | [`lease`], [`gc`] | the concurrency protocol between backups and GC (checked in `gc/model`) |
 //! | [`walk`] | the one walker of what a restore point references |
+//! | [`cache`] | the local cache: blob index runs and tree nodes, shared by processes |
 //! | [`repair`] | rebuilding index objects from pack headers |
 //! | [`temporaries`] | temporary files of killed writers (reported by check, removed by prune) |
 //!
@@ -19,6 +20,7 @@
 //! deleted only if the restore point using it was forgotten meanwhile).
 
 pub mod backup;
+mod cache;
 pub mod check;
 pub mod diff;
 mod error;
@@ -43,6 +45,7 @@ mod upload;
 pub mod walk;
 
 pub use backup::{BackupOptions, BackupSession, DiskReader, ImageBackupOptions, ReadPlan};
+pub use cache::CacheOptions;
 pub use check::{CheckOptions, CheckReport, Damage};
 pub use error::{Error, Result};
 pub use gc::{GcPreview, GcStats};

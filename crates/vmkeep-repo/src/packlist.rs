@@ -33,10 +33,8 @@ pub(crate) struct PackTracker {
 }
 
 impl PackTracker {
-    pub(crate) fn note(&self, index: &BlobIndex, id: &vmkeep_core::BlobId) {
-        if let Some(loc) = index.get(id) {
-            self.packs.lock().unwrap().insert(loc.pack);
-        }
+    pub(crate) fn note(&self, pack: PackId) {
+        self.packs.lock().unwrap().insert(pack);
     }
 
     pub(crate) fn packs(&self) -> HashSet<PackId> {

@@ -170,7 +170,7 @@ impl Repository {
                 let loc = src_index
                     .get(&r.id)
                     .ok_or_else(|| Error::BlobMissing { id: r.id.to_hex() })?;
-                let stored = self.read_stored_blob(&r.id, loc)?;
+                let stored = self.read_stored_blob(&r.id, &loc)?;
                 blob::decode(&self.keys, loc.kind, &r.id, loc.raw_len, &stored).map_err(|e| {
                     Error::corrupt(format!("blob {} of restore point {:#}", r.id, m.id), e)
                 })?;

@@ -9,6 +9,7 @@ use vmkeep_core::ObjectKind;
 use vmkeep_store::{Key, Store};
 use zeroize::Zeroizing;
 
+use crate::cache::{Cache, CacheOptions};
 use crate::error::{Error, Result};
 
 /// Timing knobs of the concurrency protocol (docs/FORMAT.md "Concurrency and GC").
@@ -22,6 +23,9 @@ pub struct Tuning {
     pub clock_skew: Duration,
     /// Worker threads of the data path (hash, compress, encrypt / decrypt, verify).
     pub threads: usize,
+    /// With a cache, a repository of at most this many packs has them listed by a backup;
+    /// a larger one has them asked about one by one when a lookup needs to know.
+    pub list_packs_up_to: usize,
 }
 
 impl Default for Tuning {
@@ -33,6 +37,7 @@ impl Default for Tuning {
             threads: std::thread::available_parallelism()
                 .map(|n| n.get())
                 .unwrap_or(2),
+            list_packs_up_to: 10_000,
         }
     }
 }
@@ -61,6 +66,8 @@ pub struct Repository {
     pub(crate) tuning: Tuning,
     /// Name of the key file that unlocked this repository (None when plain).
     key_name: Option<String>,
+    /// The local cache (FORMAT.md §17), when one is used.
+    pub(crate) cache: Option<Cache>,
 }
 
 impl std::fmt::Debug for Repository {
@@ -120,6 +127,7 @@ impl Repository {
             config,
             keys,
             tuning: Tuning::default(),
+            cache: None,
             key_name,
         })
     }
@@ -156,6 +164,7 @@ impl Repository {
             config,
             keys: source.keys.clone(),
             tuning: Tuning::default(),
+            cache: None,
             key_name: source.key_name.clone(),
         })
     }
@@ -192,6 +201,7 @@ impl Repository {
             config,
             keys,
             tuning: Tuning::default(),
+            cache: None,
             key_name,
         })
     }
@@ -199,6 +209,20 @@ impl Repository {
     pub fn with_tuning(mut self, tuning: Tuning) -> Repository {
         self.tuning = tuning;
         self
+    }
+
+    /// Use a local cache in `opts.dir` (a folder per repository inside it), or none.
+    pub fn with_cache(mut self, opts: Option<&CacheOptions>) -> Result<Repository> {
+        self.cache = match opts {
+            Some(o) => Some(Cache::open(o, &self.config.id)?),
+            None => None,
+        };
+        Ok(self)
+    }
+
+    /// The local cache folder of this repository, if one is used.
+    pub fn cache_dir(&self) -> Option<&std::path::Path> {
+        self.cache.as_ref().map(|c| c.dir.as_path())
     }
 
     pub fn tuning(&self) -> &Tuning {

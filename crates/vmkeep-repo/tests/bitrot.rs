@@ -122,7 +122,7 @@ fn flipped_byte_in_a_data_blob_names_exactly_the_points_using_it() {
         let target = a1_specs[0].1.chunk_bytes(5);
         let id = chunk_id(repo, &target);
         let index = BlobIndex::load(repo).unwrap();
-        let loc = *index.get(&id).expect("the chunk is stored");
+        let loc = index.get(&id).expect("the chunk is stored");
         flip_byte(
             &pack_path(&sc.root, &loc.pack),
             loc.offset as u64 + loc.length as u64 / 2,
@@ -175,7 +175,7 @@ fn flipped_byte_in_an_index_node_damages_that_disk() {
         let repo = &sc.repo;
         let (b1, _) = &sc.points[3];
         let root = b1.disk("sys").unwrap().root;
-        let loc = *BlobIndex::load(repo).unwrap().get(&root).unwrap();
+        let loc = BlobIndex::load(repo).unwrap().get(&root).unwrap();
         flip_byte(&pack_path(&sc.root, &loc.pack), loc.offset as u64 + 3);
         let r = check(repo);
         println!("check after a flipped index node byte: {:?}", r.damaged);
@@ -184,6 +184,11 @@ fn flipped_byte_in_an_index_node_damages_that_disk() {
             damaged_set(&r),
             BTreeSet::from([(b1.id.to_hex(), Some("sys".to_string()))])
         );
+        // A warm cache may hold a verified copy of the node (read when a later backup read its
+        // parent's tree): restores are then whole. Without one, as on another host:
+        if let Some(dir) = repo.cache_dir() {
+            fs::remove_dir_all(dir).unwrap();
+        }
         assert_restore_fails(repo, b1, "sys");
         for (m, _) in &sc.points[..3] {
             assert_restores(repo, m, &sc.refs.0[&m.id]);

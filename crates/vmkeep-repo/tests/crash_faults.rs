@@ -13,7 +13,6 @@ use common::*;
 use vmkeep_core::keys::BlobKind;
 use vmkeep_core::retention::RetentionPolicy;
 use vmkeep_core::SnapshotId;
-use vmkeep_repo::index::BlobIndex;
 use vmkeep_repo::{Manifest, NoProgress, PruneOptions, PruneStats, Repository};
 use vmkeep_store::ObjectKind;
 
@@ -476,10 +475,12 @@ fn rerun_after_fault_reuses_written_data() {
         drop(repo);
 
         let repo = open_local(&root, true, 2);
-        let indexed_data = BlobIndex::load(&repo)
+        let indexed_data = vmkeep_repo::index::RawIndex::load(&repo)
             .unwrap()
-            .iter()
-            .filter(|(_, l)| l.kind == BlobKind::Data)
+            .by_pack
+            .values()
+            .flatten()
+            .filter(|e| e.kind == BlobKind::Data)
             .count() as u64;
         assert!(
             indexed_data > 0,

@@ -360,3 +360,84 @@ impl Drop for Moto {
         let _ = self.child.wait();
     }
 }
+
+/// `scripts/s3-fault-proxy.py` in front of an S3 endpoint: latency on every request, some
+/// answered `503 SlowDown`, some replies cut half-way; killed when dropped.
+pub struct FaultProxy {
+    child: Child,
+    /// The proxy, as clients reach it (same credentials as the upstream).
+    pub s3: S3Endpoint,
+    stats: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// How bad the proxy makes the network.
+#[derive(Clone, Copy, Debug)]
+pub struct Faults {
+    pub delay_ms: u32,
+    /// Extra delay, uniform in 0..jitter_ms.
+    pub jitter_ms: u32,
+    /// Share of requests answered 503 SlowDown without reaching the server.
+    pub fail_rate: f64,
+    /// Share of replies cut off half-way (the connection closes).
+    pub cut_rate: f64,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &S3Endpoint, faults: Faults) -> FaultProxy {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/s3-fault-proxy.py");
+        let dir = tempfile::tempdir().unwrap();
+        let stats = dir.path().join("stats.json");
+        let host_port = upstream
+            .endpoint
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .args(["--upstream", &host_port])
+            .args(["--delay-ms", &faults.delay_ms.to_string()])
+            .args(["--jitter-ms", &faults.jitter_ms.to_string()])
+            .args(["--fail-rate", &faults.fail_rate.to_string()])
+            .args(["--cut-rate", &faults.cut_rate.to_string()])
+            .arg("--stats")
+            .arg(&stats)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", script.display()));
+        let mut line = String::new();
+        use std::io::BufRead;
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the fault proxy printed {line:?}"));
+        FaultProxy {
+            child,
+            s3: S3Endpoint {
+                endpoint: format!("http://127.0.0.1:{port}"),
+                ..upstream.clone()
+            },
+            stats,
+            _dir: dir,
+        }
+    }
+
+    /// What the proxy saw: {"requests", "by_method", "bytes_up", "bytes_down",
+    /// "answered_503", "cut"}.
+    pub fn stats(&self) -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&self.stats).unwrap()).unwrap()
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -37,6 +37,13 @@ pub struct Global {
     /// File holding the repository passphrase (or set VMKEEP_PASSWORD)
     #[arg(long, global = true, env = "VMKEEP_PASSWORD_FILE", value_name = "FILE")]
     pub password_file: Option<PathBuf>,
+    /// Local cache folder (index runs and tree nodes, one folder per repository; safe to
+    /// delete at any time) [default: $XDG_CACHE_HOME/vmkeep or ~/.cache/vmkeep]
+    #[arg(long, global = true, env = "VMKEEP_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Use no local cache: read every index object into memory on each run
+    #[arg(long, global = true, env = "VMKEEP_NO_CACHE")]
+    pub no_cache: bool,
     /// Print one JSON document on stdout instead of human text
     #[arg(long, global = true)]
     pub json: bool,

@@ -1,11 +1,11 @@
 //! Opening the repository a command names, with its passphrase.
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use vmkeep_repo::{Repository, Tuning};
+use vmkeep_repo::{CacheOptions, Repository, Tuning};
 use vmkeep_store::{HttpOptions, HttpStore, LocalStore, S3Options, S3Store, Store};
 use zeroize::Zeroizing;
 
@@ -150,6 +150,12 @@ pub fn tuning() -> Tuning {
     {
         t.threads = n.max(1);
     }
+    if let Some(n) = std::env::var("VMKEEP_LIST_PACKS_UP_TO")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        t.list_packs_up_to = n;
+    }
     t
 }
 
@@ -165,13 +171,54 @@ pub fn open_repo(g: &Global) -> Result<Repository> {
 pub fn open_repo_at(g: &Global, location: &str) -> Result<Repository> {
     let store = open_store(g, location)?;
     let configured = configured_passphrase(g)?;
+    let cache = cache_options(g);
     let pass = match Repository::open(store.clone(), configured.as_deref().map(Vec::as_slice)) {
-        Ok(r) => return Ok(r.with_tuning(tuning())),
+        Ok(r) => return with_cache(r.with_tuning(tuning()), cache.as_ref()),
         Err(vmkeep_repo::Error::PassphraseRequired) if configured.is_none() => {
             prompt("passphrase", false)?
                 .ok_or_else(|| anyhow!(vmkeep_repo::Error::PassphraseRequired))?
         }
         Err(e) => return Err(e.into()),
     };
-    Ok(Repository::open(store, Some(&pass))?.with_tuning(tuning()))
+    with_cache(
+        Repository::open(store, Some(&pass))?.with_tuning(tuning()),
+        cache.as_ref(),
+    )
+}
+
+/// The local cache: `--cache-dir`, else `$XDG_CACHE_HOME/vmkeep`, else `~/.cache/vmkeep`;
+/// none with `--no-cache` or when no folder can be named.
+fn cache_options(g: &Global) -> Option<CacheOptions> {
+    if g.no_cache {
+        return None;
+    }
+    let dir = g.cache_dir.clone().or_else(|| {
+        let xdg = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty());
+        let home = std::env::var_os("HOME").filter(|v| !v.is_empty());
+        xdg.map(PathBuf::from)
+            .or_else(|| home.map(|h| PathBuf::from(h).join(".cache")))
+            .map(|d| d.join("vmkeep"))
+    })?;
+    let mut opts = CacheOptions::new(dir);
+    if let Some(mib) = std::env::var("VMKEEP_CACHE_MAX_MIB")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        opts.max_object_bytes = mib << 20;
+    }
+    Some(opts)
+}
+
+/// Attach the cache; one that cannot be created is done without, with a warning.
+fn with_cache(repo: Repository, cache: Option<&CacheOptions>) -> Result<Repository> {
+    let Some(opts) = cache else {
+        return Ok(repo);
+    };
+    match std::fs::create_dir_all(&opts.dir) {
+        Ok(()) => Ok(repo.with_cache(Some(opts))?),
+        Err(e) => {
+            tracing::warn!(dir = %opts.dir.display(), error = %e, "cannot create the cache folder; running without a cache");
+            Ok(repo)
+        }
+    }
 }

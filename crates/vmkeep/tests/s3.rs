@@ -2,8 +2,8 @@
 //! distributed store: a 3-node Garage cluster on loopback (replication factor 3, conditional
 //! writes ignored), configured through the AWS environment variables as a user would.
 //!
-//! - Many hosts, one bucket: two "hosts" (separate state folders, so separate host identities,
-//!   one of them in its own PID namespace) back up different VMs into one repository at once
+//! - Many hosts, one bucket: two "hosts" (separate state folders and caches, so separate host
+//!   identities, one of them in its own PID namespace) back up different VMs into one repository at once
 //!   while a third runs prune beside them; nothing is lost and `check --read-data` is clean.
 //! - A node lost mid-backup: with one of three nodes killed the backup completes (quorum) and
 //!   checks clean; with two killed it fails with a clear error and leaves no restore point;
@@ -15,15 +15,20 @@ use std::process::{Command, Output, Stdio};
 
 use common::*;
 use vmkeep_testkit::data::random_bytes;
-use vmkeep_testkit::s3::Garage;
+use vmkeep_testkit::s3::{FaultProxy, Faults, Garage, S3Endpoint};
 
 /// `vmkeep` with the cluster's AWS settings and its own state folder (its host identity).
 fn on_garage(garage: &Garage, url: &str, state: &Path) -> assert_cmd::Command {
+    on_endpoint(&garage.s3, url, state)
+}
+
+fn on_endpoint(s3: &S3Endpoint, url: &str, state: &Path) -> assert_cmd::Command {
     let mut c = vmkeep(Path::new(url));
-    for (k, v) in garage.s3.env() {
+    for (k, v) in s3.env() {
         c.env(k, v);
     }
     c.env("VMKEEP_STATE_DIR", state)
+        .env("VMKEEP_CACHE_DIR", state.join("cache"))
         .env("VMKEEP_PASSWORD", "s3-test-passphrase");
     c
 }
@@ -42,6 +47,7 @@ fn std_on_garage(garage: &Garage, url: &str, state: &Path, prefix: &[&str]) -> C
     }
     c.env("VMKEEP_KDF_MEM_KIB", KDF_MEM_KIB)
         .env("VMKEEP_STATE_DIR", state)
+        .env("VMKEEP_CACHE_DIR", state.join("cache"))
         .env("VMKEEP_PASSWORD", "s3-test-passphrase")
         .env_remove("VMKEEP_REPO")
         .arg("--repo")
@@ -217,4 +223,65 @@ fn a_lost_node_is_tolerated_two_are_a_clear_failure() {
             .arg(&target),
     );
     assert_same_file(&target.join("sys.raw"), &img2);
+}
+
+/// The same backups and restore directly and through a proxy that adds 20-50 ms to every
+/// request, answers 5% with 503 SlowDown and cuts 2% of replies half-way: everything succeeds,
+/// restores are exact, and the faulty run stays within 2x of the direct one with the same
+/// latency (the retries cost, not the latency).
+#[test]
+fn latency_throttling_and_cut_replies_are_retried_within_2x() {
+    let garage = Garage::start(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let img = image(tmp.path(), "disk.img", 24, 31);
+    let latency = Faults {
+        delay_ms: 20,
+        jitter_ms: 30,
+        fail_rate: 0.0,
+        cut_rate: 0.0,
+    };
+    let faulty = Faults {
+        fail_rate: 0.05,
+        cut_rate: 0.02,
+        ..latency
+    };
+    let mut times = Vec::new();
+    for (n, faults) in [("latency", latency), ("faults", faulty)] {
+        garage.bucket(n);
+        let proxy = FaultProxy::start(&garage.s3, faults);
+        let url = format!("s3://{n}");
+        let host = tmp.path().join(n);
+        let start = std::time::Instant::now();
+        json(on_endpoint(&proxy.s3, &url, &host).args(["init", "--encrypt"]));
+        let first = json(
+            on_endpoint(&proxy.s3, &url, &host)
+                .args(["backup", "image", "--vm", "vm", "--disk"])
+                .arg(format!("sys={}", img.display())),
+        );
+        let target = tmp.path().join(format!("restore-{n}"));
+        json(
+            on_endpoint(&proxy.s3, &url, &host)
+                .args(["restore", &id_of(&first), "--target"])
+                .arg(&target),
+        );
+        let check = json(on_endpoint(&proxy.s3, &url, &host).args(["check", "--read-data"]));
+        let elapsed = start.elapsed();
+        assert_eq!(check["ok"], true, "{n}: {check}");
+        assert_same_file(&target.join("sys.raw"), &img);
+        let stats = proxy.stats();
+        println!("{n}: {:.1} s, proxy saw {stats}", elapsed.as_secs_f64());
+        if faults.fail_rate > 0.0 {
+            assert!(
+                stats["answered_503"].as_u64().unwrap() > 0 && stats["cut"].as_u64().unwrap() > 0,
+                "faults were injected: {stats}"
+            );
+        }
+        times.push(elapsed);
+    }
+    assert!(
+        times[1] < times[0] * 2 + std::time::Duration::from_secs(2),
+        "with faults {:?}, without {:?}",
+        times[1],
+        times[0]
+    );
 }

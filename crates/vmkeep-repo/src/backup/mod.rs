@@ -55,9 +55,9 @@ impl Dedup {
     /// True when the caller must write the blob (first sighting); false when it already exists
     /// in a usable pack or another thread of this session writes it.
     pub fn claim(&self, id: &BlobId) -> bool {
-        if self.index.usable(id) {
+        if let Some(loc) = self.index.usable_location(id) {
             if let Some(t) = &self.packs {
-                t.note(&self.index, id);
+                t.note(loc.pack);
             }
             #[cfg(feature = "test-hooks")]
             if let Some(h) = &self.hooks.after_reuse_decision {
@@ -180,9 +180,9 @@ impl<'r> BackupSession<'r> {
 
     /// Whether this repository (as loaded at the session's start) or this session has `id`.
     pub(crate) fn has_blob(&self, id: &BlobId) -> bool {
-        if self.dedup.index.usable(id) {
+        if let Some(loc) = self.dedup.index.usable_location(id) {
             if let Some(t) = &self.dedup.packs {
-                t.note(&self.dedup.index, id);
+                t.note(loc.pack);
             }
             return true;
         }

@@ -314,6 +314,7 @@ impl Repository {
         let lease = Lease::acquire(self, kind)?;
         let now = Utc::now();
         for other in list(self)? {
+            self.warn_if_clock_off(&other, other.id == lease.id);
             if other.id == lease.id {
                 continue;
             }
@@ -331,6 +332,34 @@ impl Repository {
             }
         }
         Ok(lease)
+    }
+}
+
+impl Repository {
+    /// GC tolerates clocks that differ by up to the skew allowance (FORMAT.md §13.2). A lease's
+    /// record says when its holder wrote it, by the holder's clock; the store says when the
+    /// write landed, by its own: a difference beyond the allowance means that host's clock
+    /// (or ours, for our own lease) is off, and the allowance no longer covers it.
+    fn warn_if_clock_off(&self, lease: &ListedLease, mine: bool) {
+        let Some(r) = &lease.record else { return };
+        let off = (lease.modified - r.refreshed).abs();
+        let allowed =
+            chrono::Duration::from_std(self.tuning.clock_skew).unwrap_or(chrono::Duration::MAX);
+        if off <= allowed {
+            return;
+        }
+        let whose = if mine {
+            "this host's clock".to_string()
+        } else {
+            format!("the clock of {}", r.host.describe())
+        };
+        tracing::warn!(
+            "{whose} differs from the repository store's by about {} s, more than the {} s \
+             the protocol allows (or that write was held up that long): set the clocks right \
+             (NTP); until then a lease may be judged expired early or late",
+            off.num_seconds(),
+            allowed.num_seconds()
+        );
     }
 }
 

@@ -20,12 +20,17 @@ use crate::nodes::RepoNodes;
 use crate::progress::Progress;
 use crate::Repository;
 
+mod fetch;
 pub mod onto;
 mod publish;
 pub mod raw;
 pub(crate) mod stream;
 
 pub use publish::{create_target_dir, publish};
+
+/// Chunks a restore worker reads at once: consecutive chunks, mostly read with one request
+/// (4 MiB at 64 KiB chunks; [`fetch`]).
+const BATCH: usize = 64;
 pub use raw::{RawFileImage, RawFileWriter};
 
 pub use vmkeep_io::target::DiskWriter;
@@ -162,8 +167,8 @@ impl Repository {
                 workers.push(s.spawn(move || -> Result<u64> {
                     let mut written = 0;
                     for batch in rx {
-                        for (i, id) in batch {
-                            let data = self.read_blob(index, &id)?;
+                        let read = self.read_blobs(index, &batch)?;
+                        for ((i, id), (_, data)) in batch.iter().copied().zip(read) {
                             let expect = (d.size - i * cs).min(cs);
                             if data.len() as u64 != expect {
                                 return Err(Error::corrupt(
@@ -192,10 +197,10 @@ impl Repository {
             }
             drop(rx);
             let nodes = RepoNodes::new(self, index);
-            let mut batch = Vec::with_capacity(16);
+            let mut batch = Vec::with_capacity(BATCH);
             let walk = tree::for_each_chunk(&nodes, &d.root, chunks, &mut |i, id| {
                 batch.push((i, *id));
-                if batch.len() == 16 {
+                if batch.len() == BATCH {
                     tx.send(std::mem::take(&mut batch)).map_err(|_| {
                         vmkeep_core::Error::Invalid {
                             what: "restore",

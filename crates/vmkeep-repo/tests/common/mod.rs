@@ -50,7 +50,20 @@ pub fn tuning(threads: usize) -> Tuning {
         lease_refresh: Duration::from_secs(3600),
         clock_skew: Duration::from_secs(5 * 60),
         threads,
+        list_packs_up_to: 10_000,
     }
+}
+
+/// The local cache a test repository at `location` uses, as the command-line tool would:
+/// `<location>.cache` beside it, removed with the test's folder. `VMKEEP_TEST_NO_CACHE=1` runs
+/// the suite without one (every index object read into memory, as `--no-cache` does).
+pub fn cache_for(location: &str) -> Option<vmkeep_repo::CacheOptions> {
+    if std::env::var_os("VMKEEP_TEST_NO_CACHE").is_some_and(|v| v == "1") {
+        return None;
+    }
+    let p = Path::new(location);
+    p.is_absolute()
+        .then(|| vmkeep_repo::CacheOptions::new(PathBuf::from(format!("{location}.cache"))))
 }
 
 /// Create a repository in `root` (which must not exist or be empty) with 64 KiB chunks and 1 MiB
@@ -80,9 +93,12 @@ pub fn init_repo(root: &Path, encrypted: bool) {
 
 pub fn open_store(store: Arc<dyn Store>, encrypted: bool, threads: usize) -> Repository {
     let pass = encrypted.then_some(PASS);
+    let cache = cache_for(&store.location());
     Repository::open(store, pass)
         .unwrap()
         .with_tuning(tuning(threads))
+        .with_cache(cache.as_ref())
+        .unwrap()
 }
 
 pub fn open_local(root: &Path, encrypted: bool, threads: usize) -> Repository {

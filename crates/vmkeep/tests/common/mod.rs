@@ -44,7 +44,26 @@ const SCRUB: &[&str] = &[
     "VMKEEP_LEASE_TIMEOUT_SECS",
     "VMKEEP_LEASE_REFRESH_SECS",
     "VMKEEP_NBD_TIMEOUT_SECS",
+    "VMKEEP_CACHE_DIR",
+    "VMKEEP_NO_CACHE",
+    "VMKEEP_CACHE_MAX_MIB",
+    "VMKEEP_LIST_PACKS_UP_TO",
+    "XDG_CACHE_HOME",
 ];
+
+/// The local cache of commands run without a repository folder of their own (under target/).
+fn shared_cache() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vmkeep-cache")
+}
+
+/// The cache beside a test's repository (removed with the test's folder).
+pub fn cache_beside(repo: &Path) -> PathBuf {
+    if repo.to_string_lossy().contains("://") || !repo.is_absolute() {
+        return shared_cache();
+    }
+    repo.parent()
+        .map_or_else(shared_cache, |p| p.join("vmkeep-cache"))
+}
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_vmkeep"))
@@ -57,12 +76,14 @@ pub fn vmkeep_bare() -> assert_cmd::Command {
         c.env_remove(v);
     }
     c.env("VMKEEP_KDF_MEM_KIB", KDF_MEM_KIB);
+    c.env("VMKEEP_CACHE_DIR", shared_cache());
     c
 }
 
 /// `vmkeep --repo REPO` (assert_cmd; stdin is a pipe, never a terminal).
 pub fn vmkeep(repo: &Path) -> assert_cmd::Command {
     let mut c = vmkeep_bare();
+    c.env("VMKEEP_CACHE_DIR", cache_beside(repo));
     c.arg("--repo").arg(repo);
     c
 }
@@ -79,6 +100,7 @@ pub fn vmkeep_std_at(program: &Path, repo: &Path) -> std::process::Command {
         c.env_remove(v);
     }
     c.env("VMKEEP_KDF_MEM_KIB", KDF_MEM_KIB);
+    c.env("VMKEEP_CACHE_DIR", cache_beside(repo));
     c.stdin(Stdio::null());
     c.arg("--repo").arg(repo);
     c

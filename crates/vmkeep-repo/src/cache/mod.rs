@@ -1,0 +1,127 @@
+//! The local cache (FORMAT.md §17): what is small and read often, kept on the host so that a
+//! backup's memory, start-up time and requests grow with what it writes, not with the
+//! repository.
+//!
+//! - **The blob index** as immutable runs ([`run`]) of entries sorted by blob id, built from the
+//!   repository's index objects ([`sync`]): a backup asks "is this chunk stored, where?" with
+//!   one `pread` of a checksummed bucket instead of loading every index object into memory.
+//! - **Tree nodes** as stored ([`objects`]), verified by their id on every use.
+//!
+//! One folder per repository (`<cache dir>/<repository id>/`), shared by every vmkeep process
+//! on the host: changes to it happen under an exclusive `flock` on its `lock` file and are
+//! published by renaming, so a reader sees an old or a new catalog, never a partial one. Every
+//! file is verified before it is believed, so the cache is safe to delete (or to lose to a
+//! crash) at any instant: the next run rebuilds what it needs from the repository.
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+mod build;
+pub(crate) mod objects;
+mod run;
+pub(crate) mod sync;
+pub(crate) mod table;
+
+pub(crate) use table::Table;
+
+/// Where the cache lives and how large its object part may grow.
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// The cache folder shared by all repositories (`~/.cache/vmkeep` by default in the CLI).
+    pub dir: PathBuf,
+    /// Bound of the cached objects (tree nodes); the blob index is not counted (it is about
+    /// 53 bytes per chunk of the repository and needed whole).
+    pub max_object_bytes: u64,
+}
+
+impl CacheOptions {
+    pub fn new(dir: PathBuf) -> CacheOptions {
+        CacheOptions {
+            dir,
+            max_object_bytes: 1 << 30,
+        }
+    }
+}
+
+/// The cache folder of one repository.
+#[derive(Clone, Debug)]
+pub(crate) struct Cache {
+    pub dir: PathBuf,
+    pub max_object_bytes: u64,
+}
+
+impl Cache {
+    pub fn open(opts: &CacheOptions, repo_id: &str) -> Result<Cache> {
+        // The id comes from the repository's config: only a plain hex name becomes a folder.
+        let safe = !repo_id.is_empty()
+            && repo_id.len() <= 64
+            && repo_id.bytes().all(|b| b.is_ascii_hexdigit());
+        let folder = if safe {
+            repo_id.to_string()
+        } else {
+            blake3::hash(repo_id.as_bytes()).to_hex().to_string()
+        };
+        let dir = opts.dir.join(folder);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::cache_io(&dir, "create", e))?;
+        // The cache holds index entries and tree nodes in the clear: only its owner reads it.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o700));
+        Ok(Cache {
+            dir,
+            max_object_bytes: opts.max_object_bytes,
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Exclusive use of the cache's mutable parts until the guard drops (other processes wait).
+    pub fn lock(&self) -> Result<CacheLock> {
+        // Deleted while this process ran (safe at any time): made again.
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::cache_io(&self.dir, "create", e))?;
+        let path = self.path("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::cache_io(&path, "open", e))?;
+        loop {
+            // SAFETY: flock on a descriptor we own; it is released when the file closes.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if rc == 0 {
+                return Ok(CacheLock { _file: file });
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::cache_io(&path, "lock", e));
+            }
+        }
+    }
+}
+
+pub(crate) struct CacheLock {
+    _file: File,
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename (no fsync: a cache file lost
+/// or cut by a crash fails its verification and is rebuilt).
+pub(crate) fn publish(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temp_beside(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::cache_io(&tmp, "write", e))?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::cache_io(path, "rename into", e))
+}
+
+pub(crate) fn temp_beside(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("cache");
+    path.with_file_name(format!(
+        ".tmp-{name}-{}",
+        hex::encode(vmkeep_core::SnapshotId::random().0)
+    ))
+}
+
+#[cfg(test)]
+mod tests;
