@@ -6,7 +6,10 @@ benchmarks can report what a tool sent. Signatures stay valid: requests are pass
 byte, Host header included (path-style addressing).
 
 Usage: s3-fault-proxy.py --listen PORT --upstream HOST:PORT [--delay-ms 20] [--jitter-ms 0]
-                         [--fail-rate 0.0] [--cut-rate 0.0] [--seed 1] [--stats FILE]
+                         [--fail-rate 0.0] [--cut-rate 0.0] [--fail-every N] [--cut-every N]
+                         [--seed 1] [--stats FILE]
+(--fail-every N answers every Nth request 503, --cut-every N cuts every Nth reply that has a
+body: deterministic faults for tests, besides the random rates.)
 It prints "listening PORT" once ready. Python 3.11 standard library only.
 """
 
@@ -32,6 +35,18 @@ class Stats:
         self.data = {"requests": 0, "by_method": {}, "bytes_up": 0, "bytes_down": 0,
                      "answered_503": 0, "cut": 0}
         self.last_write = 0.0
+        self.seen = 0
+        self.bodies = 0
+
+    def next_request(self) -> int:
+        with self.lock:
+            self.seen += 1
+            return self.seen
+
+    def next_body(self) -> int:
+        with self.lock:
+            self.bodies += 1
+            return self.bodies
 
     def add(self, method: str, up: int, down: int, failed=False, cut=False):
         with self.lock:
@@ -114,6 +129,8 @@ def serve(client: socket.socket, args, stats: Stats, rng: random.Random, rng_loc
                 delay = (args.delay_ms + rng.uniform(0, args.jitter_ms)) / 1000
                 fail = rng.random() < args.fail_rate
                 cut = rng.random() < args.cut_rate
+            n = stats.next_request()
+            fail = fail or (args.fail_every > 0 and n % args.fail_every == 0)
             time.sleep(delay)
             if fail:
                 reply = (b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
@@ -132,6 +149,8 @@ def serve(client: socket.socket, args, stats: Stats, rng: random.Random, rng_loc
             rh = headers_of(rhead)
             rbody, close = read_body(uf, rh, response_to_head=(method == "HEAD"), status=status,
                                      until_close_ok=True)
+            if len(rbody) > 1 and args.cut_every > 0 and stats.next_body() % args.cut_every == 0:
+                cut = True
             if cut and len(rbody) > 1:
                 client.sendall(rhead + rbody[: len(rbody) // 2])
                 stats.add(method, len(head) + len(body), len(rhead) + len(rbody) // 2, cut=True)
@@ -157,6 +176,8 @@ def main() -> int:
     ap.add_argument("--jitter-ms", type=float, default=0)
     ap.add_argument("--fail-rate", type=float, default=0.0)
     ap.add_argument("--cut-rate", type=float, default=0.0)
+    ap.add_argument("--fail-every", type=int, default=0)
+    ap.add_argument("--cut-every", type=int, default=0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--stats")
     args = ap.parse_args()

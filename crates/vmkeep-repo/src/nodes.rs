@@ -105,6 +105,12 @@ impl NodeStore for SessionNodes<'_> {
         let id = self.repo.keys.blob_id(BlobKind::Tree, &bytes);
         if self.dedup.claim(&id) {
             let data = blob::encode(&self.repo.keys, BlobKind::Tree, &id, &bytes);
+            // Kept in the local cache as written (as restic does), so the next backup and
+            // restore of this disk read its nodes without a request. Only an indexed node is
+            // ever looked up there, so one of a backup that fails is never used.
+            if let Some(c) = &self.repo.cache {
+                crate::cache::objects::put(c, &id, &data);
+            }
             let msg = EncodedBlob {
                 kind: BlobKind::Tree,
                 id,

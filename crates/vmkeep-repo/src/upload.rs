@@ -55,9 +55,8 @@ impl Uploads {
                         let r = if skip {
                             Ok(())
                         } else {
-                            store.put(&key, &bytes)
+                            store.put_owned(&key, bytes)
                         };
-                        drop(bytes);
                         let mut s = state.0.lock().unwrap();
                         if let Err(e) = r {
                             if !s.failed {

@@ -67,6 +67,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Create or replace atomically: readers see the old object or the whole new one.
     fn put(&self, key: &Key, data: &[u8]) -> Result<()>;
 
+    /// [`put`](Store::put), handing the bytes over: a store that passes them to a network
+    /// client keeps them without a copy (packs in flight would otherwise be held twice).
+    fn put_owned(&self, key: &Key, data: Vec<u8>) -> Result<()> {
+        self.put(key, &data)
+    }
+
     /// Create only if absent; Ok(false) when it already existed. Stores that ignore conditional
     /// writes may return Ok(true) and overwrite: the protocol never depends on the answer for
     /// correctness, only for friendlier errors.

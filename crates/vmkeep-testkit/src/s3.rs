@@ -337,20 +337,68 @@ impl Moto {
 
     /// A new bucket (moto does not check signatures: a plain PUT creates it).
     pub fn bucket(&self, name: &str) {
+        let (status, reply) = self.raw("PUT", &format!("/{name}"), &[], "");
+        assert_eq!(status, 200, "creating bucket {name} on moto: {reply}");
+    }
+
+    /// A new bucket with S3 Object Lock enabled (so versioning on: a delete without a version
+    /// id only adds a delete marker), and with `Some(days)`, a default retention keeping every
+    /// version that long in compliance mode.
+    pub fn locked_bucket(&self, name: &str, retention_days: Option<u32>) {
+        let (status, reply) = self.raw(
+            "PUT",
+            &format!("/{name}"),
+            &[("x-amz-bucket-object-lock-enabled", "true")],
+            "",
+        );
+        assert_eq!(
+            status, 200,
+            "creating locked bucket {name} on moto: {reply}"
+        );
+        let Some(days) = retention_days else {
+            return;
+        };
+        let rule = format!(
+            "<ObjectLockConfiguration xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">\
+             <ObjectLockEnabled>Enabled</ObjectLockEnabled><Rule><DefaultRetention>\
+             <Mode>COMPLIANCE</Mode><Days>{days}</Days></DefaultRetention></Rule>\
+             </ObjectLockConfiguration>"
+        );
+        let (status, reply) = self.raw("PUT", &format!("/{name}?object-lock"), &[], &rule);
+        assert_eq!(status, 200, "object lock on {name}: {reply}");
+    }
+
+    /// One unsigned request (moto does not check signatures): (status, body).
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> (u16, String) {
         let addr = self.s3.endpoint.trim_start_matches("http://");
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         use std::io::{Read, Write};
-        write!(
-            s,
-            "PUT /{name} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        write!(s, "{head}\r\n{body}").unwrap();
         let mut reply = String::new();
         s.read_to_string(&mut reply).unwrap();
-        assert!(
-            reply.starts_with("HTTP/1.1 200"),
-            "creating bucket {name} on moto: {reply}"
-        );
+        let status = reply
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = reply
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string();
+        (status, body)
     }
 }
 
@@ -381,6 +429,10 @@ pub struct Faults {
     pub fail_rate: f64,
     /// Share of replies cut off half-way (the connection closes).
     pub cut_rate: f64,
+    /// Also answer every Nth request 503 (0: never): a fault a test can count on.
+    pub fail_every: u32,
+    /// Also cut every Nth reply that has a body (0: never).
+    pub cut_every: u32,
 }
 
 impl FaultProxy {
@@ -400,6 +452,8 @@ impl FaultProxy {
             .args(["--jitter-ms", &faults.jitter_ms.to_string()])
             .args(["--fail-rate", &faults.fail_rate.to_string()])
             .args(["--cut-rate", &faults.cut_rate.to_string()])
+            .args(["--fail-every", &faults.fail_every.to_string()])
+            .args(["--cut-every", &faults.cut_every.to_string()])
             .arg("--stats")
             .arg(&stats)
             .stdin(Stdio::null())

@@ -66,8 +66,9 @@ impl Cache {
         let dir = opts.dir.join(folder);
         std::fs::create_dir_all(&dir).map_err(|e| Error::cache_io(&dir, "create", e))?;
         // The cache holds index entries and tree nodes in the clear: only its owner reads it.
+        // (This repository's folder, never the cache folder given, which may be shared.)
         use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&opts.dir, std::fs::Permissions::from_mode(0o700));
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
         Ok(Cache {
             dir,
             max_object_bytes: opts.max_object_bytes,

@@ -1,7 +1,9 @@
-//! Reading many blobs with few requests: the blobs of a batch are sorted by pack and offset,
-//! and those lying close together in one pack come in one ranged read. A full backup stores a
-//! disk's chunks in disk order, so a batch of consecutive chunks is usually one request: on
-//! object storage that is the difference between one request per 64 KiB and one per few MiB.
+//! Reading many blobs with few requests. A window of a disk's chunks is planned into read jobs:
+//! its blobs sorted by pack and offset, and those lying close together in one pack read with
+//! one ranged request (the gaps read and dropped). A full backup stores a disk's chunks in disk
+//! order, so a job is usually a long run of one pack; after an incremental, a window's chunks
+//! come from a few packs, each read once, as restic reads whole packs. On object storage
+//! requests are the time, so windows and gaps are larger there than in a local folder.
 use vmkeep_core::blob;
 use vmkeep_core::BlobId;
 
@@ -9,87 +11,107 @@ use crate::error::{Error, Result};
 use crate::index::{pack_key, BlobIndex, Location};
 use crate::Repository;
 
-/// Blobs this far apart (or closer) in a pack are read together (the gap is read and dropped).
-const MAX_GAP: u64 = 64 << 10;
-/// One read covers at most this much of a pack.
+/// One read job covers at most this much of a pack.
 const MAX_SPAN: u64 = 16 << 20;
 
+/// How reads are grouped for a store.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReadShape {
+    /// Chunks planned together.
+    pub window: usize,
+    /// Blobs of a pack this far apart (or closer) are read together.
+    pub max_gap: u64,
+}
+
+impl ReadShape {
+    pub fn for_store(concurrency: usize) -> ReadShape {
+        if concurrency > 1 {
+            // ~20 ms a request against 100+ MB/s: reading 1 MiB more beats a request.
+            ReadShape {
+                window: 4096,
+                max_gap: 1 << 20,
+            }
+        } else {
+            ReadShape {
+                window: 64,
+                max_gap: 64 << 10,
+            }
+        }
+    }
+}
+
+/// Blobs of one pack read with one request: (caller's tag, id, location), by offset.
+pub(crate) struct ReadJob<T> {
+    pub items: Vec<(T, BlobId, Location)>,
+    span_end: u64,
+}
+
 impl Repository {
-    /// Read, decrypt, decompress and verify the blobs of `batch` (tagged with the caller's
-    /// numbers), returned in the batch's order.
-    pub(crate) fn read_blobs<T: Copy>(
+    /// Group `window` into read jobs.
+    pub(crate) fn plan_reads<T: Copy>(
         &self,
         index: &BlobIndex,
-        batch: &[(T, BlobId)],
-    ) -> Result<Vec<(T, Vec<u8>)>> {
-        let mut located = Vec::with_capacity(batch.len());
-        for (n, (_, id)) in batch.iter().enumerate() {
+        window: &[(T, BlobId)],
+        shape: ReadShape,
+    ) -> Result<Vec<ReadJob<T>>> {
+        let mut located = Vec::with_capacity(window.len());
+        for (t, id) in window {
             let loc = index.get(id).ok_or_else(|| match index.failure() {
                 Some(reason) => Error::CacheFailed { reason },
                 None => Error::BlobMissing { id: id.to_hex() },
             })?;
-            located.push((n, loc));
+            located.push((*t, *id, loc));
         }
-        located.sort_by_key(|(_, l)| (l.pack, l.offset));
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; batch.len()];
-        let mut start = 0;
-        while start < located.len() {
-            let first = located[start].1;
-            let mut end = start + 1;
-            let mut span_end = first.offset as u64 + first.length as u64;
-            while end < located.len() {
-                let l = located[end].1;
-                let (o, e) = (l.offset as u64, l.offset as u64 + l.length as u64);
-                if l.pack != first.pack
-                    || o > span_end + MAX_GAP
-                    || e.max(span_end) - first.offset as u64 > MAX_SPAN
+        located.sort_by_key(|(_, _, l)| (l.pack, l.offset));
+        let mut jobs: Vec<ReadJob<T>> = Vec::new();
+        for item in located {
+            let l = item.2;
+            let (start, end) = (l.offset as u64, l.offset as u64 + l.length as u64);
+            if let Some(job) = jobs.last_mut() {
+                let first = job.items[0].2;
+                if first.pack == l.pack
+                    && start <= job.span_end + shape.max_gap
+                    && end.max(job.span_end) - first.offset as u64 <= MAX_SPAN
                 {
-                    break;
+                    job.span_end = job.span_end.max(end);
+                    job.items.push(item);
+                    continue;
                 }
-                span_end = span_end.max(e);
-                end += 1;
             }
-            self.read_group(batch, &located[start..end], span_end, &mut out)?;
-            start = end;
+            jobs.push(ReadJob {
+                items: vec![item],
+                span_end: end,
+            });
         }
-        Ok(batch
-            .iter()
-            .zip(out)
-            .map(|((t, _), data)| (*t, data.expect("every blob was read")))
-            .collect())
+        Ok(jobs)
     }
 
-    /// One ranged read of `group` (blobs of one pack, by offset) up to `span_end`.
-    fn read_group<T>(
+    /// Read, decrypt, decompress and verify the blobs of one job and hand each to `f`, in the
+    /// job's order (one blob's plaintext in memory at a time, besides the job's stored bytes).
+    pub(crate) fn read_job<T: Copy>(
         &self,
-        batch: &[(T, BlobId)],
-        group: &[(usize, Location)],
-        span_end: u64,
-        out: &mut [Option<Vec<u8>>],
+        job: &ReadJob<T>,
+        mut f: impl FnMut(T, &BlobId, Vec<u8>) -> Result<()>,
     ) -> Result<()> {
-        let first = group[0].1;
-        if group.len() == 1 {
-            let (n, loc) = group[0];
-            out[n] = Some(self.read_blob_at(&batch[n].1, &loc)?);
-            return Ok(());
+        let (t0, id0, first) = job.items[0];
+        if job.items.len() == 1 {
+            return f(t0, &id0, self.read_blob_at(&id0, &first)?);
         }
         let base = first.offset as u64;
-        let (id0, key) = (batch[group[0].0].1, pack_key(&first.pack));
+        let key = pack_key(&first.pack);
         let span = self.read_stored_blob(
             &id0,
             &Location {
-                offset: first.offset,
-                length: u32::try_from(span_end - base).expect("spans are at most 16 MiB"),
+                length: u32::try_from(job.span_end - base).expect("spans are at most 16 MiB"),
                 ..first
             },
         )?;
-        for (n, loc) in group {
-            let id = &batch[*n].1;
+        for (t, id, loc) in &job.items {
             let at = (loc.offset as u64 - base) as usize;
             let stored = &span[at..at + loc.length as usize];
             let plain = blob::decode(&self.keys, loc.kind, id, loc.raw_len, stored)
                 .map_err(|e| Error::corrupt(format!("blob {id} in {key}"), e))?;
-            out[*n] = Some(plain);
+            f(*t, id, plain)?;
         }
         Ok(())
     }

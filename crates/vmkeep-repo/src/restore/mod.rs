@@ -27,10 +27,6 @@ pub mod raw;
 pub(crate) mod stream;
 
 pub use publish::{create_target_dir, publish};
-
-/// Chunks a restore worker reads at once: consecutive chunks, mostly read with one request
-/// (4 MiB at 64 KiB chunks; [`fetch`]).
-const BATCH: usize = 64;
 pub use raw::{RawFileImage, RawFileWriter};
 
 pub use vmkeep_io::target::DiskWriter;
@@ -149,6 +145,8 @@ impl Repository {
     }
 
     /// Write every non-zero chunk of `d` into `writer` at its offset. Returns bytes written.
+    /// The tree walk gathers windows of chunks, each planned into read jobs ([`fetch`]: blobs
+    /// of a pack close together read with one request), which the workers read and write.
     pub(crate) fn write_disk(
         &self,
         index: &BlobIndex,
@@ -159,16 +157,16 @@ impl Repository {
         let cs = self.config.chunk_size as u64;
         let chunks = d.size.div_ceil(cs);
         let threads = self.reader_threads();
-        let (tx, rx) = bounded::<Vec<(u64, BlobId)>>(threads * 4);
+        let shape = fetch::ReadShape::for_store(self.store.concurrency());
+        let (tx, rx) = bounded::<fetch::ReadJob<u64>>(threads * 4);
         std::thread::scope(|s| {
             let mut workers = Vec::new();
             for _ in 0..threads {
                 let rx = rx.clone();
                 workers.push(s.spawn(move || -> Result<u64> {
                     let mut written = 0;
-                    for batch in rx {
-                        let read = self.read_blobs(index, &batch)?;
-                        for ((i, id), (_, data)) in batch.iter().copied().zip(read) {
+                    for job in rx {
+                        self.read_job(&job, |i, id, data| {
                             let expect = (d.size - i * cs).min(cs);
                             if data.len() as u64 != expect {
                                 return Err(Error::corrupt(
@@ -190,28 +188,43 @@ impl Repository {
                                 })?;
                             written += data.len() as u64;
                             progress.advance(data.len() as u64);
-                        }
+                            Ok(())
+                        })?;
                     }
                     Ok(written)
                 }));
             }
             drop(rx);
             let nodes = RepoNodes::new(self, index);
-            let mut batch = Vec::with_capacity(BATCH);
-            let walk = tree::for_each_chunk(&nodes, &d.root, chunks, &mut |i, id| {
-                batch.push((i, *id));
-                if batch.len() == BATCH {
-                    tx.send(std::mem::take(&mut batch)).map_err(|_| {
-                        vmkeep_core::Error::Invalid {
-                            what: "restore",
-                            reason: "workers stopped".into(),
-                        }
-                    })?;
+            let mut window = Vec::with_capacity(shape.window);
+            let mut plan_error: Option<Error> = None;
+            let mut send = |window: &mut Vec<(u64, BlobId)>| -> vmkeep_core::Result<()> {
+                let stopped = || vmkeep_core::Error::Invalid {
+                    what: "restore",
+                    reason: "workers stopped".into(),
+                };
+                let jobs = match self.plan_reads(index, window, shape) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        plan_error.get_or_insert(e);
+                        return Err(stopped());
+                    }
+                };
+                window.clear();
+                for job in jobs {
+                    tx.send(job).map_err(|_| stopped())?;
+                }
+                Ok(())
+            };
+            let mut walk = tree::for_each_chunk(&nodes, &d.root, chunks, &mut |i, id| {
+                window.push((i, *id));
+                if window.len() == shape.window {
+                    send(&mut window)?;
                 }
                 Ok(())
             });
-            if walk.is_ok() && !batch.is_empty() {
-                let _ = tx.send(batch);
+            if walk.is_ok() && !window.is_empty() {
+                walk = send(&mut window);
             }
             drop(tx);
             let mut total = 0;
@@ -227,7 +240,7 @@ impl Repository {
                     }
                 }
             }
-            if let Some(e) = first_err {
+            if let Some(e) = first_err.or(plan_error) {
                 return Err(e);
             }
             nodes.typed(walk, || format!("index of disk {}", d.name))?;

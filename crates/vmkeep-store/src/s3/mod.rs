@@ -305,6 +305,14 @@ impl Store for S3Store {
             .map_err(|e| self.failed("writing", key, e))
     }
 
+    fn put_owned(&self, key: &Key, data: Vec<u8>) -> Result<()> {
+        let path = self.path(key);
+        let payload = PutPayload::from(bytes::Bytes::from(data));
+        self.block_on(self.client.put(&path, payload))
+            .map(|_| ())
+            .map_err(|e| self.failed("writing", key, e))
+    }
+
     fn put_if_absent(&self, key: &Key, data: &[u8]) -> Result<bool> {
         let path = self.path(key);
         let payload = PutPayload::from(bytes::Bytes::copy_from_slice(data));
