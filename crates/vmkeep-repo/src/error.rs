@@ -68,6 +68,9 @@ pub enum Error {
     /// A cache file failed its verification: it is not used, and is rebuilt on the next run.
     #[error("local cache file {path} is damaged ({reason}); it was discarded and will be rebuilt from the repository: run the command again")]
     CacheDamaged { path: PathBuf, reason: String },
+    /// Another process held the cache lock too long (it may be stopped).
+    #[error("the local cache {path} has been locked by another vmkeep process for {waited_secs} s (is one stopped?)")]
+    CacheBusy { path: PathBuf, waited_secs: u64 },
     /// A lookup in the local cache failed during the operation (the cache was discarded).
     #[error("the local cache failed: {reason}; run the command again (the cache is rebuilt from the repository), or run with --no-cache")]
     CacheFailed { reason: String },

@@ -200,7 +200,16 @@ impl BlobIndex {
             return Ok(BlobIndex::from_raw(&raw, condemned, existing));
         };
         let listed = repo.store.list(ObjectKind::Index)?;
-        let synced = crate::cache::sync::sync(repo, &cache, &listed)?;
+        let synced = match crate::cache::sync::sync(repo, &cache, &listed) {
+            Ok(s) => s,
+            Err(e @ Error::CacheBusy { .. }) => {
+                tracing::warn!("{e}; going on without the cache (the whole index in memory)");
+                let raw = RawIndex::load(repo)?;
+                let existing = pack_sizes(repo)?.into_keys().collect();
+                return Ok(BlobIndex::from_raw(&raw, condemned, existing));
+            }
+            Err(e) => return Err(e),
+        };
         for (key, e) in &synced.damaged {
             tracing::warn!(index = %key, error = %e, "skipping a damaged index object");
         }

@@ -361,3 +361,42 @@ fn processes_sharing_a_cache_back_up_at_once() {
     let ids = referenced(&repo);
     assert_same_answers(&root, &cache, &ids, "after concurrent backups");
 }
+
+/// A process stopped while it holds the cache lock (SIGSTOP, a debugger) must not stall every
+/// backup on the host: after the wait, a backup goes on with the index in memory.
+#[test]
+fn a_cache_locked_too_long_is_done_without() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    init_repo(&root, false);
+    let mut rng = Rng::new(17);
+    let spec = Spec::mixed(16 * CS, &mut rng);
+    let img = spec.write(&dir.path().join("a.raw"));
+    let d = disks(&[("vda", &img)]);
+    let mut opts = CacheOptions::new(cache.clone());
+    opts.lock_wait = std::time::Duration::from_millis(300);
+    let open = || {
+        Repository::open(local(&root), None)
+            .unwrap()
+            .with_tuning(tuning(2))
+            .with_cache(Some(&opts))
+            .unwrap()
+    };
+    let repo = open();
+    backup(&repo, "vm", &d).unwrap();
+    // Another "process" holds the lock (flock locks belong to open files, so a second open
+    // file description conflicts even within this process).
+    let held = std::fs::File::open(repo.cache_dir().unwrap().join("lock")).unwrap();
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let start = std::time::Instant::now();
+    let m = backup(&open(), "vm", &d).unwrap();
+    assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(
+        m.stats.new_bytes, 0,
+        "deduplicated through the in-memory index"
+    );
+    drop(held);
+    assert_restores(&repo, &m, &d);
+}

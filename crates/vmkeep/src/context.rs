@@ -206,6 +206,9 @@ fn cache_options(g: &Global) -> Option<CacheOptions> {
     {
         opts.max_object_bytes = mib << 20;
     }
+    if let Some(d) = env_secs("VMKEEP_CACHE_LOCK_SECS") {
+        opts.lock_wait = d;
+    }
     Some(opts)
 }
 

@@ -34,6 +34,8 @@ pub struct CacheOptions {
     /// Bound of the cached objects (tree nodes); the blob index is not counted (it is about
     /// 53 bytes per chunk of the repository and needed whole).
     pub max_object_bytes: u64,
+    /// How long to wait while another process updates the cache before doing without it.
+    pub lock_wait: std::time::Duration,
 }
 
 impl CacheOptions {
@@ -41,6 +43,7 @@ impl CacheOptions {
         CacheOptions {
             dir,
             max_object_bytes: 1 << 30,
+            lock_wait: std::time::Duration::from_secs(120),
         }
     }
 }
@@ -50,6 +53,8 @@ impl CacheOptions {
 pub(crate) struct Cache {
     pub dir: PathBuf,
     pub max_object_bytes: u64,
+    /// How long to wait for another process's update of the cache.
+    pub lock_wait: std::time::Duration,
 }
 
 impl Cache {
@@ -72,6 +77,7 @@ impl Cache {
         Ok(Cache {
             dir,
             max_object_bytes: opts.max_object_bytes,
+            lock_wait: opts.lock_wait,
         })
     }
 
@@ -90,15 +96,28 @@ impl Cache {
             .write(true)
             .open(&path)
             .map_err(|e| Error::cache_io(&path, "open", e))?;
+        // Waits while another process updates the cache, but not for ever: one stopped
+        // (SIGSTOP, a debugger) while holding the lock must not stall every backup on the host.
+        let deadline = std::time::Instant::now() + self.lock_wait;
         loop {
             // SAFETY: flock on a descriptor we own; it is released when the file closes.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if rc == 0 {
                 return Ok(CacheLock { _file: file });
             }
             let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Error::cache_io(&path, "lock", e));
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EWOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Some(libc::EWOULDBLOCK) => {
+                    return Err(Error::CacheBusy {
+                        path,
+                        waited_secs: self.lock_wait.as_secs(),
+                    })
+                }
+                _ => return Err(Error::cache_io(&path, "lock", e)),
             }
         }
     }

@@ -47,6 +47,7 @@ const SCRUB: &[&str] = &[
     "VMKEEP_CACHE_DIR",
     "VMKEEP_NO_CACHE",
     "VMKEEP_CACHE_MAX_MIB",
+    "VMKEEP_CACHE_LOCK_SECS",
     "VMKEEP_LIST_PACKS_UP_TO",
     "XDG_CACHE_HOME",
 ];
