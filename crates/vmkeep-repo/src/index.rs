@@ -1,5 +1,6 @@
-//! The in-memory blob index: which pack holds each blob, built from every `index/` object, and
-//! which packs are condemned by pending GC records (blobs there are not reused by new backups).
+//! The blob index: which pack holds each blob, from every listed `index/` object (read into
+//! memory, or looked up in the local cache's runs, `cache/`), and which packs are condemned by
+//! pending GC records (blobs there are not reused by new backups).
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
