@@ -40,6 +40,21 @@ pub struct Temporary {
     pub modified: SystemTime,
 }
 
+/// What the credentials a store was opened with may do, where the store restricts it (a
+/// `vmkeep serve` token): the VM globs it covers and its rights.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+pub struct TokenScope {
+    pub vms: Vec<String>,
+    pub rights: Vec<String>,
+}
+
+impl TokenScope {
+    /// Whether these credentials may add restore points (`append` or `admin`).
+    pub fn may_write(&self) -> bool {
+        self.rights.iter().any(|r| r == "append" || r == "admin")
+    }
+}
+
 /// What [`Store::remove_temporaries`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TemporariesRemoved {
@@ -66,6 +81,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Create or replace atomically: readers see the old object or the whole new one.
     fn put(&self, key: &Key, data: &[u8]) -> Result<()>;
+
+    /// The scope of this store's credentials, where the store restricts them (None: anything
+    /// the store allows at all). Asked before work that would fail half-way on a refusal.
+    fn token_scope(&self) -> Result<Option<TokenScope>> {
+        Ok(None)
+    }
 
     /// [`put`](Store::put), handing the bytes over: a store that passes them to a network
     /// client keeps them without a copy (packs in flight would otherwise be held twice).

@@ -239,6 +239,47 @@ fn replication_to_and_from_a_server() {
             .arg("--replica-of")
             .arg(&src),
     );
+    // A token that covers only web, or may only read, is refused before anything is sent,
+    // naming the VM it does not cover (the first try of this, in the demo, failed half-way).
+    let scoped = s.url("dr-scoped");
+    json(
+        s.client(&scoped, &admin)
+            .arg("init")
+            .arg("--replica-of")
+            .arg(&src),
+    );
+    let web_only = s.token("web", "append");
+    for (token, needles) in [
+        (&web_only, ["restore points of db", "nothing was sent"]),
+        (&pull, ["may not add restore points", "rights: read"]),
+    ] {
+        let out = local(&src)
+            .args(["--tls-fingerprint", &s.fingerprint])
+            .env("VMKEEP_TOKEN", token)
+            .args(["replicate", "--to", &scoped])
+            .output()
+            .unwrap();
+        let line = one_line_error(&out, 1);
+        assert!(needles.iter().all(|n| line.contains(n)), "{line}");
+    }
+    let there = json(s.client(&scoped, &admin).arg("snapshots"));
+    assert_eq!(
+        there.as_array().unwrap().len(),
+        0,
+        "nothing was sent: {there}"
+    );
+    let web_pushed = json(
+        local(&src)
+            .args(["--tls-fingerprint", &s.fingerprint])
+            .env("VMKEEP_TOKEN", &web_only)
+            .args(["replicate", "--vm", "web", "--to", &scoped]),
+    );
+    assert_eq!(
+        web_pushed["copied"].as_array().unwrap().len(),
+        1,
+        "{web_pushed}"
+    );
+
     // Through a proxy that cuts its first connection in the middle of a reply: without
     // retries the replication fails; with them (the default) the rerun completes, sending
     // only what the first run did not.

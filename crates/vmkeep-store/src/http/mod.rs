@@ -402,6 +402,19 @@ impl Store for HttpStore {
         true
     }
 
+    fn token_scope(&self) -> Result<Option<crate::TokenScope>> {
+        let url = self.url.route("whoami");
+        let what = || format!("asking {} what this token may do", self.location);
+        let scope: crate::TokenScope = with_retries(self.retry_for, &what, || {
+            let response = self.send("GET", &url, &[], None, &what)?;
+            match response.status() {
+                200 => read_json(response, 64 << 10, &what),
+                _ => Err(self.refusal(response, &what)),
+            }
+        })?;
+        Ok(Some(scope))
+    }
+
     fn concurrency(&self) -> usize {
         // The server buffers each body (at most one pack) in memory: a few at once.
         4

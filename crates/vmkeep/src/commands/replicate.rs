@@ -1,6 +1,6 @@
 //! `vmkeep replicate --to REPO | --from REPO [--vm NAME] [--all] [--dry-run]`: restore points
 //! copied to a replica, only the blobs it lacks sent (vmkeep_repo::replicate).
-use anyhow::Result;
+use anyhow::{bail, Result};
 use serde_json::json;
 use vmkeep_repo::replicate::ReplicateOptions;
 
@@ -22,6 +22,7 @@ pub fn run(g: &Global, a: &ReplicateArgs) -> Result<u8> {
         all: a.all,
     };
     let plan = source.plan_replication(&dest, &opts)?;
+    refuse_points_outside_the_token(&dest, &plan)?;
     if a.dry_run {
         if g.json {
             print_json(&json!({
@@ -67,4 +68,46 @@ pub fn run(g: &Global, a: &ReplicateArgs) -> Result<u8> {
         ))?;
     }
     Ok(0)
+}
+
+/// A destination served with a scoped token refuses restore points of VMs outside its globs:
+/// say so before anything is sent, naming them, rather than fail half-way.
+fn refuse_points_outside_the_token(
+    dest: &vmkeep_repo::Repository,
+    plan: &vmkeep_repo::replicate::ReplicationPlan,
+) -> Result<()> {
+    if plan.points.is_empty() {
+        return Ok(());
+    }
+    let Some(scope) = dest.store().token_scope()? else {
+        return Ok(());
+    };
+    let location = dest.location();
+    if !scope.may_write() {
+        bail!(
+            "the token for {location} may not add restore points (rights: {}): use an append or admin token",
+            scope.rights.join(", ")
+        );
+    }
+    let mut outside: Vec<&str> = plan
+        .points
+        .iter()
+        .map(|m| m.vm.as_str())
+        .filter(|vm| {
+            !scope
+                .vms
+                .iter()
+                .any(|g| vmkeep_server::glob::matches(g, vm))
+        })
+        .collect();
+    outside.sort_unstable();
+    outside.dedup();
+    if !outside.is_empty() {
+        bail!(
+            "the token for {location} covers only VMs matching {}, but restore points of {} are outstanding: replicate with --vm NAME for the VMs it covers, or use a token that covers them (nothing was sent)",
+            scope.vms.join(", "),
+            outside.join(", ")
+        );
+    }
+    Ok(())
 }
