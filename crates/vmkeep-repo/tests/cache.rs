@@ -319,6 +319,16 @@ fn a_damaged_or_deleted_cache_costs_a_rebuild_never_data() {
     );
     assert_check_ok(&repo, "after a backup through a damaged cache");
     assert_restores(&repo, &m, &d);
+    // A run whose header is damaged is not opened: it is removed and the catalog no longer
+    // names it (the next load rebuilds the entries it held).
+    let _ = BlobIndex::load(&repo).unwrap();
+    let run = runs(&cache).pop().unwrap();
+    flip_byte(&run, 10);
+    let _ = BlobIndex::load(&open_with(local(&root), Some(&cache), 10_000)).unwrap();
+    let name = run.file_name().unwrap().to_string_lossy().into_owned();
+    let catalog = std::fs::read_to_string(run.with_file_name("catalog")).unwrap();
+    assert!(!catalog.contains(&name), "{catalog}");
+    assert!(!run.exists());
     // Deleted outright between two runs: rebuilt.
     std::fs::remove_dir_all(&cache).unwrap();
     let repo = open_with(local(&root), Some(&cache), 10_000);

@@ -69,6 +69,7 @@ pub(crate) fn sync(repo: &Repository, cache: &Cache, listed: &[ObjectMeta]) -> R
     }
     let catalog = table::read_catalog(&cache.dir)?;
     let had_catalog = catalog.is_some();
+    let in_catalog = catalog.as_ref().map_or(0, Vec::len);
     let mut runs: Vec<(String, Run)> = Vec::new();
     for name in catalog.unwrap_or_default() {
         match Run::open(&table::run_path(&cache.dir, &name)) {
@@ -82,7 +83,6 @@ pub(crate) fn sync(repo: &Repository, cache: &Cache, listed: &[ObjectMeta]) -> R
             Err(e) => return Err(e),
         }
     }
-    let opened = runs.len();
     let covered: HashSet<Source> = runs
         .iter()
         .flat_map(|(_, r)| r.sources.iter().copied())
@@ -92,7 +92,8 @@ pub(crate) fn sync(repo: &Repository, cache: &Cache, listed: &[ObjectMeta]) -> R
         .filter(|(b, _)| !covered.contains(b))
         .collect();
     let fetched = missing.len();
-    let mut changed = !had_catalog || opened != runs.len();
+    // A run the catalog names but that could not be opened: the catalog is rewritten without it.
+    let mut changed = !had_catalog || in_catalog != runs.len();
     if !missing.is_empty() {
         let name = table::new_run_name();
         let path = table::run_path(&cache.dir, &name);
