@@ -1,4 +1,4 @@
-//! The crash matrices of a backup and of a prune, on a real distributed store: a 3-node Garage
+//! The crash matrices of a backup, a prune and a forget, on a real distributed store: a 3-node Garage
 //! cluster (replication factor 3, conditional writes ignored), as `crash_faults.rs` runs them on
 //! a local folder. Every mutating store operation fails in turn, as if the process died right
 //! there (that write and every later one fail); then, with faults off and the dead process's
@@ -86,7 +86,7 @@ fn points(dir: &Path) -> Vec<Disks> {
         .collect()
 }
 
-fn prune_keep_last_2(repo: &Repository) -> vmkeep_repo::Result<()> {
+fn prune_keep_last_2(repo: &Repository, _: &[Manifest]) -> vmkeep_repo::Result<()> {
     let plan = repo.prune_plan(&PruneOptions {
         vm: None,
         policy: RetentionPolicy {
@@ -105,14 +105,15 @@ fn faulted(
     name: &str,
     n: u64,
     cache: &Path,
-    op: &dyn Fn(&Repository) -> vmkeep_repo::Result<()>,
+    op: &dyn Fn(&Repository, &[Manifest]) -> vmkeep_repo::Result<()>,
+    ms: &[Manifest],
 ) -> (u64, Arc<dyn Store>, bool) {
     let store = bucket(garage, name);
     copy(base, store.as_ref());
     let fault = Arc::new(FaultStore::new(store.clone()));
     fault.fail_from(n);
     let repo = open(fault.clone(), cache);
-    let ok = op(&repo).is_ok();
+    let ok = op(&repo, ms).is_ok();
     let writes = fault.writes();
     fault.fail_from(0);
     simulate_death(&repo);
@@ -123,7 +124,7 @@ fn matrix(
     garage: &Garage,
     tag: &str,
     base_points: usize,
-    op: &dyn Fn(&Repository) -> vmkeep_repo::Result<()>,
+    op: &dyn Fn(&Repository, &[Manifest]) -> vmkeep_repo::Result<()>,
 ) {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
@@ -131,11 +132,13 @@ fn matrix(
     let base = bucket(garage, &format!("{tag}-base"));
     init(base.clone());
     let mut refs = Refs::default();
+    let mut ms = Vec::new();
     {
         let repo = open(base.clone(), &cache);
         for d in &pts[..base_points] {
             let m: Manifest = backup(&repo, VM, d).unwrap();
             refs.add(&m, d);
+            ms.push(m);
         }
     }
     let (writes, _, ok) = faulted(
@@ -145,6 +148,7 @@ fn matrix(
         0,
         &cache,
         op,
+        &ms,
     );
     assert!(
         ok && writes > 3,
@@ -152,7 +156,15 @@ fn matrix(
     );
     let mut failed = 0;
     for n in 1..=writes {
-        let (_, store, ok) = faulted(garage, base.as_ref(), &format!("{tag}-{n}"), n, &cache, op);
+        let (_, store, ok) = faulted(
+            garage,
+            base.as_ref(),
+            &format!("{tag}-{n}"),
+            n,
+            &cache,
+            op,
+            &ms,
+        );
         // Only the last write, the lease's removal, may fail without failing the operation
         // (the next prune removes a lease left behind).
         assert!(
@@ -171,19 +183,23 @@ fn matrix(
             }
         }
         known.verify_all(&repo, &what);
-        op(&repo).unwrap_or_else(|e| panic!("{what}: the rerun failed: {e}"));
+        op(&repo, &ms).unwrap_or_else(|e| panic!("{what}: the rerun failed: {e}"));
         assert_check_ok(&repo, &format!("{what}, after the rerun"));
     }
     println!("{tag}: {writes} fault points ({failed} failed the operation), each checked clean and rerun");
 }
 
 #[test]
-fn crash_at_every_write_of_a_backup_and_of_a_prune_on_garage() {
+fn crash_at_every_write_of_a_backup_a_prune_and_a_forget_on_garage() {
     let garage = Garage::start(3);
     let tmp = tempfile::tempdir().unwrap();
     let third = points(tmp.path()).pop().unwrap();
-    matrix(&garage, "backup", 2, &|repo| {
+    matrix(&garage, "backup", 2, &|repo, _| {
         backup(repo, VM, &third).map(|_| ())
     });
     matrix(&garage, "prune", 3, &prune_keep_last_2);
+    // The middle point: its successor is rewritten with its parent and merged change maps.
+    matrix(&garage, "forget", 3, &|repo, ms| {
+        repo.forget(&[ms[1].id]).map(|_| ())
+    });
 }
