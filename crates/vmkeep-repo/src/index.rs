@@ -196,18 +196,14 @@ impl BlobIndex {
         records.warn_damaged();
         let condemned = records.condemned();
         let Some(cache) = repo.cache.clone() else {
-            let raw = RawIndex::load(repo)?;
-            let existing = pack_sizes(repo)?.into_keys().collect();
-            return Ok(BlobIndex::from_raw(&raw, condemned, existing));
+            return BlobIndex::load_in_memory(repo, condemned);
         };
         let listed = repo.store.list(ObjectKind::Index)?;
         let synced = match crate::cache::sync::sync(repo, &cache, &listed) {
             Ok(s) => s,
             Err(e @ Error::CacheBusy { .. }) => {
                 tracing::warn!("{e}; going on without the cache (the whole index in memory)");
-                let raw = RawIndex::load(repo)?;
-                let existing = pack_sizes(repo)?.into_keys().collect();
-                return Ok(BlobIndex::from_raw(&raw, condemned, existing));
+                return BlobIndex::load_in_memory(repo, condemned);
             }
             Err(e) => return Err(e),
         };
@@ -236,6 +232,13 @@ impl BlobIndex {
             packs,
             failure: Mutex::new(None),
         })
+    }
+
+    /// Every listed index object read into memory, then the list of packs.
+    fn load_in_memory(repo: &Repository, condemned: HashSet<PackId>) -> Result<BlobIndex> {
+        let raw = RawIndex::load(repo)?;
+        let existing = pack_sizes(repo)?.into_keys().collect();
+        Ok(BlobIndex::from_raw(&raw, condemned, existing))
     }
 
     /// The lookup table of `raw`, treating the packs in `condemned` as about to disappear and
@@ -330,6 +333,14 @@ impl BlobIndex {
         }
     }
 
+    /// The best location of a blob, or why there is none: missing, or the cache failed.
+    pub(crate) fn locate(&self, id: &BlobId) -> Result<Location> {
+        self.get(id).ok_or_else(|| match self.failure() {
+            Some(reason) => Error::CacheFailed { reason },
+            None => Error::BlobMissing { id: id.to_hex() },
+        })
+    }
+
     /// Present in a pack that exists and is not condemned: a backup may reference it without
     /// writing it.
     pub fn usable(&self, id: &BlobId) -> bool {
@@ -403,35 +414,37 @@ impl Repository {
     /// read is) and are kept there after a read from the store; `check` and GC, whose index is
     /// in memory, always read the store (they verify the repository, not the cache).
     pub fn read_blob(&self, index: &BlobIndex, id: &BlobId) -> Result<Vec<u8>> {
-        let loc = index.get(id).ok_or_else(|| match index.failure() {
-            Some(reason) => Error::CacheFailed { reason },
-            None => Error::BlobMissing { id: id.to_hex() },
-        })?;
+        let loc = index.locate(id)?;
         let cache = match &index.entries {
-            Entries::Cached { cache, .. } if loc.kind == BlobKind::Tree => Some(cache),
-            _ => None,
-        };
-        let Some(cache) = cache else {
-            return self.read_blob_at(id, &loc);
+            Entries::Cached { cache, .. } if loc.kind == BlobKind::Tree => cache,
+            _ => return self.read_blob_at(id, &loc),
         };
         if let Some(stored) = crate::cache::objects::get(cache, id, loc.length as u64) {
-            match blob::decode(&self.keys, loc.kind, id, loc.raw_len, &stored) {
+            match self.decode_stored(id, &loc, &stored) {
                 Ok(plain) => return Ok(plain),
                 Err(_) => crate::cache::objects::discard(cache, id),
             }
         }
         let stored = self.read_stored_blob(id, &loc)?;
-        let plain = blob::decode(&self.keys, loc.kind, id, loc.raw_len, &stored)
-            .map_err(|e| Error::corrupt(format!("blob {id} in {}", pack_key(&loc.pack)), e))?;
+        let plain = self.decode_stored(id, &loc, &stored)?;
         crate::cache::objects::put(cache, id, &stored);
         Ok(plain)
     }
 
     pub fn read_blob_at(&self, id: &BlobId, loc: &Location) -> Result<Vec<u8>> {
-        let key = pack_key(&loc.pack);
         let stored = self.read_stored_blob(id, loc)?;
-        blob::decode(&self.keys, loc.kind, id, loc.raw_len, &stored)
-            .map_err(|e| Error::corrupt(format!("blob {id} in {key}"), e))
+        self.decode_stored(id, loc, &stored)
+    }
+
+    /// Decrypt, decompress and verify a blob's stored bytes against its id.
+    pub(crate) fn decode_stored(
+        &self,
+        id: &BlobId,
+        loc: &Location,
+        stored: &[u8],
+    ) -> Result<Vec<u8>> {
+        blob::decode(&self.keys, loc.kind, id, loc.raw_len, stored)
+            .map_err(|e| Error::corrupt(format!("blob {id} in {}", pack_key(&loc.pack)), e))
     }
 
     /// A blob's stored bytes (compressed and sealed) as its pack holds them, unverified.

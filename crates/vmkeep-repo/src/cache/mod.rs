@@ -131,8 +131,15 @@ pub(crate) struct CacheLock {
 /// or cut by a crash fails its verification and is rebuilt).
 pub(crate) fn publish(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = temp_beside(path);
-    std::fs::write(&tmp, bytes).map_err(|e| Error::cache_io(&tmp, "write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::cache_io(path, "rename into", e))
+    let r = std::fs::write(&tmp, bytes)
+        .map_err(|e| Error::cache_io(&tmp, "write", e))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).map_err(|e| Error::cache_io(path, "rename into", e))
+        });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
 }
 
 pub(crate) fn temp_beside(path: &Path) -> PathBuf {

@@ -45,11 +45,7 @@ pub(crate) fn put(cache: &Cache, id: &BlobId, stored: &[u8]) {
             return;
         }
     }
-    let tmp = super::temp_beside(&p);
-    if std::fs::write(&tmp, stored).is_ok() && std::fs::rename(&tmp, &p).is_ok() {
-        return;
-    }
-    let _ = std::fs::remove_file(&tmp);
+    let _ = super::publish(&p, stored);
 }
 
 /// A cached node that failed its verification.

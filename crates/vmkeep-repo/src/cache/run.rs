@@ -202,11 +202,6 @@ impl Run {
         }
         let (pack_bytes, rest) = meta.split_at((packs * 32) as usize);
         let (source_bytes, dir) = rest.split_at((sources * SOURCE_LEN as u64) as usize);
-        let ids32 = |b: &[u8]| -> Vec<[u8; 32]> {
-            b.chunks_exact(32)
-                .map(|c| c.try_into().expect("32"))
-                .collect()
-        };
         let words: Vec<u64> = dir
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
@@ -223,7 +218,10 @@ impl Run {
             file,
             bits,
             entries,
-            packs: ids32(pack_bytes).into_iter().map(PackId).collect(),
+            packs: pack_bytes
+                .chunks_exact(32)
+                .map(|c| PackId(c.try_into().expect("32")))
+                .collect(),
             sources: source_bytes
                 .chunks_exact(SOURCE_LEN)
                 .map(Source::decode)

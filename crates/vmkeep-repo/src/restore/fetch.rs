@@ -4,11 +4,10 @@
 //! order, so a job is usually a long run of one pack; after an incremental, a window's chunks
 //! come from a few packs, each read once, as restic reads whole packs. On object storage
 //! requests are the time, so windows and gaps are larger there than in a local folder.
-use vmkeep_core::blob;
 use vmkeep_core::BlobId;
 
-use crate::error::{Error, Result};
-use crate::index::{pack_key, BlobIndex, Location};
+use crate::error::Result;
+use crate::index::{BlobIndex, Location};
 use crate::Repository;
 
 /// One read job covers at most this much of a pack.
@@ -56,11 +55,7 @@ impl Repository {
     ) -> Result<Vec<ReadJob<T>>> {
         let mut located = Vec::with_capacity(window.len());
         for (t, id) in window {
-            let loc = index.get(id).ok_or_else(|| match index.failure() {
-                Some(reason) => Error::CacheFailed { reason },
-                None => Error::BlobMissing { id: id.to_hex() },
-            })?;
-            located.push((*t, *id, loc));
+            located.push((*t, *id, index.locate(id)?));
         }
         located.sort_by_key(|(_, _, l)| (l.pack, l.offset));
         let mut jobs: Vec<ReadJob<T>> = Vec::new();
@@ -98,7 +93,6 @@ impl Repository {
             return f(t0, &id0, self.read_blob_at(&id0, &first)?);
         }
         let base = first.offset as u64;
-        let key = pack_key(&first.pack);
         let span = self.read_stored_blob(
             &id0,
             &Location {
@@ -109,9 +103,7 @@ impl Repository {
         for (t, id, loc) in &job.items {
             let at = (loc.offset as u64 - base) as usize;
             let stored = &span[at..at + loc.length as usize];
-            let plain = blob::decode(&self.keys, loc.kind, id, loc.raw_len, stored)
-                .map_err(|e| Error::corrupt(format!("blob {id} in {key}"), e))?;
-            f(*t, id, plain)?;
+            f(*t, id, self.decode_stored(id, loc, stored)?)?;
         }
         Ok(())
     }
