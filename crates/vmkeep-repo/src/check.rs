@@ -3,21 +3,33 @@
 //! pack (every blob decrypted, decompressed and hashed against its id, in parallel) and the op
 //! stream of every memory stream (it must give back exactly the stream's bytes). Damage is
 //! reported per restore point and disk, so the user knows what is affected.
+//!
+//! In bounded memory, for a repository of any size (`scan.rs`): one walk of every restore
+//! point (each shared subtree once) gathers the referenced ids into a sorted set on disk; one
+//! pass joins them with the cached index in id order. Only when that finds a problem are the
+//! restore points walked again one part at a time, to say which ones it affects.
 use std::collections::{HashMap, HashSet};
 
 use crossbeam_channel::bounded;
 use serde::Serialize;
 use vmkeep_core::blob;
-use vmkeep_core::pack::PackEntry;
+use vmkeep_core::manifest::Manifest;
 use vmkeep_core::{BlobId, ObjectKind, PackId, SnapshotId};
+use vmkeep_store::Key;
 
 use crate::error::Result;
 use crate::gc;
-use crate::index::{pack_key, pack_sizes, BlobIndex, RawIndex};
+use crate::index::{fetch_index_object, pack_key, BlobIndex, Fetched};
 use crate::progress::Progress;
 use crate::restore::stream::verify_memory_ops;
+use crate::scan::RepoScan;
+use crate::spill::IdSpill;
 use crate::walk::Walker;
 use crate::Repository;
+
+/// Bad blobs remembered for the report, at most (a pack of damage beyond this is still
+/// reported per restore point, as "not indexed" or "pack missing" when it is that).
+const MAX_BAD_BLOBS: usize = 1 << 20;
 
 #[derive(Clone, Debug, Default)]
 pub struct CheckOptions {
@@ -107,34 +119,114 @@ impl Repository {
                 "GC record {id} is damaged ({e}); the next prune replaces it"
             ));
         }
-        let condemned = records.condemned();
-        let raw = RawIndex::load(self)?;
-        let sizes = pack_sizes(self)?;
-        let index = BlobIndex::from_raw(&raw, condemned, sizes.keys().copied().collect());
-        let RawIndex {
-            by_pack, damaged, ..
-        } = raw;
-        for (key, e) in damaged {
+        let mut scan = RepoScan::load(self, records.condemned())?;
+        for (key, e) in &scan.damaged {
             report
                 .warnings
                 .push(format!("index object {key} is damaged: {e}"));
         }
-        for p in sizes.keys() {
-            if !by_pack.contains_key(p) {
-                report.warnings.push(format!(
-                    "pack {p} is not indexed (left by an interrupted backup; prune reclaims it, \
-                     or `vmkeep repair index` indexes it)"
-                ));
+        // Every index object read again (the cache knows them by name, size and time, which
+        // bit rot keeps), and with `read_data` every pack they name.
+        let (bad_blobs, rotten) = self.reread(&scan, opts.read_data, &mut report, progress)?;
+        scan.exclude(&rotten);
+
+        // One walk of everything, then one pass over the index.
+        progress.phase("walk", 0);
+        let mut referenced = IdSpill::new(&self.spill_parent())?;
+        let mut walker = Walker::new(self);
+        let mut walk_damage = false;
+        let mut op_damage: HashMap<(SnapshotId, String), String> = HashMap::new();
+        for m in &snapshots {
+            report.snapshots_checked += 1;
+            for (part, disk, stream) in parts(m) {
+                let mut visit = |r: &crate::walk::Ref| referenced.insert(r.id);
+                let walked = match (disk, stream) {
+                    (Some(d), _) => walker.walk_disk(&scan.index, m, d, &mut visit),
+                    (_, Some(s)) => walker.walk_stream(&scan.index, s, &mut visit),
+                    _ => Ok(()),
+                };
+                match walked {
+                    Ok(()) => {}
+                    Err(e) if e.is_damage() => walk_damage = true,
+                    Err(e) => return Err(e),
+                }
+                // A memory stream's ops must give back exactly its bytes.
+                if let (Some(s), true) = (stream, opts.read_data) {
+                    match verify_memory_ops(self, &scan.index, s) {
+                        Ok(()) => {}
+                        Err(e) if e.is_damage() => {
+                            op_damage.insert((m.id, part), format!("index unreadable: {e}"));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
         }
+        progress.finish_phase();
 
-        let bad_blobs = if opts.read_data {
-            self.read_all_packs(&by_pack, &sizes, &mut report, progress)?
-        } else {
-            HashSet::new()
-        };
+        progress.phase("index", 0);
+        let mut indexed: HashSet<PackId> = HashSet::new();
+        let mut with_referenced: HashSet<PackId> = HashSet::new();
+        let mut problems = 0u64;
+        scan.pass(&mut referenced, &mut |g| {
+            for l in g.copies {
+                indexed.insert(l.pack);
+                if g.referenced {
+                    with_referenced.insert(l.pack);
+                }
+            }
+            if g.referenced
+                && (!g.copies.iter().any(|l| scan.index.pack_exists(&l.pack))
+                    || bad_blobs.contains(&g.id))
+            {
+                problems += 1;
+            }
+            Ok(())
+        })?;
+        drop(referenced);
+        progress.finish_phase();
 
-        let mut referenced: HashSet<BlobId> = HashSet::new();
+        if problems > 0 || walk_damage || !op_damage.is_empty() {
+            self.attribute_damage(&scan.index, &snapshots, &bad_blobs, op_damage, &mut report)?;
+        }
+
+        let mut unindexed: Vec<&PackId> =
+            scan.sizes.keys().filter(|p| !indexed.contains(p)).collect();
+        unindexed.sort();
+        for p in unindexed {
+            report.warnings.push(format!(
+                "pack {p} is not indexed (left by an interrupted backup; prune reclaims it, \
+                 or `vmkeep repair index` indexes it)"
+            ));
+        }
+        let mut unreferenced: Vec<&PackId> = indexed
+            .iter()
+            .filter(|p| scan.sizes.contains_key(p) && !with_referenced.contains(p))
+            .collect();
+        unreferenced.sort();
+        for p in unreferenced {
+            report.warnings.push(format!(
+                "pack {p} holds no referenced data (a forgotten restore point or an interrupted \
+                 backup; prune reclaims it)"
+            ));
+        }
+        // Temporary files of killed writers: warnings only (temporaries.rs).
+        report.warnings.extend(self.temporary_warnings()?);
+
+        report.ok = report.damaged.is_empty();
+        Ok(report)
+    }
+
+    /// Walk each disk and stream of each restore point on its own (damage in a subtree shared
+    /// by several restore points is reported for each of them), and report its problems.
+    fn attribute_damage(
+        &self,
+        index: &BlobIndex,
+        snapshots: &[Manifest],
+        bad_blobs: &HashSet<BlobId>,
+        mut op_damage: HashMap<(SnapshotId, String), String>,
+        report: &mut CheckReport,
+    ) -> Result<()> {
         let problem = |id: &BlobId| -> Option<(DamageKind, String)> {
             match index.get(id) {
                 None => Some((
@@ -151,39 +243,21 @@ impl Repository {
                 Some(_) => None,
             }
         };
-        for m in &snapshots {
-            report.snapshots_checked += 1;
-            let parts = m
-                .disks
-                .iter()
-                .map(|d| (d.name.clone(), Some(d), None))
-                .chain(
-                    m.streams
-                        .iter()
-                        .map(|s| (format!("stream:{}", s.name), None, Some(s))),
-                );
-            for (part, disk, stream) in parts {
+        for m in snapshots {
+            for (part, disk, stream) in parts(m) {
                 let mut problems = Problems::default();
                 let mut visit = |r: &crate::walk::Ref| -> Result<()> {
-                    referenced.insert(r.id);
                     if let Some((kind, reason)) = problem(&r.id) {
                         problems.add(kind, reason);
                     }
                     Ok(())
                 };
-                // A fresh walker per part: damage in a subtree shared by several restore
-                // points is reported for each of them.
                 let mut walker = Walker::new(self);
                 let walked = match (disk, stream) {
-                    (Some(d), _) => walker.walk_disk(&index, m, d, &mut visit),
-                    (_, Some(s)) => walker.walk_stream(&index, s, &mut visit),
+                    (Some(d), _) => walker.walk_disk(index, m, d, &mut visit),
+                    (_, Some(s)) => walker.walk_stream(index, s, &mut visit),
                     _ => Ok(()),
                 };
-                // A memory stream's ops must give back exactly its bytes.
-                let walked = walked.and_then(|()| match stream {
-                    Some(s) if opts.read_data => verify_memory_ops(self, &index, s),
-                    _ => Ok(()),
-                });
                 match walked {
                     Ok(()) => {}
                     Err(e) if e.is_damage() => {
@@ -191,49 +265,42 @@ impl Repository {
                     }
                     Err(e) => return Err(e),
                 }
+                if let Some(reason) = op_damage.remove(&(m.id, part.clone())) {
+                    problems.add(DamageKind::Index, reason);
+                }
                 problems.report(&m.id, part, &mut report.damaged);
             }
         }
-        let mut unreferenced: Vec<&PackId> = by_pack
-            .iter()
-            .filter(|(p, es)| {
-                sizes.contains_key(p) && !es.iter().any(|e| referenced.contains(&e.id))
-            })
-            .map(|(p, _)| p)
-            .collect();
-        unreferenced.sort();
-        for p in unreferenced {
-            report.warnings.push(format!(
-                "pack {p} holds no referenced data (a forgotten restore point or an interrupted \
-                 backup; prune reclaims it)"
-            ));
-        }
-        // Temporary files of killed writers: warnings only (temporaries.rs).
-        report.warnings.extend(self.temporary_warnings()?);
-
-        report.ok = report.damaged.is_empty();
-        Ok(report)
+        Ok(())
     }
 
-    /// Read every indexed pack in parallel; return the ids of blobs that failed verification.
-    fn read_all_packs(
+    /// Read every index object again in parallel and verify it, and with `read_packs` every
+    /// pack it names (memory holds one object and one pack per reader). Returns the ids of
+    /// blobs that failed verification (at most [`MAX_BAD_BLOBS`]) and the index objects found
+    /// damaged.
+    fn reread(
         &self,
-        by_pack: &HashMap<PackId, Vec<PackEntry>>,
-        packs: &HashMap<PackId, u64>,
+        scan: &RepoScan,
+        read_packs: bool,
         report: &mut CheckReport,
         progress: &dyn Progress,
-    ) -> Result<HashSet<BlobId>> {
-        let total: u64 = by_pack.keys().filter_map(|p| packs.get(p)).sum();
-        progress.phase("read data", total);
+    ) -> Result<(HashSet<BlobId>, Vec<Key>)> {
+        let objects = scan.objects()?;
+        match read_packs {
+            true => progress.phase("read data", scan.sizes.values().sum()),
+            false => progress.phase("read index", objects.len() as u64),
+        }
         let threads = self.reader_threads();
-        let (tx, rx) = bounded::<(&PackId, &Vec<PackEntry>)>(threads * 2);
+        let (tx, rx) = bounded::<&Key>(threads * 2);
         struct Out {
             bad: HashSet<BlobId>,
+            rotten: Vec<Key>,
             warnings: Vec<String>,
             packs: u64,
             blobs: u64,
             bytes: u64,
         }
+        let sizes = &scan.sizes;
         let outs: Vec<Result<Out>> = std::thread::scope(|s| {
             let mut hs = Vec::new();
             for _ in 0..threads {
@@ -241,17 +308,35 @@ impl Repository {
                 hs.push(s.spawn(move || -> Result<Out> {
                     let mut o = Out {
                         bad: HashSet::new(),
+                        rotten: Vec::new(),
                         warnings: Vec::new(),
                         packs: 0,
                         blobs: 0,
                         bytes: 0,
                     };
-                    for (pack, entries) in rx {
-                        if !packs.contains_key(pack) {
-                            continue; // reported by the structural pass for referenced blobs
+                    for key in rx {
+                        let file = match fetch_index_object(self, key)? {
+                            Fetched::Read(f) => f,
+                            Fetched::Gone => continue, // rewritten by a prune meanwhile
+                            Fetched::Damaged(e) => {
+                                o.warnings
+                                    .push(format!("index object {key} is damaged: {e}"));
+                                o.rotten.push(key.clone());
+                                continue;
+                            }
+                        };
+                        if !read_packs {
+                            progress.advance(1);
+                            continue;
                         }
-                        let bytes =
-                            match self.store.get(&pack_key(pack), ObjectKind::Pack.max_size()) {
+                        for (pack, entries) in &file.packs {
+                            if !sizes.contains_key(pack) {
+                                continue; // reported by the structural pass for referenced blobs
+                            }
+                            let bytes = match self
+                                .store
+                                .get(&pack_key(pack), ObjectKind::Pack.max_size())
+                            {
                                 Ok(b) => b,
                                 Err(e) if e.is_not_found() => continue,
                                 Err(e) if e.is_too_large() => {
@@ -261,34 +346,35 @@ impl Repository {
                                 }
                                 Err(e) => return Err(e.into()),
                             };
-                        o.packs += 1;
-                        o.bytes += bytes.len() as u64;
-                        if blake3::hash(&bytes).as_bytes() != pack.as_bytes() {
-                            o.warnings
-                                .push(format!("pack {pack} does not hash to its name"));
-                        }
-                        for e in entries {
-                            o.blobs += 1;
-                            let start = e.offset as usize;
-                            let ok = start
-                                .checked_add(e.length as usize)
-                                .and_then(|end| bytes.get(start..end))
-                                .is_some_and(|stored| {
-                                    blob::decode(&self.keys, e.kind, &e.id, e.raw_len, stored)
-                                        .is_ok()
-                                });
-                            if !ok {
-                                o.bad.insert(e.id);
+                            o.packs += 1;
+                            o.bytes += bytes.len() as u64;
+                            if blake3::hash(&bytes).as_bytes() != pack.as_bytes() {
+                                o.warnings
+                                    .push(format!("pack {pack} does not hash to its name"));
                             }
+                            for e in entries {
+                                o.blobs += 1;
+                                let start = e.offset as usize;
+                                let ok = start
+                                    .checked_add(e.length as usize)
+                                    .and_then(|end| bytes.get(start..end))
+                                    .is_some_and(|stored| {
+                                        blob::decode(&self.keys, e.kind, &e.id, e.raw_len, stored)
+                                            .is_ok()
+                                    });
+                                if !ok && o.bad.len() < MAX_BAD_BLOBS {
+                                    o.bad.insert(e.id);
+                                }
+                            }
+                            progress.advance(bytes.len() as u64);
                         }
-                        progress.advance(bytes.len() as u64);
                     }
                     Ok(o)
                 }));
             }
             drop(rx);
-            for item in by_pack.iter() {
-                if tx.send(item).is_err() {
+            for key in &objects {
+                if tx.send(key).is_err() {
                     break;
                 }
             }
@@ -303,14 +389,43 @@ impl Repository {
         });
         progress.finish_phase();
         let mut bad = HashSet::new();
+        let mut rotten = Vec::new();
         for o in outs {
             let o = o?;
             bad.extend(o.bad);
+            rotten.extend(o.rotten);
             report.warnings.extend(o.warnings);
             report.packs_checked += o.packs;
             report.blobs_checked += o.blobs;
             report.bytes_read += o.bytes;
         }
-        Ok(bad)
+        if bad.len() >= MAX_BAD_BLOBS {
+            report.warnings.push(format!(
+                "more than {MAX_BAD_BLOBS} damaged blobs: the report names the restore points \
+                 affected by the first ones only"
+            ));
+        }
+        Ok((bad, rotten))
     }
+}
+
+/// The parts of a restore point check reports on: each disk, each stream.
+#[allow(clippy::type_complexity)]
+fn parts(
+    m: &Manifest,
+) -> impl Iterator<
+    Item = (
+        String,
+        Option<&vmkeep_core::manifest::DiskEntry>,
+        Option<&vmkeep_core::manifest::StreamRecord>,
+    ),
+> {
+    m.disks
+        .iter()
+        .map(|d| (d.name.clone(), Some(d), None))
+        .chain(
+            m.streams
+                .iter()
+                .map(|s| (format!("stream:{}", s.name), None, Some(s))),
+        )
 }

@@ -50,6 +50,9 @@ pub struct BlobIndex {
     entries: Entries,
     condemned: HashSet<PackId>,
     packs: Packs,
+    /// Tree nodes may come from the cache's copies (backups and restores; never check or GC,
+    /// which verify the repository).
+    tree_cache: bool,
     /// The first cache failure met by a lookup (which then answered "not stored": safe for
     /// deduplication, which writes the blob again); readers report it instead of "missing".
     failure: Mutex<Option<String>>,
@@ -82,6 +85,7 @@ impl Default for BlobIndex {
             entries: Entries::Memory(HashMap::new()),
             condemned: HashSet::new(),
             packs: Packs::Listed(HashSet::new()),
+            tree_cache: false,
             failure: Mutex::new(None),
         }
     }
@@ -230,8 +234,41 @@ impl BlobIndex {
             },
             condemned,
             packs,
+            tree_cache: true,
             failure: Mutex::new(None),
         })
+    }
+
+    /// The index of a repository scan (`scan.rs`): the cache's table, the packs as listed,
+    /// tree nodes always read from the store.
+    pub(crate) fn for_scan(
+        table: Table,
+        cache: Cache,
+        condemned: HashSet<PackId>,
+        existing: HashSet<PackId>,
+    ) -> BlobIndex {
+        BlobIndex {
+            entries: Entries::Cached { table, cache },
+            condemned,
+            packs: Packs::Listed(existing),
+            tree_cache: false,
+            failure: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn table_mut(&mut self) -> Option<&mut Table> {
+        match &mut self.entries {
+            Entries::Cached { table, .. } => Some(table),
+            Entries::Memory(_) => None,
+        }
+    }
+
+    /// The cache's table, when this index is read from it.
+    pub(crate) fn table(&self) -> Option<&Table> {
+        match &self.entries {
+            Entries::Cached { table, .. } => Some(table),
+            Entries::Memory(_) => None,
+        }
     }
 
     /// Every listed index object read into memory, then the list of packs.
@@ -255,6 +292,7 @@ impl BlobIndex {
             entries: Entries::Memory(HashMap::new()),
             condemned,
             packs: Packs::Listed(existing),
+            tree_cache: false,
             failure: Mutex::new(None),
         };
         let mut map = HashMap::new();
@@ -411,12 +449,14 @@ impl BlobIndex {
 impl Repository {
     /// Read, decrypt, decompress and verify one blob. Through an index read from the cache,
     /// tree nodes come from the cache when it has them (verified by their id, as every blob
-    /// read is) and are kept there after a read from the store; `check` and GC, whose index is
-    /// in memory, always read the store (they verify the repository, not the cache).
+    /// read is) and are kept there after a read from the store; `check` and GC always read the
+    /// store (they verify the repository, not the cache).
     pub fn read_blob(&self, index: &BlobIndex, id: &BlobId) -> Result<Vec<u8>> {
         let loc = index.locate(id)?;
         let cache = match &index.entries {
-            Entries::Cached { cache, .. } if loc.kind == BlobKind::Tree => cache,
+            Entries::Cached { cache, .. } if loc.kind == BlobKind::Tree && index.tree_cache => {
+                cache
+            }
             _ => return self.read_blob_at(id, &loc),
         };
         if let Some(stored) = crate::cache::objects::get(cache, id, loc.length as u64) {

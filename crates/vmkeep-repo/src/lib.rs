@@ -11,6 +11,7 @@
 //! | [`lease`], [`gc`] | the concurrency protocol between backups and GC (checked in `gc/model`) |
 //! | [`walk`] | the one walker of what a restore point references |
 //! | [`cache`] | the local cache: blob index runs and tree nodes, shared by processes |
+//! | `scan`, `spill` | the whole repository in bounded memory, for check and prune |
 //! | [`repair`] | rebuilding index objects from pack headers |
 //! | [`temporaries`] | temporary files of killed writers (reported by check, removed by prune) |
 //!
@@ -39,7 +40,9 @@ pub mod repair;
 pub mod replicate;
 pub mod repository;
 pub mod restore;
+mod scan;
 mod snapshots;
+mod spill;
 pub mod temporaries;
 mod upload;
 pub mod walk;

@@ -220,6 +220,15 @@ impl Repository {
         Ok(self)
     }
 
+    /// Where check and prune keep their sets of referenced ids (`spill.rs`): the cache
+    /// folder, or without one the temporary folder (`TMPDIR`).
+    pub(crate) fn spill_parent(&self) -> std::path::PathBuf {
+        match &self.cache {
+            Some(c) => c.dir.clone(),
+            None => std::env::temp_dir(),
+        }
+    }
+
     /// The local cache folder of this repository, if one is used.
     pub fn cache_dir(&self) -> Option<&std::path::Path> {
         self.cache.as_ref().map(|c| c.dir.as_path())

@@ -410,3 +410,56 @@ fn a_cache_locked_too_long_is_done_without() {
     drop(held);
     assert_restores(&repo, &m, &d);
 }
+
+/// Bit rot in an index object keeps its name, size and time, so the cache (which knows the
+/// object by them) still holds its entries as read when it was whole. `check` verifies the
+/// repository, not the cache: it reads every index object again and reports the rotten one,
+/// and the blobs only it indexed as unindexed, exactly as without a cache.
+#[test]
+fn check_finds_an_index_object_rotten_after_it_was_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    init_repo(&root, false);
+    let mut rng = Rng::new(11);
+    let img = Spec::mixed(16 * CS, &mut rng).write(&dir.path().join("a.raw"));
+    let d = disks(&[("vda", &img)]);
+    let repo = open_with(local(&root), Some(&cache), 10_000);
+    backup(&repo, "vm", &d).unwrap();
+    assert_check_ok(&repo, "before the rot");
+    let objects: Vec<std::path::PathBuf> = std::fs::read_dir(root.join("index"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(objects.len(), 1);
+    let path = &objects[0];
+    let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+    flip_byte(path, 40);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    for read_data in [false, true] {
+        let opts = vmkeep_repo::CheckOptions { read_data };
+        let report = repo.check(&opts, &NoProgress).unwrap();
+        assert!(
+            !report.ok,
+            "read_data {read_data}: the blobs it indexed are unindexed now: {report:?}"
+        );
+        assert!(
+            report
+                .warnings
+                .iter()
+                .any(|w| w.contains("index object") && w.contains("damaged")),
+            "read_data {read_data}: the rotten object is named: {:?}",
+            report.warnings
+        );
+        assert!(report
+            .damaged
+            .iter()
+            .all(|d| d.kind == vmkeep_repo::check::DamageKind::BlobNotIndexed
+                || d.kind == vmkeep_repo::check::DamageKind::Index));
+    }
+}

@@ -21,6 +21,7 @@ use crate::error::{Error, Result};
 mod build;
 pub(crate) mod objects;
 mod run;
+pub(crate) mod scan;
 pub(crate) mod sync;
 pub(crate) mod table;
 

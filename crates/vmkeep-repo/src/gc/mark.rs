@@ -1,14 +1,16 @@
 //! Mark: every blob the restore points reference, through the one walker (`walk.rs`). A mark is
 //! incremental: marking again after more restore points appeared walks only the new ones
 //! (restore points never change what they reference; forget, which rewrites manifests, only
-//! changes parents and change maps, and cannot run beside a prune).
+//! changes parents and change maps, and cannot run beside a prune). The referenced ids go to
+//! a sorted set on disk (`spill.rs`), so marking a repository of any size takes bounded memory.
 use std::collections::HashSet;
 
 use vmkeep_core::manifest::Manifest;
-use vmkeep_core::{BlobId, SnapshotId};
+use vmkeep_core::SnapshotId;
 
 use crate::error::{Error, Result};
 use crate::index::BlobIndex;
+use crate::spill::IdSpill;
 use crate::walk::Walker;
 use crate::Repository;
 
@@ -16,17 +18,17 @@ pub(crate) struct Mark<'r> {
     repo: &'r Repository,
     walker: Walker<'r>,
     marked: HashSet<SnapshotId>,
-    pub referenced: HashSet<BlobId>,
+    pub referenced: IdSpill,
 }
 
 impl<'r> Mark<'r> {
-    pub fn new(repo: &'r Repository) -> Mark<'r> {
-        Mark {
+    pub fn new(repo: &'r Repository) -> Result<Mark<'r>> {
+        Ok(Mark {
             repo,
             walker: Walker::new(repo),
             marked: HashSet::new(),
-            referenced: HashSet::new(),
-        }
+            referenced: IdSpill::new(&repo.spill_parent())?,
+        })
     }
 
     /// The restore points listed now that are not marked yet, except those in `skip` (about
@@ -59,10 +61,8 @@ impl<'r> Mark<'r> {
                 continue;
             }
             let referenced = &mut self.referenced;
-            self.walker.walk(index, m, &mut |r| {
-                referenced.insert(r.id);
-                Ok(())
-            })?;
+            self.walker
+                .walk(index, m, &mut |r| referenced.insert(r.id))?;
         }
         Ok(())
     }

@@ -4,10 +4,10 @@
 //! One prune's GC, under the exclusive maintenance lease:
 //! 1. **seal** GC records a killed prune left unsealed (list the live leases, write them in);
 //! 2. **mark** every restore point (`mark.rs`, through the one walker);
-//! 3. **condemn** ([`plan::plan_condemn`]): packs home to no referenced blob, and sparse
+//! 3. **condemn** ([`plan::condemn`]): packs home to no referenced blob, and sparse
 //!    packs once their live blobs were copied into new packs (repack), go into a new GC
 //!    record, written unsealed, then sealed with the leases listed after it landed;
-//! 4. **sweep** ([`plan::plan_sweep`]): list the leases; a sealed record none of whose
+//! 4. **sweep** ([`plan::sweep`]): list the leases; a sealed record none of whose
 //!    leases is still alive is swept: mark again (only restore points that appeared since),
 //!    then delete each of its packs that holds no referenced blob lacking another live copy,
 //!    rewrite the index objects without them, delete the record.
@@ -19,7 +19,7 @@
 //!
 //! Every destructive step first checks that the prune's own lease was never lost (a prune
 //! stopped past the lease timeout may have been judged dead, and another prune may have begun).
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use serde::Serialize;
 use vmkeep_core::pack::{IndexFile, PackEntry};
@@ -29,20 +29,23 @@ use vmkeep_store::Key;
 
 use crate::error::Result;
 use crate::hooks::kill_point;
-use crate::index::{pack_key, pack_sizes, BlobIndex, Location, RawIndex};
+use crate::index::{fetch_index_object, pack_key, Fetched, Location};
 use crate::lease::Lease;
 use crate::packer::Packer;
 use crate::progress::Progress;
+use crate::scan::RepoScan;
 use crate::Repository;
 
 mod mark;
 #[cfg(test)]
 mod model;
+#[cfg(test)]
+mod oracle;
 pub mod plan;
 pub mod record;
 
 use mark::Mark;
-use plan::{CondemnPlan, CondemnReason, GcView, RecordView, SweepPlan};
+use plan::{CondemnPlan, CondemnReason, Packs, RecordView, SweepPlan};
 use record::GcRecord;
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -77,11 +80,12 @@ pub struct GcPreview {
     pub bytes_to_repack: u64,
 }
 
-/// Every index object, or the first damaged one as an error: GC must not decide what is
-/// unreferenced while part of the index is unreadable.
-fn intact_index(repo: &Repository) -> Result<RawIndex> {
-    let mut raw = RawIndex::load(repo)?;
-    match raw.damaged.pop() {
+/// The repository as GC sees it at one moment (index, packs), or the first damaged index
+/// object as an error: GC must not decide what is unreferenced while part of the index is
+/// unreadable.
+fn intact_scan(repo: &Repository, pending: &HashSet<PackId>) -> Result<RepoScan> {
+    let mut scan = RepoScan::load(repo, pending.clone())?;
+    match scan.damaged.pop() {
         Some((key, e)) => Err(crate::Error::Invalid {
             what: "repository state",
             reason: format!(
@@ -89,23 +93,7 @@ fn intact_index(repo: &Repository) -> Result<RawIndex> {
                  without the whole index: run `vmkeep repair index`, then prune again"
             ),
         }),
-        None => Ok(raw),
-    }
-}
-
-/// The repository as GC sees it at one moment: index, packs, and the lookup table over them.
-struct Snapshot {
-    raw: RawIndex,
-    sizes: HashMap<PackId, u64>,
-    index: BlobIndex,
-}
-
-impl Snapshot {
-    fn load(repo: &Repository, pending: &HashSet<PackId>) -> Result<Snapshot> {
-        let raw = intact_index(repo)?;
-        let sizes = pack_sizes(repo)?;
-        let index = BlobIndex::from_raw(&raw, pending.clone(), sizes.keys().copied().collect());
-        Ok(Snapshot { raw, sizes, index })
+        None => Ok(scan),
     }
 }
 
@@ -135,30 +123,36 @@ impl Repository {
 
         // 2. Mark.
         progress.phase("mark", 0);
-        let mut mark = Mark::new(self);
+        let mut mark = Mark::new(self)?;
         let condemned_before = loaded.condemned();
         let listed = mark.list_new(&HashSet::new())?;
-        let snap = Snapshot::load(self, &condemned_before)?;
-        mark.add(&snap.index, &listed)?;
+        let scan = intact_scan(self, &condemned_before)?;
+        mark.add(&scan.index, &listed)?;
         progress.finish_phase();
 
         // 3. Condemn (and repack).
-        let plan = plan::plan_condemn(&GcView {
-            by_pack: &snap.raw.by_pack,
-            pack_sizes: &snap.sizes,
-            referenced: &mark.referenced,
+        progress.phase("plan", 0);
+        let packs = Packs {
+            sizes: &scan.sizes,
             pending: &condemned_before,
-        });
-        let mut condemn: Vec<PackId> = plan.condemn.iter().map(|c| c.pack).collect();
+        };
+        let (plan, _) = plan::condemn(&packs, &mut |f| scan.pass(&mut mark.referenced, f))?;
+        progress.finish_phase();
+        drop(scan);
+        let mut condemn: Vec<(PackId, CondemnReason)> =
+            plan.condemn.iter().map(|c| (c.pack, c.reason)).collect();
         if !plan.repack.is_empty() {
-            self.repack(lease, &plan, &mut stats, progress)?;
+            let written = self.repack(lease, &plan, &mut stats, progress)?;
             // A pack condemned as unindexed (a dead repack's output) may just have been
             // written again, same bytes and name, by this repack: it is a live home now.
-            let after = intact_index(self)?;
-            condemn.retain(|p| snap.raw.by_pack.contains_key(p) || !after.by_pack.contains_key(p));
-            condemn.extend(plan.repack.iter().map(|r| r.pack));
+            condemn.retain(|(p, why)| *why != CondemnReason::Unindexed || !written.contains(p));
+            condemn.extend(
+                plan.repack
+                    .iter()
+                    .map(|r| (r.pack, CondemnReason::Repacked)),
+            );
         }
-        drop(snap);
+        let mut condemn: Vec<PackId> = condemn.into_iter().map(|(p, _)| p).collect();
         if !condemn.is_empty() {
             condemn.sort();
             stats.packs_condemned = condemn.len() as u64;
@@ -176,13 +170,14 @@ impl Repository {
         Ok(stats)
     }
 
+    /// Copy the live blobs of the packs to repack into new packs; returns the packs written.
     fn repack(
         &self,
         lease: &Lease,
         plan: &CondemnPlan,
         stats: &mut GcStats,
         progress: &dyn Progress,
-    ) -> Result<()> {
+    ) -> Result<HashSet<PackId>> {
         progress.phase("repack", plan.repack.iter().map(|r| r.live_bytes).sum());
         lease.check()?;
         let packer = Packer::start(
@@ -211,10 +206,10 @@ impl Repository {
             stats.packs_repacked += 1;
         }
         drop(tx);
-        packer.finish()?;
+        let written = packer.finish()?.pack_ids.into_iter().collect();
         self.store.flush()?;
         progress.finish_phase();
-        Ok(())
+        Ok(written)
     }
 
     /// Write a record unsealed, then seal it with the leases listed once it landed.
@@ -246,9 +241,9 @@ impl Repository {
         let pending = loaded.condemned();
         let records = loaded.records;
         let listed = mark.list_new(&HashSet::new())?;
-        let snap = Snapshot::load(self, &pending)?;
+        let scan = intact_scan(self, &pending)?;
         progress.phase("mark", 0);
-        mark.add(&snap.index, &listed)?;
+        mark.add(&scan.index, &listed)?;
         progress.finish_phase();
         let views: Vec<RecordView> = records
             .iter()
@@ -261,15 +256,15 @@ impl Repository {
                     .is_some_and(|w| w.iter().all(|l| !live.contains(l))),
             })
             .collect();
-        let plan = plan::plan_sweep(
-            &GcView {
-                by_pack: &snap.raw.by_pack,
-                pack_sizes: &snap.sizes,
-                referenced: &mark.referenced,
+        let plan = plan::sweep(
+            &Packs {
+                sizes: &scan.sizes,
                 pending: &pending,
             },
             &views,
-        );
+            &|_| false,
+            &mut |f| scan.pass(&mut mark.referenced, f),
+        )?;
         stats.packs_waiting = plan.waiting.len() as u64;
         stats.bytes_waiting = plan.waiting.iter().map(|(_, b)| b).sum();
         stats.packs_reprieved = plan.reprieved.len() as u64;
@@ -296,7 +291,7 @@ impl Repository {
             .map(|(p, _)| *p)
             .chain(plan.gone.iter().copied())
             .collect();
-        stats.index_objects_rewritten = self.drop_from_index(lease, &snap.raw, &dropped)?;
+        stats.index_objects_rewritten = self.drop_from_index(lease, &scan, &dropped)?;
         for id in &plan.records {
             lease.check()?;
             self.store.delete(&record::record_key(id))?;
@@ -311,32 +306,40 @@ impl Repository {
     fn drop_from_index(
         &self,
         lease: &Lease,
-        raw: &RawIndex,
+        scan: &RepoScan,
         dropped: &HashSet<PackId>,
     ) -> Result<u64> {
+        if dropped.is_empty() {
+            return Ok(0);
+        }
         let mut n = 0;
-        for (name, packs) in &raw.files {
-            if !packs.iter().any(|p| dropped.contains(p)) {
-                continue;
-            }
+        for key in scan.objects_naming(dropped)? {
+            let file = match fetch_index_object(self, &key)? {
+                Fetched::Read(f) => f,
+                // Rewritten by a prune before this one was judged dead (its lease check fails
+                // next), or damaged since the scan: either way not this prune's to rewrite.
+                Fetched::Gone => continue,
+                Fetched::Damaged(e) => {
+                    return Err(crate::Error::corrupt(format!("index object {key}"), e))
+                }
+            };
             lease.check()?;
-            let keep: Vec<(PackId, Vec<PackEntry>)> = packs
-                .iter()
-                .filter(|p| !dropped.contains(p))
-                .map(|p| (*p, raw.entries_of(p)))
+            let keep: Vec<(PackId, Vec<PackEntry>)> = file
+                .packs
+                .into_iter()
+                .filter(|(p, _)| !dropped.contains(p))
                 .collect();
             if !keep.is_empty() {
                 let file = IndexFile { packs: keep };
                 let sealed = object::seal(&self.keys, ObjectKind::Index, &file.encode());
                 let new_name = blake3::hash(&sealed).to_hex().to_string();
-                if new_name != *name {
+                if new_name != key.name {
                     self.store
                         .put(&Key::new(ObjectKind::Index, new_name)?, &sealed)?;
                 }
             }
             self.store.flush()?;
-            self.store
-                .delete(&Key::new(ObjectKind::Index, name.clone())?)?;
+            self.store.delete(&key)?;
             n += 1;
         }
         self.store.flush()?;
@@ -355,37 +358,27 @@ impl Repository {
         let live: HashSet<LeaseId> = self.live_leases(None)?.into_iter().collect();
         let mut pending = loaded.condemned();
         let records = loaded.records;
-        let mut mark = Mark::new(self);
+        let mut mark = Mark::new(self)?;
         let listed = mark.list_new(forgotten)?;
-        let snap = Snapshot::load(self, &pending)?;
+        let scan = RepoScan::load(self, pending.clone())?;
         progress.phase("mark", 0);
-        mark.add(&snap.index, &listed)?;
+        mark.add(&scan.index, &listed)?;
         progress.finish_phase();
-        let condemn = plan::plan_condemn(&GcView {
-            by_pack: &snap.raw.by_pack,
-            pack_sizes: &snap.sizes,
-            referenced: &mark.referenced,
-            pending: &pending,
-        });
-        // Repacked blobs as the real run would store them: in new packs (named here by a hash
-        // of the old one), so the old packs' blobs have a live copy.
-        let mut by_pack = snap.raw.by_pack.clone();
-        let mut sizes = snap.sizes.clone();
-        let mut new_record: Vec<PackId> = condemn
+        let before = pending.clone();
+        let packs = Packs {
+            sizes: &scan.sizes,
+            pending: &before,
+        };
+        let (condemn, tally) = plan::condemn(&packs, &mut |f| scan.pass(&mut mark.referenced, f))?;
+        // Repacked blobs as the real run would store them: in new packs, so the old packs'
+        // blobs have a live copy.
+        let repacked: HashSet<PackId> = condemn.repack.iter().map(|r| r.pack).collect();
+        let new_record: Vec<PackId> = condemn
             .condemn
             .iter()
-            .filter(|c| c.reason != CondemnReason::Repacked)
             .map(|c| c.pack)
+            .chain(condemn.repack.iter().map(|r| r.pack))
             .collect();
-        for r in &condemn.repack {
-            let copy = PackId(
-                *blake3::hash(&[b"dry-run repack".as_slice(), r.pack.as_bytes()].concat())
-                    .as_bytes(),
-            );
-            by_pack.insert(copy, r.live.clone());
-            sizes.insert(copy, r.live_bytes);
-            new_record.push(r.pack);
-        }
         pending.extend(new_record.iter().copied());
         let new_id = GcRecordId([0; 16]);
         let mut views: Vec<RecordView> = records
@@ -405,15 +398,19 @@ impl Repository {
             condemned: &new_record,
             sweepable: live.is_empty(),
         });
-        let mut sweep = plan::plan_sweep(
-            &GcView {
-                by_pack: &by_pack,
-                pack_sizes: &sizes,
-                referenced: &mark.referenced,
+        let mut sweep = plan::sweep(
+            &Packs {
+                sizes: &scan.sizes,
                 pending: &pending,
             },
             &views,
-        );
+            &|g| {
+                tally
+                    .home(&packs, g)
+                    .is_some_and(|h| repacked.contains(&h.pack))
+            },
+            &mut |f| scan.pass(&mut mark.referenced, f),
+        )?;
         sweep.records.retain(|id| *id != new_id);
         Ok(GcPreview {
             reclaimed_bytes: sweep.reclaimed_bytes(),
