@@ -23,7 +23,6 @@ use crate::index::{fetch_index_object, pack_key, BlobIndex, Fetched};
 use crate::progress::Progress;
 use crate::restore::stream::verify_memory_ops;
 use crate::scan::RepoScan;
-use crate::spill::IdSpill;
 use crate::walk::Walker;
 use crate::Repository;
 
@@ -132,7 +131,7 @@ impl Repository {
 
         // One walk of everything, then one pass over the index.
         progress.phase("walk", 0);
-        let mut referenced = IdSpill::new(&self.spill_parent())?;
+        let mut referenced = self.new_spill()?;
         let mut walker = Walker::new(self);
         let mut walk_damage = false;
         let mut op_damage: HashMap<(SnapshotId, String), String> = HashMap::new();

@@ -331,14 +331,19 @@ impl BlobIndex {
         let mut f = self.failure.lock().unwrap();
         if f.is_none() {
             tracing::warn!(error = %e, "the local cache failed; treating the blob as not stored");
-            if let (Entries::Cached { cache, .. }, crate::Error::CacheDamaged { path, .. }) =
-                (&self.entries, &e)
-            {
-                // The next run rebuilds it from the repository.
-                let _ = std::fs::remove_file(cache.path(crate::cache::table::CATALOG));
-                let _ = std::fs::remove_file(path);
+            if let crate::Error::CacheDamaged { path, .. } = &e {
+                self.discard_cache_file(path);
             }
             *f = Some(e.to_string());
+        }
+    }
+
+    /// Remove a cache file that failed its verification, and the catalog naming it: the next
+    /// run rebuilds them from the repository.
+    pub(crate) fn discard_cache_file(&self, path: &std::path::Path) {
+        if let Entries::Cached { cache, .. } = &self.entries {
+            let _ = std::fs::remove_file(cache.path(crate::cache::table::CATALOG));
+            let _ = std::fs::remove_file(path);
         }
     }
 

@@ -8,8 +8,9 @@
 //! keeps working: its packs are either listed here (written before its index object, which was
 //! listed before) or named by its own index objects written after the listing, which are kept.
 //! Killed at any instant, the repository has the old objects, or the old and some new ones
-//! (duplicate entries are harmless), or the new ones.
-use std::collections::HashMap;
+//! (duplicate entries are harmless), or the new ones. Memory: one new index object's packs at a
+//! time (written as they fill), plus the old entries of unreadable packs (`scan.rs`).
+use std::collections::HashSet;
 
 use serde::Serialize;
 use vmkeep_core::pack::{self, IndexFile, PackEntry};
@@ -18,9 +19,10 @@ use vmkeep_core::{object, ObjectKind};
 use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
-use crate::index::{pack_key, pack_sizes, RawIndex};
+use crate::index::pack_key;
 use crate::lease::LeaseKind;
 use crate::progress::Progress;
+use crate::scan::RepoScan;
 use crate::Repository;
 
 /// Packs named per new index object.
@@ -43,32 +45,32 @@ impl Repository {
     pub fn repair_index(&self, progress: &dyn Progress) -> Result<RepairIndexStats> {
         let lease = self.maintenance_lease(LeaseKind::RepairIndex)?;
         let mut stats = RepairIndexStats::default();
-        let old: Vec<Key> = self
-            .store
-            .list(ObjectKind::Index)?
+        // The old index objects (through the cache: for packs whose header cannot be read,
+        // their blobs may still be intact, so their old entries are kept), then the packs.
+        let scan = RepoScan::load(self, HashSet::new())?;
+        let old: Vec<Key> = scan
+            .objects()?
             .into_iter()
-            .map(|m| m.key)
+            .chain(scan.damaged.iter().map(|(k, _)| k.clone()))
             .collect();
-        // What the old index objects say, for packs whose header cannot be read: their blobs
-        // may still be intact (check --read-data verifies them), so their entries are kept.
-        let known = RawIndex::load(self)?;
-        let mut packs: Vec<(PackId, u64)> = pack_sizes(self)?.into_iter().collect();
+        let mut packs: Vec<(PackId, u64)> = scan.sizes.iter().map(|(p, s)| (*p, *s)).collect();
         packs.sort();
         progress.phase("read pack headers", packs.len() as u64);
-        let mut found: Vec<(PackId, Vec<PackEntry>)> = Vec::new();
+        // Written as they fill, so memory holds one index object's packs.
+        let mut written: HashSet<String> = HashSet::new();
+        let mut batch: Vec<(PackId, Vec<PackEntry>)> = Vec::new();
+        let mut unreadable: HashSet<PackId> = HashSet::new();
         for (p, size) in &packs {
             match self.read_pack_header(p, *size) {
                 Ok(entries) => {
                     stats.blobs_indexed += entries.len() as u64;
-                    found.push((*p, entries));
+                    batch.push((*p, entries));
+                    if batch.len() >= PACKS_PER_INDEX {
+                        self.write_index_object(&lease, &mut batch, &mut written, &mut stats)?;
+                    }
                 }
                 Err(e) if e.is_damage() => {
-                    let entries = known.entries_of(p);
-                    if !entries.is_empty() {
-                        stats.blobs_indexed += entries.len() as u64;
-                        stats.packs_kept_from_old_index += 1;
-                        found.push((*p, entries));
-                    }
+                    unreadable.insert(*p);
                     stats.packs_unreadable.push((*p, e.to_string()));
                 }
                 Err(e) => return Err(e),
@@ -77,23 +79,23 @@ impl Repository {
             progress.advance(1);
         }
         progress.finish_phase();
-        let mut written: HashMap<String, ()> = HashMap::new();
-        for group in found.chunks(PACKS_PER_INDEX) {
-            let file = IndexFile {
-                packs: group.to_vec(),
-            };
-            let sealed = object::seal(&self.keys, ObjectKind::Index, &file.encode());
-            let name = blake3::hash(&sealed).to_hex().to_string();
-            lease.check()?;
-            self.store
-                .put(&Key::new(ObjectKind::Index, name.clone())?, &sealed)?;
-            written.insert(name, ());
-            stats.index_objects_written += 1;
+        if !unreadable.is_empty() {
+            let mut kept = scan.entries_of(&unreadable)?;
+            kept.sort_by_key(|(p, _)| *p);
+            for (p, entries) in kept {
+                stats.blobs_indexed += entries.len() as u64;
+                stats.packs_kept_from_old_index += 1;
+                batch.push((p, entries));
+                if batch.len() >= PACKS_PER_INDEX {
+                    self.write_index_object(&lease, &mut batch, &mut written, &mut stats)?;
+                }
+            }
         }
+        self.write_index_object(&lease, &mut batch, &mut written, &mut stats)?;
         self.store.flush()?;
         crate::hooks::kill_point("after-index-rebuilt");
         for key in old {
-            if written.contains_key(&key.name) {
+            if written.contains(&key.name) {
                 continue; // rebuilt identically
             }
             lease.check()?;
@@ -105,6 +107,30 @@ impl Repository {
             tracing::warn!(error = %e, "could not remove the lease; the next prune removes it");
         }
         Ok(stats)
+    }
+
+    /// Write the packs of `batch` as one index object (none when empty).
+    fn write_index_object(
+        &self,
+        lease: &crate::lease::Lease,
+        batch: &mut Vec<(PackId, Vec<PackEntry>)>,
+        written: &mut HashSet<String>,
+        stats: &mut RepairIndexStats,
+    ) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let file = IndexFile {
+            packs: std::mem::take(batch),
+        };
+        let sealed = object::seal(&self.keys, ObjectKind::Index, &file.encode());
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        lease.check()?;
+        self.store
+            .put(&Key::new(ObjectKind::Index, name.clone())?, &sealed)?;
+        written.insert(name);
+        stats.index_objects_written += 1;
+        Ok(())
     }
 
     /// A pack's entries, from its header (bounded: at most the header size limit is read).

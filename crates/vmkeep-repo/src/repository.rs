@@ -26,6 +26,9 @@ pub struct Tuning {
     /// With a cache, a repository of at most this many packs has them listed by a backup;
     /// a larger one has them asked about one by one when a lookup needs to know.
     pub list_packs_up_to: usize,
+    /// Referenced ids `check` and `prune` hold in memory before they sort them into a file
+    /// (32 bytes each; `spill.rs`).
+    pub spill_ids: usize,
 }
 
 impl Default for Tuning {
@@ -38,6 +41,7 @@ impl Default for Tuning {
                 .map(|n| n.get())
                 .unwrap_or(2),
             list_packs_up_to: 10_000,
+            spill_ids: crate::spill::BUFFER_IDS,
         }
     }
 }
@@ -220,8 +224,12 @@ impl Repository {
         Ok(self)
     }
 
-    /// Where check and prune keep their sets of referenced ids (`spill.rs`): the cache
-    /// folder, or without one the temporary folder (`TMPDIR`).
+    /// A new set of referenced ids for check or prune (`spill.rs`), in the cache folder, or
+    /// without one in the temporary folder (`TMPDIR`).
+    pub(crate) fn new_spill(&self) -> Result<crate::spill::IdSpill> {
+        crate::spill::IdSpill::with_buffer(&self.spill_parent(), self.tuning.spill_ids)
+    }
+
     pub(crate) fn spill_parent(&self) -> std::path::PathBuf {
         match &self.cache {
             Some(c) => c.dir.clone(),

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 
+use vmkeep_core::pack::PackEntry;
 use vmkeep_core::{ObjectKind, PackId};
 use vmkeep_store::Key;
 
@@ -87,12 +88,17 @@ impl RepoScan {
         })
     }
 
-    /// One pass: every id the index or `referenced` holds, ascending, with its locations.
-    pub fn pass(
-        &self,
-        referenced: &mut IdSpill,
-        f: &mut Visit,
-    ) -> Result<()> {
+    /// One pass: every id the index or `referenced` holds, ascending, with its locations. A
+    /// cache file that fails its verification is discarded (the next run rebuilds it).
+    pub fn pass(&self, referenced: &mut IdSpill, f: &mut Visit) -> Result<()> {
+        let r = self.join(referenced, f);
+        if let Err(Error::CacheDamaged { path, .. }) = &r {
+            self.index.discard_cache_file(path);
+        }
+        r
+    }
+
+    fn join(&self, referenced: &mut IdSpill, f: &mut Visit) -> Result<()> {
         let table = self.table()?;
         let mut groups = Groups::new(table)?;
         let mut ids = referenced.read()?;
@@ -161,6 +167,31 @@ impl RepoScan {
         self.index.table().ok_or(Error::Internal(
             "a repository scan's index is the cache's".into(),
         ))
+    }
+
+    /// The entries the index gives for each of `packs` (each offset once, by offset).
+    pub fn entries_of(&self, packs: &HashSet<PackId>) -> Result<Vec<(PackId, Vec<PackEntry>)>> {
+        let mut out: HashMap<PackId, Vec<PackEntry>> = HashMap::new();
+        self.table()?.for_each_live(|id, l| {
+            if packs.contains(&l.pack) {
+                out.entry(l.pack).or_default().push(PackEntry {
+                    kind: l.kind,
+                    id,
+                    offset: l.offset,
+                    length: l.length,
+                    raw_len: l.raw_len,
+                });
+            }
+            Ok(())
+        })?;
+        Ok(out
+            .into_iter()
+            .map(|(p, mut es)| {
+                es.sort_by_key(|e| e.offset);
+                es.dedup_by_key(|e| e.offset);
+                (p, es)
+            })
+            .collect())
     }
 
     /// The index objects that hold entries of `packs`.

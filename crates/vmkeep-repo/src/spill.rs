@@ -19,7 +19,7 @@ use vmkeep_core::BlobId;
 use crate::error::{Error, Result};
 
 /// Ids held in memory before a file is written (32 bytes each: 128 MiB).
-const BUFFER_IDS: usize = 4 << 20;
+pub(crate) const BUFFER_IDS: usize = 4 << 20;
 /// More files than this are merged into one before reading (or when another is written).
 const MAX_FILES: usize = 32;
 const PREFIX: &str = ".vmkeep-spill-";
@@ -43,11 +43,7 @@ impl std::fmt::Debug for IdSpill {
 }
 
 impl IdSpill {
-    /// A new, empty set in a new folder inside `parent`.
-    pub fn new(parent: &Path) -> Result<IdSpill> {
-        Self::with_buffer(parent, BUFFER_IDS)
-    }
-
+    /// A new, empty set in a new folder inside `parent`, holding up to `buffer_ids` in memory.
     pub(crate) fn with_buffer(parent: &Path, buffer_ids: usize) -> Result<IdSpill> {
         let dir = parent.join(format!(
             "{PREFIX}{}",
@@ -260,7 +256,7 @@ mod tests {
     #[test]
     fn the_folder_goes_with_the_set_and_abandoned_ones_are_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let s = IdSpill::new(dir.path()).unwrap();
+        let s = IdSpill::with_buffer(dir.path(), BUFFER_IDS).unwrap();
         let held = s.dir.clone();
         // A folder with a free lock: left by a killed process.
         let left = dir.path().join(format!("{PREFIX}dead"));

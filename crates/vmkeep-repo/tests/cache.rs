@@ -463,3 +463,34 @@ fn check_finds_an_index_object_rotten_after_it_was_cached() {
                 || d.kind == vmkeep_repo::check::DamageKind::Index));
     }
 }
+
+/// A cache run damaged under a prune: the prune stops before deciding anything, names the
+/// file, discards it, and the next prune (rebuilding the cache from the repository) runs.
+/// (The restore point is forgotten first, so the mark reads nothing through the cache and the
+/// damage is met by the pass over the index.)
+#[test]
+fn a_damaged_run_stops_a_prune_which_then_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    init_repo(&root, false);
+    let mut rng = Rng::new(13);
+    let img = Spec::mixed(16 * CS, &mut rng).write(&dir.path().join("a.raw"));
+    let d = disks(&[("vda", &img)]);
+    let repo = open_with(local(&root), Some(&cache), 10_000);
+    let m = backup(&repo, "vm", &d).unwrap();
+    backup(&repo, "vm", &d).unwrap();
+    let files = runs(&cache);
+    assert_eq!(files.len(), 1);
+    let len = std::fs::metadata(&files[0]).unwrap().len();
+    flip_byte(&files[0], len - 10);
+    std::fs::remove_file(snapshot_path(&root, &m.id)).unwrap();
+    let forgotten: HashSet<_> = repo.snapshots().unwrap().iter().map(|m| m.id).collect();
+    let e = repo
+        .gc_preview(&forgotten, &NoProgress)
+        .expect_err("a damaged run is not believed");
+    assert!(matches!(e, vmkeep_repo::Error::CacheDamaged { .. }), "{e}");
+    assert!(!files[0].exists(), "the damaged run was discarded");
+    let preview = repo.gc_preview(&forgotten, &NoProgress).unwrap();
+    assert!(preview.reclaimed_bytes > 0, "{preview:?}");
+}

@@ -156,6 +156,12 @@ pub fn tuning() -> Tuning {
     {
         t.list_packs_up_to = n;
     }
+    if let Some(n) = std::env::var("VMKEEP_SPILL_IDS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        t.spill_ids = n.max(1);
+    }
     t
 }
 

@@ -154,6 +154,19 @@ impl Table {
             .collect()
     }
 
+    /// Every live entry, run by run (not in id order across runs).
+    pub fn for_each_live(&self, mut f: impl FnMut(BlobId, Location) -> Result<()>) -> Result<()> {
+        for (run, live) in &self.runs {
+            run.for_each(|e| {
+                if live[e.source as usize] {
+                    f(e.id, run.location(&e))?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
     /// Stop using the entries of these index objects (found damaged since they were cached).
     pub fn exclude(&mut self, names: &HashSet<[u8; 32]>) {
         for (run, live) in &mut self.runs {

@@ -27,7 +27,7 @@ impl<'r> Mark<'r> {
             repo,
             walker: Walker::new(repo),
             marked: HashSet::new(),
-            referenced: IdSpill::new(&repo.spill_parent())?,
+            referenced: repo.new_spill()?,
         })
     }
 

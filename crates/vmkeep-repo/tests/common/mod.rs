@@ -51,6 +51,9 @@ pub fn tuning(threads: usize) -> Tuning {
         clock_skew: Duration::from_secs(5 * 60),
         threads,
         list_packs_up_to: 10_000,
+        // Small, so every check and prune here sorts its referenced ids into several files
+        // and merges them, as one of a large repository does.
+        spill_ids: 1000,
     }
 }
 
