@@ -103,7 +103,7 @@ impl Problems {
 impl Repository {
     pub fn check(&self, opts: &CheckOptions, progress: &dyn Progress) -> Result<CheckReport> {
         let mut report = CheckReport::default();
-        let (snapshots, bad_manifests) = self.snapshots_with_damage()?;
+        let (snapshots, bad_manifests) = self.snapshots_from_store()?;
         for (name, why) in bad_manifests {
             report.damaged.push(Damage {
                 snapshot: name,

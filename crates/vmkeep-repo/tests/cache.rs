@@ -100,6 +100,14 @@ fn a_warm_cache_reads_no_index_object_and_no_tree_node_from_the_store() {
         0,
         "the second backup stored nothing new, so there is nothing to read: {c:?}"
     );
+    assert_eq!(
+        c.of(Op::Get, ObjectKind::Snapshot),
+        1,
+        "of the manifests, only the second backup's (written by it, read once) is read: {c:?}"
+    );
+    backup(&repo, "vm", &d).unwrap();
+    let c = counting.take();
+    assert_eq!(c.of(Op::Get, ObjectKind::Snapshot), 1, "the third's: {c:?}");
     // The backups kept the tree nodes they wrote: a restore reads none from the store; with
     // the cached nodes deleted it reads them, and keeps them again.
     assert_restores(&repo, &first, &d);
@@ -493,4 +501,44 @@ fn a_damaged_run_stops_a_prune_which_then_runs_again() {
     assert!(!files[0].exists(), "the damaged run was discarded");
     let preview = repo.gc_preview(&forgotten, &NoProgress).unwrap();
     assert!(preview.reclaimed_bytes > 0, "{preview:?}");
+}
+
+/// `forget` rewrites the successor of a forgotten point in place (its parent and change
+/// maps): a manifest cached before is not used after, because the listing shows another
+/// version of it. Every process sees the same restore points as one reading the store.
+#[test]
+fn a_manifest_rewritten_by_forget_is_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    init_repo(&root, false);
+    let mut rng = Rng::new(17);
+    let spec = Spec::mixed(16 * CS, &mut rng);
+    let img = spec.write(&dir.path().join("a.raw"));
+    let d = disks(&[("vda", &img)]);
+    let repo = open_with(local(&root), Some(&cache), 10_000);
+    let a = backup(&repo, "vm", &d).unwrap();
+    spec.mutate(30, &mut rng).write(&img);
+    let b = backup(&repo, "vm", &d).unwrap();
+    spec.mutate(30, &mut rng).write(&img);
+    let c = backup(&repo, "vm", &d).unwrap();
+    let cached = repo.snapshots().unwrap();
+    assert_eq!(cached.last().unwrap().parent, Some(b.id));
+    // Another process forgets b: c now names a as its parent.
+    let other = open_with(local(&root), None, 10_000);
+    other.forget(&[b.id]).unwrap();
+    let plain = other.snapshots().unwrap();
+    let seen = repo.snapshots().unwrap();
+    assert_eq!(seen, plain, "the cache gives what the store holds");
+    assert_eq!(seen.last().unwrap().id, c.id);
+    assert_eq!(seen.last().unwrap().parent, Some(a.id));
+    // A cached manifest damaged on disk is dropped and read again.
+    let file = repo
+        .cache_dir()
+        .unwrap()
+        .join("objects/manifest")
+        .join(c.id.to_hex());
+    let len = std::fs::metadata(&file).unwrap().len();
+    flip_byte(&file, len - 3);
+    assert_eq!(repo.snapshots().unwrap(), plain);
 }

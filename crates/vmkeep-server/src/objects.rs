@@ -337,6 +337,7 @@ fn put_refs(repo: &Repo, p: &Principal, key: &Key, bytes: &[u8], inm: bool) -> A
         key: key.clone(),
         size: bytes.len() as u64,
         modified: SystemTime::UNIX_EPOCH,
+        version: None,
     };
     let mut lists = lock(&repo.pack_lists);
     if lists.ensure_loaded(store).is_ok() {

@@ -330,7 +330,10 @@ async fn list(
         let metas = blocking(move || objects::list(&*open_repo(&app, &repo)?, &p2, kind)).await?;
         let objects: Vec<_> = metas
             .iter()
-            .map(|m| json!({"name": m.key.name, "size": m.size, "modified_ms": millis(m.modified)}))
+            .map(|m| {
+                json!({"name": m.key.name, "size": m.size, "modified_ms": millis(m.modified),
+                       "version": m.version})
+            })
             .collect();
         Ok(Json(json!({ "objects": objects })).into_response())
     }

@@ -27,7 +27,14 @@ pub struct ObjectMeta {
     pub key: Key,
     pub size: u64,
     pub modified: SystemTime,
+    /// A token that differs whenever the object was replaced (S3's ETag; locally the file's
+    /// inode, time and size), or None when the store cannot tell. Caches of objects that are
+    /// rewritten in place (manifests) trust it; times alone are too coarse (S3: one second).
+    pub version: Option<String>,
 }
+
+/// Longest version token believed from a remote store (an S3 ETag is 34 characters).
+pub const MAX_VERSION_LEN: usize = 128;
 
 /// A temporary object: one being written, or left by a writer killed before it published it
 /// (the local store's `.tmp-*` files). Never listed as an object.

@@ -181,10 +181,21 @@ fn fsync_dir(dir: &Path) -> Result<()> {
 }
 
 fn meta_of(key: Key, m: &fs::Metadata) -> ObjectMeta {
+    use std::os::unix::fs::MetadataExt;
+    // A replacement is a new file renamed over the old one: a new inode while the old one
+    // still exists, so never the same token.
+    let version = format!(
+        "{:x}-{:x}.{:x}-{:x}",
+        m.ino(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.len()
+    );
     ObjectMeta {
         key,
         size: m.len(),
         modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+        version: Some(version),
     }
 }
 

@@ -165,8 +165,9 @@ impl BackupSession<'_> {
         let Some(p) = m.parent else {
             return Ok(false);
         };
-        match self.repo.load_manifest(&p) {
-            Err(Error::UnknownSnapshot { .. }) => {}
+        // Asked without reading it (a HEAD on object stores).
+        match self.repo.store.size(&crate::snapshots::snapshot_key(&p)) {
+            Err(e) if e.is_not_found() => {}
             _ => return Ok(false),
         }
         let index = BlobIndex::load(self.repo)?;

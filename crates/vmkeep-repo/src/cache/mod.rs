@@ -6,6 +6,8 @@
 //!   repository's index objects ([`sync`]): a backup asks "is this chunk stored, where?" with
 //!   one `pread` of a checksummed bucket instead of loading every index object into memory.
 //! - **Tree nodes** as stored ([`objects`]), verified by their id on every use.
+//! - **Manifests** as stored ([`manifests`]), used while the listing shows the version they
+//!   were read at, verified as a manifest from the store is.
 //!
 //! One folder per repository (`<cache dir>/<repository id>/`), shared by every vmkeep process
 //! on the host: changes to it happen under an exclusive `flock` on its `lock` file and are
@@ -19,6 +21,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 
 mod build;
+pub(crate) mod manifests;
 pub(crate) mod objects;
 mod run;
 pub(crate) mod scan;

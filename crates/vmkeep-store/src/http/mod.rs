@@ -367,6 +367,8 @@ impl Store for HttpStore {
                 key,
                 size: o.size,
                 modified: time_of_ms(o.modified_ms),
+                // From an older server: none, and nothing is cached by it.
+                version: o.version.filter(|v| v.len() <= crate::MAX_VERSION_LEN),
             });
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));

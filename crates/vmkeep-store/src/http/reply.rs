@@ -55,6 +55,8 @@ pub(crate) struct ListedObject {
     pub(crate) name: String,
     pub(crate) size: u64,
     pub(crate) modified_ms: i64,
+    #[serde(default)]
+    pub(crate) version: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

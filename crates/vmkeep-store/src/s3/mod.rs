@@ -337,6 +337,7 @@ impl Store for S3Store {
                     key,
                     size: m.size,
                     modified: SystemTime::from(m.last_modified),
+                    version: version_of(&m),
                 }]),
                 Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
                 Err(e) => Err(self.failed("listing", &"config", e)),
@@ -373,6 +374,7 @@ impl Store for S3Store {
                     key,
                     size: meta.size,
                     modified: SystemTime::from(meta.last_modified),
+                    version: version_of(&meta),
                 });
             }
             out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -396,4 +398,14 @@ impl Store for S3Store {
     fn concurrency(&self) -> usize {
         CONCURRENCY
     }
+}
+
+/// The object's ETag (and version id on a versioned bucket) as its version token.
+fn version_of(m: &object_store::ObjectMeta) -> Option<String> {
+    let tag = m.e_tag.as_deref()?;
+    let v = match &m.version {
+        Some(id) => format!("{tag}/{id}"),
+        None => tag.to_string(),
+    };
+    (v.len() <= crate::MAX_VERSION_LEN).then_some(v)
 }
