@@ -108,7 +108,7 @@ pub enum Error {
     },
     #[error("{path} already exists; remove it or choose another target")]
     TargetExists { path: PathBuf },
-    #[error("another {what} is running on this repository ({holder}); wait for it, or if it died remove the stale lock with `vmkeep unlock`")]
+    #[error("another {what} is running on this repository ({holder}); wait for it, or if it died remove the stale lock with `vmkeep unlock` (`--remove-all` for a holder on another host or in another PID namespace, once you know it is gone)")]
     Locked { what: &'static str, holder: String },
     /// The operation's lease was not refreshed for the lease timeout (process stopped, machine
     /// suspended, store unreachable): others may have judged it dead and acted on that.

@@ -208,3 +208,54 @@ fn a_prune_stopped_past_its_lease_stops_when_it_resumes() {
     let (code, report) = check_exit(&repo);
     assert_eq!(code, 0, "{report}");
 }
+
+/// A prune killed in another PID namespace leaves a lease this host cannot judge by its
+/// process table: `unlock` keeps it and says so (it counts until it expires), the next prune's
+/// error names `--remove-all`, and `unlock --remove-all` removes it. Found by killing a prune
+/// run under `unshare`: `unlock` printed `"removed": []` and nothing about the lock that still
+/// blocked every prune.
+#[test]
+fn unlock_reports_a_lock_it_cannot_judge_and_remove_all_removes_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (repo, _) = setup(tmp.path());
+    let mut c = Command::new("unshare");
+    // A shell as the namespace's init: its PID 1 ignores the SIGSTOP vmkeep sends itself.
+    c.args(["--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"])
+        .args(["sh", "-c", "\"$@\"; true", "sh"])
+        .arg(bin())
+        .arg("--repo")
+        .arg(&repo)
+        .args(["--json", "prune"])
+        .env("VMKEEP_KDF_MEM_KIB", KDF_MEM_KIB)
+        .env("VMKEEP_CACHE_DIR", cache_beside(&repo))
+        .env("VMKEEP_STOP_AT", "after-gc-record")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let records = repo.join("gc");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&records).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prune in the new PID namespace wrote no GC record (needs root for unshare --pid)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // unshare dies, and with it (--kill-child) the namespace's init, and so the prune: its
+    // lease stays.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let u = json(vmkeep(&repo).args(["--json", "unlock"]));
+    assert_eq!(u["removed"], serde_json::json!([]), "{u}");
+    assert_eq!(u["kept"].as_array().map(Vec::len), Some(1), "{u}");
+    let out = vmkeep(&repo).args(["--json", "prune"]).output().unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--remove-all"), "{err}");
+    let u = json(vmkeep(&repo).args(["--json", "unlock", "--remove-all"]));
+    assert_eq!(u["removed"].as_array().map(Vec::len), Some(1), "{u}");
+    let p = json(vmkeep(&repo).args(["--json", "prune"]));
+    assert!(p["gc"]["packs_deleted"].as_u64().unwrap() > 0, "{p}");
+    let (code, report) = check_exit(&repo);
+    assert_eq!(code, 0, "{report}");
+}

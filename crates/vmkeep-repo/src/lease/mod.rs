@@ -364,15 +364,19 @@ impl Repository {
 }
 
 /// Remove leases whose holders are gone (or all of them with `all`, for `unlock --remove-all`
-/// when the operator knows nothing runs). Returns what was removed.
-pub fn remove_stale(repo: &Repository, all: bool) -> Result<Vec<ListedLease>> {
+/// when the operator knows nothing runs). Returns what was removed, and what was kept (holders
+/// that may still run: a process seen running, or one on another host or in another PID
+/// namespace, whose lease counts until it expires).
+pub fn remove_stale(repo: &Repository, all: bool) -> Result<(Vec<ListedLease>, Vec<ListedLease>)> {
     let now = Utc::now();
-    let mut removed = Vec::new();
+    let (mut removed, mut kept) = (Vec::new(), Vec::new());
     for l in list(repo)? {
         if all || !repo.judge_lease(&l, now).is_alive() {
             repo.store.delete(&lease_key(&l.id))?;
             removed.push(l);
+        } else {
+            kept.push(l);
         }
     }
-    Ok(removed)
+    Ok((removed, kept))
 }

@@ -131,14 +131,28 @@ pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
 
 pub fn unlock(g: &Global, a: &UnlockArgs) -> Result<u8> {
     let repo = open_repo(g)?;
-    let removed = vmkeep_repo::lease::remove_stale(&repo, a.remove_all)?;
+    let (removed, kept) = vmkeep_repo::lease::remove_stale(&repo, a.remove_all)?;
     if g.json {
-        print_json(&json!({"removed": removed.iter().map(|r| r.describe()).collect::<Vec<_>>()}))?;
+        print_json(&json!({
+            "removed": removed.iter().map(|r| r.describe()).collect::<Vec<_>>(),
+            "kept": kept.iter().map(|r| r.describe()).collect::<Vec<_>>(),
+        }))?;
     } else {
         for r in &removed {
             print_line(&format!("removed lock: {}", r.describe()))?;
         }
+        for r in &kept {
+            print_line(&format!("kept lock: {}", r.describe()))?;
+        }
         print_line(&format!("{} locks removed", removed.len()))?;
+        if !kept.is_empty() {
+            print_line(
+                "kept locks belong to processes that run, or that run on another host or in \
+                 another PID namespace (this host cannot see them end: their locks expire when \
+                 not refreshed for the lease timeout); `vmkeep unlock --remove-all` removes \
+                 them too once you know nothing runs",
+            )?;
+        }
     }
     Ok(0)
 }
