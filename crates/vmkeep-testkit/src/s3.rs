@@ -188,6 +188,7 @@ impl Garage {
             ]);
         }
         g.cli(&["layout", "apply", "--version", "1"]);
+        g.wait_until_every_node_has_the_layout();
         g.cli(&[
             "key",
             "import",
@@ -198,6 +199,28 @@ impl Garage {
             GARAGE_SECRET,
         ]);
         g
+    }
+
+    /// Every node knows layout version 1 and sees every partition fully healthy. Without this
+    /// wait, a test that writes at once could find a just-written object missing from a
+    /// listing (seen once in CI, on a loaded machine, right after the cluster started).
+    fn wait_until_every_node_has_the_layout(&self) {
+        let start = Instant::now();
+        for i in 0..self.nodes.len() {
+            loop {
+                let layout = self.cli_on(i, &["layout", "show"]);
+                let healthy = self.cli_on(i, &["json-api", "GetClusterHealth"]);
+                let ok = layout.contains("Current cluster layout version: 1")
+                    && healthy.contains("\"status\": \"healthy\"");
+                if ok {
+                    break;
+                }
+                if start.elapsed() > Duration::from_secs(60) {
+                    panic!("garage node {i} did not take the layout:\n{layout}\n{healthy}");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
     }
 
     fn node_id(&self, i: usize) -> String {
