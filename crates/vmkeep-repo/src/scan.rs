@@ -105,34 +105,23 @@ impl RepoScan {
         let mut g = groups.next_group()?;
         let mut r = ids.next()?;
         loop {
-            match (g, r) {
+            let (id, indexed, is_referenced) = match (g, r) {
                 (None, None) => return Ok(()),
-                (Some(gid), Some(rid)) if gid == rid => {
-                    f(&Group {
-                        id: gid,
-                        copies: groups.copies(),
-                        referenced: true,
-                    })?;
-                    g = groups.next_group()?;
-                    r = ids.next()?;
-                }
-                (Some(gid), r0) if r0.is_none_or(|rid| gid < rid) => {
-                    f(&Group {
-                        id: gid,
-                        copies: groups.copies(),
-                        referenced: false,
-                    })?;
-                    g = groups.next_group()?;
-                }
-                (_, Some(rid)) => {
-                    f(&Group {
-                        id: rid,
-                        copies: &[],
-                        referenced: true,
-                    })?;
-                    r = ids.next()?;
-                }
-                (Some(_), None) => unreachable!("covered by the arm before"),
+                (Some(gid), Some(rid)) if gid == rid => (gid, true, true),
+                (Some(gid), Some(rid)) if rid < gid => (rid, false, true),
+                (Some(gid), _) => (gid, true, false),
+                (None, Some(rid)) => (rid, false, true),
+            };
+            f(&Group {
+                id,
+                copies: if indexed { groups.copies() } else { &[] },
+                referenced: is_referenced,
+            })?;
+            if indexed {
+                g = groups.next_group()?;
+            }
+            if is_referenced {
+                r = ids.next()?;
             }
         }
     }

@@ -255,12 +255,17 @@ impl Run {
         Ok(buf)
     }
 
-    fn checked(&self, e: RunEntry) -> Result<RunEntry, Error> {
+    /// Decode one record of a verified bucket, checking its ordinals.
+    pub fn entry(&self, rec: &[u8]) -> Result<RunEntry, Error> {
+        let damaged = |reason| Error::CacheDamaged {
+            path: self.path.clone(),
+            reason,
+        };
+        let e = RunEntry::decode(rec).map_err(damaged)?;
         if e.pack as usize >= self.packs.len() || e.source as usize >= self.sources.len() {
-            return Err(Error::CacheDamaged {
-                path: self.path.clone(),
-                reason: "an entry names a pack or source it does not have".into(),
-            });
+            return Err(damaged(
+                "an entry names a pack or source it does not have".into(),
+            ));
         }
         Ok(e)
     }
@@ -282,11 +287,7 @@ impl Run {
         }
         let mut out = Vec::new();
         while lo < n && rec(lo)[..32] == id.0[..] {
-            let e = RunEntry::decode(rec(lo)).map_err(|reason| Error::CacheDamaged {
-                path: self.path.clone(),
-                reason,
-            })?;
-            out.push(self.checked(e)?);
+            out.push(self.entry(rec(lo))?);
             lo += 1;
         }
         Ok(out)
@@ -297,11 +298,7 @@ impl Run {
         for b in 0..self.buckets() {
             let buf = self.bucket(b)?;
             for r in buf.chunks_exact(ENTRY_LEN) {
-                let e = RunEntry::decode(r).map_err(|reason| Error::CacheDamaged {
-                    path: self.path.clone(),
-                    reason,
-                })?;
-                f(self.checked(e)?)?;
+                f(self.entry(r)?)?;
             }
         }
         Ok(())

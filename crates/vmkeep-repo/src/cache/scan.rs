@@ -26,20 +26,8 @@ impl Cursor<'_> {
     fn next(&mut self) -> Result<Option<RunEntry>> {
         loop {
             if self.at < self.buf.len() {
-                let r = &self.buf[self.at..self.at + ENTRY_LEN];
+                let e = self.run.entry(&self.buf[self.at..self.at + ENTRY_LEN])?;
                 self.at += ENTRY_LEN;
-                let e = RunEntry::decode(r).map_err(|reason| Error::CacheDamaged {
-                    path: self.run.path.clone(),
-                    reason,
-                })?;
-                if e.pack as usize >= self.run.packs.len()
-                    || e.source as usize >= self.run.sources.len()
-                {
-                    return Err(Error::CacheDamaged {
-                        path: self.run.path.clone(),
-                        reason: "an entry names a pack or source it does not have".into(),
-                    });
-                }
                 if self.live[e.source as usize] {
                     return Ok(Some(e));
                 }
