@@ -13,11 +13,15 @@ that are never written). At each scale, with the local cache in --work:
              is read and every chunk looked up in the 10 TiB index
   check      `check` (every index object read again and verified, every restore point walked,
              the index joined with the referenced ids in id order from the cache's runs)
-  prune      `prune --dry-run` (mark, then the condemn and sweep passes over the same join)
+  prune      `prune --dry-run` (mark, then the condemn and sweep passes over the same join),
+             then `prune` itself (the same passes, and a GC record written and swept)
 and, at the first scale only (it loads every index entry into memory, so at 10 TiB it would
 need ~60 GB): the warm unchanged backup with `--no-cache`.
+The first --referenced-tib TiB of synthetic entries (default 1: 16 Mi chunks) are also a
+restore point's disk (their packs sparse files, the disk's index tree real), so check and prune
+walk and join a referenced set of that size.
 Targets: backup < 512 MiB peak RSS and < 5 s start-up at 10 TiB; check and prune --dry-run
-< 4 GiB peak RSS at 10 TiB.
+< 4 GiB peak RSS at 10 TiB (and prune itself).
 
 Usage: python3 bench/scale.py [--scales 1,10] [--work DIR]
 Needs: cargo build --release -p vmkeep && cargo build --release -p vmkeep-repo --example synthetic_index
@@ -74,6 +78,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=bl.DEFAULT_WORK)
     ap.add_argument("--vmkeep", default=bl.DEFAULT_VMKEEP)
     ap.add_argument("--seed", type=int, default=9)
+    ap.add_argument("--referenced-tib", type=float, default=1.0,
+                    help="TiB of the synthetic entries a restore point references (at most the first scale)")
     args = ap.parse_args(argv)
     scales = [float(s) for s in args.scales.split(",")]
     for p in (args.vmkeep, SYNTH):
@@ -101,7 +107,10 @@ def main(argv=None) -> int:
     for i, tib in enumerate(scales):
         want = int(tib * ENTRIES_PER_TIB)
         t = time.perf_counter()
-        out = bl.run_quiet([str(SYNTH), str(repo), str(want - have), str(args.seed * 1000 + i)]).stdout
+        synth = [str(SYNTH), str(repo), str(want - have), str(args.seed * 1000 + i)]
+        if i == 0:
+            synth.append(str(int(min(args.referenced_tib, tib) * ENTRIES_PER_TIB)))
+        out = bl.run_quiet(synth).stdout
         bl.log(f"{tib:g} TiB: {out.strip()} in {time.perf_counter() - t:.0f} s")
         have = want
         row = {"tib": tib, "entries": want,
@@ -119,7 +128,9 @@ def main(argv=None) -> int:
         row["check"] = timed(args, repo, "check", "--json", label="check")
         row["prune_dry_run"] = timed(args, repo, "prune", "--keep-last", "100", "--dry-run",
                                      "--json", label="prune --dry-run")
-        bl.log(f"{tib:g} TiB check {row['check']}, prune --dry-run {row['prune_dry_run']}")
+        row["prune"] = timed(args, repo, "prune", "--keep-last", "100", "--json", label="prune")
+        bl.log(f"{tib:g} TiB check {row['check']}, prune --dry-run {row['prune_dry_run']}, "
+               f"prune {row['prune']}")
         rows.append(row)
     bl.rmtree(d)
 
@@ -129,15 +140,18 @@ def main(argv=None) -> int:
     md = [f"## Backup cost as the repository grows, {time.strftime('%Y-%m-%d %H:%M:%S %z')}", "",
           f"Plain repository, 64 KiB chunks, local cache; a {args.image_gib} GiB image of random data "
           f"(full backup {full['seconds']:.1f} s, {full['maxrss_mib']:.0f} MiB); synthetic index entries "
-          f"(16 Mi per TiB of unique data). Each cell: wall time, peak RSS (GNU time).", "",
+          f"(16 Mi per TiB of unique data), of which {args.referenced_tib:g} TiB "
+          f"({int(args.referenced_tib * ENTRIES_PER_TIB / 1e6)} M chunks) are referenced by a "
+          f"synthetic restore point. Each cell: wall time, peak RSS (GNU time).", "",
           "| unique data | index entries | index objects | cache on disk | cold (cache update) | "
-          "start-up (unchanged, warm) | 1% changed | unchanged, --no-cache | check | prune --dry-run |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "start-up (unchanged, warm) | 1% changed | unchanged, --no-cache | check | prune --dry-run | "
+          "prune |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['tib']:g} TiB | {r['entries'] / 1e6:.0f} M | {bl.fmt_bytes(r['index_bytes'])} | "
                   f"{bl.fmt_bytes(r['cache_bytes'])} | {cell(r['cold'])} | {cell(r['startup'])} | "
                   f"{cell(r['changed'])} | {cell(r.get('no_cache'))} | {cell(r.get('check'))} | "
-                  f"{cell(r.get('prune_dry_run'))} |")
+                  f"{cell(r.get('prune_dry_run'))} | {cell(r.get('prune'))} |")
     last = rows[-1]
     checks = [(last["changed"]["maxrss_mib"] < 512,
                f"backup at {last['tib']:g} TiB under 512 MiB ({last['changed']['maxrss_mib']:.0f} MiB)"),
@@ -147,7 +161,9 @@ def main(argv=None) -> int:
                f"check at {last['tib']:g} TiB under 4 GiB ({last['check']['maxrss_mib']:.0f} MiB)"),
               (last["prune_dry_run"]["maxrss_mib"] < 4096,
                f"prune --dry-run at {last['tib']:g} TiB under 4 GiB "
-               f"({last['prune_dry_run']['maxrss_mib']:.0f} MiB)")]
+               f"({last['prune_dry_run']['maxrss_mib']:.0f} MiB)"),
+              (last["prune"]["maxrss_mib"] < 4096,
+               f"prune at {last['tib']:g} TiB under 4 GiB ({last['prune']['maxrss_mib']:.0f} MiB)")]
     md += ["", "Targets:"] + [f"- {'PASS' if ok else 'MISS'}: {what}" for ok, what in checks]
     text = "\n".join(md)
     jp, mp = bl.write_results("scale", {"args": vars(args), "full": full, "rows": rows,

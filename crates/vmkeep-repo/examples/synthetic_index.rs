@@ -3,13 +3,21 @@
 //! their hash), for packs that do not exist (their data is never written: the benchmark
 //! measures what the index costs, and a blob of a missing pack is never reused).
 //!
-//! Usage: cargo run --release --example synthetic_index -- REPO_DIR ENTRIES [SEED]
+//! With REFERENCED > 0, the first REFERENCED of these entries also become a restore point's
+//! disk, so check and prune walk and join a referenced set of that size: their packs are made
+//! as sparse files of the size the index gives (check without --read-data and prune only list
+//! them), the disk's index tree is built and stored in real packs with their index object, and
+//! a manifest (VM `synthetic`, disk `big`) is written.
+//!
+//! Usage: cargo run --release --example synthetic_index -- REPO_DIR ENTRIES [SEED [REFERENCED]]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vmkeep_core::keys::{BlobKind, Keys};
-use vmkeep_core::pack::{IndexFile, PackEntry};
-use vmkeep_core::{object, BlobId, ObjectKind, PackId};
+use vmkeep_core::manifest::{DiskEntry, Manifest, MANIFEST_VERSION};
+use vmkeep_core::pack::{IndexFile, PackBuilder, PackEntry};
+use vmkeep_core::tree::{Node, NodeStore, TreeBuilder};
+use vmkeep_core::{blob, object, BlobId, ObjectKind, PackId, SnapshotId};
 use vmkeep_store::{Key, LocalStore, Store};
 
 const PACKS_PER_INDEX: u64 = 8;
@@ -51,6 +59,125 @@ fn index_object(seed: u64, n: u64) -> IndexFile {
     IndexFile { packs }
 }
 
+/// Tree nodes written into real packs (16 MiB), as a backup's packer would.
+struct Nodes<'a> {
+    store: &'a dyn Store,
+    keys: &'a Keys,
+    builder: PackBuilder,
+    written: Vec<(PackId, Vec<PackEntry>)>,
+}
+
+impl Nodes<'_> {
+    fn write_pack(&mut self) {
+        if self.builder.is_empty() {
+            return;
+        }
+        let (id, bytes, entries) = std::mem::take(&mut self.builder).finish(self.keys);
+        let key = Key::new(ObjectKind::Pack, id.to_hex()).unwrap();
+        self.store.put(&key, &bytes).expect("writing a pack");
+        self.written.push((id, entries));
+    }
+}
+
+impl NodeStore for Nodes<'_> {
+    fn load(&self, _: &BlobId) -> vmkeep_core::Result<Node> {
+        Err(vmkeep_core::Error::Invalid {
+            what: "synthetic tree",
+            reason: "a tree built from nothing reads no node".into(),
+        })
+    }
+
+    fn store(&mut self, node: &Node) -> vmkeep_core::Result<BlobId> {
+        let bytes = node.encode();
+        let id = self.keys.blob_id(BlobKind::Tree, &bytes);
+        let data = blob::encode(self.keys, BlobKind::Tree, &id, &bytes);
+        self.builder
+            .add(BlobKind::Tree, id, bytes.len() as u32, &data);
+        if self.builder.is_full(16 << 20) {
+            self.write_pack();
+        }
+        Ok(id)
+    }
+}
+
+/// Make the first `chunks` synthetic entries a restore point's disk (see the module doc).
+fn reference(root: &std::path::Path, store: &dyn Store, keys: &Keys, seed: u64, chunks: u64) {
+    let packs = chunks.div_ceil(BLOBS_PER_PACK);
+    for pack_no in 0..packs {
+        let key = Key::new(
+            ObjectKind::Pack,
+            PackId(id32(seed ^ 0x5eed, pack_no)).to_hex(),
+        )
+        .unwrap();
+        let path = root.join(key.path());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(&path).expect("creating a sparse pack");
+        f.set_len(BLOBS_PER_PACK * (CHUNK as u64 + 40)).unwrap();
+    }
+    let mut nodes = Nodes {
+        store,
+        keys,
+        builder: PackBuilder::default(),
+        written: Vec::new(),
+    };
+    let mut tree = TreeBuilder::new(&mut nodes, None, chunks);
+    for i in 0..chunks {
+        tree.set(i, BlobId(id32(seed, i))).expect("a tree entry");
+    }
+    let root_id = tree.finish().expect("the tree");
+    nodes.write_pack();
+    let tree_packs = nodes.written.len();
+    for group in nodes.written.chunks(PACKS_PER_INDEX as usize) {
+        let sealed = object::seal(
+            keys,
+            ObjectKind::Index,
+            &IndexFile {
+                packs: group.to_vec(),
+            }
+            .encode(),
+        );
+        let name = blake3::hash(&sealed).to_hex().to_string();
+        store
+            .put(&Key::new(ObjectKind::Index, name).unwrap(), &sealed)
+            .expect("writing the tree's index object");
+    }
+    let m = Manifest {
+        version: MANIFEST_VERSION,
+        id: SnapshotId::random(),
+        vm: "synthetic".into(),
+        time: chrono::Utc::now(),
+        parent: None,
+        hostname: "bench".into(),
+        tool_version: "synthetic_index".into(),
+        chunk_size: CHUNK,
+        disks: vec![DiskEntry {
+            name: "big".into(),
+            size: chunks * CHUNK as u64,
+            root: root_id,
+            changes: None,
+            data_bytes: chunks * CHUNK as u64,
+            cbt: Default::default(),
+            cbt_reason: None,
+            checkpoint: None,
+            source_identity: None,
+        }],
+        streams: Vec::new(),
+        stats: Default::default(),
+        pause_ms: 0,
+    };
+    let sealed = object::seal(keys, ObjectKind::Snapshot, &m.to_json());
+    store
+        .put(
+            &Key::new(ObjectKind::Snapshot, m.id.to_hex()).unwrap(),
+            &sealed,
+        )
+        .expect("writing the manifest");
+    println!(
+        "restore point {} references {chunks} chunks in {packs} sparse packs ({tree_packs} tree packs)",
+        m.id
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
@@ -83,6 +210,15 @@ fn main() {
             });
         }
     });
+    let referenced: u64 = args
+        .get(4)
+        .map_or(0, |s| s.parse().expect("REFERENCED is a number"));
+    if referenced > 0 {
+        // Whole packs only: a partly referenced sparse pack would be repacked by prune, which
+        // would read its (absent) data.
+        let n = referenced.min(objects * per_object) / BLOBS_PER_PACK * BLOBS_PER_PACK;
+        reference(std::path::Path::new(&args[1]), &*store, &keys, seed, n);
+    }
     store.flush().expect("flush");
     println!(
         "{} index objects, {} entries",
