@@ -9,12 +9,17 @@
 //! copies share the repository id): all of them share one local cache, which must not let one
 //! copy's state leak into another's (its entries count only for objects listed with the same
 //! name, size and time).
+//!
+//! Also the GC protocol's two data-loss windows of issue 6 (`races.rs`), replayed on Garage:
+//! a gate stops the prune at its GC record's put while a backup that reuses the garbage runs.
 mod common;
+mod gate;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
+use gate::{GateStore, Op, When};
 use vmkeep_core::retention::RetentionPolicy;
 use vmkeep_repo::{CacheOptions, Manifest, NoProgress, PruneOptions, Repository};
 use vmkeep_store::{Key, ObjectKind, S3Options, S3Store, Store};
@@ -202,4 +207,80 @@ fn crash_at_every_write_of_a_backup_a_prune_and_a_forget_on_garage() {
     matrix(&garage, "forget", 3, &|repo, ms| {
         repo.forget(&[ms[1].id]).map(|_| ())
     });
+}
+
+/// The races of `races.rs` (`backup_finishing_during_prune_mark_keeps_its_data`,
+/// `backup_starting_while_the_gc_record_is_written_keeps_its_data`) on Garage: a forgotten
+/// restore point's packs are garbage; prune is stopped just before its GC record's put while a
+/// backup of the same image reuses them, committing before the record lands (1) or deciding to
+/// reuse before it lands and committing after the prune ended (2). Nothing is lost either way.
+#[test]
+fn the_gc_record_races_on_garage() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    use vmkeep_repo::{BackupOptions, Hooks};
+    let garage = Garage::start(3);
+    let tmp = tempfile::tempdir().unwrap();
+    let d = points(tmp.path()).remove(0);
+    for (case, commit_early) in [("race-early", true), ("race-late", false)] {
+        let store = bucket(&garage, case);
+        init(store.clone());
+        let cache = tmp.path().join(format!("{case}.cache"));
+        let repo = open(store.clone(), &cache);
+        let m1 = backup(&repo, VM, &d).unwrap();
+        repo.forget(&[m1.id]).unwrap();
+        let gates = GateStore::new(store.clone());
+        let gated: Arc<dyn Store> = gates.clone();
+        let prune_repo = open(gated, &tmp.path().join(format!("{case}.prune-cache")));
+        let record = gates.arm(Op::Put, ObjectKind::GcRecord, When::Before, 0);
+        let (reused_tx, reused_rx) = crossbeam_channel::bounded::<()>(1);
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+        let first = Arc::new(AtomicBool::new(false));
+        let hooks = Hooks {
+            after_reuse_decision: (!commit_early).then(|| {
+                let f: vmkeep_repo::hooks::BlobHook = Arc::new(move |_| {
+                    if !first.swap(true, Ordering::SeqCst) {
+                        let _ = reused_tx.send(());
+                        let _ = go_rx.recv_timeout(Duration::from_secs(60));
+                    }
+                });
+                f
+            }),
+            before_commit: None,
+        };
+        let prune = || {
+            let plan = prune_repo.prune_plan(&PruneOptions::default())?;
+            prune_repo.prune(&plan, &NoProgress)
+        };
+        let m2 = std::thread::scope(|s| {
+            let p = s.spawn(prune);
+            record.wait();
+            let opts = BackupOptions {
+                vm: VM.into(),
+                hooks,
+                ..Default::default()
+            };
+            if commit_early {
+                let m2 = backup_with(&repo, opts, &d).expect("the backup commits");
+                record.release();
+                p.join().unwrap().expect("prune runs");
+                m2
+            } else {
+                let b = s.spawn(|| backup_with(&repo, opts, &d));
+                reused_rx
+                    .recv_timeout(Duration::from_secs(60))
+                    .expect("the backup reached a reuse decision");
+                record.release();
+                p.join().unwrap().expect("prune runs");
+                go_tx.send(()).unwrap();
+                b.join().unwrap().expect("the backup commits")
+            }
+        });
+        assert!(m2.stats.chunks_reused > 0, "{case}: it reused the garbage");
+        // A later prune (the race's record now sweepable) must keep everything m2 needs.
+        let plan = repo.prune_plan(&PruneOptions::default()).unwrap();
+        repo.prune(&plan, &NoProgress).unwrap();
+        assert_check_ok(&repo, case);
+        assert_restores(&repo, &m2, &d);
+    }
 }
