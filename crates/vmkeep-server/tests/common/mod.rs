@@ -140,9 +140,14 @@ impl Server {
         let ready = rx
             .recv_timeout(std::time::Duration::from_secs(30))
             .expect("server ready");
+        // A fresh connection per request: the server answers a refused upload without reading
+        // its body and then closes the connection, and a pooled connection reused at that
+        // instant fails with "Unexpected EOF" (seen once in CI). The product's client retries
+        // such errors (`http/retry.rs`); these tests look at single replies.
         let agent = ureq::AgentBuilder::new()
             .tls_config(client_config(&ready.fingerprint))
             .redirects(0)
+            .max_idle_connections(0)
             .build();
         Server {
             dir: dir.to_path_buf(),
