@@ -284,7 +284,12 @@ impl Repository {
         report: &mut CheckReport,
         progress: &dyn Progress,
     ) -> Result<(HashSet<BlobId>, Vec<Key>)> {
-        let objects = scan.objects()?;
+        // Reading the packs needs every object's entries; verifying needs only those the
+        // cache did not read just now.
+        let objects = match read_packs {
+            true => scan.objects()?,
+            false => scan.objects_read_before()?,
+        };
         match read_packs {
             true => progress.phase("read data", scan.sizes.values().sum()),
             false => progress.phase("read index", objects.len() as u64),

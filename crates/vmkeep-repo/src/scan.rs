@@ -29,6 +29,8 @@ pub(crate) struct RepoScan {
     pub sizes: HashMap<PackId, u64>,
     /// Listed index objects that could not be read.
     pub damaged: Vec<(Key, vmkeep_core::Error)>,
+    /// Index objects read and verified by this scan's cache update.
+    fresh: HashSet<[u8; 32]>,
     _temporary: Option<Temporary>,
 }
 
@@ -84,6 +86,7 @@ impl RepoScan {
             index,
             sizes,
             damaged: synced.damaged,
+            fresh: synced.fresh,
             _temporary: temporary,
         })
     }
@@ -128,14 +131,15 @@ impl RepoScan {
 
     /// Every index object the table holds entries of.
     pub fn objects(&self) -> Result<Vec<Key>> {
-        let mut keys: Vec<Key> = self
-            .table()?
-            .live_sources()
-            .into_iter()
-            .map(|name| Key::new(ObjectKind::Index, hex::encode(name)))
-            .collect::<std::result::Result<_, _>>()?;
-        keys.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(keys)
+        index_keys(self.table()?.live_sources())
+    }
+
+    /// The index objects the table holds entries of that were not read by this scan itself
+    /// (those were verified moments ago).
+    pub fn objects_read_before(&self) -> Result<Vec<Key>> {
+        let mut names = self.table()?.live_sources();
+        names.retain(|n| !self.fresh.contains(n));
+        index_keys(names)
     }
 
     /// Stop using the entries of these index objects (found damaged when read again).
@@ -185,13 +189,16 @@ impl RepoScan {
 
     /// The index objects that hold entries of `packs`.
     pub fn objects_naming(&self, packs: &HashSet<PackId>) -> Result<Vec<Key>> {
-        let mut keys: Vec<Key> = self
-            .table()?
-            .sources_naming(packs)?
-            .into_iter()
-            .map(|name| Key::new(ObjectKind::Index, hex::encode(name)))
-            .collect::<std::result::Result<_, _>>()?;
-        keys.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(keys)
+        index_keys(self.table()?.sources_naming(packs)?)
     }
+}
+
+/// The index objects of these names, sorted.
+fn index_keys(names: HashSet<[u8; 32]>) -> Result<Vec<Key>> {
+    let mut keys: Vec<Key> = names
+        .into_iter()
+        .map(|name| Key::new(ObjectKind::Index, hex::encode(name)))
+        .collect::<std::result::Result<_, _>>()?;
+    keys.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(keys)
 }

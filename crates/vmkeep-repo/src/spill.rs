@@ -11,7 +11,6 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use vmkeep_core::BlobId;
@@ -57,11 +56,7 @@ impl IdSpill {
             .write(true)
             .open(&lock_path)
             .map_err(|e| Error::cache_io(&lock_path, "open", e))?;
-        // SAFETY: flock on a descriptor we own; released when it closes (with the process).
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(Error::cache_io(&lock_path, "lock", e));
-        }
+        crate::cache::try_lock(&lock).map_err(|e| Error::cache_io(&lock_path, "lock", e))?;
         Ok(IdSpill {
             dir,
             _lock: lock,
@@ -205,8 +200,7 @@ pub(crate) fn remove_abandoned(dir: &Path) {
             let _ = std::fs::remove_dir_all(&path);
             continue;
         };
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        if crate::cache::try_lock(&lock).is_ok() {
             let _ = std::fs::remove_dir_all(&path);
         }
     }

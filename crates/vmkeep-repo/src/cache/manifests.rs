@@ -5,9 +5,7 @@
 //! coarse (S3 gives seconds). The caller verifies the bytes as it verifies a manifest read
 //! from the store, and drops a file that fails. They live beside the tree nodes, so the same
 //! least-recently-used trim bounds them (`objects.rs`).
-use std::io::Read;
 use std::path::PathBuf;
-use std::time::SystemTime;
 
 use vmkeep_core::SnapshotId;
 
@@ -19,20 +17,12 @@ fn path(cache: &Cache, id: &SnapshotId) -> PathBuf {
 
 /// The stored bytes of a cached manifest if it was cached at `version` (at most `max_len`).
 pub(crate) fn get(cache: &Cache, id: &SnapshotId, version: &str, max_len: u64) -> Option<Vec<u8>> {
-    let p = path(cache, id);
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .ok()?;
-    let mut bytes = Vec::new();
     let bound = 1 + vmkeep_store::MAX_VERSION_LEN as u64 + max_len;
-    (&mut f).take(bound + 1).read_to_end(&mut bytes).ok()?;
+    let mut bytes = super::read_and_touch(&path(cache, id), bound)?;
     let n = *bytes.first()? as usize;
     if bytes.len() as u64 > bound || bytes.len() < 1 + n || &bytes[1..1 + n] != version.as_bytes() {
         return None;
     }
-    let _ = f.set_modified(SystemTime::now());
     bytes.drain(..1 + n);
     Some(bytes)
 }

@@ -104,12 +104,10 @@ impl Cache {
         // (SIGSTOP, a debugger) while holding the lock must not stall every backup on the host.
         let deadline = std::time::Instant::now() + self.lock_wait;
         loop {
-            // SAFETY: flock on a descriptor we own; it is released when the file closes.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc == 0 {
-                return Ok(CacheLock { _file: file });
-            }
-            let e = std::io::Error::last_os_error();
+            let e = match try_lock(&file) {
+                Ok(()) => return Ok(CacheLock { _file: file }),
+                Err(e) => e,
+            };
             match e.raw_os_error() {
                 Some(libc::EINTR) => continue,
                 Some(libc::EWOULDBLOCK) if std::time::Instant::now() < deadline => {
@@ -125,6 +123,29 @@ impl Cache {
             }
         }
     }
+}
+
+/// An exclusive `flock` on `file` without waiting (EWOULDBLOCK when another holds it). It
+/// lasts until the file closes, with the process at the latest.
+pub(crate) fn try_lock(file: &File) -> std::io::Result<()> {
+    // SAFETY: flock on a descriptor the caller owns.
+    match unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
+/// A cache file's bytes, at most `max_len + 1` of them (more than `max_len`: the caller's
+/// bound is broken), its time refreshed when within the bound (least-recently-used trim).
+pub(crate) fn read_and_touch(path: &Path, max_len: u64) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut f = OpenOptions::new().read(true).write(true).open(path).ok()?;
+    let mut bytes = Vec::new();
+    (&mut f).take(max_len + 1).read_to_end(&mut bytes).ok()?;
+    if bytes.len() as u64 <= max_len {
+        let _ = f.set_modified(std::time::SystemTime::now());
+    }
+    Some(bytes)
 }
 
 pub(crate) struct CacheLock {

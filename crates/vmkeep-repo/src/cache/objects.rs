@@ -3,7 +3,6 @@
 //! verifies them, and drops a file that fails. Files are written through a temporary and a
 //! rename, so concurrent processes never read a partial one; a hit refreshes the file's time,
 //! and [`trim`] removes the least recently used once the folder outgrows its bound.
-use std::io::Read;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -22,18 +21,11 @@ fn path(cache: &Cache, id: &BlobId) -> PathBuf {
 /// The stored bytes of a cached tree node, at most `max_len` of them.
 pub(crate) fn get(cache: &Cache, id: &BlobId, max_len: u64) -> Option<Vec<u8>> {
     let p = path(cache, id);
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .ok()?;
-    let mut bytes = Vec::new();
-    (&mut f).take(max_len + 1).read_to_end(&mut bytes).ok()?;
+    let bytes = super::read_and_touch(&p, max_len)?;
     if bytes.len() as u64 > max_len {
         let _ = std::fs::remove_file(&p);
         return None;
     }
-    let _ = f.set_modified(SystemTime::now());
     Some(bytes)
 }
 

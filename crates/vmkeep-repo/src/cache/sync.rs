@@ -29,6 +29,8 @@ pub(crate) struct Synced {
     pub damaged: Vec<(Key, vmkeep_core::Error)>,
     /// Index objects read from the repository by this call.
     pub fetched: usize,
+    /// Their names (read and verified just now: `check` does not read them again).
+    pub fresh: HashSet<[u8; 32]>,
 }
 
 /// The listed object as a source: its name, size and time.
@@ -92,13 +94,14 @@ pub(crate) fn sync(repo: &Repository, cache: &Cache, listed: &[ObjectMeta]) -> R
         .filter(|(b, _)| !covered.contains(b))
         .collect();
     let fetched = missing.len();
+    let mut fresh = HashSet::new();
     // A run the catalog names but that could not be opened: the catalog is rewritten without it.
     let mut changed = !had_catalog || in_catalog != runs.len();
     if !missing.is_empty() {
         let name = table::new_run_name();
         let path = table::run_path(&cache.dir, &name);
         let mut builder = RunBuilder::new(cache.dir.join(format!(".tmp-parts-{name}")));
-        read_into(repo, &missing, &mut builder, &mut damaged)?;
+        read_into(repo, &missing, &mut builder, &mut damaged, &mut fresh)?;
         write_run(builder, &path)?;
         runs.push((name.clone(), Run::open(&path)?));
         changed = true;
@@ -122,6 +125,7 @@ pub(crate) fn sync(repo: &Repository, cache: &Cache, listed: &[ObjectMeta]) -> R
         table: Table { runs },
         damaged,
         fetched,
+        fresh,
     })
 }
 
@@ -132,6 +136,7 @@ fn read_into(
     missing: &[&(Source, Key)],
     builder: &mut RunBuilder,
     damaged: &mut Vec<(Key, vmkeep_core::Error)>,
+    fresh: &mut HashSet<[u8; 32]>,
 ) -> Result<()> {
     let threads = repo.reader_threads().min(missing.len()).max(1);
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -157,7 +162,10 @@ fn read_into(
         for (i, r) in rx {
             let (name, key) = missing[i];
             match r {
-                Ok(Fetched::Read(f)) => add_file(builder, *name, f)?,
+                Ok(Fetched::Read(f)) => {
+                    fresh.insert(name.name);
+                    add_file(builder, *name, f)?
+                }
                 Ok(Fetched::Gone) => {}
                 Ok(Fetched::Damaged(e)) => damaged.push((key.clone(), e)),
                 Err(e) => {
