@@ -13,6 +13,7 @@
 //! Conditional creates (`If-None-Match: *`) are used where the store honours them; Garage and
 //! others ignore them, which the repository protocol tolerates (FORMAT.md §1).
 mod config;
+mod content_md5;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -105,7 +106,8 @@ impl S3Store {
             .with_region(&config.region)
             .with_virtual_hosted_style_request(config.virtual_hosted)
             .with_retry(retry)
-            .with_client_options(client_options);
+            .with_client_options(client_options)
+            .with_http_connector(content_md5::ContentMd5Connector);
         if let Some(e) = &config.endpoint {
             b = b.with_endpoint(e);
         }
