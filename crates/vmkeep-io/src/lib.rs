@@ -6,16 +6,19 @@
 //!
 //! - [`source`]: [`DiskReader`], [`ReadPlan`], [`chunk_runs`], [`zero_chunk_runs`];
 //! - [`target`]: [`DiskWriter`], [`publish`] (fsync, rename, fsync the folder);
+//! - [`served`]: [`ServedDisk`], a disk served to NBD clients without restoring it;
 //! - [`progress`]: the [`Progress`] observer;
 //! - [`killpoint`]: named kill points for crash tests of the real binary.
 
 pub mod killpoint;
 pub mod progress;
+pub mod served;
 pub mod source;
 pub mod target;
 
 pub use killpoint::kill_point;
 pub use progress::{NoProgress, Progress};
+pub use served::{ServedDisk, ServedExtent};
 pub use source::{
     chunk_runs, zero_chunk_runs, DiskReader, ReadPlan, SourceDisk, SourceError, VmSource,
 };

@@ -99,6 +99,14 @@ pub enum Error {
     #[error("NBD connection closed{}", reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
     NbdClosed { reason: Option<String> },
 
+    /// The NBD server's Unix socket path is already taken (a running server, or a stale file).
+    #[error("NBD socket {} already exists: another server uses it, or it is stale (remove it)", path.display())]
+    NbdSocketExists { path: PathBuf },
+
+    /// NBD server options that cannot work (zero workers, a tiny request limit, ...).
+    #[error("invalid NBD server options: {0}")]
+    NbdServeOptions(String),
+
     /// A VM definition cannot be captured, read, or rewritten for a recovery.
     #[error("VM definition: {0}")]
     Definition(String),

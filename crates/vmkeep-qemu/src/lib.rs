@@ -3,7 +3,10 @@
 //! - [`qmp`]: an async QMP (QEMU Machine Protocol) client over a unix socket: commands with
 //!   per-command timeouts, typed errors, an event stream, and file-descriptor passing (`getfd`).
 //! - [`nbd`]: an async NBD client (fixed newstyle, structured replies, meta contexts, block
-//!   status) that validates every byte the server sends before using it.
+//!   status) that validates every byte the server sends before using it; and a small
+//!   read-only NBD server (`nbd::server`) for any `vmkeep_io::ServedDisk` (`vmkeep mount`).
+//! - [`overlay`]: a writable, discardable qcow2 overlay over a read-only export (qemu-nbd);
+//!   [`kernel_nbd`]: an export attached as `/dev/nbdN`.
 //! - [`disk_reader`]: an NBD export as the backup pipeline's `DiskReader`, and read plans from
 //!   `base:allocation` and dirty-bitmap block status.
 //! - [`capture`]: live backup of a running VM's disks (pause-free fleecing, checkpoint bitmaps,
@@ -22,7 +25,9 @@
 pub mod capture;
 pub mod disk_reader;
 pub mod error;
+pub mod kernel_nbd;
 pub mod nbd;
+pub mod overlay;
 pub mod qcow2_target;
 pub mod qmp;
 pub mod recover;

@@ -30,6 +30,7 @@ pub mod gc;
 pub mod hooks;
 pub mod index;
 pub mod lease;
+pub mod mount;
 mod nodes;
 mod packer;
 pub mod packlist;

@@ -68,6 +68,9 @@ pub enum Command {
     Restore(RestoreArgs),
     /// What differs between two restore points: byte extents per disk, exact
     Diff(DiffArgs),
+    /// Serve a restore point's disk over NBD straight from the repository, without restoring
+    /// it (read-only; runs until interrupted)
+    Mount(MountArgs),
     /// Copy restore points to (or from) a replica, sending only the data it lacks
     Replicate(ReplicateArgs),
     /// Bring a VM back from a restore point: disks, boot files and definition into a folder,
@@ -313,6 +316,38 @@ pub struct RestoreArgs {
     /// QEMU's `-incoming file:FILE` (`vmkeep recover` does all of this for you)
     #[arg(long, value_name = "FILE")]
     pub memory_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Restore point: id, unique prefix (>= 6 hex digits) or VM@latest
+    pub snapshot: String,
+    /// The disk to serve (needed when the restore point has several)
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Serve on this Unix socket (created; must not exist)
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "listen",
+        conflicts_with = "listen"
+    )]
+    pub socket: Option<PathBuf>,
+    /// Serve on this TCP address, e.g. 127.0.0.1:10809 (port 0: any free port, printed at
+    /// start). NBD has no encryption or authentication here: keep it on a trusted network
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Accept writes: they go to a temporary qcow2 overlay (served by qemu-nbd), discarded
+    /// when the mount stops; the restore point never changes
+    #[arg(long)]
+    pub writable: bool,
+    /// Also attach it as this kernel block device (needs root and the nbd module), so a
+    /// filesystem in it can be mounted and files copied out; detached at stop
+    #[arg(long, value_name = "/dev/nbdN")]
+    pub nbd_device: Option<PathBuf>,
+    /// Memory for verified chunks, e.g. 64M
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = crate::size::parse_size)]
+    pub cache: u64,
 }
 
 #[derive(Args, Debug)]

@@ -1,5 +1,6 @@
 //! Async NBD client for reading exports (QEMU fleecing nodes, qemu-nbd, qemu-storage-daemon)
-//! and writing writable ones ([`NbdClient::write`], [`NbdClient::flush`]).
+//! and writing writable ones ([`NbdClient::write`], [`NbdClient::flush`]); and a small
+//! read-only NBD server ([`NbdServer`], blocking threads) serving any `vmkeep_io::ServedDisk`.
 //!
 //! ```no_run
 //! # async fn demo() -> vmkeep_qemu::Result<()> {
@@ -18,6 +19,7 @@
 mod client;
 mod handshake;
 pub mod proto;
+pub mod server;
 mod timeout;
 
 pub use client::{
@@ -25,6 +27,7 @@ pub use client::{
     TIMEOUT_ENV,
 };
 pub use proto::{BlockSize, Extent};
+pub use server::{Listen, NbdServer, ServeOptions};
 
 /// `base:allocation` flag: the range is a hole (not allocated).
 pub const STATE_HOLE: u32 = 1;

@@ -11,6 +11,8 @@
 //! - data/hole chunks lie inside the requested range, do not overlap, and on success cover it;
 //! - block-status chunks name a negotiated context, appear at most once per context, have
 //!   non-zero extent lengths, and do not run past the end of the export.
+//!
+//! The constants also serve the NBD server (`super::server`), which encodes its own replies.
 
 use crate::error::{Error, Result};
 
@@ -31,11 +33,13 @@ pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
 // Option reply types.
 pub const REP_ACK: u32 = 1;
@@ -43,6 +47,15 @@ pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
 pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
+pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
+pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
+pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+pub const REP_ERR_PLATFORM: u32 = REP_FLAG_ERROR | 4;
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
+pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
+pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
+pub const REP_ERR_BLOCK_SIZE_REQD: u32 = REP_FLAG_ERROR | 8;
+pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
 
 // NBD_INFO types.
 pub const INFO_EXPORT: u16 = 0;
@@ -60,13 +73,34 @@ pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
 
 // Commands.
 pub const CMD_READ: u16 = 0;
 pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_BLOCK_STATUS: u16 = 7;
+
+// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+// Error values in replies (NBD's own fixed numbering, see `crate::error::errno_name`).
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
 
 // Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -117,11 +151,13 @@ pub fn option_name(opt: u32) -> &'static str {
         OPT_EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
         OPT_ABORT => "NBD_OPT_ABORT",
         OPT_LIST => "NBD_OPT_LIST",
+        OPT_STARTTLS => "NBD_OPT_STARTTLS",
         OPT_INFO => "NBD_OPT_INFO",
         OPT_GO => "NBD_OPT_GO",
         OPT_STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
         OPT_LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
         OPT_SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        OPT_EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
         _ => "NBD_OPT_(unknown)",
     }
 }
@@ -133,15 +169,15 @@ pub fn reply_type_name(t: u32) -> String {
         REP_SERVER => "NBD_REP_SERVER".into(),
         REP_INFO => "NBD_REP_INFO".into(),
         REP_META_CONTEXT => "NBD_REP_META_CONTEXT".into(),
-        x if x == REP_FLAG_ERROR | 1 => "NBD_REP_ERR_UNSUP".into(),
-        x if x == REP_FLAG_ERROR | 2 => "NBD_REP_ERR_POLICY".into(),
-        x if x == REP_FLAG_ERROR | 3 => "NBD_REP_ERR_INVALID".into(),
-        x if x == REP_FLAG_ERROR | 4 => "NBD_REP_ERR_PLATFORM".into(),
-        x if x == REP_FLAG_ERROR | 5 => "NBD_REP_ERR_TLS_REQD".into(),
-        x if x == REP_FLAG_ERROR | 6 => "NBD_REP_ERR_UNKNOWN".into(),
-        x if x == REP_FLAG_ERROR | 7 => "NBD_REP_ERR_SHUTDOWN".into(),
-        x if x == REP_FLAG_ERROR | 8 => "NBD_REP_ERR_BLOCK_SIZE_REQD".into(),
-        x if x == REP_FLAG_ERROR | 9 => "NBD_REP_ERR_TOO_BIG".into(),
+        REP_ERR_UNSUP => "NBD_REP_ERR_UNSUP".into(),
+        REP_ERR_POLICY => "NBD_REP_ERR_POLICY".into(),
+        REP_ERR_INVALID => "NBD_REP_ERR_INVALID".into(),
+        REP_ERR_PLATFORM => "NBD_REP_ERR_PLATFORM".into(),
+        REP_ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD".into(),
+        REP_ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN".into(),
+        REP_ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN".into(),
+        REP_ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD".into(),
+        REP_ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG".into(),
         x => format!("reply type {x:#x}"),
     }
 }

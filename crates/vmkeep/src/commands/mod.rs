@@ -5,6 +5,7 @@ mod diff;
 mod init;
 mod key;
 mod maintenance;
+mod mount;
 mod onto;
 mod recover;
 mod repair;
@@ -29,6 +30,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Restore(a) => restore::run(g, &a),
         Command::Diff(a) => diff::run(g, &a),
         Command::Replicate(a) => replicate::run(g, &a),
+        Command::Mount(a) => mount::run(g, &a),
         Command::Recover(a) => recover::run(g, &a),
         Command::Check(a) => check::run(g, &a),
         Command::Forget(a) => maintenance::forget(g, &a),

@@ -1,0 +1,219 @@
+//! A writable view of a read-only NBD export (`vmkeep mount --writable`): a temporary qcow2
+//! overlay whose backing file is the export, served by `qemu-nbd`.
+//!
+//! ```text
+//! client ─NBD─► qemu-nbd (overlay.qcow2: writes land here) ─backing, NBD─► read-only export
+//! ```
+//!
+//! The restore point behind the export never changes: QEMU's block layer copies nothing into
+//! the backing file, and the export refuses writes anyway. The overlay lives in a private
+//! temporary folder and is discarded with it when the overlay is dropped (qemu-nbd is stopped
+//! first, with SIGTERM, so it closes the image). Reads of unwritten ranges go through to the
+//! export, block status included, so zero ranges stay holes for the client.
+use std::io::Read;
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::nbd::Listen;
+use crate::qcow2_target::find_program;
+
+/// How long qemu-nbd may take to listen, and to exit after SIGTERM.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running qemu-nbd serving a discardable overlay over an export; see the module docs.
+pub struct WritableOverlay {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    uri: String,
+}
+
+impl WritableOverlay {
+    /// Serves a new overlay of `base_uri` (an NBD URI of `size` bytes) as export `export` on
+    /// `listen` (a Unix socket that must not exist, or a TCP address; port 0 picks one).
+    pub fn start(base_uri: &str, size: u64, listen: &Listen, export: &str) -> Result<Self> {
+        let qemu_img = find_program("qemu-img")?;
+        let qemu_nbd = find_program("qemu-nbd")?;
+        let dir = tempfile::Builder::new()
+            .prefix("vmkeep-overlay-")
+            .tempdir()
+            .map_err(|e| Error::io("create a private folder for the overlay", e))?;
+        let image = dir.path().join("overlay.qcow2");
+        // `-u`: the backing export is not opened here; the size is given.
+        let out = Command::new(&qemu_img)
+            .args([
+                "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", base_uri,
+            ])
+            .arg(&image)
+            .arg(size.to_string())
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
+        if !out.status.success() {
+            return Err(Error::io(
+                "qemu-img create of the overlay",
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+            ));
+        }
+        let (bind_args, uri) = match listen {
+            Listen::Unix(path) => {
+                if path.exists() {
+                    return Err(Error::io(
+                        format!("serving on {}", path.display()),
+                        std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "the socket path exists (another mount, or a leftover: remove it)",
+                        ),
+                    ));
+                }
+                (
+                    vec!["-k".into(), path.display().to_string()],
+                    format!("nbd+unix:///{export}?socket={}", path.display()),
+                )
+            }
+            Listen::Tcp(addr) => {
+                let addr = with_free_port(*addr)?;
+                (
+                    vec![
+                        "-b".into(),
+                        addr.ip().to_string(),
+                        "-p".into(),
+                        addr.port().to_string(),
+                    ],
+                    format!("nbd://{addr}/{export}"),
+                )
+            }
+        };
+        let log = dir.path().join("qemu-nbd.err");
+        let err = std::fs::File::create(&log).map_err(|e| Error::io("create qemu-nbd's log", e))?;
+        // -t: keep serving after a client leaves; -e: clients at once.
+        let mut cmd = Command::new(&qemu_nbd);
+        // SAFETY: prctl is async-signal-safe. qemu-nbd dies with vmkeep (even by SIGKILL), so
+        // no overlay is ever served over a backing export that is gone.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .args([
+                "-f",
+                "qcow2",
+                "-x",
+                export,
+                "-t",
+                "-e",
+                "16",
+                "--cache=writeback",
+            ])
+            .args(&bind_args)
+            .arg(&image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .map_err(|e| Error::io(format!("start {}", qemu_nbd.display()), e))?;
+        let mut overlay = WritableOverlay {
+            child: Some(child),
+            dir,
+            uri,
+        };
+        overlay.wait_listening(listen, &log)?;
+        Ok(overlay)
+    }
+
+    /// The URI clients use.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Whether qemu-nbd still runs (it should until the overlay is dropped).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn wait_listening(&mut self, listen: &Listen, log: &Path) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if !self.running() {
+                return Err(Error::io(
+                    "qemu-nbd serving the overlay",
+                    std::io::Error::other(format!("exited: {}", read_log(log))),
+                ));
+            }
+            let up = match listen {
+                Listen::Unix(p) => p.exists(),
+                Listen::Tcp(_) => self
+                    .uri
+                    .strip_prefix("nbd://")
+                    .and_then(|rest| rest.split('/').next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                    .is_some_and(|a| std::net::TcpStream::connect(a).is_ok()),
+            };
+            if up {
+                return Ok(());
+            }
+            if started.elapsed() > START_TIMEOUT {
+                return Err(Error::io(
+                    "qemu-nbd serving the overlay",
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("not listening after {START_TIMEOUT:?}: {}", read_log(log)),
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Where the overlay image is (inside a private folder removed on drop).
+    pub fn image(&self) -> PathBuf {
+        self.dir.path().join("overlay.qcow2")
+    }
+}
+
+impl Drop for WritableOverlay {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SIGTERM lets qemu-nbd close the image; SIGKILL only if it does not exit in time.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// `addr`, or with port 0 a port free now (qemu-nbd cannot report the port it picked).
+fn with_free_port(addr: SocketAddr) -> Result<SocketAddr> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    let l = TcpListener::bind(addr).map_err(|e| Error::io(format!("binding {addr}"), e))?;
+    l.local_addr()
+        .map_err(|e| Error::io(format!("binding {addr}"), e))
+}
+
+fn read_log(path: &Path) -> String {
+    let mut s = String::new();
+    if let Ok(f) = std::fs::File::open(path) {
+        let _ = f.take(4096).read_to_string(&mut s);
+    }
+    s.trim().to_owned()
+}

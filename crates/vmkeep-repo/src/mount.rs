@@ -1,0 +1,393 @@
+//! A restore point's disk read in place, without restoring it: [`MountedDisk`] is the
+//! [`ServedDisk`] that `vmkeep mount` and instant recovery serve over NBD.
+//!
+//! ```text
+//! read_at(off, len) ─► chunks of the range ─► id (index tree, nodes cached) ─► ZERO: zeros
+//!                                          └► chunk cache ─miss─► read_blob (verified by id)
+//!                sequential reads ─► read-ahead threads fetch the next chunks into the cache
+//! extents(off, len) ─► ids only: a ZERO chunk reads as zeros and is never fetched
+//! ```
+//!
+//! Every chunk is verified against its id and its length against the disk's geometry before a
+//! byte of it is served: damage is a read error, never wrong data. Memory is bounded by the two
+//! caches (`MountOptions`), whatever the disk's size. The blob index is the cache-backed one a
+//! backup uses; when a blob is missing where the index said (a prune repacked it while this
+//! disk was served), the index is loaded again once and the read retried.
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
+use serde::Serialize;
+use vmkeep_core::manifest::{DiskEntry, Manifest};
+use vmkeep_core::tree::{ChunkCursor, Node, NodeStore};
+use vmkeep_core::BlobId;
+use vmkeep_io::{ServedDisk, ServedExtent};
+
+use crate::error::{Error, Result};
+use crate::index::BlobIndex;
+use crate::Repository;
+
+/// What a mount may hold in memory and how far it reads ahead.
+#[derive(Clone, Debug)]
+pub struct MountOptions {
+    /// Bytes of verified chunks kept (at least a few chunks).
+    pub cache_bytes: u64,
+    /// Chunks fetched ahead of a sequential reader (0: none).
+    pub read_ahead: u64,
+    /// Threads fetching ahead.
+    pub read_ahead_threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> MountOptions {
+        MountOptions {
+            cache_bytes: 64 << 20,
+            read_ahead: 32,
+            read_ahead_threads: 4,
+        }
+    }
+}
+
+/// What a mount did, for `vmkeep mount`'s report and the tests.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MountStats {
+    /// Chunks read from the repository (each verified), read-ahead included.
+    pub chunks_fetched: u64,
+    pub bytes_fetched: u64,
+    /// Of those, fetched ahead of the reader.
+    pub chunks_read_ahead: u64,
+    /// Chunk reads answered from the cache.
+    pub cache_hits: u64,
+    /// Reads of data chunks that failed (damaged or missing data).
+    pub read_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    chunks_fetched: AtomicU64,
+    bytes_fetched: AtomicU64,
+    chunks_read_ahead: AtomicU64,
+    cache_hits: AtomicU64,
+    read_errors: AtomicU64,
+}
+
+/// The most chunks one `extents` call looks at: a bounded answer, the client asks again.
+const EXTENT_CHUNKS_PER_CALL: u64 = 1 << 16;
+/// Tree nodes kept (4 KiB each at most): the path to every leaf of a 256 GiB disk region.
+const NODE_CACHE_ITEMS: usize = 4096;
+
+pub struct MountedDisk {
+    repo: Arc<Repository>,
+    index: RwLock<Arc<BlobIndex>>,
+    name: String,
+    size: u64,
+    chunk_size: u64,
+    chunks: u64,
+    cursor: Mutex<ChunkCursor>,
+    nodes: quick_cache::sync::Cache<BlobId, Node>,
+    data: quick_cache::sync::Cache<u64, Arc<Vec<u8>>>,
+    /// The chunk after the last one read: a read starting there is sequential.
+    next_expected: AtomicU64,
+    ahead: Option<Sender<u64>>,
+    read_ahead: u64,
+    counters: Counters,
+}
+
+impl MountedDisk {
+    /// Serves disk `disk` of `m` (the only disk when `None`; else [`Error::NoSuchDisk`]).
+    pub fn open(
+        repo: Arc<Repository>,
+        m: &Manifest,
+        disk: Option<&str>,
+        opts: &MountOptions,
+    ) -> Result<Arc<MountedDisk>> {
+        let d = pick_disk(m, disk)?;
+        let index = Arc::new(BlobIndex::load(&repo)?);
+        let chunk_size = repo.config.chunk_size as u64;
+        let chunks = d.size.div_ceil(chunk_size);
+        let cached_chunks = (opts.cache_bytes / chunk_size).max(4) as usize;
+        let (tx, rx) = bounded::<u64>(opts.read_ahead as usize * 2 + 1);
+        let disk = Arc::new(MountedDisk {
+            repo,
+            index: RwLock::new(index),
+            name: d.name.clone(),
+            size: d.size,
+            chunk_size,
+            chunks,
+            cursor: Mutex::new(ChunkCursor::new(d.root, chunks)),
+            nodes: quick_cache::sync::Cache::new(NODE_CACHE_ITEMS),
+            data: quick_cache::sync::Cache::new(cached_chunks),
+            next_expected: AtomicU64::new(u64::MAX),
+            ahead: (opts.read_ahead > 0).then_some(tx),
+            read_ahead: opts.read_ahead,
+            counters: Counters::default(),
+        });
+        if opts.read_ahead > 0 {
+            for _ in 0..opts.read_ahead_threads.max(1) {
+                let weak: Weak<MountedDisk> = Arc::downgrade(&disk);
+                let rx = rx.clone();
+                std::thread::Builder::new()
+                    .name("vmkeep-read-ahead".into())
+                    .spawn(move || {
+                        // Ends when the disk is dropped (its sender goes with it).
+                        for i in rx {
+                            let Some(disk) = weak.upgrade() else { break };
+                            if let Err(e) = disk.chunk(i, true) {
+                                tracing::debug!("read-ahead of chunk {i}: {e}");
+                            }
+                        }
+                    })
+                    .map_err(|e| Error::Internal(format!("starting read-ahead: {e}")))?;
+            }
+        }
+        Ok(disk)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn stats(&self) -> MountStats {
+        let c = &self.counters;
+        MountStats {
+            chunks_fetched: c.chunks_fetched.load(Ordering::Relaxed),
+            bytes_fetched: c.bytes_fetched.load(Ordering::Relaxed),
+            chunks_read_ahead: c.chunks_read_ahead.load(Ordering::Relaxed),
+            cache_hits: c.cache_hits.load(Ordering::Relaxed),
+            read_errors: c.read_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Id of chunk `i` (ZERO for zeros), through the shared cursor and the node cache.
+    fn chunk_id(&self, i: u64) -> Result<BlobId> {
+        let index = self.current_index();
+        let nodes = CachedNodes {
+            disk: self,
+            index: &index,
+            failure: Mutex::new(None),
+        };
+        let r = self
+            .cursor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&nodes, i);
+        r.map_err(|e| {
+            nodes
+                .failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_else(|| Error::corrupt(format!("index of disk {}", self.name), e))
+        })
+    }
+
+    fn current_index(&self) -> Arc<BlobIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The verified bytes of chunk `i` (not ZERO), from the cache or the repository.
+    fn chunk(&self, i: u64, ahead: bool) -> Result<Arc<Vec<u8>>> {
+        if !ahead {
+            if let Some(hit) = self.data.get(&i) {
+                self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(hit);
+            }
+        }
+        self.data.get_or_insert_with(&i, || {
+            let id = self.chunk_id(i)?;
+            let data = self.fetch(i, &id)?;
+            let c = &self.counters;
+            c.chunks_fetched.fetch_add(1, Ordering::Relaxed);
+            c.bytes_fetched
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+            if ahead {
+                c.chunks_read_ahead.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Arc::new(data))
+        })
+    }
+
+    /// Reads blob `id` as chunk `i`: verified by id, and by length against the geometry. A
+    /// blob missing where the index said is looked up once more in a freshly loaded index.
+    fn fetch(&self, i: u64, id: &BlobId) -> Result<Vec<u8>> {
+        let index = self.current_index();
+        let data = match self.repo.read_blob(&index, id) {
+            Err(Error::BlobMissing { .. }) => {
+                tracing::info!("blob {id} moved (a prune ran?): loading the index again");
+                let fresh = Arc::new(BlobIndex::load(&self.repo)?);
+                *self.index.write().unwrap_or_else(|p| p.into_inner()) = fresh.clone();
+                self.repo.read_blob(&fresh, id)?
+            }
+            r => r?,
+        };
+        let expect = (self.size - i * self.chunk_size).min(self.chunk_size);
+        if data.len() as u64 != expect {
+            return Err(Error::corrupt(
+                format!("chunk {id}"),
+                vmkeep_core::Error::Corrupt {
+                    kind: "chunk",
+                    reason: format!("{} bytes where the disk needs {expect}", data.len()),
+                },
+            ));
+        }
+        Ok(data)
+    }
+
+    /// Queues the chunks after `last` for the read-ahead threads, skipping ZERO and cached
+    /// ones; a full queue drops the rest (the reader is ahead anyway).
+    fn read_ahead_after(&self, last: u64) {
+        let Some(tx) = &self.ahead else { return };
+        let end = (last + 1 + self.read_ahead).min(self.chunks);
+        for i in last + 1..end {
+            if self.data.get(&i).is_some() || matches!(self.chunk_id(i), Ok(id) if id.is_zero()) {
+                continue;
+            }
+            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(i) {
+                break;
+            }
+        }
+    }
+
+    fn io_error(&self, what: &str, e: Error) -> io::Error {
+        self.counters.read_errors.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!("disk {}: {what}: {e}", self.name);
+        io::Error::other(format!("{what}: {e}"))
+    }
+}
+
+impl ServedDisk for MountedDisk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn block_size(&self) -> u32 {
+        self.chunk_size as u32
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("read past the end of the disk ({} bytes)", self.size),
+            ));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let first = offset / self.chunk_size;
+        let last = (end - 1) / self.chunk_size;
+        let sequential = self.next_expected.swap(last + 1, Ordering::Relaxed) == first;
+        for i in first..=last {
+            let start = i * self.chunk_size;
+            let from = offset.max(start);
+            let to = end.min(start + self.chunk_size);
+            let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            let id = self
+                .chunk_id(i)
+                .map_err(|e| self.io_error(&format!("chunk {i}"), e))?;
+            if id.is_zero() {
+                out.fill(0);
+                continue;
+            }
+            let data = self
+                .chunk(i, false)
+                .map_err(|e| self.io_error(&format!("chunk {i} at byte {start}"), e))?;
+            out.copy_from_slice(&data[(from - start) as usize..(to - start) as usize]);
+        }
+        if sequential {
+            self.read_ahead_after(last);
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<ServedExtent>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<ServedExtent> = Vec::new();
+        let mut pos = offset;
+        let stop_chunk = offset / self.chunk_size + EXTENT_CHUNKS_PER_CALL;
+        while pos < end {
+            let i = pos / self.chunk_size;
+            if i >= stop_chunk {
+                break;
+            }
+            let zero = self
+                .chunk_id(i)
+                .map_err(|e| self.io_error(&format!("index of chunk {i}"), e))?
+                .is_zero();
+            let next = ((i + 1) * self.chunk_size).min(end);
+            match out.last_mut() {
+                Some(last) if last.zero == zero => last.len += next - pos,
+                _ => out.push(ServedExtent {
+                    len: next - pos,
+                    zero,
+                }),
+            }
+            pos = next;
+        }
+        Ok(out)
+    }
+}
+
+/// The root's tree nodes through the disk's bounded node cache; the first load failure keeps
+/// its own error type for the caller ([`crate::nodes::RepoNodes`] does the same, unshared).
+struct CachedNodes<'a> {
+    disk: &'a MountedDisk,
+    index: &'a BlobIndex,
+    failure: Mutex<Option<Error>>,
+}
+
+impl NodeStore for CachedNodes<'_> {
+    fn load(&self, id: &BlobId) -> vmkeep_core::Result<Node> {
+        let loaded = self.disk.nodes.get_or_insert_with(id, || {
+            let bytes = self.disk.repo.read_blob(self.index, id)?;
+            Node::decode(&bytes).map_err(|e| Error::corrupt(format!("index node {id}"), e))
+        });
+        loaded.map_err(|e| {
+            self.failure
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_or_insert(e);
+            vmkeep_core::Error::Corrupt {
+                kind: "index node",
+                reason: "could not be loaded".into(),
+            }
+        })
+    }
+
+    fn store(&mut self, _node: &Node) -> vmkeep_core::Result<BlobId> {
+        Err(vmkeep_core::Error::Invalid {
+            what: "operation",
+            reason: "read-only node store".into(),
+        })
+    }
+}
+
+/// The disk a mount serves: the one named, or the only one.
+fn pick_disk<'m>(m: &'m Manifest, disk: Option<&str>) -> Result<&'m DiskEntry> {
+    let listed = || {
+        m.disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match disk {
+        Some(name) => m.disk(name).ok_or_else(|| Error::NoSuchDisk {
+            snapshot: format!("{:#}", m.id),
+            disk: name.into(),
+            available: listed(),
+        }),
+        None if m.disks.len() == 1 => Ok(&m.disks[0]),
+        None => Err(Error::Invalid {
+            what: "--disk",
+            reason: format!(
+                "restore point {:#} has {} disks ({}): name one with --disk",
+                m.id,
+                m.disks.len(),
+                listed()
+            ),
+        }),
+    }
+}

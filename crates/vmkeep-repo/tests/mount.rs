@@ -1,0 +1,175 @@
+//! A restore point read in place ([`MountedDisk`], what `vmkeep mount` serves): every byte at
+//! any alignment equals the backed-up image, zero chunks are extents of zeros and are never
+//! fetched, only the chunks read are fetched, and a damaged chunk is a read error on its range
+//! only, never wrong bytes. The NBD side is tested in vmkeep-qemu and through the binary.
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use vmkeep_io::ServedDisk;
+use vmkeep_repo::index::BlobIndex;
+use vmkeep_repo::mount::{MountOptions, MountedDisk};
+
+fn no_read_ahead() -> MountOptions {
+    MountOptions {
+        read_ahead: 0,
+        ..MountOptions::default()
+    }
+}
+
+#[test]
+fn reads_at_any_alignment_equal_the_image_and_zeros_are_never_fetched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repo");
+    init_repo(&root, true);
+    let repo = Arc::new(open_local(&root, true, 2));
+    let mut rng = Rng::new(0x6d6f_756e);
+    // 40 chunks and a short last one: mixed zero, random and repeated chunks.
+    let spec = Spec::mixed(40 * CS + 1234, &mut rng);
+    let img = spec.write(&tmp.path().join("sys.img"));
+    let bytes = std::fs::read(&img).unwrap();
+    let m = backup(&repo, "vm", &disks(&[("sys", &img)])).unwrap();
+
+    let disk = MountedDisk::open(repo.clone(), &m, None, &no_read_ahead()).unwrap();
+    assert_eq!(disk.size(), bytes.len() as u64);
+    assert_eq!(disk.block_size() as u64, CS);
+
+    // Extents: zero exactly where the chunk is all zeros, covering the disk in order.
+    let mut pos = 0;
+    let mut zero_map = Vec::new();
+    while pos < disk.size() {
+        for e in disk.extents(pos, disk.size() - pos).unwrap() {
+            zero_map.push((pos, e.len, e.zero));
+            pos += e.len;
+        }
+    }
+    for (start, len, zero) in &zero_map {
+        let range = &bytes[*start as usize..(*start + *len) as usize];
+        if *zero {
+            assert!(
+                range.iter().all(|&b| b == 0),
+                "zero extent at {start} (+{len})"
+            );
+        } else {
+            // A data extent is made of chunks that are not all zeros.
+            for c in range.chunks(CS as usize) {
+                assert!(c.iter().any(|&b| b != 0), "data extent at {start} (+{len})");
+            }
+        }
+    }
+    assert!(zero_map.iter().any(|e| e.2) && zero_map.iter().any(|e| !e.2));
+
+    // Unaligned reads of random sizes over the whole disk, twice (the second from the cache).
+    for round in 0..2 {
+        let mut off = 0u64;
+        while off < disk.size() {
+            let len = (1 + rng.below(3 * CS)).min(disk.size() - off);
+            let mut buf = vec![0xa5u8; len as usize];
+            disk.read_at(&mut buf, off).unwrap();
+            assert!(
+                buf == bytes[off as usize..(off + len) as usize],
+                "round {round}: bytes at {off} (+{len})"
+            );
+            off += len;
+        }
+    }
+    let st = disk.stats();
+    // Each non-zero chunk position fetched once (the cache holds them all), none that is zero.
+    let nonzero_positions = spec.chunks.iter().filter(|c| !c.is_zero()).count() as u64;
+    assert_eq!(st.chunks_fetched, nonzero_positions, "{st:?}");
+    assert!(st.cache_hits > 0, "{st:?}");
+    let past = disk.read_at(&mut [0u8; 2], disk.size() - 1).unwrap_err();
+    assert_eq!(past.kind(), std::io::ErrorKind::InvalidInput);
+}
+
+#[test]
+fn only_the_chunks_read_are_fetched_and_read_ahead_follows_a_sequential_reader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repo");
+    init_repo(&root, false);
+    let repo = Arc::new(open_local(&root, false, 2));
+    let mut rng = Rng::new(77);
+    let spec = Spec::random(64 * CS, &mut rng);
+    let img = spec.write(&tmp.path().join("d.img"));
+    let m = backup(&repo, "vm", &disks(&[("d", &img)])).unwrap();
+
+    let disk = MountedDisk::open(repo.clone(), &m, Some("d"), &no_read_ahead()).unwrap();
+    let mut buf = vec![0u8; 100];
+    disk.read_at(&mut buf, 10 * CS + 5).unwrap();
+    disk.read_at(&mut buf, 50 * CS).unwrap();
+    assert_eq!(disk.stats().chunks_fetched, 2, "{:?}", disk.stats());
+
+    let ahead = MountOptions {
+        read_ahead: 8,
+        read_ahead_threads: 2,
+        ..MountOptions::default()
+    };
+    let disk = MountedDisk::open(repo, &m, None, &ahead).unwrap();
+    let mut chunk = vec![0u8; CS as usize];
+    for i in 0..4 {
+        disk.read_at(&mut chunk, i * CS).unwrap();
+    }
+    // The read-ahead threads run on their own: wait (bounded) for them to fetch ahead.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while disk.stats().chunks_read_ahead == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let st = disk.stats();
+    assert!(st.chunks_read_ahead > 0, "{st:?}");
+    assert!(
+        st.chunks_fetched <= 4 + 8 + 1,
+        "never past the read-ahead window: {st:?}"
+    );
+    let mut got = vec![0u8; CS as usize];
+    disk.read_at(&mut got, 4 * CS).unwrap();
+    assert_eq!(got, spec.chunk_bytes(4));
+}
+
+#[test]
+fn a_damaged_chunk_is_a_read_error_on_its_range_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repo");
+    init_repo(&root, true);
+    let repo = Arc::new(open_local(&root, true, 2));
+    let mut rng = Rng::new(5);
+    let spec = Spec::random(16 * CS, &mut rng);
+    let img = spec.write(&tmp.path().join("d.img"));
+    let bytes = std::fs::read(&img).unwrap();
+    let m = backup(&repo, "vm", &disks(&[("d", &img)])).unwrap();
+    let id = chunk_id(&repo, &spec.chunk_bytes(7));
+    let loc = BlobIndex::load(&repo).unwrap().get(&id).unwrap();
+    flip_byte(&pack_path(&root, &loc.pack), loc.offset as u64 + 9);
+
+    let disk = MountedDisk::open(repo, &m, None, &no_read_ahead()).unwrap();
+    let mut buf = vec![0u8; (2 * CS) as usize];
+    let e = disk.read_at(&mut buf, 6 * CS + 100).unwrap_err();
+    assert!(e.to_string().contains("chunk 7"), "{e}");
+    assert_eq!(disk.stats().read_errors, 1);
+    let mut ok = vec![0u8; CS as usize];
+    disk.read_at(&mut ok, 8 * CS).unwrap();
+    assert_eq!(ok, bytes[(8 * CS) as usize..(9 * CS) as usize]);
+    disk.read_at(&mut ok, 6 * CS).unwrap();
+    assert_eq!(ok, bytes[(6 * CS) as usize..(7 * CS) as usize]);
+}
+
+#[test]
+fn a_restore_point_with_several_disks_needs_a_disk_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repo");
+    init_repo(&root, false);
+    let repo = Arc::new(open_local(&root, false, 2));
+    let mut rng = Rng::new(9);
+    let a = Spec::random(2 * CS, &mut rng).write(&tmp.path().join("a.img"));
+    let b = Spec::random(2 * CS, &mut rng).write(&tmp.path().join("b.img"));
+    let m = backup(&repo, "vm", &disks(&[("a", &a), ("b", &b)])).unwrap();
+    let e = MountedDisk::open(repo.clone(), &m, None, &no_read_ahead())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("--disk"), "{e}");
+    let e = MountedDisk::open(repo.clone(), &m, Some("c"), &no_read_ahead())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("a, b"), "{e}");
+    assert!(MountedDisk::open(repo, &m, Some("b"), &no_read_ahead()).is_ok());
+}
