@@ -692,6 +692,7 @@ fn original_vm(qemu: &Path, dir: &Path, args: &[&str]) -> (VmDefinition, PathBuf
         network: true,
         mode: StartMode::Cold,
         accel: None,
+        instant: false,
     };
     let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     argv.extend(["-display", "none", "-qmp"].map(String::from));

@@ -360,6 +360,11 @@ pub struct RecoverArgs {
     /// Boot from the disks instead of resuming from the captured memory
     #[arg(long)]
     pub cold: bool,
+    /// Start at once on the restore point served from the repository, and copy the disks
+    /// into DIR in the background while the VM runs (the command returns when the copy is
+    /// complete; the VM keeps its writes)
+    #[arg(long)]
+    pub instant: bool,
     /// The QEMU to run (default: the one named in the VM's definition, found on PATH)
     #[arg(long, value_name = "BINARY")]
     pub qemu: Option<PathBuf>,

@@ -27,6 +27,7 @@
 //! [`RunningQemu`] has a small runtime for its QMP connection).
 
 mod chardev;
+pub mod instant;
 pub mod launch;
 pub mod load;
 pub mod loadable;
@@ -73,6 +74,9 @@ pub struct RecoveryPlan {
     pub mode: StartMode,
     /// Replace the accelerator (`tcg`, `kvm`); `None` keeps the VM's.
     pub accel: Option<String>,
+    /// Instant recovery: each disk image is an overlay whose backing file (named in its
+    /// header) is the served restore point, so the command line must not cut the backing.
+    pub instant: bool,
 }
 
 impl RecoveryPlan {
@@ -97,6 +101,7 @@ impl RecoveryPlan {
             network: false,
             mode,
             accel: None,
+            instant: false,
         }
     }
 }

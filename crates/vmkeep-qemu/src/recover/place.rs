@@ -26,10 +26,13 @@ const GENERAL: &[&str] = &[
 
 /// Points the disk defined at `site` at the qcow2 image `image`. Node names that only the old
 /// chain used (backing files, data files) are added to `orphans` for the caller to remove.
+/// `backed`: the image has a backing file of its own (instant recovery's overlay over the
+/// served restore point), which QEMU must open from the image header.
 pub(crate) fn place_disk(
     cl: &mut CommandLine,
     site: Site,
     image: &str,
+    backed: bool,
     orphans: &mut Vec<String>,
 ) -> Result<()> {
     match site {
@@ -86,8 +89,11 @@ pub(crate) fn place_disk(
                     o.retain_members(&fmt.prefix, |k| GENERAL.contains(&k) || k == "file");
                     o.set(&fmt.key("driver"), "qcow2");
                 }
-                // The restored image has no backing file; say so, or QEMU would look for one.
-                o.set_null(&fmt.key("backing"));
+                // A restored image has no backing file; say so, or QEMU would look for one.
+                // An instant recovery's overlay has one, named in its header: leave it unset.
+                if !backed {
+                    o.set_null(&fmt.key("backing"));
+                }
             });
             match below {
                 Some(p) => place_file_node(cl, &p, image),
@@ -200,7 +206,14 @@ mod tests {
             "driver=qcow2,file=f0,node-name=disk0,discard=unmap",
         ]);
         let mut orphans = vec![];
-        place_disk(&mut cl, Site::Blockdev(1), "/new/vd0.qcow2", &mut orphans).unwrap();
+        place_disk(
+            &mut cl,
+            Site::Blockdev(1),
+            "/new/vd0.qcow2",
+            false,
+            &mut orphans,
+        )
+        .unwrap();
         assert!(orphans.is_empty());
         assert_eq!(
             argv(&cl),
@@ -232,6 +245,7 @@ mod tests {
             &mut cl,
             Site::Blockdev(3),
             "/new/virtio-disk0.qcow2",
+            false,
             &mut orphans,
         )
         .unwrap();
@@ -259,8 +273,22 @@ mod tests {
             "driver=file,filename=/old/raw.img,node-name=bare,locking=off",
         ]);
         let mut orphans = vec![];
-        place_disk(&mut cl, Site::Blockdev(0), "/n/a.qcow2", &mut orphans).unwrap();
-        place_disk(&mut cl, Site::Blockdev(1), "/n/b.qcow2", &mut orphans).unwrap();
+        place_disk(
+            &mut cl,
+            Site::Blockdev(0),
+            "/n/a.qcow2",
+            false,
+            &mut orphans,
+        )
+        .unwrap();
+        place_disk(
+            &mut cl,
+            Site::Blockdev(1),
+            "/n/b.qcow2",
+            false,
+            &mut orphans,
+        )
+        .unwrap();
         assert_eq!(
             argv(&cl),
             [
@@ -283,8 +311,15 @@ mod tests {
             "if=pflash,format=raw,unit=1,file=/old/VARS.fd",
         ]);
         let mut orphans = vec![];
-        place_disk(&mut cl, Site::Drive(0), "/n/drive1.qcow2", &mut orphans).unwrap();
-        place_disk(&mut cl, Site::File(1), "/n/ide.qcow2", &mut orphans).unwrap();
+        place_disk(
+            &mut cl,
+            Site::Drive(0),
+            "/n/drive1.qcow2",
+            false,
+            &mut orphans,
+        )
+        .unwrap();
+        place_disk(&mut cl, Site::File(1), "/n/ide.qcow2", false, &mut orphans).unwrap();
         place_boot(&mut cl, Site::Drive(2), "/n/boot-pflash1").unwrap();
         assert_eq!(
             argv(&cl),

@@ -73,7 +73,13 @@ pub fn rewrite(def: &VmDefinition, plan: &RecoveryPlan) -> Result<Vec<String>> {
     let boots = boot_sites(&cl, &disk_sites.iter().map(|(s, _)| *s).collect::<Vec<_>>());
     let mut orphans = Vec::new();
     for (site, image) in &disk_sites {
-        place_disk(&mut cl, *site, &path_text(image)?, &mut orphans)?;
+        place_disk(
+            &mut cl,
+            *site,
+            &path_text(image)?,
+            plan.instant,
+            &mut orphans,
+        )?;
     }
     for b in &def.boot_files {
         let site = boots.iter().find(|s| s.role == b.role).ok_or_else(|| {

@@ -3,6 +3,7 @@ mod backup;
 mod check;
 mod diff;
 mod init;
+mod instant;
 mod key;
 mod maintenance;
 mod mount;

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -16,15 +17,16 @@ use vmkeep_qemu::recover::{self, RecoveryPlan, StartMode};
 use vmkeep_qemu::vmdef::{VmDefinition, DEFINITION_MAX_BYTES, DEFINITION_STREAM};
 use vmkeep_repo::backup::MEMORY_STREAM;
 use vmkeep_repo::index::BlobIndex;
-use vmkeep_repo::{Manifest, NoProgress, Repository, RestoreOptions};
+use vmkeep_repo::{Manifest, NoProgress, Progress, Repository, RestoreOptions};
 
+use super::instant::InstantDisks;
 use crate::args::{Global, RecoverArgs};
 use crate::context::open_repo;
 use crate::output::{print_json, print_line};
 use crate::progress::Bars;
 
 pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
-    let repo = open_repo(g)?;
+    let repo = Arc::new(open_repo(g)?);
     let m = repo.resolve(&a.snapshot)?;
     // Loaded once for every stream and disk read below (each load lists the repository).
     let index = BlobIndex::load(&repo)?;
@@ -45,6 +47,7 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
     let mut plan = RecoveryPlan::in_dir(&def, &target, mode);
     plan.network = a.network;
     plan.accel = a.accel.clone();
+    plan.instant = a.instant;
     let qemu = recover::qemu_binary(&def, a.qemu.as_deref());
     recover::check_qemu(&qemu, &def, mode)?;
     if target.exists()
@@ -64,7 +67,16 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
         target: target.clone(),
         disk: None,
     };
-    super::restore::restore_qcow2(&repo, &index, &m, &opts, &bars)?;
+    // Instant: the disks are served from the repository and copied while the VM runs.
+    let instant = match a.instant {
+        true => Some(InstantDisks::serve(&repo, &m, &target, |name| {
+            target.join(format!("{name}.qcow2"))
+        })?),
+        false => {
+            super::restore::restore_qcow2(&repo, &index, &m, &opts, &bars)?;
+            None
+        }
+    };
     for b in def.boot_files.iter().filter(|b| b.size.is_some()) {
         let Some(path) = plan.boot_files.get(&b.role) else {
             continue;
@@ -91,6 +103,9 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
         }
         StartMode::Cold => false,
     };
+    if let Some(disks) = instant {
+        return finish_instant(g, &m, vm, disks, resumed, &plan, &bars);
+    }
     let pid = vm.detach();
     if g.json {
         print_json(&json!({
@@ -113,6 +128,79 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
             },
             plan.qmp_socket.display(),
             plan.serial_log.display()
+        ))?;
+    }
+    Ok(0)
+}
+
+/// Says the VM runs, copies the disks while it does, then lets it run on from local disks.
+/// A copy that fails stops the VM: its disks would lose their backing when we exit (the
+/// guest's writes stay in the qcow2 files).
+fn finish_instant(
+    g: &Global,
+    m: &Manifest,
+    vm: recover::RunningQemu,
+    disks: InstantDisks,
+    resumed: bool,
+    plan: &RecoveryPlan,
+    bars: &Bars,
+) -> Result<u8> {
+    let started = std::time::Instant::now();
+    let line = if g.json {
+        json!({"id": m.id, "pid": vm.pid(), "qmp": plan.qmp_socket, "serial": plan.serial_log,
+            "resumed": resumed, "target": plan.target_dir, "instant": true})
+        .to_string()
+    } else {
+        format!(
+            "VM {} of restore point {:#} {} on the repository's data (QEMU pid {}); serial \
+             console {}; copying its disks into {} now (the VM runs meanwhile)",
+            m.vm,
+            m.id,
+            if resumed { "resumed" } else { "booting" },
+            vm.pid(),
+            plan.serial_log.display(),
+            plan.target_dir.display()
+        )
+    };
+    print_line(&line)?;
+    std::io::stdout().flush()?;
+    let total: u64 = m.disks.iter().map(|d| d.size).sum();
+    bars.phase("copy disks", total);
+    let mut last = 0;
+    // A throttle for the copy, so it does not take all of the repository's bandwidth.
+    let rate = match std::env::var("VMKEEP_COPY_RATE") {
+        Ok(v) => Some(
+            crate::size::parse_size(&v)
+                .map_err(|e| anyhow::anyhow!("VMKEEP_COPY_RATE={v}: {e}"))?,
+        ),
+        Err(_) => None,
+    };
+    let copied = vm.stream_disks(&disks.images, rate, |p| {
+        bars.advance(p.done.saturating_sub(last));
+        last = p.done;
+    });
+    bars.finish_phase();
+    if let Err(e) = copied {
+        vm.shut_down();
+        return Err(e)
+            .context("copying the disks; the VM was stopped (its writes are in the qcow2 files)");
+    }
+    let stats = disks.stats();
+    disks.stop()?;
+    let pid = vm.detach();
+    let seconds = started.elapsed().as_secs_f64();
+    if g.json {
+        print_line(
+            &json!({"id": m.id, "pid": pid, "copied": true, "copy_seconds": seconds,
+            "bytes_fetched": stats.bytes_fetched})
+            .to_string(),
+        )?;
+    } else {
+        print_line(&format!(
+            "disks copied in {seconds:.1} s ({} fetched from the repository): VM {} runs from \
+             local disks alone (QEMU pid {pid})",
+            crate::size::human(stats.bytes_fetched),
+            m.vm
         ))?;
     }
     Ok(0)

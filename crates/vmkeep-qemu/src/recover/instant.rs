@@ -1,0 +1,160 @@
+//! Instant recovery's QEMU side: each disk of the recovered VM is a local qcow2 whose backing
+//! file is the restore point served over NBD ([`create_overlay`]); the VM starts at once on
+//! it, and [`RunningQemu::stream_disks`] copies the served data into the qcow2 files with
+//! `block-stream` while the guest runs. The guest's writes go to the qcow2 from the start and
+//! are never overwritten (block-stream copies only clusters the top image lacks). When a job
+//! completes QEMU drops the backing link from the image, so the VM runs from local disks alone.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::RunningQemu;
+use crate::error::{Error, Result};
+use crate::qcow2_target::find_program;
+
+/// How often the jobs are polled for progress.
+const POLL: Duration = Duration::from_millis(200);
+/// How long a job paused by a read error waits before it is resumed.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// Creates `image`, a qcow2 of `size` bytes whose backing file is the raw export at
+/// `base_uri` (not opened now: `-u`).
+pub fn create_overlay(image: &Path, base_uri: &str, size: u64) -> Result<()> {
+    let qemu_img = find_program("qemu-img")?;
+    let out = Command::new(&qemu_img)
+        .args([
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", base_uri,
+        ])
+        .arg(image)
+        .arg(size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
+    if !out.status.success() {
+        return Err(Error::io(
+            format!("qemu-img create {}", image.display()),
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ));
+    }
+    Ok(())
+}
+
+/// Progress of the copy: bytes done and to do, over every disk.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StreamProgress {
+    pub done: u64,
+    pub total: u64,
+}
+
+impl RunningQemu {
+    /// Streams every image in `images` (paths of the qcow2 files QEMU runs on) from its
+    /// backing file into itself, reporting progress, until all are complete and no longer
+    /// have a backing file. A job that fails is an error naming the disk and QEMU's reason.
+    /// `rate`: bytes per second per disk (QEMU's `speed`), unlimited when `None`.
+    pub fn stream_disks(
+        &self,
+        images: &[PathBuf],
+        rate: Option<u64>,
+        mut progress: impl FnMut(StreamProgress),
+    ) -> Result<()> {
+        let mut jobs = Vec::new();
+        for (i, image) in images.iter().enumerate() {
+            let node = self.node_of(image)?;
+            let job = format!("vmkeep-stream-{i}");
+            // on-error stop: a read the repository cannot answer now pauses the job, which
+            // is resumed below, instead of failing the copy.
+            let mut args = json!({"job-id": job, "device": node, "auto-dismiss": false,
+                                  "on-error": "stop"});
+            if let Some(r) = rate {
+                args["speed"] = json!(r);
+            }
+            self.block_on(self.qmp().execute("block-stream", args))?;
+            jobs.push((job, image.clone()));
+        }
+        let mut stalled = false;
+        loop {
+            let listed = self.block_on(self.qmp().execute("query-block-jobs", Value::Null))?;
+            let listed = listed.as_array().cloned().unwrap_or_default();
+            let mut p = StreamProgress::default();
+            let mut running = 0;
+            for (job, image) in &jobs {
+                let Some(j) = listed.iter().find(|j| j["device"] == job.as_str()) else {
+                    return Err(stream_failed(image, "the job vanished"));
+                };
+                p.done += j["offset"].as_u64().unwrap_or(0);
+                p.total += j["len"].as_u64().unwrap_or(0);
+                match j["status"].as_str() {
+                    Some("concluded") => {
+                        if let Some(e) = j["error"].as_str() {
+                            return Err(stream_failed(image, e));
+                        }
+                    }
+                    Some("paused") if j["io-status"] == "failed" => {
+                        running += 1;
+                        if !stalled {
+                            tracing::warn!(
+                                "copying {}: the repository did not answer a read; retrying",
+                                image.display()
+                            );
+                        }
+                        stalled = true;
+                        std::thread::sleep(RETRY);
+                        self.block_on(
+                            self.qmp()
+                                .execute("block-job-resume", json!({"device": job})),
+                        )?;
+                    }
+                    _ => running += 1,
+                }
+            }
+            progress(p);
+            if running == 0 {
+                break;
+            }
+            std::thread::sleep(POLL);
+        }
+        for (job, image) in &jobs {
+            self.block_on(self.qmp().execute("job-dismiss", json!({"id": job})))?;
+            if self.backing_of(image)?.is_some() {
+                return Err(stream_failed(image, "it still has a backing file"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The node name of the format node whose image file is `image`.
+    fn node_of(&self, image: &Path) -> Result<String> {
+        self.find_node(image)?
+            .and_then(|n| n["node-name"].as_str().map(str::to_owned))
+            .ok_or_else(|| stream_failed(image, "QEMU has no block node for it"))
+    }
+
+    /// The backing file QEMU sees for `image`, if any.
+    fn backing_of(&self, image: &Path) -> Result<Option<String>> {
+        Ok(self
+            .find_node(image)?
+            .and_then(|n| n["image"]["backing-filename"].as_str().map(str::to_owned)))
+    }
+
+    fn find_node(&self, image: &Path) -> Result<Option<Value>> {
+        let nodes = self.block_on(
+            self.qmp()
+                .execute("query-named-block-nodes", json!({"flat": true})),
+        )?;
+        let want = image.to_string_lossy();
+        Ok(nodes.as_array().and_then(|a| {
+            a.iter()
+                .find(|n| n["drv"] == "qcow2" && n["file"].as_str() == Some(&want))
+                .cloned()
+        }))
+    }
+}
+
+fn stream_failed(image: &Path, why: &str) -> Error {
+    Error::io(
+        format!("copying {} from the repository", image.display()),
+        std::io::Error::other(why.to_owned()),
+    )
+}
