@@ -173,3 +173,46 @@ fn a_restore_point_with_several_disks_needs_a_disk_name() {
     assert!(e.to_string().contains("a, b"), "{e}");
     assert!(MountedDisk::open(repo, &m, Some("b"), &no_read_ahead()).is_ok());
 }
+
+/// A copy with many requests in flight (as `qemu-img convert` or QEMU's block-stream make)
+/// of a disk four times the cache fetches little more than it reads: read-ahead chunks are
+/// not evicted before their reader comes. quick_cache's default admission (97% of the room
+/// for entries read twice) evicted them: 15% more here, 30-45% through NBD at depth 16.
+/// About 5% remains (racing readers and read-ahead; not understood yet), hence the bound.
+#[test]
+fn a_copy_with_many_readers_fetches_little_more_than_it_reads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repo");
+    init_repo(&root, false);
+    let repo = Arc::new(open_local(&root, false, 2));
+    let mut rng = Rng::new(16);
+    // 256 MiB: four times the cache, so chunks must be evicted as the copy goes.
+    let chunks = 4096;
+    let spec = Spec::random(chunks * CS, &mut rng);
+    let img = spec.write(&tmp.path().join("d.img"));
+    let m = backup(&repo, "vm", &disks(&[("d", &img)])).unwrap();
+    // The default cache (64 MiB) holds 4x what 16 readers have in flight.
+    let disk = MountedDisk::open(repo, &m, None, &MountOptions::default()).unwrap();
+    let piece = 1u64 << 20;
+    let pieces = chunks * CS / piece;
+    let next = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                let mut buf = vec![0u8; piece as usize];
+                loop {
+                    let p = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    if p >= pieces {
+                        break;
+                    }
+                    disk.read_at(&mut buf, p * piece).unwrap();
+                }
+            });
+        }
+    });
+    let st = disk.stats();
+    assert!(
+        st.chunks_fetched >= chunks && st.chunks_fetched <= chunks * 110 / 100,
+        "{st:?}"
+    );
+}
