@@ -6,7 +6,8 @@
 # (the second through change tracking, with its RAM and device state), restore the latest
 # restore point and prove it is an exact point-in-time image of the disk;
 # part 3: the VM is gone; recover it from the restore point into a new folder: it resumes and
-# continues counting exactly where it was captured;
+# continues counting exactly where it was captured; then again with --instant: it runs on the
+# restore point served from the repository within about a second while its disk copies in;
 # part 4: what differs between the two live restore points, a rewind of the restored image to
 # the first one writing only that, and a DR site served over HTTPS (`vmkeep serve`) filled by
 # replicate with an append token that cannot delete anything there.
@@ -21,7 +22,7 @@ vmkeep="${CARGO_TARGET_DIR:-$root/target}/release/vmkeep"
 work=${1:-$(mktemp -d /var/tmp/vmkeep-demo.XXXXXX)}
 mkdir -p "$work"; cd "$work"
 export VMKEEP_REPO="$work/repo" VMKEEP_PASSWORD="demo passphrase"
-rm -rf repo dr dr-site dr-site.tokens serve.out restored-first restored1 restored2 disk.raw disk-v1.raw files guest vm restored-vm recovered
+rm -rf repo dr dr-site dr-site.tokens serve.out restored-first restored1 restored2 disk.raw disk-v1.raw files guest vm restored-vm recovered recovered-instant instant.json
 qemu_pid=
 recovered_pid=
 serve_pid=
@@ -176,6 +177,30 @@ assert first in (k, k + 1), "it does not continue from the capture"
 assert "VMKEEP READY" not in log, "it booted instead of resuming"
 print("   it resumed where it was captured (no boot banner) and keeps writing")
 EOF
+kill -9 "$recovered_pid" 2>/dev/null || true; recovered_pid=
+
+echo "== vmkeep recover web1@latest --target recovered-instant --instant: QEMU resumes at once on"
+echo "   the restore point served from the repository (NBD); the disks copy into the folder meanwhile"
+t0=$(date +%s.%N)
+"$vmkeep" recover web1@latest --target recovered-instant --accel tcg --instant --json > instant.json &
+instant_cmd=$!
+n=0
+until [ "$(cat recovered-instant/serial.log 2>/dev/null | grep -c '^C ')" -ge 1 ]; do
+  n=$((n+1)); [ $n -lt 1200 ] || { echo "demo: the instantly recovered VM prints nothing"; exit 1; }
+  sleep 0.05
+done
+t1=$(date +%s.%N)
+recovered_pid=$(head -1 instant.json | python3 -c 'import json,sys; print(json.loads(sys.stdin.readline())["pid"])')
+wait "$instant_cmd"
+t2=$(date +%s.%N)
+python3 - "$t0" "$t1" "$t2" <<'PY'
+import sys
+t0, t1, t2 = map(float, sys.argv[1:])
+print(f"   the guest's first serial line {t1 - t0:.2f} s after the command; disks copied after {t2 - t0:.2f} s")
+PY
+qemu-img info -U recovered-instant/vd0.qcow2 | grep -q "backing file" \
+  && { echo "demo: the copied disk still has a backing file"; exit 1; }
+echo "   recovered-instant/vd0.qcow2 is a standalone local disk now; the VM runs on without vmkeep"
 kill -9 "$recovered_pid" 2>/dev/null || true; recovered_pid=
 
 echo
