@@ -45,16 +45,25 @@ pub fn publish(partial: &Path, path: &Path) -> io::Result<()> {
 }
 
 /// Where a restored disk goes: positional writes of whole chunks from several worker threads
-/// at once, then one `finish`. Ranges never written must read as zeros (a fresh sparse file,
-/// a new qcow2 image).
+/// at once (or from one thread in ascending order: [`DiskWriter::wants_ascending_writes`]), then
+/// one `finish`. Ranges never written must read as zeros (a fresh sparse file, a new qcow2
+/// image).
 pub trait DiskWriter: Sync {
-    /// Writes `data` at `offset`. Called concurrently for disjoint ranges.
+    /// Writes `data` at `offset`. Called concurrently for disjoint ranges, unless the target
+    /// wants ascending writes.
     fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()>;
     /// Called once after every chunk was written: makes every write durable (fsync); the caller
     /// then renames the target ([`publish`]). Not called after a failure.
     fn finish(&self) -> std::io::Result<()>;
     /// What is being written, for error messages.
     fn target(&self) -> &Path;
+    /// True for a format that lays data out in the order writes arrive (qcow2 appends a host
+    /// cluster for each guest cluster first written): the restore then writes the chunks in
+    /// ascending offset order from one thread, so the image is laid out in disk order. False
+    /// (the default) lets the workers write concurrently, as they finish chunks.
+    fn wants_ascending_writes(&self) -> bool {
+        false
+    }
 }
 
 /// An existing disk image read and written in place (`restore --onto`): raw files and block

@@ -13,6 +13,10 @@ use crate::Repository;
 /// One read job covers at most this much of a pack.
 const MAX_SPAN: u64 = 16 << 20;
 
+/// A window's bytes at most, for a target written in ascending order: its reorder buffer holds
+/// up to two windows ([`super::ordered`]).
+const ORDERED_WINDOW_BYTES: u64 = 8 << 20;
+
 /// How reads are grouped for a store.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ReadShape {
@@ -20,6 +24,8 @@ pub(crate) struct ReadShape {
     pub window: usize,
     /// Blobs of a pack this far apart (or closer) are read together.
     pub max_gap: u64,
+    /// One read job covers at most this much of a pack.
+    pub max_span: u64,
 }
 
 impl ReadShape {
@@ -29,12 +35,31 @@ impl ReadShape {
             ReadShape {
                 window: 4096,
                 max_gap: 1 << 20,
+                max_span: MAX_SPAN,
             }
         } else {
             ReadShape {
                 window: 64,
                 max_gap: 64 << 10,
+                max_span: MAX_SPAN,
             }
+        }
+    }
+
+    /// This shape for a target written in ascending order by one writer
+    /// ([`super::ordered`]): windows of at most [`ORDERED_WINDOW_BYTES`] (128 chunks of 64
+    /// KiB, so the reorder buffer stays within 16 MiB even where windows are 4096 chunks), and
+    /// jobs cut so that a window feeds every one of `threads` workers (at least 1 MiB each),
+    /// since only two windows are in flight at a time.
+    pub fn ordered(self, chunk_size: u64, threads: usize) -> ReadShape {
+        let window = self
+            .window
+            .min((ORDERED_WINDOW_BYTES / chunk_size.max(1)).max(1) as usize);
+        let share = window as u64 * chunk_size / threads.max(1) as u64;
+        ReadShape {
+            window,
+            max_span: share.clamp(1 << 20, MAX_SPAN),
+            ..self
         }
     }
 }
@@ -66,7 +91,7 @@ impl Repository {
                 let first = job.items[0].2;
                 if first.pack == l.pack
                     && start <= job.span_end + shape.max_gap
-                    && end.max(job.span_end) - first.offset as u64 <= MAX_SPAN
+                    && end.max(job.span_end) - first.offset as u64 <= shape.max_span
                 {
                     job.span_end = job.span_end.max(end);
                     job.items.push(item);

@@ -1,6 +1,8 @@
 //! Restore: write a restore point's disks. A tree walker lists the non-zero chunks in order, N
-//! workers read, verify and write them with positional writes through a [`DiskWriter`]; zero
-//! chunks are never read or written, so the target must read as zeros where nothing is written.
+//! workers read, verify and write them with positional writes through a [`DiskWriter`] (or,
+//! for a target that wants ascending writes such as qcow2, hand them to one writer thread that
+//! writes them in disk order: `ordered.rs`); zero chunks are never read or written, so the
+//! target must read as zeros where nothing is written.
 //!
 //! [`Repository::restore`] writes sparse raw files ([`raw::RawFileWriter`]), each under a
 //! `.partial` name, fsynced, renamed when complete and its folder fsynced ([`publish`]), so
@@ -8,7 +10,7 @@
 //! qcow2 image behind an NBD server, in vmkeep-qemu).
 use std::path::PathBuf;
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, unbounded};
 use serde::Serialize;
 use vmkeep_core::manifest::{DiskEntry, Manifest};
 use vmkeep_core::tree;
@@ -22,6 +24,7 @@ use crate::Repository;
 
 mod fetch;
 pub mod onto;
+mod ordered;
 mod publish;
 pub mod raw;
 pub(crate) mod stream;
@@ -146,7 +149,9 @@ impl Repository {
 
     /// Write every non-zero chunk of `d` into `writer` at its offset. Returns bytes written.
     /// The tree walk gathers windows of chunks, each planned into read jobs ([`fetch`]: blobs
-    /// of a pack close together read with one request), which the workers read and write.
+    /// of a pack close together read with one request), which the workers read and write; for
+    /// a target that wants ascending writes, the workers hand the chunks to one writer thread
+    /// that writes them in disk order ([`ordered`]).
     pub(crate) fn write_disk(
         &self,
         index: &BlobIndex,
@@ -157,16 +162,29 @@ impl Repository {
         let cs = self.config.chunk_size as u64;
         let chunks = d.size.div_ceil(cs);
         let threads = self.reader_threads();
-        let shape = fetch::ReadShape::for_store(self.store.concurrency());
+        let in_order = writer.wants_ascending_writes();
+        let mut shape = fetch::ReadShape::for_store(self.store.concurrency());
+        if in_order {
+            shape = shape.ordered(cs, threads);
+        }
         let (tx, rx) = bounded::<fetch::ReadJob<u64>>(threads * 4);
+        // The ordered stage: window indices to the writer (one slot: at most two windows
+        // between read and written), chunks from the workers (bounded by those windows).
+        let (window_tx, window_rx) = bounded::<Vec<u64>>(1);
+        let (chunk_tx, chunk_rx) = unbounded::<ordered::Delivery>();
         std::thread::scope(|s| {
+            let ordered_writer = in_order.then(|| {
+                s.spawn(move || ordered::write_in_order(writer, cs, window_rx, chunk_rx, progress))
+            });
             let mut workers = Vec::new();
             for _ in 0..threads {
                 let rx = rx.clone();
+                let sink = in_order.then(|| ordered::ChunkSender::new(chunk_tx.clone()));
                 workers.push(s.spawn(move || -> Result<u64> {
                     let mut written = 0;
+                    let mut writer_stopped = false;
                     for job in rx {
-                        self.read_job(&job, |i, id, data| {
+                        let r = self.read_job(&job, |i, id, data| {
                             let expect = (d.size - i * cs).min(cs);
                             if data.len() as u64 != expect {
                                 return Err(Error::corrupt(
@@ -180,6 +198,13 @@ impl Repository {
                                     },
                                 ));
                             }
+                            if let Some(sink) = &sink {
+                                if !sink.send(i, data) {
+                                    writer_stopped = true;
+                                    return Err(Error::Internal("restore writer stopped".into()));
+                                }
+                                return Ok(());
+                            }
                             writer
                                 .write_at(&data, i * cs)
                                 .map_err(|e| Error::TargetWrite {
@@ -189,12 +214,21 @@ impl Repository {
                             written += data.len() as u64;
                             progress.advance(data.len() as u64);
                             Ok(())
-                        })?;
+                        });
+                        match r {
+                            // The writer reports why it stopped (or the worker that made it).
+                            Err(_) if writer_stopped => break,
+                            r => r?,
+                        }
+                    }
+                    if let Some(sink) = sink {
+                        sink.done();
                     }
                     Ok(written)
                 }));
             }
             drop(rx);
+            drop(chunk_tx);
             let nodes = RepoNodes::new(self, index);
             let mut window = Vec::with_capacity(shape.window);
             let mut plan_error: Option<Error> = None;
@@ -210,6 +244,10 @@ impl Repository {
                         return Err(stopped());
                     }
                 };
+                if in_order {
+                    let indices = window.iter().map(|(i, _)| *i).collect();
+                    window_tx.send(indices).map_err(|_| stopped())?;
+                }
                 window.clear();
                 for job in jobs {
                     tx.send(job).map_err(|_| stopped())?;
@@ -227,8 +265,21 @@ impl Repository {
                 walk = send(&mut window);
             }
             drop(tx);
+            drop(window_tx);
             let mut total = 0;
             let mut first_err = None;
+            // A write error first: the workers stopped because of it.
+            let mut stopped_early = false;
+            if let Some(w) = ordered_writer {
+                match w
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Internal("restore writer panicked".into())))
+                {
+                    Ok(Some(n)) => total = n,
+                    Ok(None) => stopped_early = true,
+                    Err(e) => first_err = Some(e),
+                }
+            }
             for w in workers {
                 match w
                     .join()
@@ -244,6 +295,11 @@ impl Repository {
                 return Err(e);
             }
             nodes.typed(walk, || format!("index of disk {}", d.name))?;
+            if stopped_early {
+                return Err(Error::Internal(
+                    "restore writer stopped without an error".into(),
+                ));
+            }
             Ok(total)
         })
     }
