@@ -36,29 +36,13 @@ impl WritableOverlay {
     /// Serves a new overlay of `base_uri` (an NBD URI of `size` bytes) as export `export` on
     /// `listen` (a Unix socket that must not exist, or a TCP address; port 0 picks one).
     pub fn start(base_uri: &str, size: u64, listen: &Listen, export: &str) -> Result<Self> {
-        let qemu_img = find_program("qemu-img")?;
         let qemu_nbd = find_program("qemu-nbd")?;
         let dir = tempfile::Builder::new()
             .prefix("vmkeep-overlay-")
             .tempdir()
             .map_err(|e| Error::io("create a private folder for the overlay", e))?;
         let image = dir.path().join("overlay.qcow2");
-        // `-u`: the backing export is not opened here; the size is given.
-        let out = Command::new(&qemu_img)
-            .args([
-                "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", base_uri,
-            ])
-            .arg(&image)
-            .arg(size.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
-        if !out.status.success() {
-            return Err(Error::io(
-                "qemu-img create of the overlay",
-                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-            ));
-        }
+        create_overlay(&image, base_uri, size)?;
         let (bind_args, uri) = match listen {
             Listen::Unix(path) => {
                 if path.exists() {
@@ -198,6 +182,28 @@ impl Drop for WritableOverlay {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Creates `image`, a qcow2 of `size` bytes whose backing file is the raw export at
+/// `base_uri` (not opened now: `-u`). Writes land in the image; the export is only read.
+pub fn create_overlay(image: &Path, base_uri: &str, size: u64) -> Result<()> {
+    let qemu_img = find_program("qemu-img")?;
+    let out = Command::new(&qemu_img)
+        .args([
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", base_uri,
+        ])
+        .arg(image)
+        .arg(size.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
+    if !out.status.success() {
+        return Err(Error::io(
+            format!("qemu-img create {}", image.display()),
+            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+        ));
+    }
+    Ok(())
 }
 
 /// `addr`, or with port 0 a port free now (qemu-nbd cannot report the port it picked).

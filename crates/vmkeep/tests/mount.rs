@@ -89,13 +89,39 @@ fn disk_image(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     (p, data)
 }
 
-#[test]
-fn a_mounted_restore_point_equals_its_restore_and_fetches_only_what_is_read() {
+/// A plain repository in a temporary folder holding one backup of [`disk_image`].
+struct Scene {
+    tmp: tempfile::TempDir,
+    repo: std::path::PathBuf,
+    img: std::path::PathBuf,
+    data: Vec<u8>,
+    id: String,
+}
+
+fn backed_up() -> Scene {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("repo");
     init(&repo, &[]);
     let (img, data) = disk_image(tmp.path());
     let id = id_of(&backup(&repo, "vm", &[("sys", &img)]));
+    Scene {
+        tmp,
+        repo,
+        img,
+        data,
+        id,
+    }
+}
+
+#[test]
+fn a_mounted_restore_point_equals_its_restore_and_fetches_only_what_is_read() {
+    let Scene {
+        tmp,
+        repo,
+        data,
+        id,
+        ..
+    } = backed_up();
     restore(&repo, &id, &tmp.path().join("r"));
     let restored = tmp.path().join("r/sys.raw");
     let nonzero_chunks = data
@@ -169,11 +195,7 @@ fn a_mounted_restore_point_equals_its_restore_and_fetches_only_what_is_read() {
 
 #[test]
 fn a_damaged_pack_gives_read_errors_never_wrong_data_and_the_server_keeps_serving() {
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    init(&repo, &[]);
-    let (img, _) = disk_image(tmp.path());
-    let id = id_of(&backup(&repo, "vm", &[("sys", &img)]));
+    let Scene { tmp, repo, id, .. } = backed_up();
     for pack in objects(&repo, "packs") {
         // A byte well inside the pack's blobs (the header is at its end).
         patch(&pack_path(&repo, &pack), 4096, b"\xff\x00\xff");
@@ -255,11 +277,7 @@ fn a_repository_behind_vmkeep_serve_is_mounted_on_tcp() {
 
 #[test]
 fn mount_refuses_clearly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    init(&repo, &[]);
-    let (img, _) = disk_image(tmp.path());
-    let id = id_of(&backup(&repo, "vm", &[("sys", &img)]));
+    let Scene { tmp, repo, id, .. } = backed_up();
     let sock = tmp.path().join("s.sock");
     fails_with(
         vmkeep(&repo)
@@ -278,11 +296,9 @@ fn mount_refuses_clearly() {
 
 #[test]
 fn writes_to_a_writable_mount_go_to_an_overlay_and_the_restore_point_never_changes() {
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    init(&repo, &[]);
-    let (img, _) = disk_image(tmp.path());
-    let id = id_of(&backup(&repo, "vm", &[("sys", &img)]));
+    let Scene {
+        tmp, repo, img, id, ..
+    } = backed_up();
     let sock = tmp.path().join("rw.sock");
     let m = mount_local(
         &repo,
@@ -352,11 +368,7 @@ fn writes_to_a_writable_mount_go_to_an_overlay_and_the_restore_point_never_chang
 /// is: one clear line, and nothing left behind (the socket is removed).
 #[test]
 fn an_nbd_device_that_is_not_there_is_refused_clearly() {
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    init(&repo, &[]);
-    let (img, _) = disk_image(tmp.path());
-    let id = id_of(&backup(&repo, "vm", &[("sys", &img)]));
+    let Scene { tmp, repo, id, .. } = backed_up();
     let sock = tmp.path().join("dev.sock");
     for (device, needle) in [("/dev/nbd97", "modprobe nbd"), ("/dev/sda", "/dev/nbdN")] {
         fails_with(
@@ -373,11 +385,7 @@ fn an_nbd_device_that_is_not_there_is_refused_clearly() {
 /// overlay is left served over an export that is gone.
 #[test]
 fn a_killed_writable_mount_takes_its_qemu_nbd_with_it() {
-    let tmp = tempfile::tempdir().unwrap();
-    let repo = tmp.path().join("repo");
-    init(&repo, &[]);
-    let (img, _) = disk_image(tmp.path());
-    let id = id_of(&backup(&repo, "vm", &[("sys", &img)]));
+    let Scene { tmp, repo, id, .. } = backed_up();
     let sock = tmp.path().join("k.sock");
     let mut m = mount_local(
         &repo,

@@ -5,41 +5,19 @@
 //! are never overwritten (block-stream copies only clusters the top image lacks). When a job
 //! completes QEMU drops the backing link from the image, so the VM runs from local disks alone.
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use super::RunningQemu;
 use crate::error::{Error, Result};
-use crate::qcow2_target::find_program;
 
 /// How often the jobs are polled for progress.
 const POLL: Duration = Duration::from_millis(200);
 /// How long a job paused by a read error waits before it is resumed.
 const RETRY: Duration = Duration::from_secs(2);
 
-/// Creates `image`, a qcow2 of `size` bytes whose backing file is the raw export at
-/// `base_uri` (not opened now: `-u`).
-pub fn create_overlay(image: &Path, base_uri: &str, size: u64) -> Result<()> {
-    let qemu_img = find_program("qemu-img")?;
-    let out = Command::new(&qemu_img)
-        .args([
-            "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b", base_uri,
-        ])
-        .arg(image)
-        .arg(size.to_string())
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::io(format!("run {}", qemu_img.display()), e))?;
-    if !out.status.success() {
-        return Err(Error::io(
-            format!("qemu-img create {}", image.display()),
-            std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-        ));
-    }
-    Ok(())
-}
+pub use crate::overlay::create_overlay;
 
 /// Progress of the copy: bytes done and to do, over every disk.
 #[derive(Clone, Copy, Debug, Default)]
