@@ -212,3 +212,20 @@ fn an_instant_recovery_from_a_server_that_stalls_mid_copy_completes() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     run.copy_completes_and_keeps_the_writes(d, &during);
 }
+
+/// A bad throttle is refused before anything starts: no folder, no QEMU.
+#[test]
+fn a_bad_copy_rate_is_refused_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    json(pv(&repo).args(["init", "--encrypt"]));
+    let target = dir.path().join("t");
+    fails_with(
+        pv(&repo)
+            .env("VMKEEP_COPY_RATE", "fast")
+            .args(["recover", "guest@latest", "--instant", "--target"])
+            .arg(&target),
+        &["VMKEEP_COPY_RATE=fast"],
+    );
+    assert!(!target.exists());
+}

@@ -26,6 +26,15 @@ use crate::output::{print_json, print_line};
 use crate::progress::Bars;
 
 pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
+    // A throttle for instant recovery's copy, so it does not take all of the repository's
+    // bandwidth; checked before anything starts.
+    let copy_rate = match std::env::var("VMKEEP_COPY_RATE") {
+        Ok(v) => Some(
+            crate::size::parse_size(&v)
+                .map_err(|e| anyhow::anyhow!("VMKEEP_COPY_RATE={v}: {e}"))?,
+        ),
+        Err(_) => None,
+    };
     let repo = Arc::new(open_repo(g)?);
     let m = repo.resolve(&a.snapshot)?;
     // Loaded once for every stream and disk read below (each load lists the repository).
@@ -104,7 +113,7 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
         StartMode::Cold => false,
     };
     if let Some(disks) = instant {
-        return finish_instant(g, &m, vm, disks, resumed, &plan, &bars);
+        return finish_instant(g, &m, vm, disks, copy_rate, &plan, &bars);
     }
     let pid = vm.detach();
     if g.json {
@@ -141,11 +150,12 @@ fn finish_instant(
     m: &Manifest,
     vm: recover::RunningQemu,
     disks: InstantDisks,
-    resumed: bool,
+    rate: Option<u64>,
     plan: &RecoveryPlan,
     bars: &Bars,
 ) -> Result<u8> {
     let started = std::time::Instant::now();
+    let resumed = plan.mode == StartMode::Resume;
     let line = if g.json {
         json!({"id": m.id, "pid": vm.pid(), "qmp": plan.qmp_socket, "serial": plan.serial_log,
             "resumed": resumed, "target": plan.target_dir, "instant": true})
@@ -167,14 +177,6 @@ fn finish_instant(
     let total: u64 = m.disks.iter().map(|d| d.size).sum();
     bars.phase("copy disks", total);
     let mut last = 0;
-    // A throttle for the copy, so it does not take all of the repository's bandwidth.
-    let rate = match std::env::var("VMKEEP_COPY_RATE") {
-        Ok(v) => Some(
-            crate::size::parse_size(&v)
-                .map_err(|e| anyhow::anyhow!("VMKEEP_COPY_RATE={v}: {e}"))?,
-        ),
-        Err(_) => None,
-    };
     let copied = vm.stream_disks(&disks.images, rate, |p| {
         bars.advance(p.done.saturating_sub(last));
         last = p.done;
