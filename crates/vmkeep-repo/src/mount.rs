@@ -26,6 +26,7 @@ use vmkeep_io::{ServedDisk, ServedExtent};
 
 use crate::error::{Error, Result};
 use crate::index::BlobIndex;
+use crate::restore::{check_chunk_len, select_disks};
 use crate::Repository;
 
 /// What a mount may hold in memory and how far it reads ahead.
@@ -63,6 +64,16 @@ pub struct MountStats {
     pub read_errors: u64,
 }
 
+impl std::ops::AddAssign for MountStats {
+    fn add_assign(&mut self, o: MountStats) {
+        self.chunks_fetched += o.chunks_fetched;
+        self.bytes_fetched += o.bytes_fetched;
+        self.chunks_read_ahead += o.chunks_read_ahead;
+        self.cache_hits += o.cache_hits;
+        self.read_errors += o.read_errors;
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     chunks_fetched: AtomicU64,
@@ -89,7 +100,8 @@ pub struct MountedDisk {
     data: quick_cache::sync::Cache<u64, Arc<Vec<u8>>>,
     /// The chunk after the last one read: a read starting there is sequential.
     next_expected: AtomicU64,
-    ahead: Option<Sender<u64>>,
+    /// (chunk index, its id) for the read-ahead threads: the id is looked up once.
+    ahead: Option<Sender<(u64, BlobId)>>,
     read_ahead: u64,
     counters: Counters,
 }
@@ -107,7 +119,7 @@ impl MountedDisk {
         let chunk_size = repo.config.chunk_size as u64;
         let chunks = d.size.div_ceil(chunk_size);
         let cached_chunks = (opts.cache_bytes / chunk_size).max(4) as usize;
-        let (tx, rx) = bounded::<u64>(opts.read_ahead as usize * 2 + 1);
+        let (tx, rx) = bounded::<(u64, BlobId)>(opts.read_ahead as usize * 2 + 1);
         let disk = Arc::new(MountedDisk {
             repo,
             index: RwLock::new(index),
@@ -131,9 +143,9 @@ impl MountedDisk {
                     .name("vmkeep-read-ahead".into())
                     .spawn(move || {
                         // Ends when the disk is dropped (its sender goes with it).
-                        for i in rx {
+                        for (i, id) in rx {
                             let Some(disk) = weak.upgrade() else { break };
-                            if let Err(e) = disk.chunk(i, true) {
+                            if let Err(e) = disk.chunk(i, &id, true) {
                                 tracing::debug!("read-ahead of chunk {i}: {e}");
                             }
                         }
@@ -186,8 +198,9 @@ impl MountedDisk {
         self.index.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// The verified bytes of chunk `i` (not ZERO), from the cache or the repository.
-    fn chunk(&self, i: u64, ahead: bool) -> Result<Arc<Vec<u8>>> {
+    /// The verified bytes of chunk `i`, whose id is `id` (not ZERO), from the cache or the
+    /// repository.
+    fn chunk(&self, i: u64, id: &BlobId, ahead: bool) -> Result<Arc<Vec<u8>>> {
         if !ahead {
             if let Some(hit) = self.data.get(&i) {
                 self.counters.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -195,8 +208,7 @@ impl MountedDisk {
             }
         }
         self.data.get_or_insert_with(&i, || {
-            let id = self.chunk_id(i)?;
-            let data = self.fetch(i, &id)?;
+            let data = self.fetch(i, id)?;
             let c = &self.counters;
             c.chunks_fetched.fetch_add(1, Ordering::Relaxed);
             c.bytes_fetched
@@ -222,15 +234,7 @@ impl MountedDisk {
             r => r?,
         };
         let expect = (self.size - i * self.chunk_size).min(self.chunk_size);
-        if data.len() as u64 != expect {
-            return Err(Error::corrupt(
-                format!("chunk {id}"),
-                vmkeep_core::Error::Corrupt {
-                    kind: "chunk",
-                    reason: format!("{} bytes where the disk needs {expect}", data.len()),
-                },
-            ));
-        }
+        check_chunk_len(id, data.len(), expect)?;
         Ok(data)
     }
 
@@ -240,10 +244,15 @@ impl MountedDisk {
         let Some(tx) = &self.ahead else { return };
         let end = (last + 1 + self.read_ahead).min(self.chunks);
         for i in last + 1..end {
-            if self.data.get(&i).is_some() || matches!(self.chunk_id(i), Ok(id) if id.is_zero()) {
+            if self.data.get(&i).is_some() {
                 continue;
             }
-            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send(i) {
+            let id = match self.chunk_id(i) {
+                Ok(id) if !id.is_zero() => id,
+                _ => continue,
+            };
+            if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = tx.try_send((i, id))
+            {
                 break;
             }
         }
@@ -292,7 +301,7 @@ impl ServedDisk for MountedDisk {
                 continue;
             }
             let data = self
-                .chunk(i, false)
+                .chunk(i, &id, false)
                 .map_err(|e| self.io_error(&format!("chunk {i} at byte {start}"), e))?;
             out.copy_from_slice(&data[(from - start) as usize..(to - start) as usize]);
         }
@@ -384,29 +393,20 @@ impl NodeStore for CachedNodes<'_> {
     }
 }
 
-/// The disk a mount serves: the one named, or the only one.
+/// The disk a mount serves: the one named (as a restore selects it), or the only one.
 fn pick_disk<'m>(m: &'m Manifest, disk: Option<&str>) -> Result<&'m DiskEntry> {
-    let listed = || {
-        m.disks
-            .iter()
-            .map(|d| d.name.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    match disk {
-        Some(name) => m.disk(name).ok_or_else(|| Error::NoSuchDisk {
-            snapshot: format!("{:#}", m.id),
-            disk: name.into(),
-            available: listed(),
-        }),
-        None if m.disks.len() == 1 => Ok(&m.disks[0]),
-        None => Err(Error::Invalid {
+    match select_disks(m, disk)?.as_slice() {
+        [d] => Ok(d),
+        all => Err(Error::Invalid {
             what: "--disk",
             reason: format!(
                 "restore point {:#} has {} disks ({}): name one with --disk",
                 m.id,
-                m.disks.len(),
-                listed()
+                all.len(),
+                all.iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }),
     }

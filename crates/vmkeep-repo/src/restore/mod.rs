@@ -74,6 +74,21 @@ pub fn select_disks<'m>(m: &'m Manifest, disk: Option<&str>) -> Result<Vec<&'m D
     }
 }
 
+/// A chunk's plaintext must have exactly the length its position on the disk needs (FORMAT.md
+/// §10 "The last chunk"): anything else is damage, never written or served.
+pub(crate) fn check_chunk_len(id: &BlobId, got: usize, expect: u64) -> Result<()> {
+    if got as u64 == expect {
+        return Ok(());
+    }
+    Err(Error::corrupt(
+        format!("chunk {id}"),
+        vmkeep_core::Error::Corrupt {
+            kind: "chunk",
+            reason: format!("{got} bytes where the disk needs {expect}"),
+        },
+    ))
+}
+
 impl Repository {
     pub fn restore(
         &self,
@@ -186,18 +201,7 @@ impl Repository {
                     for job in rx {
                         let r = self.read_job(&job, |i, id, data| {
                             let expect = (d.size - i * cs).min(cs);
-                            if data.len() as u64 != expect {
-                                return Err(Error::corrupt(
-                                    format!("chunk {id}"),
-                                    vmkeep_core::Error::Corrupt {
-                                        kind: "chunk",
-                                        reason: format!(
-                                            "{} bytes where the disk needs {expect}",
-                                            data.len()
-                                        ),
-                                    },
-                                ));
-                            }
+                            check_chunk_len(id, data.len(), expect)?;
                             if let Some(sink) = &sink {
                                 if !sink.send(i, data) {
                                     writer_stopped = true;

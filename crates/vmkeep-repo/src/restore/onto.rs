@@ -264,15 +264,7 @@ impl Repository {
             image.zero_at(off, len).map_err(target_err)?;
         } else {
             let data = self.read_blob(index, &want)?;
-            if data.len() as u64 != len {
-                return Err(Error::corrupt(
-                    format!("chunk {want}"),
-                    vmkeep_core::Error::Corrupt {
-                        kind: "chunk",
-                        reason: format!("{} bytes where the disk needs {len}", data.len()),
-                    },
-                ));
-            }
+            super::check_chunk_len(&want, data.len(), len)?;
             image.write_at(&data, off).map_err(target_err)?;
         }
         Ok((read, len))

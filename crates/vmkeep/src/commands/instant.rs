@@ -74,12 +74,7 @@ impl InstantDisks {
     pub fn stats(&self) -> MountStats {
         let mut all = MountStats::default();
         for d in &self.disks {
-            let s = d.stats();
-            all.chunks_fetched += s.chunks_fetched;
-            all.bytes_fetched += s.bytes_fetched;
-            all.chunks_read_ahead += s.chunks_read_ahead;
-            all.cache_hits += s.cache_hits;
-            all.read_errors += s.read_errors;
+            all += d.stats();
         }
         all
     }
