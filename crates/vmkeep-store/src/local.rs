@@ -122,7 +122,15 @@ impl LocalStore {
         }
         let tmp = self.temp_path(&path);
         let result = (|| {
-            let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            let mut f = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
+                Err(e) if e.kind() == ErrorKind::NotFound && key.kind != ObjectKind::Pack => {
+                    // A repository created before this kind existed lacks its folder.
+                    fs::create_dir_all(dir)?;
+                    fsync_dir(&self.root).map_err(std::io::Error::other)?;
+                    OpenOptions::new().write(true).create_new(true).open(&tmp)?
+                }
+                r => r?,
+            };
             f.write_all(data)?;
             f.sync_data()?;
             Ok(())
@@ -428,6 +436,23 @@ mod tests {
             LocalStore::create(dir.path().join("r")).is_err(),
             "non-empty folder refused"
         );
+    }
+
+    /// A repository created before a kind existed lacks its folder: the first put of that kind
+    /// creates it (`refs/` and `verified/` came after repositories in use).
+    #[test]
+    fn a_kind_folder_missing_from_an_older_repository_is_created_on_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::create(dir.path()).unwrap();
+        fs::remove_dir(dir.path().join("refs")).unwrap();
+        let k = Key::new(ObjectKind::Refs, "abcd").unwrap();
+        assert!(s.list(ObjectKind::Refs).unwrap().is_empty());
+        s.put(&k, b"rec").unwrap();
+        let k2 = Key::new(ObjectKind::Refs, "abef").unwrap();
+        fs::remove_dir_all(dir.path().join("refs")).unwrap();
+        assert!(s.put_if_absent(&k2, b"rec").unwrap());
+        s.flush().unwrap();
+        assert_eq!(s.get(&k2, 3).unwrap(), b"rec");
     }
 
     #[test]
