@@ -12,10 +12,13 @@
 //! byte of it is served: damage is a read error, never wrong data. Memory is bounded by the two
 //! caches (`MountOptions`), whatever the disk's size. The blob index is the cache-backed one a
 //! backup uses; when a blob is missing where the index said (a prune repacked it while this
-//! disk was served), the index is loaded again once and the read retried.
+//! disk was served), the index is loaded again once and the read retried. With
+//! `wait_out_outages` (instant recovery), a read that fails while the repository does not
+//! answer at all waits until it does, so the VM's I/O pauses instead of failing.
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Sender, TrySendError};
 use serde::Serialize;
@@ -23,6 +26,7 @@ use vmkeep_core::manifest::{DiskEntry, Manifest};
 use vmkeep_core::tree::{ChunkCursor, Node, NodeStore};
 use vmkeep_core::BlobId;
 use vmkeep_io::{ServedDisk, ServedExtent};
+use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
 use crate::index::BlobIndex;
@@ -38,6 +42,10 @@ pub struct MountOptions {
     pub read_ahead: u64,
     /// Threads fetching ahead.
     pub read_ahead_threads: usize,
+    /// A read that fails while the repository does not answer at all waits until it answers
+    /// again (instant recovery: the VM's I/O pauses instead of failing), and says so once.
+    /// Errors while the repository answers (damaged or missing data) fail at once either way.
+    pub wait_out_outages: bool,
 }
 
 impl Default for MountOptions {
@@ -46,6 +54,7 @@ impl Default for MountOptions {
             cache_bytes: 64 << 20,
             read_ahead: 32,
             read_ahead_threads: 4,
+            wait_out_outages: false,
         }
     }
 }
@@ -85,6 +94,11 @@ struct Counters {
 
 /// The most chunks one `extents` call looks at: a bounded answer, the client asks again.
 const EXTENT_CHUNKS_PER_CALL: u64 = 1 << 16;
+/// Waits of a read while the repository does not answer: doubling from the first to the most.
+const OUTAGE_FIRST_PAUSE: Duration = Duration::from_millis(250);
+const OUTAGE_MAX_PAUSE: Duration = Duration::from_secs(5);
+/// How often a read still waiting says so again.
+const OUTAGE_REMINDER: Duration = Duration::from_secs(60);
 /// Tree nodes kept (4 KiB each at most): the path to every leaf of a 256 GiB disk region.
 const NODE_CACHE_ITEMS: usize = 4096;
 
@@ -104,6 +118,12 @@ pub struct MountedDisk {
     ahead: Option<Sender<(u64, BlobId)>>,
     read_ahead: u64,
     counters: Counters,
+    wait_out_outages: bool,
+    /// Since when the repository has not answered (reads are waiting), and when that was last
+    /// said; `None` while it answers.
+    outage: Mutex<Option<(Instant, Instant)>>,
+    /// Set by [`MountedDisk::give_up`]: waiting reads fail.
+    given_up: AtomicBool,
 }
 
 impl MountedDisk {
@@ -134,6 +154,9 @@ impl MountedDisk {
             ahead: (opts.read_ahead > 0).then_some(tx),
             read_ahead: opts.read_ahead,
             counters: Counters::default(),
+            wait_out_outages: opts.wait_out_outages,
+            outage: Mutex::new(None),
+            given_up: AtomicBool::new(false),
         });
         if opts.read_ahead > 0 {
             for _ in 0..opts.read_ahead_threads.max(1) {
@@ -158,6 +181,82 @@ impl MountedDisk {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Reads waiting out an outage fail from now on (the server is stopping).
+    pub fn give_up(&self) {
+        self.given_up.store(true, Ordering::SeqCst);
+    }
+
+    /// Since when reads have been waiting for the repository, if they are.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|(since, _)| since)
+    }
+
+    /// `f`, tried again while the repository does not answer at all (with
+    /// [`MountOptions::wait_out_outages`]). Whether it answers is asked of its config: an
+    /// error while the config reads is about the data (damaged, missing), returned at once.
+    fn patiently<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
+        let mut pause = OUTAGE_FIRST_PAUSE;
+        loop {
+            let e = match f() {
+                Ok(v) => {
+                    self.outage_over();
+                    return Ok(v);
+                }
+                Err(e) => e,
+            };
+            // Even what looks like damage (a pack not found) may be an outage: a share that
+            // is not mounted. The config answers whether the repository is there at all.
+            if !self.wait_out_outages
+                || self.given_up.load(Ordering::SeqCst)
+                || self.repo.store().size(&Key::config()).is_ok()
+            {
+                return Err(e);
+            }
+            self.outage_goes_on(&e);
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(OUTAGE_MAX_PAUSE);
+        }
+    }
+
+    /// Says that reads wait: when the outage starts, then every [`OUTAGE_REMINDER`].
+    fn outage_goes_on(&self, e: &Error) {
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match *outage {
+            None => {
+                tracing::warn!(
+                    "the repository does not answer ({e}); reads of disk {} wait until it \
+                     does: the VM's I/O on data not yet copied is paused",
+                    self.name
+                );
+                *outage = Some((now, now));
+            }
+            Some((since, said)) if now.duration_since(said) >= OUTAGE_REMINDER => {
+                tracing::warn!(
+                    "still waiting for the repository after {:.0} s ({e}); disk {}",
+                    now.duration_since(since).as_secs_f64(),
+                    self.name
+                );
+                *outage = Some((since, now));
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn outage_over(&self) {
+        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((since, _)) = outage.take() {
+            tracing::warn!(
+                "the repository answers again after {:.0} s: reads of disk {} go on",
+                since.elapsed().as_secs_f64(),
+                self.name
+            );
+        }
     }
 
     pub fn stats(&self) -> MountStats {
@@ -239,11 +338,15 @@ impl MountedDisk {
     }
 
     /// Queues the chunks after `last` for the read-ahead threads, skipping ZERO and cached
-    /// ones; a full queue drops the rest (the reader is ahead anyway).
+    /// ones, and those before where the latest read ended: readers already asked for them
+    /// (with many readers in flight, a slow one finishing behind the others would otherwise
+    /// fetch again what they read and the cache dropped). A full queue drops the rest (the
+    /// reader is ahead anyway).
     fn read_ahead_after(&self, last: u64) {
         let Some(tx) = &self.ahead else { return };
         let end = (last + 1 + self.read_ahead).min(self.chunks);
-        for i in last + 1..end {
+        let start = (last + 1).max(self.next_expected.load(Ordering::Relaxed));
+        for i in start..end {
             if self.data.get(&i).is_some() {
                 continue;
             }
@@ -294,14 +397,14 @@ impl ServedDisk for MountedDisk {
             let to = end.min(start + self.chunk_size);
             let out = &mut buf[(from - offset) as usize..(to - offset) as usize];
             let id = self
-                .chunk_id(i)
+                .patiently(|| self.chunk_id(i))
                 .map_err(|e| self.io_error(&format!("chunk {i}"), e))?;
             if id.is_zero() {
                 out.fill(0);
                 continue;
             }
             let data = self
-                .chunk(i, &id, false)
+                .patiently(|| self.chunk(i, &id, false))
                 .map_err(|e| self.io_error(&format!("chunk {i} at byte {start}"), e))?;
             out.copy_from_slice(&data[(from - start) as usize..(to - start) as usize]);
         }
@@ -322,7 +425,7 @@ impl ServedDisk for MountedDisk {
                 break;
             }
             let zero = self
-                .chunk_id(i)
+                .patiently(|| self.chunk_id(i))
                 .map_err(|e| self.io_error(&format!("index of chunk {i}"), e))?
                 .is_zero();
             let next = ((i + 1) * self.chunk_size).min(end);

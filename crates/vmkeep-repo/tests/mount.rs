@@ -153,6 +153,57 @@ fn a_damaged_chunk_is_a_read_error_on_its_range_only() {
     assert_eq!(ok, bytes[(6 * CS) as usize..(7 * CS) as usize]);
 }
 
+/// `wait_out_outages` (instant recovery): a read made while the repository is gone (its
+/// folder moved away, as an unmounted share) waits and then answers with the right bytes; a
+/// damaged chunk still fails at once; without the option the same outage is an error.
+#[test]
+fn reads_wait_out_a_repository_outage_but_not_damage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("repo");
+    let away = tmp.path().join("away");
+    init_repo(&root, true);
+    let repo = Arc::new(open_local(&root, true, 2));
+    let mut rng = Rng::new(11);
+    let spec = Spec::random(8 * CS, &mut rng);
+    let img = spec.write(&tmp.path().join("d.img"));
+    let bytes = std::fs::read(&img).unwrap();
+    let m = backup(&repo, "vm", &disks(&[("d", &img)])).unwrap();
+    let id = chunk_id(&repo, &spec.chunk_bytes(5));
+    let loc = BlobIndex::load(&repo).unwrap().get(&id).unwrap();
+    flip_byte(&pack_path(&root, &loc.pack), loc.offset as u64 + 9);
+    let waiting = MountOptions {
+        wait_out_outages: true,
+        ..no_read_ahead()
+    };
+    let disk = MountedDisk::open(repo.clone(), &m, None, &waiting).unwrap();
+    let failing = MountedDisk::open(repo, &m, None, &no_read_ahead()).unwrap();
+
+    std::fs::rename(&root, &away).unwrap();
+    let mut buf = vec![0u8; CS as usize];
+    assert!(failing.read_at(&mut buf, 2 * CS).is_err(), "no waiting");
+    let back = std::thread::spawn({
+        let (root, away) = (root.clone(), away.clone());
+        move || {
+            std::thread::sleep(std::time::Duration::from_millis(1500));
+            std::fs::rename(&away, &root).unwrap();
+        }
+    });
+    let t0 = std::time::Instant::now();
+    disk.read_at(&mut buf, 2 * CS).unwrap();
+    assert!(t0.elapsed() >= std::time::Duration::from_millis(1400));
+    assert_eq!(buf, bytes[(2 * CS) as usize..(3 * CS) as usize]);
+    assert!(disk.waiting_since().is_none(), "over");
+    back.join().unwrap();
+
+    let t0 = std::time::Instant::now();
+    let e = disk.read_at(&mut buf, 5 * CS).unwrap_err();
+    assert!(e.to_string().contains("chunk 5"), "{e}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(1),
+        "damage does not wait"
+    );
+}
+
 #[test]
 fn a_restore_point_with_several_disks_needs_a_disk_name() {
     let tmp = tempfile::tempdir().unwrap();
@@ -178,7 +229,9 @@ fn a_restore_point_with_several_disks_needs_a_disk_name() {
 /// of a disk four times the cache fetches little more than it reads: read-ahead chunks are
 /// not evicted before their reader comes. quick_cache's default admission (97% of the room
 /// for entries read twice) evicted them: 15% more here, 30-45% through NBD at depth 16.
-/// About 5% remains (racing readers and read-ahead; not understood yet), hence the bound.
+/// A slow reader finishing behind the others used to read ahead into chunks they had read
+/// and the cache had dropped: 4-11% more (seen failing the 5% bound); 1-2% remains (a reader
+/// starved so long that what was read ahead for it was dropped before it came).
 #[test]
 fn a_copy_with_many_readers_fetches_little_more_than_it_reads() {
     let tmp = tempfile::tempdir().unwrap();
@@ -212,7 +265,7 @@ fn a_copy_with_many_readers_fetches_little_more_than_it_reads() {
     });
     let st = disk.stats();
     assert!(
-        st.chunks_fetched >= chunks && st.chunks_fetched <= chunks * 110 / 100,
+        st.chunks_fetched >= chunks && st.chunks_fetched <= chunks * 105 / 100,
         "{st:?}"
     );
 }

@@ -308,7 +308,9 @@ impl Store for LocalStore {
         while let Some(d) = dirs.pop() {
             let rd = match fs::read_dir(&d) {
                 Ok(rd) => rd,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                // A kind's folder may be missing (an older repository); the repository's own
+                // folder may not: a share not mounted must not list as an empty repository.
+                Err(e) if e.kind() == ErrorKind::NotFound && self.root.is_dir() => continue,
                 Err(e) => return Err(Error::io("list", &d, e)),
             };
             for e in rd {
@@ -453,6 +455,21 @@ mod tests {
         assert!(s.put_if_absent(&k2, b"rec").unwrap());
         s.flush().unwrap();
         assert_eq!(s.get(&k2, 3).unwrap(), b"rec");
+    }
+
+    /// A repository folder gone (a share not mounted) is an error, not an empty listing.
+    #[test]
+    fn listing_a_repository_that_is_gone_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::create(dir.path().join("r")).unwrap();
+        fs::remove_dir(dir.path().join("r/verified")).unwrap();
+        assert!(s.list(ObjectKind::Verification).unwrap().is_empty());
+        fs::rename(dir.path().join("r"), dir.path().join("away")).unwrap();
+        for kind in ObjectKind::ALL {
+            if kind != ObjectKind::Config {
+                assert!(s.list(kind).is_err(), "{kind:?}");
+            }
+        }
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! from the repository, its first serial lines appear while the disks are still being copied
 //! (the copy is throttled so it lasts), the guest writes during the copy, and when the command
 //! returns the local qcow2 has no backing file and holds every SEQ the guest wrote, a gap-free
-//! prefix continuing the captured one. Also from a `vmkeep serve` repository that stops
-//! answering (SIGSTOP) for 5 s mid-copy: the copy completes, the guest sees no error.
+//! prefix continuing the captured one. Also from a `vmkeep serve` repository that stalls
+//! (SIGSTOP) 3 s, then is stopped for 8 s and restarted mid-copy: the guest's reads wait,
+//! the copy completes, the guest sees no error.
 //!
 //! One QEMU at a time machine-wide.
 
@@ -54,19 +55,21 @@ struct InstantRun {
 
 fn spawn_instant(mut cmd: std::process::Command, snap: &str, target: &Path) -> InstantRun {
     // 32 MiB at 4 MiB/s: the copy lasts about 8 s, long enough to watch the guest run.
-    cmd.env("VMKEEP_COPY_RATE", "4M")
-        .args([
-            "--json",
-            "recover",
-            snap,
-            "--instant",
-            "--accel",
-            "tcg",
-            "--target",
-        ])
-        .arg(target)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+    if !cmd.get_envs().any(|(k, _)| k == "VMKEEP_COPY_RATE") {
+        cmd.env("VMKEEP_COPY_RATE", "4M");
+    }
+    cmd.args([
+        "--json",
+        "recover",
+        snap,
+        "--instant",
+        "--accel",
+        "tcg",
+        "--target",
+    ])
+    .arg(target)
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(target.with_extension("stderr")).unwrap());
     let t0 = Instant::now();
     let mut child = cmd.spawn().unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -178,9 +181,11 @@ fn an_instant_recovery_runs_before_its_disks_are_copied_and_keeps_its_writes() {
     run.copy_completes_and_keeps_the_writes(d, &during);
 }
 
-/// The repository is behind `vmkeep serve`, and the server stops answering (SIGSTOP) for 5 s
-/// in the middle of the copy: reads wait (the HTTPS store retries), the copy completes, and
-/// the guest never sees an I/O error or wrong data.
+/// The repository is behind `vmkeep serve`. In the middle of the copy the server stops
+/// answering (SIGSTOP) for 3 s, which the HTTPS store's retries hide; then it is killed, and
+/// restarted 8 s later, well past the client's retry window (2 s here): reads wait for it
+/// (the VM's I/O pauses), the command says so and says when it is back, the copy completes,
+/// and the guest never sees an I/O error or wrong data.
 #[test]
 fn an_instant_recovery_from_a_server_that_stalls_mid_copy_completes() {
     let dir = tempfile::tempdir().unwrap();
@@ -201,16 +206,30 @@ fn an_instant_recovery_from_a_server_that_stalls_mid_copy_completes() {
     );
     vm.kill9();
     let mut cmd = vmkeep_std_at(&bin(), Path::new(&url));
-    cmd.args(["--tls-fingerprint", &served.fingerprint])
+    // 16 s of copy: the outage below falls in its middle.
+    cmd.env("VMKEEP_HTTP_RETRY_SECS", "2")
+        .env("VMKEEP_COPY_RATE", "2M")
+        .args(["--tls-fingerprint", &served.fingerprint])
         .env("VMKEEP_TOKEN", &token)
         .env("VMKEEP_PASSWORD", "served-test-passphrase");
     let mut run = spawn_instant(cmd, &id_of(&b), &d.join("instant"));
     let during = run.runs_during_the_copy();
     let pid = served.pid() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    std::thread::sleep(std::time::Duration::from_secs(5));
+    std::thread::sleep(std::time::Duration::from_secs(3));
     unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut served = served;
+    served.kill();
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    served.restart();
     run.copy_completes_and_keeps_the_writes(d, &during);
+    let said = std::fs::read_to_string(d.join("instant.stderr")).unwrap();
+    assert!(
+        said.contains("the repository does not answer")
+            && said.contains("the VM's I/O on data not yet copied is paused")
+            && said.contains("the repository answers again"),
+        "{said}"
+    );
 }
 
 /// A bad throttle is refused before anything starts: no folder, no QEMU.

@@ -16,6 +16,10 @@ use crate::error::{Error, Result};
 const POLL: Duration = Duration::from_millis(200);
 /// How long a job paused by a read error waits before it is resumed.
 const RETRY: Duration = Duration::from_secs(2);
+/// Read errors in a row (without progress in between) after which a job fails. The server
+/// waits out repository outages itself (`MountOptions::wait_out_outages`), so an error that
+/// reaches the job is about the data, and retrying it for ever would hide it.
+const FAILED_READS_MAX: u32 = 5;
 
 pub use crate::overlay::create_overlay;
 
@@ -51,17 +55,19 @@ impl RunningQemu {
             self.block_on(self.qmp().execute("block-stream", args))?;
             jobs.push((job, image.clone()));
         }
-        let mut stalled = false;
+        // Per job: read errors in a row, and the offset when the last one happened.
+        let mut failures = vec![(0u32, 0u64); jobs.len()];
         loop {
             let listed = self.block_on(self.qmp().execute("query-block-jobs", Value::Null))?;
             let listed = listed.as_array().cloned().unwrap_or_default();
             let mut p = StreamProgress::default();
             let mut running = 0;
-            for (job, image) in &jobs {
+            for ((job, image), failed) in jobs.iter().zip(failures.iter_mut()) {
                 let Some(j) = listed.iter().find(|j| j["device"] == job.as_str()) else {
                     return Err(stream_failed(image, "the job vanished"));
                 };
-                p.done += j["offset"].as_u64().unwrap_or(0);
+                let offset = j["offset"].as_u64().unwrap_or(0);
+                p.done += offset;
                 p.total += j["len"].as_u64().unwrap_or(0);
                 match j["status"].as_str() {
                     Some("concluded") => {
@@ -71,13 +77,25 @@ impl RunningQemu {
                     }
                     Some("paused") if j["io-status"] == "failed" => {
                         running += 1;
-                        if !stalled {
-                            tracing::warn!(
-                                "copying {}: the repository did not answer a read; retrying",
-                                image.display()
-                            );
+                        *failed = match *failed {
+                            (n, at) if at == offset => (n + 1, at),
+                            _ => (1, offset),
+                        };
+                        if failed.0 >= FAILED_READS_MAX {
+                            return Err(stream_failed(
+                                image,
+                                &format!(
+                                    "a read from the repository failed {FAILED_READS_MAX} times \
+                                     at byte {offset} (damaged or unreadable data: run vmkeep \
+                                     check; the server's log says which chunk)"
+                                ),
+                            ));
                         }
-                        stalled = true;
+                        tracing::warn!(
+                            "copying {}: a read from the repository failed at byte {offset}; \
+                             retrying",
+                            image.display()
+                        );
                         std::thread::sleep(RETRY);
                         self.block_on(
                             self.qmp()

@@ -25,11 +25,14 @@ pub struct InstantDisks {
 }
 
 impl InstantDisks {
-    /// Serves every disk of `m` and creates `image_of(disk)` over each.
+    /// Serves every disk of `m` and creates `image_of(disk)` over each. `wait_out_outages`:
+    /// reads wait while the repository does not answer (MountOptions), so the VM's I/O
+    /// pauses rather than fails.
     pub fn serve(
         repo: &Arc<Repository>,
         m: &Manifest,
         target: &Path,
+        wait_out_outages: bool,
         image_of: impl Fn(&str) -> PathBuf,
     ) -> Result<InstantDisks> {
         vmkeep_repo::restore::create_target_dir(target)
@@ -46,7 +49,11 @@ impl InstantDisks {
             _sockets: sockets,
         };
         for (i, d) in m.disks.iter().enumerate() {
-            let disk = MountedDisk::open(repo.clone(), m, Some(&d.name), &MountOptions::default())?;
+            let opts = MountOptions {
+                wait_out_outages,
+                ..MountOptions::default()
+            };
+            let disk = MountedDisk::open(repo.clone(), m, Some(&d.name), &opts)?;
             let server = NbdServer::bind(
                 &Listen::Unix(out._sockets.path().join(format!("{i}.sock"))),
                 disk.clone(),
@@ -79,9 +86,17 @@ impl InstantDisks {
         all
     }
 
+    /// The servers stop accepting; reads waiting for the repository fail.
+    fn halt(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for d in &self.disks {
+            d.give_up();
+        }
+    }
+
     /// Stops serving (once QEMU no longer reads through the exports).
     pub fn stop(mut self) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
+        self.halt();
         for t in self.servers.drain(..) {
             match t.join() {
                 Ok(r) => r.context("serving NBD")?,
@@ -94,7 +109,7 @@ impl InstantDisks {
 
 impl Drop for InstantDisks {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.halt();
         for t in self.servers.drain(..) {
             let _ = t.join();
         }

@@ -78,7 +78,7 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
     };
     // Instant: the disks are served from the repository and copied while the VM runs.
     let instant = match a.instant {
-        true => Some(InstantDisks::serve(&repo, &m, &target, |name| {
+        true => Some(InstantDisks::serve(&repo, &m, &target, true, |name| {
             target.join(format!("{name}.qcow2"))
         })?),
         false => {
@@ -209,7 +209,11 @@ fn finish_instant(
 }
 
 /// The VM's definition stored in the restore point (bounded: it is a few KiB).
-fn definition(repo: &Repository, index: &BlobIndex, m: &Manifest) -> Result<VmDefinition> {
+pub(super) fn definition(
+    repo: &Repository,
+    index: &BlobIndex,
+    m: &Manifest,
+) -> Result<VmDefinition> {
     if !m.streams.iter().any(|s| s.name == DEFINITION_STREAM) {
         bail!(
             "restore point {:#} has no VM definition (taken by `backup image`, or by a vmkeep \
@@ -242,7 +246,7 @@ impl Write for Bounded {
 }
 
 /// A stream into a new file, durable before QEMU reads it.
-fn write_stream(
+pub(super) fn write_stream(
     repo: &Repository,
     index: &BlobIndex,
     m: &Manifest,

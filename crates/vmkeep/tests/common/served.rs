@@ -52,7 +52,11 @@ impl Served {
             }
             None => std::process::Command::new(bin()),
         };
-        let listen = format!("{ip}:0");
+        // An address with a port is used as it is (a restart); else port 0.
+        let listen = match ip.parse::<std::net::SocketAddr>() {
+            Ok(addr) => addr.to_string(),
+            Err(_) => format!("{ip}:0"),
+        };
         cmd.args(["--json", "serve", "--listen", &listen, "--dir"])
             .arg(dir)
             .arg("--tokens")
@@ -116,6 +120,20 @@ impl Served {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the server (its clients see refused connections).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again at the same address (the same certificate: it is kept in DIR).
+    pub fn restart(&mut self) {
+        self.kill();
+        let again = Served::spawn(&self.dir, &self.tokens, &[], None, &self.addr);
+        assert_eq!(again.fingerprint, self.fingerprint);
+        *self = again; // the old child, reaped above, is not killed twice
     }
 }
 
