@@ -37,7 +37,16 @@
 #                             second serial port (/dev/ttyS1, when the VM has one) pauses the
 #                             writes (the guest then only sleeps), "on" resumes them; each is
 #                             acknowledged with "MEMFILL off" / "MEMFILL on" on the console.
+#   vmkeep.workload=diskboot  boots from the disk as firmware would: the first 4 KiB block of
+#                             /dev/vda must start with "#!vmkeep-boot"; the block (up to its
+#                             NUL bytes removed) then runs as a shell script, after "VMKEEP BOOT
+#                             vda". Otherwise it prints "VMKEEP BOOT FAILED: no boot record on
+#                             /dev/vda" and stops there (sleeps), as a PC without a bootable
+#                             disk would.
 # Every workload prints "VMKEEP READY" once the disks are visible.
+# A guest-agent stand-in answers on the virtio-serial port org.qemu.guest_agent.0 when the VM
+# has one: "guest-sync" (with its id) and "guest-ping", one JSON command per line, as
+# qemu-guest-agent would; anything else gets a CommandNotFound error.
 #
 # Needs: apt-get (download only, no root), dpkg-deb, busybox-static, cpio, gzip, sha256sum.
 set -euo pipefail
@@ -141,6 +150,25 @@ n=0
 while [ ! -b /dev/vda ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
 echo "VMKEEP READY workload=$workload disks=$(ls /sys/block | tr '\n' ' ')"
 
+# The guest-agent stand-in (no udev: the port's name is in sysfs).
+for port in /sys/class/virtio-ports/*; do
+  [ -f "$port/name" ] && [ "$(cat "$port/name")" = org.qemu.guest_agent.0 ] || continue
+  dev="/dev/${port##*/}"
+  # One open for both directions: a port can be open only once.
+  ( while true; do
+      { while read -r line <&3; do
+          case "$line" in
+            *guest-sync*)
+              id="$(echo "$line" | sed -n 's/.*"id" *: *\([0-9]*\).*/\1/p')"
+              echo "{\"return\": ${id:-0}}" >&3 ;;
+            *guest-ping*) echo '{"return": {}}' >&3 ;;
+            *) echo '{"error": {"class": "CommandNotFound", "desc": "vmkeep test agent"}}' >&3 ;;
+          esac
+        done; } 3<>"$dev"
+      sleep 0.2
+    done ) &
+done
+
 blocks_of() { echo $(( $(cat /sys/block/$1/size) / 8 )); }
 
 case "$workload" in
@@ -224,6 +252,15 @@ case "$workload" in
         kib=0
       fi
     done
+    ;;
+  diskboot)
+    head -c 4096 /dev/vda | tr -d '\000' > /tmp/boot.sh
+    if [ "$(head -c 13 /tmp/boot.sh)" = "#!vmkeep-boot" ]; then
+      echo "VMKEEP BOOT vda"
+      sh /tmp/boot.sh
+    else
+      echo "VMKEEP BOOT FAILED: no boot record on /dev/vda"
+    fi
     ;;
   idle)
     echo "IDLE"

@@ -22,10 +22,13 @@ pub enum ObjectKind {
     /// A restore point's pack list (`refs` folder): plain JSON naming its VM and the packs it
     /// references, kept in served repositories (docs/PROTOCOL.md §5). Not framed.
     Refs,
+    /// A verification record (`verified` folder): the result of one `vmkeep verify` run of a
+    /// restore point, named `<snapshot id>-<record id>` (FORMAT.md §9.1).
+    Verification,
 }
 
 impl ObjectKind {
-    pub const ALL: [ObjectKind; 8] = [
+    pub const ALL: [ObjectKind; 9] = [
         ObjectKind::Config,
         ObjectKind::Key,
         ObjectKind::Snapshot,
@@ -34,6 +37,7 @@ impl ObjectKind {
         ObjectKind::Lock,
         ObjectKind::GcRecord,
         ObjectKind::Refs,
+        ObjectKind::Verification,
     ];
 
     /// What an object of this kind is, for messages.
@@ -47,6 +51,7 @@ impl ObjectKind {
             ObjectKind::Lock => "lock",
             ObjectKind::GcRecord => "gc record",
             ObjectKind::Refs => "pack list",
+            ObjectKind::Verification => "verification record",
         }
     }
 
@@ -62,6 +67,7 @@ impl ObjectKind {
             ObjectKind::Lock => "locks",
             ObjectKind::GcRecord => "gc",
             ObjectKind::Refs => "refs",
+            ObjectKind::Verification => "verified",
         }
     }
 
@@ -73,6 +79,7 @@ impl ObjectKind {
             ObjectKind::Index => Some(2),
             ObjectKind::GcRecord => Some(3),
             ObjectKind::Lock => Some(4),
+            ObjectKind::Verification => Some(5),
             ObjectKind::Config | ObjectKind::Key | ObjectKind::Pack | ObjectKind::Refs => None,
         }
     }
@@ -96,6 +103,7 @@ impl ObjectKind {
             ObjectKind::Lock => 1 << 20,
             ObjectKind::GcRecord => 256 << 20,
             ObjectKind::Refs => 16 << 20,
+            ObjectKind::Verification => 64 << 10,
         }
     }
 }
@@ -196,7 +204,7 @@ mod tests {
             .filter_map(|k| k.frame_byte().map(|b| (k, b)))
             .collect();
         assert_eq!(documented, framed);
-        assert_eq!(framed.len(), 4);
+        assert_eq!(framed.len(), 5);
     }
 
     #[test]
@@ -210,7 +218,7 @@ mod tests {
                 )),
             }
         }
-        for b in [0, 5, 255] {
+        for b in [0, 6, 255] {
             assert_eq!(ObjectKind::from_frame_byte(b), None);
         }
     }

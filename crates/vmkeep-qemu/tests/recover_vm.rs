@@ -693,6 +693,8 @@ fn original_vm(qemu: &Path, dir: &Path, args: &[&str]) -> (VmDefinition, PathBuf
         mode: StartMode::Cold,
         accel: None,
         instant: false,
+        probe_qmp: None,
+        die_with_parent: false,
     };
     let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     argv.extend(["-display", "none", "-qmp"].map(String::from));

@@ -55,6 +55,7 @@ impl Repository {
         self.relink_orphans(&HashMap::new(), &check)?;
         let mut all = self.snapshots()?;
         let keeps_lists = self.keeps_pack_lists()?;
+        let mut records = self.verification_keys()?;
         let mut order: Vec<&SnapshotId> = ids.iter().collect();
         order.sort_by_key(|id| all.iter().position(|m| m.id == **id));
         order.dedup();
@@ -81,6 +82,12 @@ impl Repository {
             }
             self.store.flush()?;
             check()?;
+            // Its verification records first: a served repository scopes them by the pack
+            // list that goes with the manifest. A kill in between leaves the restore point
+            // without its records, which the rerun forgets anyway.
+            for key in records.remove(&g.id).unwrap_or_default() {
+                self.store.delete(&key)?;
+            }
             self.store.delete(&snapshot_key(&g.id))?;
             kill_point("after-forget-delete");
             // Its pack list (served repositories) goes with it; prune removes one left behind.

@@ -46,6 +46,7 @@ mod snapshots;
 mod spill;
 pub mod temporaries;
 mod upload;
+pub mod verification;
 pub mod walk;
 
 pub use backup::{BackupOptions, BackupSession, DiskReader, ImageBackupOptions, ReadPlan};

@@ -59,6 +59,8 @@ pub struct PruneStats {
     pub temporaries: crate::TemporaryStats,
     /// Pack lists rewritten (repositories that keep them, docs/PROTOCOL.md §5).
     pub pack_lists: Option<crate::packlist::PackListRepair>,
+    /// Verification records of restore points that are gone (verification.rs).
+    pub verifications_removed: usize,
 }
 
 impl Repository {
@@ -100,6 +102,8 @@ impl Repository {
         let temporaries = self.remove_stale_temporaries()?; // safe age: temporaries.rs
         let forgotten = self.forget_locked(&lease, &plan.forgotten())?;
         let gc = self.gc_locked(&lease, progress)?;
+        lease.check()?;
+        let verifications_removed = self.remove_orphan_verifications()?;
         // Served repositories: lists naming packs this (or an earlier) prune removed.
         let pack_lists = if self.keeps_pack_lists()? {
             lease.check()?;
@@ -116,6 +120,7 @@ impl Repository {
             gc,
             temporaries,
             pack_lists,
+            verifications_removed,
         })
     }
 }

@@ -112,11 +112,13 @@ fn authorize_read(repo: &Repo, p: &Principal, key: &Key) -> ApiResult<()> {
                 )))
             }
         }
-        ObjectKind::Refs | ObjectKind::Snapshot => {
+        ObjectKind::Refs | ObjectKind::Snapshot | ObjectKind::Verification => {
+            // The name first, whatever the token: a malformed one is a bad request for all.
+            let snapshot = snapshot_of(key)?;
             if p.whole_repository() {
                 return Ok(());
             }
-            match refs_vm(repo, &key.name)? {
+            match refs_vm(repo, snapshot)? {
                 RefsVm::Vm(vm) if p.vm_in_scope(&vm) => Ok(()),
                 RefsVm::Missing if !exists(&repo.store, key)? => {
                     Err(ApiError::not_found(format!("object {key} not found")))
@@ -202,6 +204,7 @@ pub(crate) fn may_put(p: &Principal, kind: ObjectKind) -> ApiResult<()> {
         | ObjectKind::Pack
         | ObjectKind::Refs
         | ObjectKind::Snapshot
+        | ObjectKind::Verification
         | ObjectKind::Lock => p.can_append(),
     };
     if ok {
@@ -288,6 +291,62 @@ pub(crate) fn put(repo: &Repo, p: &Principal, key: &Key, bytes: &[u8], inm: bool
         ObjectKind::Refs => put_refs(repo, p, key, bytes, inm),
         ObjectKind::Snapshot => put_snapshot(repo, p, key, bytes, inm),
         ObjectKind::Lock => put_lock(repo, p, key, bytes, inm),
+        ObjectKind::Verification => put_verification(repo, p, key, bytes, inm),
+    }
+}
+
+/// The restore point a key belongs to: its name, or for a verification record the part
+/// before the dash (`<snapshot id>-<record id>`, FORMAT.md §9.1).
+fn snapshot_of(key: &Key) -> ApiResult<&str> {
+    if key.kind != ObjectKind::Verification {
+        return Ok(&key.name);
+    }
+    match key.name.split_once('-') {
+        Some((snapshot, record)) if is_hex(snapshot, 32) && is_hex(record, 32) => Ok(snapshot),
+        _ => Err(ApiError::bad_request(format!(
+            "{key}: a verification record is named <snapshot id>-<record id> (32 hex digits each)"
+        ))),
+    }
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A verification record: created once (never replaced, but by `admin`), for a restore point
+/// that exists and is in the token's scope. Its content is not checked: it may be encrypted,
+/// and it references no data (a wrong one can only mislead `snapshots`, which is why only a
+/// token that may write that VM's restore points may write it).
+fn put_verification(repo: &Repo, p: &Principal, key: &Key, bytes: &[u8], inm: bool) -> ApiResult {
+    let store = &repo.store;
+    let snapshot = snapshot_of(key)?;
+    let _writes = lock(&repo.writes);
+    if !exists(store, &Key::new(ObjectKind::Snapshot, snapshot)?)? {
+        return Err(ApiError::conflict(format!(
+            "restore point {snapshot} does not exist: no verification record for it"
+        )));
+    }
+    if !refs_vm(repo, snapshot)?.in_scope(p) {
+        return Err(out_of_scope(&format!("restore point {snapshot}")));
+    }
+    if exists(store, key)? {
+        if inm {
+            return Err(ApiError::precondition(format!("{key} exists")));
+        }
+        if !p.is_admin() {
+            return Err(ApiError::conflict(format!(
+                "{key} exists and this token may not replace it"
+            )));
+        }
+        store.put(key, bytes)?;
+        return Ok(created(false));
+    }
+    if store.put_if_absent(key, bytes)? {
+        Ok(created(true))
+    } else if inm {
+        Err(ApiError::precondition(format!("{key} exists")))
+    } else {
+        Err(ApiError::conflict(format!("{key} was created meanwhile")))
     }
 }
 
@@ -470,6 +529,15 @@ pub(crate) fn delete(repo: &Repo, p: &Principal, key: &Key) -> ApiResult {
             lock(&repo.pack_lists).remove(&key.name);
             done()
         }
+        ObjectKind::Verification => {
+            // A record whose restore point is gone (and its pack list with it) names no VM:
+            // only a whole-repository token removes it.
+            if !refs_vm(repo, snapshot_of(key)?)?.in_scope(p) {
+                return Err(out_of_scope(&format!("verification record {}", key.name)));
+            }
+            store.delete(key)?;
+            done()
+        }
         ObjectKind::Lock => {
             let _writes = lock(&repo.writes);
             let mine = repo.owner(&key.name)?.as_deref() == Some(p.id.as_str());
@@ -498,10 +566,17 @@ pub(crate) fn delete(repo: &Repo, p: &Principal, key: &Key) -> ApiResult {
 /// The objects of `kind` this token may see: pack lists and manifests only of VMs in scope.
 pub(crate) fn list(repo: &Repo, p: &Principal, kind: ObjectKind) -> ApiResult<Vec<ObjectMeta>> {
     let mut all = repo.store.list(kind)?;
-    if matches!(kind, ObjectKind::Refs | ObjectKind::Snapshot) && !p.whole_repository() {
+    if matches!(
+        kind,
+        ObjectKind::Refs | ObjectKind::Snapshot | ObjectKind::Verification
+    ) && !p.whole_repository()
+    {
         let mut lists = lock(&repo.pack_lists);
         lists.refresh(&repo.store)?;
-        all.retain(|m| matches!(lists.vm_of(&m.key.name), Some(Some(vm)) if p.vm_in_scope(vm)));
+        all.retain(|m| {
+            let snapshot = snapshot_of(&m.key).unwrap_or("");
+            matches!(lists.vm_of(snapshot), Some(Some(vm)) if p.vm_in_scope(vm))
+        });
     }
     Ok(all)
 }

@@ -76,6 +76,9 @@ pub enum Command {
     /// Bring a VM back from a restore point: disks, boot files and definition into a folder,
     /// QEMU started in the background, resumed from its memory (or booted with --cold)
     Recover(RecoverArgs),
+    /// Prove restore points come back: resume (or boot) each in a sandbox without network,
+    /// wait for evidence of life, record the result beside it
+    Verify(VerifyArgs),
     /// Verify the repository
     Check(CheckArgs),
     /// Drop restore points (space returns with a later prune)
@@ -373,6 +376,50 @@ pub struct RecoverArgs {
     #[arg(long)]
     pub network: bool,
     /// Accelerator for the recovered VM (e.g. tcg on a host without KVM); default: the VM's
+    #[arg(long)]
+    pub accel: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// Restore points: id, unique prefix (>= 6 hex digits) or VM@latest
+    #[arg(value_name = "SNAP", required_unless_present = "all_new")]
+    pub snapshots: Vec<String>,
+    /// Also every restore point that has no verification record yet (e.g. after each
+    /// replication at a DR site); those without a VM definition are skipped
+    #[arg(long)]
+    pub all_new: bool,
+    /// With --all-new: only this VM's restore points
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+    /// Boot from the disks even when the restore point has its memory
+    #[arg(long)]
+    pub cold: bool,
+    /// Evidence: a serial-console line matching this regular expression
+    #[arg(long, value_name = "REGEX")]
+    pub serial: Option<String>,
+    /// Evidence: this shell command exits 0 (run again every 2 s until the timeout). It gets
+    /// VMKEEP_QMP (a QMP socket of the VM), VMKEEP_SERIAL (its console log), VMKEEP_AGENT (its
+    /// guest-agent socket, when it has one), VMKEEP_SNAPSHOT and VMKEEP_VM
+    #[arg(long, value_name = "CMD")]
+    pub probe: Option<String>,
+    /// Do not ping the guest agent (by default it must answer when the VM has one)
+    #[arg(long)]
+    pub no_agent: bool,
+    /// Seconds to wait for the evidence, per restore point
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub timeout: u64,
+    /// With no --serial, --probe or guest agent: seconds the VM must run without a sign of
+    /// failure
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub settle: u64,
+    /// Where console screenshots go (default: $XDG_STATE_HOME/vmkeep/screenshots)
+    #[arg(long, value_name = "DIR")]
+    pub screenshots: Option<PathBuf>,
+    /// The QEMU to run (default: the one named in the VM's definition, found on PATH)
+    #[arg(long, value_name = "BINARY")]
+    pub qemu: Option<PathBuf>,
+    /// Accelerator for the sandboxed VM (e.g. tcg on a host without KVM); default: the VM's
     #[arg(long)]
     pub accel: Option<String>,
 }

@@ -5,6 +5,7 @@ mod commands;
 mod context;
 mod output;
 mod progress;
+mod signals;
 mod size;
 
 use std::io::IsTerminal;

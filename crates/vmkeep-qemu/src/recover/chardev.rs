@@ -39,6 +39,11 @@ fn file_part(id: &str) -> String {
     }
 }
 
+/// Where a socket chardev of the recovered VM listens.
+pub(crate) fn socket_path(dir: &Path, id: &str) -> std::path::PathBuf {
+    dir.join(format!("chardev-{}.sock", file_part(id)))
+}
+
 /// The `-chardev` value for the new place (see the module docs).
 pub(crate) fn relocate(value: &str, dir: &Path) -> Result<String> {
     let old = KeyVal::parse(value);
@@ -52,7 +57,7 @@ pub(crate) fn relocate(value: &str, dir: &Path) -> Result<String> {
     };
     let mut new = match backend {
         "socket" => {
-            let path = dir.join(format!("chardev-{}.sock", file_part(&id)));
+            let path = socket_path(dir, &id);
             let path = path.display().to_string();
             if path.len() > UNIX_PATH_MAX {
                 return Err(Error::Definition(format!(

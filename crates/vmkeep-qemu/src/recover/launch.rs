@@ -2,7 +2,8 @@
 //!
 //! QEMU runs in a session of its own (`setsid`: no controlling terminal, no signal from our
 //! terminal or process group), stdin from /dev/null, stdout and stderr appended to the plan's
-//! `qemu_log`, so it outlives vmkeep. We wait until its QMP socket answers (and is really
+//! `qemu_log`, so it outlives vmkeep (unless the plan asks it to die with vmkeep, as a
+//! verification sandbox does). We wait until its QMP socket answers (and is really
 //! served by this QEMU: SO_PEERCRED). A [`RunningQemu`] that is dropped without
 //! [`RunningQemu::detach`] kills its QEMU: an error anywhere leaves nothing running.
 
@@ -71,11 +72,23 @@ pub fn start_qemu(qemu: &Path, argv: &[String], plan: &RecoveryPlan) -> Result<R
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
-    // SAFETY: setsid is async-signal-safe and touches no memory of the parent.
+    let die_with_parent = plan.die_with_parent;
+    // SAFETY: the id of this process is read before the fork; setsid, prctl and getppid are
+    // async-signal-safe and touch no memory of the parent.
+    let parent = unsafe { libc::getpid() };
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if die_with_parent {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the prctl: nobody would kill us.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("vmkeep exited while starting QEMU"));
+                }
             }
             Ok(())
         });
@@ -219,7 +232,7 @@ impl RunningQemu {
         }
     }
 
-    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+    pub(super) fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut()?.try_wait().ok().flatten()
     }
 

@@ -26,7 +26,9 @@
 //! Every failure after QEMU started leaves no QEMU running. The API is blocking (each
 //! [`RunningQemu`] has a small runtime for its QMP connection).
 
+pub mod agent;
 mod chardev;
+pub mod evidence;
 pub mod instant;
 pub mod launch;
 pub mod load;
@@ -77,6 +79,12 @@ pub struct RecoveryPlan {
     /// Instant recovery: each disk image is an overlay whose backing file (named in its
     /// header) is the served restore point, so the command line must not cut the backing.
     pub instant: bool,
+    /// A second QMP socket, for a probe command run against the VM (`vmkeep verify`).
+    pub probe_qmp: Option<PathBuf>,
+    /// QEMU is killed when the thread that started it dies, even by SIGKILL
+    /// (`PR_SET_PDEATHSIG`): a sandbox (`vmkeep verify`) must not outlive its command. A
+    /// recovered VM (false) outlives vmkeep.
+    pub die_with_parent: bool,
 }
 
 impl RecoveryPlan {
@@ -102,6 +110,8 @@ impl RecoveryPlan {
             mode,
             accel: None,
             instant: false,
+            probe_qmp: None,
+            die_with_parent: false,
         }
     }
 }

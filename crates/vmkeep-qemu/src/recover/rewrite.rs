@@ -207,6 +207,13 @@ pub fn rewrite(def: &VmDefinition, plan: &RecoveryPlan) -> Result<Vec<String>> {
     qmp.set("server", "on");
     qmp.set("wait", "off");
     cl.args.push(CmdArg::new("qmp", &qmp.render()));
+    // A second monitor for a user's probe (`vmkeep verify --probe`): ours stays connected.
+    if let Some(probe) = &plan.probe_qmp {
+        let mut qmp = KeyVal::parse(&format!("unix:{}", path_text(probe)?));
+        qmp.set("server", "on");
+        qmp.set("wait", "off");
+        cl.args.push(CmdArg::new("qmp", &qmp.render()));
+    }
     if plan.mode == StartMode::Resume {
         cl.args.push(CmdArg::new("incoming", "defer"));
     }

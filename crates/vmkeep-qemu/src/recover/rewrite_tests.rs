@@ -461,3 +461,29 @@ proptest! {
         let _ = rewrite(&d, &plan(&d, StartMode::Resume));
     }
 }
+
+/// `vmkeep verify --probe`: a second monitor beside ours, both new; the VM's own ones dropped.
+#[test]
+fn a_probe_gets_a_monitor_of_its_own() {
+    let d = def(
+        &["-qmp", "unix:/old/qmp.sock,server=on,wait=off", "-m", "256"],
+        vec![],
+        &[],
+    );
+    let mut p = plan(&d, StartMode::Cold);
+    p.probe_qmp = Some("/t/probe-qmp.sock".into());
+    let argv = rewrite(&d, &p).unwrap();
+    let monitors: Vec<&String> = argv
+        .iter()
+        .zip(argv.iter().skip(1))
+        .filter(|(k, _)| *k == "-qmp")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(
+        monitors,
+        [
+            "unix:/t/qmp.sock,server=on,wait=off",
+            "unix:/t/probe-qmp.sock,server=on,wait=off"
+        ]
+    );
+}

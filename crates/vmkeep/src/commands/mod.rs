@@ -14,6 +14,7 @@ mod replicate;
 mod restore;
 mod serve;
 mod snapshots;
+mod verify;
 
 use anyhow::Result;
 
@@ -33,6 +34,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Replicate(a) => replicate::run(g, &a),
         Command::Mount(a) => mount::run(g, &a),
         Command::Recover(a) => recover::run(g, &a),
+        Command::Verify(a) => verify::run(g, &a),
         Command::Check(a) => check::run(g, &a),
         Command::Forget(a) => maintenance::forget(g, &a),
         Command::Prune(a) => maintenance::prune(g, &a),

@@ -1,7 +1,7 @@
 //! `vmkeep mount`: a restore point's disk served read-only over NBD from the repository
 //! (vmkeep-repo `mount`, vmkeep-qemu `nbd::server`), until SIGINT or SIGTERM.
 use std::io::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -14,28 +14,8 @@ use vmkeep_repo::mount::{MountOptions, MountedDisk};
 
 use crate::args::{Global, MountArgs};
 use crate::output::{print_json, print_line};
+use crate::signals::{stop_on_signals, STOP};
 use crate::size::human;
-
-/// Set by SIGINT and SIGTERM: the server stops accepting and the command reports.
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
-}
-
-fn stop_on_signals() -> Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        let r = unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
-        if r == libc::SIG_ERR {
-            anyhow::bail!(
-                "installing the signal handler: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(())
-}
 
 pub fn run(g: &Global, a: &MountArgs) -> Result<u8> {
     let repo = Arc::new(crate::context::open_repo(g)?);

@@ -13,6 +13,11 @@ pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
         .into_iter()
         .filter(|m| a.vm.as_deref().is_none_or(|v| v == m.vm))
         .collect();
+    // Which were proven to come back (`vmkeep verify`); an unreadable record is a warning.
+    let verified = repo.verifications()?;
+    for (name, reason) in &verified.unreadable {
+        tracing::warn!(record = %name, %reason, "verification record not readable");
+    }
     if g.json {
         let v: Vec<_> = list
             .iter()
@@ -25,6 +30,15 @@ pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
                     "disks": m.disks.iter().map(|d| json!({"name": d.name, "size": d.size})).collect::<Vec<_>>(),
                     "memory": has_memory(m),
                     "stats": m.stats,
+                    "verified": verified.latest(&m.id).map(|r| json!({
+                        "time": r.time.to_rfc3339(),
+                        "ok": r.ok,
+                        "mode": r.mode.name(),
+                        "seconds": (r.seconds * 100.0).round() / 100.0,
+                        "reason": r.reason,
+                        "evidence": r.evidence,
+                        "count": verified.by_snapshot.get(&m.id).map_or(0, Vec::len),
+                    })),
                 })
             })
             .collect();
@@ -36,17 +50,26 @@ pub fn run(g: &Global, a: &SnapshotsArgs) -> Result<u8> {
         return Ok(0);
     }
     print_line(&format!(
-        "{:<10} {:<20} {:<25} {:>10} {:>10}  disks (+ memory: RAM and device state)",
-        "id", "vm", "time", "changed", "stored"
+        "{:<10} {:<20} {:<25} {:>10} {:>10}  {:<18} disks (+ memory: RAM and device state)",
+        "id", "vm", "time", "changed", "stored", "verified"
     ))?;
     for m in &list {
+        let proof = match verified.latest(&m.id) {
+            None => "-".to_string(),
+            Some(r) => format!(
+                "{} {}",
+                if r.ok { "ok" } else { "FAILED" },
+                r.time.format("%Y-%m-%d %H:%M")
+            ),
+        };
         print_line(&format!(
-            "{:<10} {:<20} {:<25} {:>10} {:>10}  {}{}",
+            "{:<10} {:<20} {:<25} {:>10} {:>10}  {:<18} {}{}",
             format!("{:#}", m.id),
             m.vm,
             m.time.format("%Y-%m-%d %H:%M:%S UTC"),
             human(m.stats.changed_bytes),
             human(m.stats.stored_bytes),
+            proof,
             m.disks
                 .iter()
                 .map(|d| format!("{} ({})", d.name, human(d.size)))
