@@ -193,6 +193,53 @@ fn a_mounted_restore_point_equals_its_restore_and_fetches_only_what_is_read() {
     assert_eq!(stats["chunks_fetched"], 1, "{stats}");
 }
 
+/// The mount holds a read lease: its restore point forgotten and pruned while it is served,
+/// the packs wait for the mount (reported as waiting), every byte still reads, and a prune
+/// after the mount ended reclaims them.
+#[test]
+fn a_restore_point_pruned_while_mounted_still_reads() {
+    let Scene {
+        tmp,
+        repo,
+        data,
+        id,
+        ..
+    } = backed_up();
+    let sock = tmp.path().join("sys.sock");
+    let m = mount_local(&repo, &[&id, "--socket", sock.to_str().unwrap()]);
+    json(vmkeep(&repo).args(["forget", &id]));
+    let pruned = json(vmkeep(&repo).arg("prune"));
+    assert!(
+        pruned["gc"]["packs_waiting"].as_u64().unwrap() > 0,
+        "the packs wait for the mount: {pruned}"
+    );
+    assert!(!objects(&repo, "packs").is_empty(), "{pruned}");
+    let out = tmp.path().join("copy.raw");
+    let conv = run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &m.uri(),
+            out.to_str().unwrap(),
+        ],
+    );
+    assert!(conv.status.success(), "{}", describe(&conv));
+    let copy = std::fs::read(&out).unwrap();
+    // qemu-img rounds the size up to whole sectors.
+    assert!(copy[..data.len()] == data[..], "every byte as backed up");
+    assert!(copy[data.len()..].iter().all(|&b| b == 0));
+    m.stop();
+    json(vmkeep(&repo).arg("prune"));
+    assert!(
+        objects(&repo, "packs").is_empty(),
+        "reclaimed once the mount ended"
+    );
+}
+
 #[test]
 fn a_damaged_pack_gives_read_errors_never_wrong_data_and_the_server_keeps_serving() {
     let Scene { tmp, repo, id, .. } = backed_up();

@@ -305,6 +305,24 @@ impl Repository {
             .collect())
     }
 
+    /// A reader's lease (restore, mount, recover, verify): packs condemned while it is held
+    /// wait for it, so what it reads stays readable even if its restore point is forgotten
+    /// and pruned meanwhile. A repository that does not let this process write a lease (a
+    /// read-only token or folder) is read without one, with a warning: a prune may then
+    /// remove what it reads (reads fail, never return other data).
+    pub fn read_lease(&self) -> Option<Lease> {
+        match Lease::acquire(self, LeaseKind::Read) {
+            Ok(lease) => Some(lease),
+            Err(e) => {
+                tracing::warn!(
+                    "reading without a lease ({e}): a prune running meanwhile may remove data \
+                     this reads"
+                );
+                None
+            }
+        }
+    }
+
     /// Take the exclusive maintenance lease (prune, forget, repair index): write ours, then
     /// list; if any other live exclusive lease exists, step back. Two that start together may
     /// both step back (each then says "another ... is running"); two can never both go on,

@@ -22,12 +22,15 @@ pub enum LeaseKind {
     Forget,
     /// `repair index`: exclusive.
     RepairIndex,
+    /// A reader (restore, mount, recover, verify): GC must not reclaim what it reads, even
+    /// when its restore point is forgotten meanwhile.
+    Read,
 }
 
 impl LeaseKind {
     /// Maintenance operations exclude each other: at most one runs on a repository.
     pub fn exclusive(self) -> bool {
-        !matches!(self, LeaseKind::Backup)
+        !matches!(self, LeaseKind::Backup | LeaseKind::Read)
     }
 
     pub fn name(self) -> &'static str {
@@ -36,6 +39,7 @@ impl LeaseKind {
             LeaseKind::Prune => "prune",
             LeaseKind::Forget => "forget",
             LeaseKind::RepairIndex => "repair index",
+            LeaseKind::Read => "read",
         }
     }
 }

@@ -19,6 +19,8 @@ use crate::size::human;
 
 pub fn run(g: &Global, a: &MountArgs) -> Result<u8> {
     let repo = Arc::new(crate::context::open_repo(g)?);
+    // Held while it serves: a prune meanwhile keeps what it references.
+    let _lease = repo.read_lease();
     let m = repo.resolve(&a.snapshot)?;
     let opts = MountOptions {
         cache_bytes: a.cache,

@@ -36,6 +36,9 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
         Err(_) => None,
     };
     let repo = Arc::new(open_repo(g)?);
+    // Held until the disks are written (or copied, --instant): a prune meanwhile keeps what
+    // the restore point references.
+    let _lease = repo.read_lease();
     let m = repo.resolve(&a.snapshot)?;
     // Loaded once for every stream and disk read below (each load lists the repository).
     let index = BlobIndex::load(&repo)?;

@@ -16,6 +16,8 @@ use crate::size::human;
 
 pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
     let repo = open_repo(g)?;
+    // Before the restore point is read: a prune meanwhile keeps what it references.
+    let _lease = repo.read_lease();
     let m = repo.resolve(&a.snapshot)?;
     let bars = Bars::new(g.quiet);
     if let Some(image) = &a.onto {

@@ -50,6 +50,8 @@ pub fn run(g: &Global, a: &VerifyArgs) -> Result<u8> {
     stop_on_signals()?;
     sweep_dead_sandboxes();
     let repo = Arc::new(open_repo(g)?);
+    // A prune meanwhile keeps what the restore points being verified reference.
+    let _lease = repo.read_lease();
     let (targets, skipped) = select(&repo, a)?;
     if targets.is_empty() && !g.json {
         print_line("no restore point to verify")?;
