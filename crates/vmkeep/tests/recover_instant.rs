@@ -181,6 +181,51 @@ fn an_instant_recovery_runs_before_its_disks_are_copied_and_keeps_its_writes() {
     run.copy_completes_and_keeps_the_writes(d, &during);
 }
 
+/// vmkeep killed (SIGKILL) mid-copy: QEMU holds the guest's reads of data not yet copied
+/// (the overlays' reconnect delay) and the guest goes on; the same command run again takes
+/// the VM over, serves the same sockets and finishes the copy. The guest never sees an I/O
+/// error, and every SEQ it wrote is on the local disk.
+#[test]
+fn an_instant_recovery_whose_vmkeep_was_killed_is_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    json(pv(&repo).args(["init", "--encrypt"]));
+    let _lock = qemu_lock();
+    let mut vm = boot(d, true);
+    vm.wait_progress(20);
+    let snap = id_of(&json(
+        pv(&repo)
+            .args(["backup", "vm", "--memory", "--qmp"])
+            .arg(&vm.qmp)
+            .args(["--vm", "guest"]),
+    ));
+    vm.kill9();
+    let target = d.join("instant");
+    let mut cmd = vmkeep_std(&repo);
+    cmd.env("VMKEEP_PASSWORD", PASS)
+        .env("VMKEEP_COPY_RATE", "2M");
+    let mut run = spawn_instant(cmd, &snap, &target);
+    let during = run.runs_during_the_copy();
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let pid = run.start["pid"].as_u64().unwrap() as i32;
+    assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "QEMU runs on");
+    assert!(target.join(".instant/state.json").is_file());
+
+    let mut cmd = vmkeep_std(&repo);
+    cmd.env("VMKEEP_PASSWORD", PASS);
+    let again = spawn_instant(cmd, &snap, &target);
+    assert_eq!(again.start["taken_over"], true, "{}", again.start);
+    assert_eq!(again.start["pid"], run.start["pid"]);
+    again.copy_completes_and_keeps_the_writes(d, &during);
+    assert!(
+        !target.join(".instant").exists(),
+        "its state goes with the copy"
+    );
+}
+
 /// The repository is behind `vmkeep serve`. In the middle of the copy the server stops
 /// answering (SIGSTOP) for 3 s, which the HTTPS store's retries hide; then it is killed, and
 /// restarted 8 s later, well past the client's retry window (2 s here): reads wait for it

@@ -23,6 +23,17 @@ const FAILED_READS_MAX: u32 = 5;
 
 pub use crate::overlay::create_overlay;
 
+/// The backing file of an instant recovery's overlay: the raw export `export` on the Unix
+/// socket `socket`, with `reconnect-delay`: when the serving vmkeep goes away (killed,
+/// crashed), QEMU holds the guest's reads of data not yet copied for that long, retrying the
+/// connection, so a vmkeep started again on the same socket takes over without an I/O error.
+pub fn instant_backing(socket: &Path, export: &str, reconnect_secs: u64) -> String {
+    let spec = json!({"driver": "raw", "file": {"driver": "nbd",
+        "server": {"type": "unix", "path": socket}, "export": export,
+        "reconnect-delay": reconnect_secs}});
+    format!("json:{spec}")
+}
+
 /// Progress of the copy: bytes done and to do, over every disk.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StreamProgress {
@@ -42,9 +53,26 @@ impl RunningQemu {
         mut progress: impl FnMut(StreamProgress),
     ) -> Result<()> {
         let mut jobs = Vec::new();
+        // Jobs an earlier vmkeep started (this one took the VM over): adopted as they are.
+        let earlier = self.block_on(self.qmp().execute("query-block-jobs", Value::Null))?;
+        let earlier = earlier.as_array().cloned().unwrap_or_default();
         for (i, image) in images.iter().enumerate() {
-            let node = self.node_of(image)?;
             let job = format!("vmkeep-stream-{i}");
+            match earlier.iter().find(|j| j["device"] == job.as_str()) {
+                Some(j) if j["status"] == "concluded" => {
+                    self.block_on(self.qmp().execute("job-dismiss", json!({"id": job})))?;
+                }
+                Some(_) => {
+                    tracing::info!(job, "adopting the copy job already running");
+                    jobs.push((job, image.clone()));
+                    continue;
+                }
+                None => {}
+            }
+            if self.backing_of(image)?.is_none() {
+                continue; // copied before
+            }
+            let node = self.node_of(image)?;
             // on-error stop: a read the repository cannot answer now pauses the job, which
             // is resumed below, instead of failing the copy.
             let mut args = json!({"job-id": job, "device": node, "auto-dismiss": false,
@@ -111,8 +139,10 @@ impl RunningQemu {
             }
             std::thread::sleep(POLL);
         }
-        for (job, image) in &jobs {
+        for (job, _) in &jobs {
             self.block_on(self.qmp().execute("job-dismiss", json!({"id": job})))?;
+        }
+        for image in images {
             if self.backing_of(image)?.is_some() {
                 return Err(stream_failed(image, "it still has a backing file"));
             }

@@ -35,6 +35,9 @@ pub struct RunningQemu {
     pub(super) rt: Runtime,
     pub(super) qmp: Option<QmpClient>,
     child: Option<Child>,
+    /// A QEMU started by an earlier vmkeep that we manage now ([`RunningQemu::attach`]): not
+    /// our child, stopped by pid, and never killed on drop.
+    attached: bool,
     pid: u32,
     qmp_socket: PathBuf,
     serial_log: PathBuf,
@@ -102,6 +105,7 @@ pub fn start_qemu(qemu: &Path, argv: &[String], plan: &RecoveryPlan) -> Result<R
         rt,
         qmp: None,
         child: Some(child),
+        attached: false,
         pid,
         qmp_socket: plan.qmp_socket.clone(),
         serial_log: plan.serial_log.clone(),
@@ -114,6 +118,37 @@ pub fn start_qemu(qemu: &Path, argv: &[String], plan: &RecoveryPlan) -> Result<R
         }
         Err(what) => Err(vm.fail(what)),
     }
+}
+
+/// Takes over the QEMU that already runs on `plan.qmp_socket` (started by an earlier vmkeep,
+/// e.g. an instant recovery whose vmkeep was killed): connects to it as [`start_qemu`] does.
+/// It is not stopped when the returned value is dropped; [`RunningQemu::shut_down`] stops it.
+pub fn attach(plan: &RecoveryPlan) -> Result<RunningQemu> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("start the async runtime", e))?;
+    let socket = &plan.qmp_socket;
+    let pid = crate::capture::peer::listener_pid(socket).ok_or_else(|| {
+        Error::Definition(format!(
+            "no QEMU answers on {}: the VM is not running",
+            socket.display()
+        ))
+    })?;
+    let qmp = rt
+        .block_on(QmpClient::connect_with(socket, QmpOptions::default()))
+        .map_err(|e| Error::Definition(format!("QEMU {pid} on {}: {e}", socket.display())))?;
+    info!(pid, "attached to a running QEMU");
+    Ok(RunningQemu {
+        rt,
+        qmp: Some(qmp),
+        child: None,
+        attached: true,
+        pid,
+        qmp_socket: socket.clone(),
+        serial_log: plan.serial_log.clone(),
+        qemu_log: plan.qemu_log.clone(),
+    })
 }
 
 /// A QMP socket path must be free: a live listener there is someone else's VM.
@@ -172,6 +207,7 @@ impl RunningQemu {
             self.rt.block_on(q.close());
         }
         self.child = None; // not killed, not waited for: init adopts it when we exit
+        self.attached = false;
         self.pid
     }
 
@@ -233,6 +269,11 @@ impl RunningQemu {
     }
 
     pub(super) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        if self.attached {
+            use std::os::unix::process::ExitStatusExt;
+            // Not our child: we see only whether it still runs.
+            return (!pid_alive(self.pid)).then(|| std::process::ExitStatus::from_raw(0));
+        }
         self.child.as_mut()?.try_wait().ok().flatten()
     }
 
@@ -247,6 +288,10 @@ impl RunningQemu {
 
     /// `quit`, wait, SIGKILL; reaps the process. Idempotent.
     pub(super) fn terminate(&mut self) {
+        if std::mem::take(&mut self.attached) {
+            self.terminate_attached();
+            return;
+        }
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -267,6 +312,32 @@ impl RunningQemu {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+impl RunningQemu {
+    /// [`RunningQemu::terminate`] for a QEMU that is not our child.
+    fn terminate_attached(&mut self) {
+        if let Some(q) = &self.qmp {
+            let quit = q.execute_with_timeout("quit", serde_json::Value::Null, QUIT_TIMEOUT);
+            let _ = self.rt.block_on(quit);
+        }
+        let start = Instant::now();
+        while start.elapsed() < QUIT_TIMEOUT {
+            if !pid_alive(self.pid) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        warn!(pid = self.pid, "QEMU did not quit: killing it");
+        // SAFETY: kill(2) on the pid that served this VM's QMP socket.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
+/// Whether a process with this pid exists (a zombie counts as gone only once reaped).
+fn pid_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only asks whether the process exists.
+    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
 }
 
 impl Drop for RunningQemu {

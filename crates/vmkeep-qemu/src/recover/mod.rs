@@ -41,7 +41,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::vmdef::VmDefinition;
-pub use launch::{start_qemu, RunningQemu};
+pub use launch::{attach, start_qemu, RunningQemu};
 pub use load::LoadReport;
 pub use loadable::{check_loadable, check_qemu, qemu_binary, QemuInfo};
 pub use rewrite::rewrite;

@@ -60,6 +60,9 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
     plan.network = a.network;
     plan.accel = a.accel.clone();
     plan.instant = a.instant;
+    if a.instant && super::instant::unfinished(&target) {
+        return take_over_instant(g, &repo, &m, copy_rate, &plan);
+    }
     let qemu = recover::qemu_binary(&def, a.qemu.as_deref());
     recover::check_qemu(&qemu, &def, mode)?;
     if target.exists()
@@ -116,7 +119,7 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
         StartMode::Cold => false,
     };
     if let Some(disks) = instant {
-        return finish_instant(g, &m, vm, disks, copy_rate, &plan, &bars);
+        return finish_instant(g, &m, vm, disks, copy_rate, &plan, &bars, false);
     }
     let pid = vm.detach();
     if g.json {
@@ -145,9 +148,34 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// The instant recovery in `plan.target_dir` whose vmkeep was killed: its VM (still
+/// running, its reads of data not yet copied held by QEMU) taken over, its disks served
+/// again, the copy finished.
+fn take_over_instant(
+    g: &Global,
+    repo: &Arc<Repository>,
+    m: &Manifest,
+    rate: Option<u64>,
+    plan: &RecoveryPlan,
+) -> Result<u8> {
+    let dir = &plan.target_dir;
+    let vm = recover::attach(plan).with_context(|| {
+        format!(
+            "{} holds an unfinished instant recovery whose VM no longer runs (its qcow2 files \
+             hold the guest's writes but not what was still to copy): recover into a new \
+             folder",
+            dir.display()
+        )
+    })?;
+    let disks = InstantDisks::serve_again(repo, m, dir, |name| dir.join(format!("{name}.qcow2")))?;
+    finish_instant(g, m, vm, disks, rate, plan, &Bars::new(g.quiet), true)
+}
+
 /// Says the VM runs, copies the disks while it does, then lets it run on from local disks.
 /// A copy that fails stops the VM: its disks would lose their backing when we exit (the
-/// guest's writes stay in the qcow2 files).
+/// guest's writes stay in the qcow2 files). `taken_over`: the VM was started by an earlier
+/// vmkeep (see `take_over_instant`).
+#[allow(clippy::too_many_arguments)]
 fn finish_instant(
     g: &Global,
     m: &Manifest,
@@ -156,13 +184,24 @@ fn finish_instant(
     rate: Option<u64>,
     plan: &RecoveryPlan,
     bars: &Bars,
+    taken_over: bool,
 ) -> Result<u8> {
     let started = std::time::Instant::now();
     let resumed = plan.mode == StartMode::Resume;
     let line = if g.json {
         json!({"id": m.id, "pid": vm.pid(), "qmp": plan.qmp_socket, "serial": plan.serial_log,
-            "resumed": resumed, "target": plan.target_dir, "instant": true})
+            "resumed": resumed, "target": plan.target_dir, "instant": true,
+            "taken_over": taken_over})
         .to_string()
+    } else if taken_over {
+        format!(
+            "VM {} of restore point {:#} (QEMU pid {}) taken over: serving its disks again and \
+             copying the rest into {}",
+            m.vm,
+            m.id,
+            vm.pid(),
+            plan.target_dir.display()
+        )
     } else {
         format!(
             "VM {} of restore point {:#} {} on the repository's data (QEMU pid {}); serial \
@@ -191,7 +230,7 @@ fn finish_instant(
             .context("copying the disks; the VM was stopped (its writes are in the qcow2 files)");
     }
     let stats = disks.stats();
-    disks.stop()?;
+    disks.finished()?;
     let pid = vm.detach();
     let seconds = started.elapsed().as_secs_f64();
     if g.json {
