@@ -6,9 +6,9 @@
 //! ```
 //!
 //! The restore point behind the export never changes: QEMU's block layer copies nothing into
-//! the backing file, and the export refuses writes anyway. The overlay lives in a private
-//! temporary folder and is discarded with it when the overlay is dropped (qemu-nbd is stopped
-//! first, with SIGTERM, so it closes the image). Reads of unwritten ranges go through to the
+//! the backing file, and the export refuses writes anyway. The overlay lives in the caller's
+//! private folder (`vmkeep mount`: a locked scratch folder, removed with it, or by the next
+//! mount after a kill); qemu-nbd is stopped first, with SIGTERM, so it closes the image. Reads of unwritten ranges go through to the
 //! export, block status included, so zero ranges stay holes for the client.
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -28,20 +28,25 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// A running qemu-nbd serving a discardable overlay over an export; see the module docs.
 pub struct WritableOverlay {
     child: Option<Child>,
-    dir: tempfile::TempDir,
+    /// The caller's private folder, which holds the overlay and qemu-nbd's log.
+    dir: PathBuf,
     uri: String,
 }
 
 impl WritableOverlay {
     /// Serves a new overlay of `base_uri` (an NBD URI of `size` bytes) as export `export` on
-    /// `listen` (a Unix socket that must not exist, or a TCP address; port 0 picks one).
-    pub fn start(base_uri: &str, size: u64, listen: &Listen, export: &str) -> Result<Self> {
+    /// `listen` (a Unix socket that must not exist, or a TCP address; port 0 picks one). The
+    /// overlay goes into `dir`, a private folder of the caller's that it removes afterwards.
+    pub fn start(
+        dir: &Path,
+        base_uri: &str,
+        size: u64,
+        listen: &Listen,
+        export: &str,
+    ) -> Result<Self> {
         let qemu_nbd = find_program("qemu-nbd")?;
-        let dir = tempfile::Builder::new()
-            .prefix("vmkeep-overlay-")
-            .tempdir()
-            .map_err(|e| Error::io("create a private folder for the overlay", e))?;
-        let image = dir.path().join("overlay.qcow2");
+        let dir = dir.to_path_buf();
+        let image = dir.join("overlay.qcow2");
         create_overlay(&image, base_uri, size)?;
         let (bind_args, uri) = match listen {
             Listen::Unix(path) => {
@@ -72,7 +77,7 @@ impl WritableOverlay {
                 )
             }
         };
-        let log = dir.path().join("qemu-nbd.err");
+        let log = dir.join("qemu-nbd.err");
         let err = std::fs::File::create(&log).map_err(|e| Error::io("create qemu-nbd's log", e))?;
         // -t: keep serving after a client leaves; -e: clients at once.
         let mut cmd = Command::new(&qemu_nbd);
@@ -159,9 +164,9 @@ impl WritableOverlay {
         }
     }
 
-    /// Where the overlay image is (inside a private folder removed on drop).
+    /// Where the overlay image is (in the caller's private folder).
     pub fn image(&self) -> PathBuf {
-        self.dir.path().join("overlay.qcow2")
+        self.dir.join("overlay.qcow2")
     }
 }
 

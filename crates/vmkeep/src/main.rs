@@ -5,6 +5,7 @@ mod commands;
 mod context;
 mod output;
 mod progress;
+mod scratch;
 mod signals;
 mod size;
 

@@ -434,10 +434,24 @@ fn an_nbd_device_that_is_not_there_is_refused_clearly() {
 fn a_killed_writable_mount_takes_its_qemu_nbd_with_it() {
     let Scene { tmp, repo, id, .. } = backed_up();
     let sock = tmp.path().join("k.sock");
-    let mut m = mount_local(
-        &repo,
-        &[&id, "--writable", "--socket", sock.to_str().unwrap()],
-    );
+    // Its private folder (the overlay) in a TMPDIR of its own, to watch it.
+    let private_tmp = tmp.path().join("tmp");
+    std::fs::create_dir(&private_tmp).unwrap();
+    let folders = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(&private_tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect()
+    };
+    let writable = |socket: &Path| {
+        let mut c = vmkeep_std(&repo);
+        c.env("TMPDIR", &private_tmp)
+            .args(["--json", "mount", &id, "--writable", "--socket"])
+            .arg(socket);
+        Mounted::spawn(c)
+    };
+    let mut m = writable(&sock);
     let pid = m.child.id();
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
     let qemu_nbd: i32 = children.split_whitespace().next().unwrap().parse().unwrap();
@@ -462,4 +476,13 @@ fn a_killed_writable_mount_takes_its_qemu_nbd_with_it() {
         !alive(qemu_nbd),
         "qemu-nbd {qemu_nbd} outlived the killed mount"
     );
+    // Its folder stays behind; the next mount removes it (its owner is gone).
+    let left = folders();
+    assert_eq!(left.len(), 1, "{left:?}");
+    let _ = std::fs::remove_file(&sock);
+    let next = writable(&tmp.path().join("k2.sock"));
+    let now = folders();
+    assert!(!now.contains(&left[0]), "{now:?}");
+    assert_eq!(now.len(), 1, "the new mount's own: {now:?}");
+    next.stop();
 }

@@ -14,6 +14,7 @@ use vmkeep_repo::mount::{MountOptions, MountedDisk};
 
 use crate::args::{Global, MountArgs};
 use crate::output::{print_json, print_line};
+use crate::scratch::ScratchDir;
 use crate::signals::{stop_on_signals, STOP};
 use crate::size::human;
 
@@ -34,10 +35,8 @@ pub fn run(g: &Global, a: &MountArgs) -> Result<u8> {
     };
     // With --writable the restore point is served on a private socket, and qemu-nbd serves
     // the overlay over it where the user asked.
-    let private = tempfile::Builder::new()
-        .prefix("vmkeep-mount-")
-        .tempdir()
-        .context("creating a private folder")?;
+    // A killed mount's folder (and overlay) is removed by the next mount.
+    let private = ScratchDir::create("vmkeep-mount-")?;
     let serve_on = match a.writable {
         true => Listen::Unix(private.path().join("base.sock")),
         false => listen.clone(),
@@ -55,7 +54,7 @@ pub fn run(g: &Global, a: &MountArgs) -> Result<u8> {
     stop_on_signals()?;
     let served = std::thread::scope(|s| -> Result<()> {
         let serving = s.spawn(|| server.run(&STOP));
-        let r = serve_until_stopped(g, a, &m, &disk, &server, &listen, &export);
+        let r = serve_until_stopped(g, a, &m, &disk, &server, &listen, private.path());
         STOP.store(true, Ordering::SeqCst);
         let stopped = serving.join();
         r?;
@@ -82,7 +81,8 @@ pub fn run(g: &Global, a: &MountArgs) -> Result<u8> {
 }
 
 /// Starts the overlay when asked, prints the start line, and waits for SIGINT or SIGTERM (or
-/// the overlay's qemu-nbd dying). The overlay is stopped and discarded on return.
+/// the overlay's qemu-nbd dying). The overlay (in `private`) is stopped and discarded on
+/// return.
 fn serve_until_stopped(
     g: &Global,
     a: &MountArgs,
@@ -90,10 +90,12 @@ fn serve_until_stopped(
     disk: &MountedDisk,
     server: &NbdServer,
     listen: &Listen,
-    export: &str,
+    private: &std::path::Path,
 ) -> Result<()> {
+    let export = disk.name();
     let mut overlay = match a.writable {
         true => Some(WritableOverlay::start(
+            private,
             &server.uri(),
             disk.size(),
             listen,

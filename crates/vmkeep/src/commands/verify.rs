@@ -31,6 +31,7 @@ use super::recover::{definition, write_stream};
 use crate::args::{Global, VerifyArgs};
 use crate::context::open_repo;
 use crate::output::{print_json, print_line};
+use crate::scratch::ScratchDir;
 use crate::signals::{stop_on_signals, stop_requested, STOP};
 use crate::EXIT_DAMAGE;
 
@@ -48,7 +49,6 @@ pub fn run(g: &Global, a: &VerifyArgs) -> Result<u8> {
     }
     let screenshots = screenshot_dir(a)?;
     stop_on_signals()?;
-    sweep_dead_sandboxes();
     let repo = Arc::new(open_repo(g)?);
     // A prune meanwhile keeps what the restore points being verified reference.
     let _lease = repo.read_lease();
@@ -208,16 +208,8 @@ fn sandbox(
     let qemu = recover::qemu_binary(&def, a.qemu.as_deref());
     recover::check_qemu(&qemu, &def, start_mode)?;
     // Removed when this returns, whatever happened (QEMU is stopped before); after a kill,
-    // by the next verify (`sweep_dead_sandboxes`).
-    let dir = tempfile::Builder::new()
-        .prefix(SANDBOX_PREFIX)
-        .tempdir()
-        .context("creating the sandbox folder")?;
-    // Held until this returns: a sandbox whose lock can be taken belongs to a dead verify
-    // (a lock, not a pid: pids mean nothing across PID namespaces).
-    let _owner = std::fs::File::create(dir.path().join(LOCK_FILE))
-        .and_then(|f| lock_now(&f).map(|()| f))
-        .context("locking the sandbox folder")?;
+    // by the next verify.
+    let dir = ScratchDir::create("vmkeep-verify-").context("creating the sandbox folder")?;
     let target = dir.path().join("vm");
     let mut plan = RecoveryPlan::in_dir(&def, &target, start_mode);
     plan.network = false;
@@ -302,48 +294,6 @@ fn sandbox(
         seconds,
         screenshot,
     })
-}
-
-const SANDBOX_PREFIX: &str = "vmkeep-verify-";
-/// flock()ed by the verify that made a sandbox folder, for its whole run.
-const LOCK_FILE: &str = "lock";
-
-/// An exclusive flock, or EWOULDBLOCK at once.
-fn lock_now(f: &std::fs::File) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a descriptor we own.
-    match unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
-        0 => Ok(()),
-        _ => Err(std::io::Error::last_os_error()),
-    }
-}
-
-/// Removes sandbox folders left by a verify that was killed (its QEMU died with it): those in
-/// the temporary folder whose lock can be taken. A folder without a lock file is left alone
-/// (being created, or not ours).
-fn sweep_dead_sandboxes() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if !e.file_name().to_string_lossy().starts_with(SANDBOX_PREFIX) {
-            continue;
-        }
-        let Ok(lock) = std::fs::File::open(e.path().join(LOCK_FILE)) else {
-            continue;
-        };
-        if lock_now(&lock).is_ok() {
-            let path = e.path();
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "removed a killed verify's sandbox")
-                }
-                Err(err) => {
-                    tracing::warn!(path = %path.display(), error = %err, "could not remove a killed verify's sandbox")
-                }
-            }
-        }
-    }
 }
 
 fn path_str(p: &Path) -> String {
