@@ -219,6 +219,18 @@ pub(crate) fn may_put(p: &Principal, kind: ObjectKind) -> ApiResult<()> {
 }
 
 /// Create (`inm`: only create) or replace.
+/// Creates `key` unless it exists meanwhile (412 with If-None-Match, else 409): the last step
+/// of a create-only put whose checks found it absent.
+fn create_once(store: &dyn Store, key: &Key, bytes: &[u8], inm: bool) -> ApiResult {
+    if store.put_if_absent(key, bytes)? {
+        Ok(created(true))
+    } else if inm {
+        Err(ApiError::precondition(format!("{key} exists")))
+    } else {
+        Err(ApiError::conflict(format!("{key} was created meanwhile")))
+    }
+}
+
 fn write(store: &dyn Store, key: &Key, bytes: &[u8], inm: bool) -> ApiResult {
     if inm {
         return if store.put_if_absent(key, bytes)? {
@@ -341,13 +353,7 @@ fn put_verification(repo: &Repo, p: &Principal, key: &Key, bytes: &[u8], inm: bo
         store.put(key, bytes)?;
         return Ok(created(false));
     }
-    if store.put_if_absent(key, bytes)? {
-        Ok(created(true))
-    } else if inm {
-        Err(ApiError::precondition(format!("{key} exists")))
-    } else {
-        Err(ApiError::conflict(format!("{key} was created meanwhile")))
-    }
+    create_once(store, key, bytes, inm)
 }
 
 fn put_refs(repo: &Repo, p: &Principal, key: &Key, bytes: &[u8], inm: bool) -> ApiResult {
@@ -439,13 +445,7 @@ fn put_snapshot(repo: &Repo, p: &Principal, key: &Key, bytes: &[u8], inm: bool) 
         store.put(key, bytes)?;
         return Ok(created(false));
     }
-    if store.put_if_absent(key, bytes)? {
-        Ok(created(true))
-    } else if inm {
-        Err(ApiError::precondition(format!("{key} exists")))
-    } else {
-        Err(ApiError::conflict(format!("{key} was created meanwhile")))
-    }
+    create_once(store, key, bytes, inm)
 }
 
 fn put_lock(repo: &Repo, p: &Principal, key: &Key, bytes: &[u8], inm: bool) -> ApiResult {

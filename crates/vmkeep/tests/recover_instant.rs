@@ -158,13 +158,11 @@ impl InstantRun {
     }
 }
 
-#[test]
-fn an_instant_recovery_runs_before_its_disks_are_copied_and_keeps_its_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// A new encrypted repository `d/repo` holding a restore point (with memory) of the test
+/// guest taken while it writes; the guest is then killed. Returns the repository and the id.
+fn guest_backed_up(d: &Path) -> (PathBuf, String) {
     let repo = d.join("repo");
     json(pv(&repo).args(["init", "--encrypt"]));
-    let _lock = qemu_lock();
     let mut vm = boot(d, true);
     vm.wait_progress(20);
     let b = json(
@@ -174,9 +172,18 @@ fn an_instant_recovery_runs_before_its_disks_are_copied_and_keeps_its_writes() {
             .args(["--vm", "guest"]),
     );
     vm.kill9();
+    (repo, id_of(&b))
+}
+
+#[test]
+fn an_instant_recovery_runs_before_its_disks_are_copied_and_keeps_its_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let _lock = qemu_lock();
+    let (repo, snap) = guest_backed_up(d);
     let mut cmd = vmkeep_std(&repo);
     cmd.env("VMKEEP_PASSWORD", PASS);
-    let mut run = spawn_instant(cmd, &id_of(&b), &d.join("instant"));
+    let mut run = spawn_instant(cmd, &snap, &d.join("instant"));
     let during = run.runs_during_the_copy();
     run.copy_completes_and_keeps_the_writes(d, &during);
 }
@@ -189,18 +196,8 @@ fn an_instant_recovery_runs_before_its_disks_are_copied_and_keeps_its_writes() {
 fn an_instant_recovery_whose_vmkeep_was_killed_is_taken_over() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let repo = d.join("repo");
-    json(pv(&repo).args(["init", "--encrypt"]));
     let _lock = qemu_lock();
-    let mut vm = boot(d, true);
-    vm.wait_progress(20);
-    let snap = id_of(&json(
-        pv(&repo)
-            .args(["backup", "vm", "--memory", "--qmp"])
-            .arg(&vm.qmp)
-            .args(["--vm", "guest"]),
-    ));
-    vm.kill9();
+    let (repo, snap) = guest_backed_up(d);
     let target = d.join("instant");
     let mut cmd = vmkeep_std(&repo);
     cmd.env("VMKEEP_PASSWORD", PASS)

@@ -43,7 +43,13 @@ fn pv(repo: &Path) -> assert_cmd::Command {
 
 /// `verify ... --json`: its document and exit status.
 fn verify(repo: &Path, shots: &Path, args: &[&str]) -> (Value, i32) {
+    verify_in(repo, shots, &std::env::temp_dir(), args)
+}
+
+/// [`verify`] with TMPDIR=`tmp` (where its sandbox goes).
+fn verify_in(repo: &Path, shots: &Path, tmp: &Path, args: &[&str]) -> (Value, i32) {
     let out = pv(repo)
+        .env("TMPDIR", tmp)
         .args(["--json", "verify", "--accel", "tcg", "--screenshots"])
         .arg(shots)
         .args(args)
@@ -296,15 +302,13 @@ fn verify_proves_what_comes_back_and_says_why_the_rest_does_not() {
     // The host's cache holds the blob as it was read before (verified by its id): without
     // it, the damaged copy in the repository is all there is.
     std::fs::remove_dir_all(cache_beside(&repo)).unwrap();
-    let out = pv(&repo)
-        .env("TMPDIR", &tmp)
-        .args(["--json", "verify", "--accel", "tcg", "--screenshots"])
-        .arg(&shots)
-        .args([&good, "--serial", "ALIVE", "--timeout", "60"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
-    let doc = single_json(&out.stdout);
+    let (doc, code) = verify_in(
+        &repo,
+        &shots,
+        &tmp,
+        &[&good, "--serial", "ALIVE", "--timeout", "60"],
+    );
+    assert_eq!(code, 3, "{doc}");
     assert_eq!(sandboxes(&tmp), Vec::<std::path::PathBuf>::new(), "swept");
     let r = result_of(&doc, &good);
     assert_eq!(r["ok"], false, "{doc}");

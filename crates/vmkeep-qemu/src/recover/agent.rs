@@ -119,26 +119,7 @@ pub fn agent_socket(def: &VmDefinition, target_dir: &Path) -> Option<std::path::
 mod tests {
     use super::*;
 
-    fn def(args: &[&str]) -> VmDefinition {
-        use crate::vmdef::{ArgsOrigin, QemuVersion, DEFINITION_VERSION};
-        VmDefinition {
-            version: DEFINITION_VERSION,
-            qemu: QemuVersion {
-                major: 10,
-                minor: 0,
-                micro: 2,
-            },
-            qemu_package: String::new(),
-            binary: None,
-            arch: "x86_64".into(),
-            machine: "pc-i440fx-10.0".into(),
-            ram_bytes: 256 << 20,
-            args: args.iter().map(|s| s.to_string()).collect(),
-            args_source: ArgsOrigin::Process { pid: 1 },
-            disks: vec![],
-            boot_files: vec![],
-        }
-    }
+    use crate::vmdef::test_definition as def;
 
     #[test]
     fn the_agent_port_is_found_in_either_syntax() {

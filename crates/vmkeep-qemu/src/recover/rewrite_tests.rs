@@ -4,23 +4,10 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::recover::RecoveryPlan;
-use crate::vmdef::{ArgsOrigin, BootFile, DefinedDisk, QemuVersion, DEFINITION_VERSION};
+use crate::vmdef::{BootFile, DefinedDisk};
 
 fn def(args: &[&str], disks: Vec<DefinedDisk>, boot: &[&str]) -> VmDefinition {
     VmDefinition {
-        version: DEFINITION_VERSION,
-        qemu: QemuVersion {
-            major: 10,
-            minor: 0,
-            micro: 2,
-        },
-        qemu_package: String::new(),
-        binary: None,
-        arch: "x86_64".into(),
-        machine: "pc-i440fx-10.0".into(),
-        ram_bytes: 256 << 20,
-        args: args.iter().map(|s| s.to_string()).collect(),
-        args_source: ArgsOrigin::Process { pid: 1 },
         disks,
         boot_files: boot
             .iter()
@@ -31,6 +18,7 @@ fn def(args: &[&str], disks: Vec<DefinedDisk>, boot: &[&str]) -> VmDefinition {
                 size: Some(1),
             })
             .collect(),
+        ..crate::vmdef::test_definition(args)
     }
 }
 

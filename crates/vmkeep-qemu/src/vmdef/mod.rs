@@ -199,6 +199,28 @@ impl VmDefinition {
     }
 }
 
+/// A definition of a QEMU 10.0.2 x86_64 VM with command line `args` and no disks, for tests.
+#[cfg(test)]
+pub(crate) fn test_definition(args: &[&str]) -> VmDefinition {
+    VmDefinition {
+        version: DEFINITION_VERSION,
+        qemu: QemuVersion {
+            major: 10,
+            minor: 0,
+            micro: 2,
+        },
+        qemu_package: String::new(),
+        binary: None,
+        arch: "x86_64".into(),
+        machine: "pc-i440fx-10.0".into(),
+        ram_bytes: 256 << 20,
+        args: args.iter().map(|s| s.to_string()).collect(),
+        args_source: ArgsOrigin::Process { pid: 1 },
+        disks: vec![],
+        boot_files: vec![],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
