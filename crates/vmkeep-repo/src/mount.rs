@@ -71,6 +71,8 @@ pub struct MountStats {
     pub cache_hits: u64,
     /// Reads of data chunks that failed (damaged or missing data).
     pub read_errors: u64,
+    /// Bytes read that were zeros from ZERO chunks (answered from the index alone).
+    pub zero_bytes_served: u64,
 }
 
 impl std::ops::AddAssign for MountStats {
@@ -80,6 +82,7 @@ impl std::ops::AddAssign for MountStats {
         self.chunks_read_ahead += o.chunks_read_ahead;
         self.cache_hits += o.cache_hits;
         self.read_errors += o.read_errors;
+        self.zero_bytes_served += o.zero_bytes_served;
     }
 }
 
@@ -90,6 +93,7 @@ struct Counters {
     chunks_read_ahead: AtomicU64,
     cache_hits: AtomicU64,
     read_errors: AtomicU64,
+    zero_bytes_served: AtomicU64,
 }
 
 /// The most chunks one `extents` call looks at: a bounded answer, the client asks again.
@@ -201,6 +205,10 @@ impl MountedDisk {
     /// error while the config reads is about the data (damaged, missing), returned at once.
     fn patiently<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
         let mut pause = OUTAGE_FIRST_PAUSE;
+        // Whether `f` already failed once while the config read: the repository may have
+        // come back between the failure and the look at the config, so it is tried again
+        // once before the error counts as being about the data.
+        let mut failed_while_up = false;
         loop {
             let e = match f() {
                 Ok(v) => {
@@ -209,14 +217,19 @@ impl MountedDisk {
                 }
                 Err(e) => e,
             };
-            // Even what looks like damage (a pack not found) may be an outage: a share that
-            // is not mounted. The config answers whether the repository is there at all.
-            if !self.wait_out_outages
-                || self.given_up.load(Ordering::SeqCst)
-                || self.repo.store().size(&Key::config()).is_ok()
-            {
+            if !self.wait_out_outages || self.given_up.load(Ordering::SeqCst) {
                 return Err(e);
             }
+            // Even what looks like damage (a pack not found) may be an outage: a share that
+            // is not mounted. The config answers whether the repository is there at all.
+            if self.repo.store().size(&Key::config()).is_ok() {
+                if failed_while_up {
+                    return Err(e);
+                }
+                failed_while_up = true;
+                continue;
+            }
+            failed_while_up = false;
             self.outage_goes_on(&e);
             std::thread::sleep(pause);
             pause = (pause * 2).min(OUTAGE_MAX_PAUSE);
@@ -267,6 +280,7 @@ impl MountedDisk {
             chunks_read_ahead: c.chunks_read_ahead.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             read_errors: c.read_errors.load(Ordering::Relaxed),
+            zero_bytes_served: c.zero_bytes_served.load(Ordering::Relaxed),
         }
     }
 
@@ -401,6 +415,9 @@ impl ServedDisk for MountedDisk {
                 .map_err(|e| self.io_error(&format!("chunk {i}"), e))?;
             if id.is_zero() {
                 out.fill(0);
+                self.counters
+                    .zero_bytes_served
+                    .fetch_add(out.len() as u64, Ordering::Relaxed);
                 continue;
             }
             let data = self

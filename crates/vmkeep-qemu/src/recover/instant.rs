@@ -21,7 +21,7 @@ const RETRY: Duration = Duration::from_secs(2);
 /// reaches the job is about the data, and retrying it for ever would hide it.
 const FAILED_READS_MAX: u32 = 5;
 
-pub use crate::overlay::create_overlay;
+pub use crate::overlay::{create_overlay, mark_zero_clusters};
 
 /// The backing file of an instant recovery's overlay: the raw export `export` on the Unix
 /// socket `socket`, with `reconnect-delay`: when the serving vmkeep goes away (killed,

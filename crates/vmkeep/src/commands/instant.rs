@@ -18,8 +18,9 @@ use std::thread::JoinHandle;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use vmkeep_core::SnapshotId;
+use vmkeep_io::ServedDisk;
 use vmkeep_qemu::nbd::{Listen, NbdServer, ServeOptions};
-use vmkeep_qemu::recover::instant::{create_overlay, instant_backing};
+use vmkeep_qemu::recover::instant::{create_overlay, instant_backing, mark_zero_clusters};
 use vmkeep_repo::mount::{MountOptions, MountStats, MountedDisk};
 use vmkeep_repo::{Manifest, Repository};
 
@@ -81,13 +82,15 @@ impl InstantDisks {
         };
         let mut out = InstantDisks::start(repo, m, &state, wait_out_outages, state_dir)?;
         out.socket_dir = socket_dir;
-        for (d, socket) in m.disks.iter().zip(&state.sockets) {
+        for ((d, socket), disk) in m.disks.iter().zip(&state.sockets).zip(&out.disks) {
             let image = image_of(&d.name);
             create_overlay(
                 &image,
                 &instant_backing(socket, &d.name, RECONNECT_SECS),
                 d.size,
             )?;
+            // Before QEMU opens it: the zero ranges are the restore point's, and local.
+            mark_zero_clusters(&image, &zero_ranges(disk)?)?;
             out.images.push(image);
         }
         // Last: the state names a recovery whose overlays all exist.
@@ -236,6 +239,30 @@ impl Drop for InstantDisks {
             let _ = t.join();
         }
     }
+}
+
+/// The ranges of `disk` that read as zeros (ZERO chunks: known from the index alone).
+fn zero_ranges(disk: &MountedDisk) -> Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0;
+    while pos < disk.size() {
+        let extents = disk
+            .extents(pos, disk.size() - pos)
+            .context("reading the restore point's index")?;
+        if extents.is_empty() {
+            bail!("the restore point's index answered nothing at byte {pos}");
+        }
+        for e in extents {
+            if e.zero {
+                match out.last_mut() {
+                    Some((o, l)) if *o + *l == pos => *l += e.len,
+                    _ => out.push((pos, e.len)),
+                }
+            }
+            pos += e.len;
+        }
+    }
+    Ok(out)
 }
 
 /// `DIR/.instant` when its socket paths fit, else a folder in TMPDIR named after DIR (so
