@@ -71,8 +71,6 @@ pub struct MountStats {
     pub cache_hits: u64,
     /// Reads of data chunks that failed (damaged or missing data).
     pub read_errors: u64,
-    /// Bytes read that were zeros from ZERO chunks (answered from the index alone).
-    pub zero_bytes_served: u64,
 }
 
 impl std::ops::AddAssign for MountStats {
@@ -82,7 +80,6 @@ impl std::ops::AddAssign for MountStats {
         self.chunks_read_ahead += o.chunks_read_ahead;
         self.cache_hits += o.cache_hits;
         self.read_errors += o.read_errors;
-        self.zero_bytes_served += o.zero_bytes_served;
     }
 }
 
@@ -93,7 +90,6 @@ struct Counters {
     chunks_read_ahead: AtomicU64,
     cache_hits: AtomicU64,
     read_errors: AtomicU64,
-    zero_bytes_served: AtomicU64,
 }
 
 /// The most chunks one `extents` call looks at: a bounded answer, the client asks again.
@@ -280,7 +276,6 @@ impl MountedDisk {
             chunks_read_ahead: c.chunks_read_ahead.load(Ordering::Relaxed),
             cache_hits: c.cache_hits.load(Ordering::Relaxed),
             read_errors: c.read_errors.load(Ordering::Relaxed),
-            zero_bytes_served: c.zero_bytes_served.load(Ordering::Relaxed),
         }
     }
 
@@ -415,9 +410,6 @@ impl ServedDisk for MountedDisk {
                 .map_err(|e| self.io_error(&format!("chunk {i}"), e))?;
             if id.is_zero() {
                 out.fill(0);
-                self.counters
-                    .zero_bytes_served
-                    .fetch_add(out.len() as u64, Ordering::Relaxed);
                 continue;
             }
             let data = self

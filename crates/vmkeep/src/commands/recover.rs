@@ -236,7 +236,7 @@ fn finish_instant(
     if g.json {
         print_line(
             &json!({"id": m.id, "pid": pid, "copied": true, "copy_seconds": seconds,
-            "bytes_fetched": stats.bytes_fetched, "zero_bytes_served": stats.zero_bytes_served})
+            "bytes_fetched": stats.bytes_fetched})
             .to_string(),
         )?;
     } else {
