@@ -104,7 +104,20 @@ impl LocalStore {
             Ok(()) => fsync_dir(packs)?,
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+                // `packs/` itself is missing; the repository folder must not be: a gone
+                // repository is not made again.
+                match fs::create_dir(packs) {
+                    Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+                        return Err(Error::io("create", packs, e))
+                    }
+                    _ => {}
+                }
+                match fs::create_dir(dir) {
+                    Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+                        return Err(Error::io("create", dir, e))
+                    }
+                    _ => {}
+                }
                 fsync_dir(packs)?;
                 fsync_dir(&self.root)?;
             }
@@ -124,8 +137,12 @@ impl LocalStore {
         let result = (|| {
             let mut f = match OpenOptions::new().write(true).create_new(true).open(&tmp) {
                 Err(e) if e.kind() == ErrorKind::NotFound && key.kind != ObjectKind::Pack => {
-                    // A repository created before this kind existed lacks its folder.
-                    fs::create_dir_all(dir)?;
+                    // A repository created before this kind existed lacks its folder. Only
+                    // the folder: a repository folder that is gone is not made again.
+                    match fs::create_dir(dir) {
+                        Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+                        _ => {}
+                    }
                     fsync_dir(&self.root).map_err(std::io::Error::other)?;
                     OpenOptions::new().write(true).create_new(true).open(&tmp)?
                 }
@@ -455,6 +472,21 @@ mod tests {
         assert!(s.put_if_absent(&k2, b"rec").unwrap());
         s.flush().unwrap();
         assert_eq!(s.get(&k2, 3).unwrap(), b"rec");
+    }
+
+    /// A repository folder gone (a share not mounted) is not made again by a put, of any kind.
+    #[test]
+    fn a_put_into_a_repository_that_is_gone_fails_and_makes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("r");
+        let s = LocalStore::create(&root).unwrap();
+        fs::rename(&root, dir.path().join("away")).unwrap();
+        for kind in [ObjectKind::Pack, ObjectKind::Lock, ObjectKind::Verification] {
+            let k = Key::new(kind, "ab-cd").unwrap();
+            assert!(s.put(&k, b"x").is_err(), "{kind:?}");
+            assert!(s.put_if_absent(&k, b"x").is_err(), "{kind:?}");
+            assert!(!root.exists(), "{kind:?} made the repository folder again");
+        }
     }
 
     /// A repository folder gone (a share not mounted) is an error, not an empty listing.

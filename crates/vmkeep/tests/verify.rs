@@ -11,6 +11,7 @@
 //!   serial log;
 //! - after one byte of its memory state is flipped in the repository, the good one fails:
 //!   its memory does not load;
+//! - a run that fails while the repository is gone records nothing and says why;
 //! - SIGTERM during a run: the sandbox stops and goes, nothing recorded; SIGKILL: its QEMU
 //!   dies with it (PR_SET_PDEATHSIG), and the next verify removes the folder;
 //! - `snapshots` lists the latest verification of each, `--all-new` then has nothing to do,
@@ -101,13 +102,19 @@ fn processes_in(tmp: &Path) -> Vec<u32> {
 
 /// A verify of `snap` that waits for a line that never comes, started with TMPDIR=`tmp`;
 /// returned once its sandboxed QEMU runs.
-fn verify_running(repo: &Path, shots: &Path, tmp: &Path, snap: &str) -> std::process::Child {
+fn verify_running(
+    repo: &Path,
+    shots: &Path,
+    tmp: &Path,
+    snap: &str,
+    timeout: &str,
+) -> std::process::Child {
     let mut child = vmkeep_std(repo)
         .env("VMKEEP_PASSWORD", PASS)
         .env("TMPDIR", tmp)
         .args(["verify", "--accel", "tcg", "--screenshots"])
         .arg(shots)
-        .args([snap, "--serial", "NEVER PRINTED", "--timeout", "300"])
+        .args([snap, "--serial", "NEVER PRINTED", "--timeout", timeout])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -275,7 +282,7 @@ fn verify_proves_what_comes_back_and_says_why_the_rest_does_not() {
     let tmp = d.join("tmp");
     std::fs::create_dir(&tmp).unwrap();
     let records = objects(&repo, "verified").len();
-    let child = verify_running(&repo, &shots, &tmp, &good);
+    let child = verify_running(&repo, &shots, &tmp, &good, "300");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     assert!(
@@ -286,8 +293,28 @@ fn verify_proves_what_comes_back_and_says_why_the_rest_does_not() {
     assert_no_process_in(&tmp);
     assert_eq!(sandboxes(&tmp), Vec::<std::path::PathBuf>::new());
     assert_eq!(objects(&repo, "verified").len(), records);
+    // The repository gone while a run fails (here by its timeout): that says nothing about
+    // the restore point, and nothing is recorded.
+    let child = verify_running(&repo, &shots, &tmp, &good, "15");
+    let away = d.join("repo-away");
+    std::fs::rename(&repo, &away).unwrap();
+    let out = child.wait_with_output().unwrap();
+    std::fs::rename(&away, &repo).unwrap();
+    // (Warnings of the failed reads come before the error line.)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && stderr
+                .lines()
+                .last()
+                .is_some_and(|l| l.contains("the repository does not answer")),
+        "{}",
+        describe(&out)
+    );
+    assert_no_process_in(&tmp);
+    assert_eq!(objects(&repo, "verified").len(), records);
     // Killed (SIGKILL): its QEMU dies with it; the next verify removes the sandbox folder.
-    let mut child = verify_running(&repo, &shots, &tmp, &good);
+    let mut child = verify_running(&repo, &shots, &tmp, &good, "300");
     child.kill().unwrap();
     child.wait().unwrap();
     assert_no_process_in(&tmp);
@@ -319,6 +346,8 @@ fn verify_proves_what_comes_back_and_says_why_the_rest_does_not() {
             .contains("the memory state did not load"),
         "{doc}"
     );
+    // At once: QEMU waited for the rest of a state that could not come (120 s) before.
+    assert!(r["seconds"].as_f64().unwrap() < 30.0, "{doc}");
 
     // `snapshots` shows the latest of each; nothing is new any more.
     let list = json(pv(&repo).arg("snapshots"));

@@ -60,14 +60,21 @@ impl RunningQemu {
             return Err(self.fail(format!("cannot hand the state to QEMU: {e}")));
         }
 
+        // Set when the feed failed: the state cannot complete, whatever QEMU does with the
+        // early EOF (it may wait without failing the load).
+        let feed_failed = std::sync::atomic::AtomicBool::new(false);
         let outcome = std::thread::scope(|scope| {
+            let failed = &feed_failed;
             let copier = scope.spawn(move || {
                 let mut w = File::from(write_end);
                 let r = feed(&mut w);
+                if matches!(&r, Err(e) if e.kind() != io::ErrorKind::BrokenPipe) {
+                    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
                 drop(w); // EOF for QEMU
                 r
             });
-            let waited = self.block_on(self.run_incoming(&copier));
+            let waited = self.block_on(self.run_incoming(&copier, &feed_failed));
             if waited.is_err() {
                 // QEMU must let go of the pipe before the copier can end.
                 self.terminate();
@@ -105,6 +112,7 @@ impl RunningQemu {
     async fn run_incoming(
         &self,
         copier: &std::thread::ScopedJoinHandle<'_, io::Result<u64>>,
+        feed_failed: &std::sync::atomic::AtomicBool,
     ) -> std::result::Result<(), String> {
         let qmp = self.qmp();
         let mut events = qmp.events();
@@ -151,6 +159,9 @@ impl RunningQemu {
                     return Err(format!("loading the state failed: {desc}"));
                 }
                 Err(Error::Timeout { .. }) => {
+                    if feed_failed.load(std::sync::atomic::Ordering::SeqCst) {
+                        return Err("the state could not be read to the end".into());
+                    }
                     if copier.is_finished() {
                         let since = *copy_done.get_or_insert_with(Instant::now);
                         if since.elapsed() > FINISH_TIMEOUT {

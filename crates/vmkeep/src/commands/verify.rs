@@ -76,6 +76,18 @@ pub fn run(g: &Global, a: &VerifyArgs) -> Result<u8> {
                 }
             );
         };
+        // A run that failed while the repository did not answer proves nothing about the
+        // restore point: it is not recorded as a failure.
+        if !rec.ok {
+            if let Err(e) = repo.store().size(&vmkeep_store::Key::config()) {
+                bail!(
+                    "the repository does not answer ({e}) after verifying {:#} failed ({}): \
+                     nothing recorded for it; run verify again when it answers",
+                    m.id,
+                    rec.reason.as_deref().unwrap_or("no reason")
+                );
+            }
+        }
         let recorded = match repo.record_verification(&rec) {
             Ok(_) => true,
             Err(e) => {
