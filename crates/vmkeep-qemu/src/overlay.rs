@@ -213,6 +213,8 @@ pub fn create_overlay(image: &Path, base_uri: &str, size: u64) -> Result<()> {
 
 /// The cluster size of the overlays [`create_overlay`] makes (qemu-img's default).
 pub const OVERLAY_CLUSTER: u64 = 64 << 10;
+/// The longest `write -z` given to qemu-io (it refuses more than 2 GiB - 512 bytes).
+const ZERO_WRITE_MAX: u64 = 1 << 30;
 
 /// Marks the whole clusters inside each of `zero_ranges` (offset, length) of `image` (an
 /// overlay from [`create_overlay`], not in use) as zero clusters: reads of them give zeros
@@ -221,14 +223,19 @@ pub const OVERLAY_CLUSTER: u64 = 64 << 10;
 /// read over NBD at all. The backing file is not opened.
 pub fn mark_zero_clusters(image: &Path, zero_ranges: &[(u64, u64)]) -> Result<()> {
     let mut script = String::new();
+    let mut commands = 0;
     for &(offset, len) in zero_ranges {
-        let start = offset.div_ceil(OVERLAY_CLUSTER) * OVERLAY_CLUSTER;
+        let mut start = offset.div_ceil(OVERLAY_CLUSTER) * OVERLAY_CLUSTER;
         let end = (offset + len) / OVERLAY_CLUSTER * OVERLAY_CLUSTER;
-        if end > start {
-            script.push_str(&format!("write -z {start} {}\n", end - start));
+        // qemu-io takes at most 2 GiB - 512 per write.
+        while end > start {
+            let piece = (end - start).min(ZERO_WRITE_MAX);
+            script.push_str(&format!("write -z {start} {piece}\n"));
+            commands += 1;
+            start += piece;
         }
     }
-    if script.is_empty() {
+    if commands == 0 {
         return Ok(());
     }
     script.push_str("quit\n");
@@ -262,7 +269,9 @@ pub fn mark_zero_clusters(image: &Path, zero_ranges: &[(u64, u64)]) -> Result<()
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    if !out.status.success() || written.is_err() || said.contains("failed") {
+    // Each write that worked says "wrote N/N bytes"; anything else is an error.
+    let wrote = said.matches("wrote ").count();
+    if !out.status.success() || written.is_err() || wrote != commands {
         return Err(Error::io(
             format!("marking zero clusters in {}", image.display()),
             std::io::Error::other(said.lines().rev().take(3).collect::<Vec<_>>().join("; ")),
@@ -287,4 +296,37 @@ fn read_log(path: &Path) -> String {
         let _ = f.take(4096).read_to_string(&mut s);
     }
     s.trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranges longer than qemu-io takes in one write (a 4 GiB disk's 2.5 GiB of zeros), and
+    /// unaligned edges left to the copy.
+    #[test]
+    fn long_and_unaligned_zero_ranges_become_zero_clusters() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("o.qcow2");
+        let backing = r#"json:{"driver":"raw","file":{"driver":"nbd","server":{"type":"unix","path":"/nonexistent.sock"},"export":"x"}}"#;
+        create_overlay(&image, backing, 4 << 30).unwrap();
+        let zero = (5u64 << 30) / 2;
+        mark_zero_clusters(&image, &[(1000, 4096), (1 << 20, zero)]).unwrap();
+        let spec = serde_json::json!({"driver": "qcow2",
+            "file": {"driver": "file", "filename": image}, "backing": null});
+        let out = Command::new("qemu-img")
+            .args(["map", "--output=json", &format!("json:{spec}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let present: Vec<(u64, u64)> = map
+            .iter()
+            .filter(|e| e["present"] == true)
+            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+            .collect();
+        // The 4 KiB range holds no whole cluster; the long one is whole, in pieces.
+        assert_eq!(present, vec![(1 << 20, zero)], "{map:?}");
+        assert!(map.iter().all(|e| e["data"] == false));
+    }
 }
