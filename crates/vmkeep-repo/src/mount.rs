@@ -26,7 +26,6 @@ use vmkeep_core::manifest::{DiskEntry, Manifest};
 use vmkeep_core::tree::{ChunkCursor, Node, NodeStore};
 use vmkeep_core::BlobId;
 use vmkeep_io::{ServedDisk, ServedExtent};
-use vmkeep_store::Key;
 
 use crate::error::{Error, Result};
 use crate::index::BlobIndex;
@@ -218,7 +217,7 @@ impl MountedDisk {
             }
             // Even what looks like damage (a pack not found) may be an outage: a share that
             // is not mounted. The config answers whether the repository is there at all.
-            if self.repo.store().size(&Key::config()).is_ok() {
+            if self.repo.answers().is_ok() {
                 if failed_while_up {
                     return Err(e);
                 }

@@ -258,6 +258,12 @@ impl Repository {
         &self.store
     }
 
+    /// Whether the repository answers at all (its config can be looked at): tells an outage
+    /// (a share not mounted, a server down past its retries) from an error about one object.
+    pub fn answers(&self) -> std::result::Result<(), vmkeep_store::Error> {
+        self.store.size(&vmkeep_store::Key::config()).map(|_| ())
+    }
+
     pub fn location(&self) -> String {
         self.store.location()
     }

@@ -206,20 +206,20 @@ impl Repository {
         if records.is_empty() {
             return Ok(0);
         }
-        let present: HashSet<String> = self
+        let present: HashSet<SnapshotId> = self
             .store
             .list(ObjectKind::Snapshot)?
             .into_iter()
-            .map(|m| m.key.name)
+            .filter_map(|m| m.key.name.parse().ok())
             .collect();
         let max_age = self.temporary_max_age();
         let mut removed = 0;
         for meta in records {
-            let snapshot = meta.key.name.split_once('-').map_or("", |(s, _)| s);
+            let orphan = parse_name(&meta.key.name).is_none_or(|s| !present.contains(&s));
             let old = SystemTime::now()
                 .duration_since(meta.modified)
                 .is_ok_and(|age| age > max_age);
-            if !present.contains(snapshot) && old {
+            if orphan && old {
                 match self.store.delete(&meta.key) {
                     Ok(()) => removed += 1,
                     Err(e) if e.is_not_found() => {}

@@ -106,18 +106,8 @@ impl LocalStore {
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 // `packs/` itself is missing; the repository folder must not be: a gone
                 // repository is not made again.
-                match fs::create_dir(packs) {
-                    Err(e) if e.kind() != ErrorKind::AlreadyExists => {
-                        return Err(Error::io("create", packs, e))
-                    }
-                    _ => {}
-                }
-                match fs::create_dir(dir) {
-                    Err(e) if e.kind() != ErrorKind::AlreadyExists => {
-                        return Err(Error::io("create", dir, e))
-                    }
-                    _ => {}
-                }
+                create_dir_once(packs).map_err(|e| Error::io("create", packs, e))?;
+                create_dir_once(dir).map_err(|e| Error::io("create", dir, e))?;
                 fsync_dir(packs)?;
                 fsync_dir(&self.root)?;
             }
@@ -139,10 +129,7 @@ impl LocalStore {
                 Err(e) if e.kind() == ErrorKind::NotFound && key.kind != ObjectKind::Pack => {
                     // A repository created before this kind existed lacks its folder. Only
                     // the folder: a repository folder that is gone is not made again.
-                    match fs::create_dir(dir) {
-                        Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
-                        _ => {}
-                    }
+                    create_dir_once(dir)?;
                     fsync_dir(&self.root).map_err(std::io::Error::other)?;
                     OpenOptions::new().write(true).create_new(true).open(&tmp)?
                 }
@@ -199,6 +186,15 @@ impl LocalStore {
 }
 
 /// Makes a folder's entries (names created, renamed or removed in it) durable.
+/// Creates `dir` (not its parents: a repository folder that is gone is not made again); one
+/// that exists already is fine.
+fn create_dir_once(dir: &Path) -> std::io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
 fn fsync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|f| f.sync_all())

@@ -79,6 +79,22 @@ fn run(program: &str, args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("{program}: {e}"))
 }
 
+/// `qemu-img convert` of an NBD export into the raw file `out`.
+fn convert_to_raw(uri: &str, out: &Path) -> std::process::Output {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            uri,
+            out.to_str().unwrap(),
+        ],
+    )
+}
+
 /// 2 MiB random, 4 MiB of zeros, 2 MiB random and a short tail: 64 KiB chunks.
 fn disk_image(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
     let mut data = random_bytes(2 * MIB, 1);
@@ -215,18 +231,7 @@ fn a_restore_point_pruned_while_mounted_still_reads() {
     );
     assert!(!objects(&repo, "packs").is_empty(), "{pruned}");
     let out = tmp.path().join("copy.raw");
-    let conv = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &m.uri(),
-            out.to_str().unwrap(),
-        ],
-    );
+    let conv = convert_to_raw(&m.uri(), &out);
     assert!(conv.status.success(), "{}", describe(&conv));
     let copy = std::fs::read(&out).unwrap();
     // qemu-img rounds the size up to whole sectors.
@@ -250,18 +255,7 @@ fn a_damaged_pack_gives_read_errors_never_wrong_data_and_the_server_keeps_servin
     let sock = tmp.path().join("sys.sock");
     let m = mount_local(&repo, &[&id, "--socket", sock.to_str().unwrap()]);
     let out = tmp.path().join("copy.raw");
-    let conv = run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &m.uri(),
-            out.to_str().unwrap(),
-        ],
-    );
+    let conv = convert_to_raw(&m.uri(), &out);
     assert!(
         !conv.status.success(),
         "a damaged chunk must not convert: {}",

@@ -227,26 +227,16 @@ mod tests {
 
     fn sample() -> VmDefinition {
         VmDefinition {
-            version: DEFINITION_VERSION,
-            qemu: QemuVersion {
-                major: 10,
-                minor: 0,
-                micro: 2,
-            },
             qemu_package: "Debian".into(),
             binary: Some("/usr/bin/qemu-system-x86_64".into()),
-            arch: "x86_64".into(),
-            machine: "pc-i440fx-10.0".into(),
-            ram_bytes: 256 << 20,
-            args: vec!["-m".into(), "256".into()],
             args_source: ArgsOrigin::Process { pid: 42 },
-            disks: vec![],
             boot_files: vec![BootFile {
                 role: "kernel".into(),
                 path: "vmlinuz".into(),
                 host_path: "/vm/vmlinuz".into(),
                 size: Some(5),
             }],
+            ..test_definition(&["-m", "256"])
         }
     }
 

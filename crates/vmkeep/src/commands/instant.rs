@@ -80,8 +80,8 @@ impl InstantDisks {
                 .map(|i| socket_dir.join(format!("{i}.sock")))
                 .collect(),
         };
-        let mut out = InstantDisks::start(repo, m, &state, wait_out_outages, state_dir)?;
-        out.socket_dir = socket_dir;
+        let mut out =
+            InstantDisks::start(repo, m, &state, wait_out_outages, state_dir, socket_dir)?;
         for ((d, socket), disk) in m.disks.iter().zip(&state.sockets).zip(&out.disks) {
             let image = image_of(&d.name);
             create_overlay(
@@ -140,8 +140,7 @@ impl InstantDisks {
             .map(Path::to_path_buf)
             .unwrap_or_else(|| state_dir.clone());
         private_dir(&socket_dir)?;
-        let mut out = InstantDisks::start(repo, m, &state, true, state_dir)?;
-        out.socket_dir = socket_dir;
+        let mut out = InstantDisks::start(repo, m, &state, true, state_dir, socket_dir)?;
         out.images = m.disks.iter().map(|d| image_of(&d.name)).collect();
         Ok(out)
     }
@@ -153,13 +152,14 @@ impl InstantDisks {
         state: &InstantState,
         wait_out_outages: bool,
         state_dir: PathBuf,
+        socket_dir: PathBuf,
     ) -> Result<InstantDisks> {
         let mut out = InstantDisks {
             images: Vec::new(),
             disks: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
-            socket_dir: state_dir.clone(),
+            socket_dir,
             state_dir,
         };
         for (d, socket) in m.disks.iter().zip(&state.sockets) {

@@ -79,7 +79,7 @@ pub fn run(g: &Global, a: &VerifyArgs) -> Result<u8> {
         // A run that failed while the repository did not answer proves nothing about the
         // restore point: it is not recorded as a failure.
         if !rec.ok {
-            if let Err(e) = repo.store().size(&vmkeep_store::Key::config()) {
+            if let Err(e) = repo.answers() {
                 bail!(
                     "the repository does not answer ({e}) after verifying {:#} failed ({}): \
                      nothing recorded for it; run verify again when it answers",
@@ -254,10 +254,8 @@ fn sandbox(
         })
         .context("the memory state did not load")?;
     }
-    let agent = match a.no_agent {
-        true => None,
-        false => agent_socket(&def, &target).filter(|p| p.exists()),
-    };
+    let agent_at = agent_socket(&def, &target).filter(|p| p.exists());
+    let agent = agent_at.clone().filter(|_| !a.no_agent);
     let mut env = vec![
         ("VMKEEP_SERIAL".to_string(), path_str(&plan.serial_log)),
         ("VMKEEP_SNAPSHOT".to_string(), m.id.to_hex()),
@@ -266,8 +264,8 @@ fn sandbox(
     if let Some(q) = &plan.probe_qmp {
         env.push(("VMKEEP_QMP".to_string(), path_str(q)));
     }
-    if let Some(s) = agent_socket(&def, &target).filter(|p| p.exists()) {
-        env.push(("VMKEEP_AGENT".to_string(), path_str(&s)));
+    if let Some(s) = &agent_at {
+        env.push(("VMKEEP_AGENT".to_string(), path_str(s)));
     }
     let evidence = Evidence {
         serial: serial.map(|re| {
