@@ -594,7 +594,7 @@ def markdown(meta, med, targets, failures) -> str:
     if cv is not None:
         L.append(f"The copy without a guest or a block job (`qemu-img convert -O qcow2` of the served point "
                  f"into a local file): {bl.fmt_s(cv)} s, against {bl.fmt_s(g('cold_instant_copy_seconds'))} s "
-                 f"for `--instant`'s block-stream of the same point while the guest runs and "
+                 f"for `--instant`'s copy (fill and stream) of the same point while the guest runs and "
                  f"{bl.fmt_s(g('cold_restore_s'))} s for `restore --format qcow2`.")
         L.append("")
     L.append("Targets:")

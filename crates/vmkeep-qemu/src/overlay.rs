@@ -218,7 +218,7 @@ const ZERO_WRITE_MAX: u64 = 1 << 30;
 
 /// Marks the whole clusters inside each of `zero_ranges` (offset, length) of `image` (an
 /// overlay from [`create_overlay`], not in use) as zero clusters: reads of them give zeros
-/// without asking the backing file, and a `block-stream` skips them (they are allocated in
+/// without asking the backing file, and the copy skips them (they are allocated in
 /// the overlay). For an instant recovery, the restore point's zero chunks are then never
 /// read over NBD at all. The backing file is not opened.
 pub fn mark_zero_clusters(image: &Path, zero_ranges: &[(u64, u64)]) -> Result<()> {

@@ -42,6 +42,7 @@ pub mod replicate;
 pub mod repository;
 pub mod restore;
 mod scan;
+mod sequential;
 mod snapshots;
 mod spill;
 pub mod temporaries;

@@ -30,6 +30,7 @@ use vmkeep_io::{ServedDisk, ServedExtent};
 use crate::error::{Error, Result};
 use crate::index::BlobIndex;
 use crate::restore::{check_chunk_len, select_disks};
+use crate::sequential::{RunRef, SequentialReads};
 use crate::Repository;
 
 /// What a mount may hold in memory and how far it reads ahead.
@@ -111,8 +112,8 @@ pub struct MountedDisk {
     cursor: Mutex<ChunkCursor>,
     nodes: quick_cache::sync::Cache<BlobId, Node>,
     data: quick_cache::sync::Cache<u64, Arc<Vec<u8>>>,
-    /// The chunk after the last one read: a read starting there is sequential.
-    next_expected: AtomicU64,
+    /// The runs of sequential reads, which read ahead.
+    sequential: SequentialReads,
     /// (chunk index, its id) for the read-ahead threads: the id is looked up once.
     ahead: Option<Sender<(u64, BlobId)>>,
     read_ahead: u64,
@@ -149,7 +150,7 @@ impl MountedDisk {
             cursor: Mutex::new(ChunkCursor::new(d.root, chunks)),
             nodes: quick_cache::sync::Cache::new(NODE_CACHE_ITEMS),
             data: chunk_cache(cached_chunks),
-            next_expected: AtomicU64::new(u64::MAX),
+            sequential: SequentialReads::new(opts.read_ahead),
             ahead: (opts.read_ahead > 0).then_some(tx),
             read_ahead: opts.read_ahead,
             counters: Counters::default(),
@@ -346,14 +347,17 @@ impl MountedDisk {
     }
 
     /// Queues the chunks after `last` for the read-ahead threads, skipping ZERO and cached
-    /// ones, and those before where the latest read ended: readers already asked for them
+    /// ones, and those before where `run` ends now: readers already asked for them
     /// (with many readers in flight, a slow one finishing behind the others would otherwise
     /// fetch again what they read and the cache dropped). A full queue drops the rest (the
     /// reader is ahead anyway).
-    fn read_ahead_after(&self, last: u64) {
+    fn read_ahead_after(&self, last: u64, run: RunRef) {
         let Some(tx) = &self.ahead else { return };
+        let Some(run_end) = self.sequential.end(run) else {
+            return;
+        };
         let end = (last + 1 + self.read_ahead).min(self.chunks);
-        let start = (last + 1).max(self.next_expected.load(Ordering::Relaxed));
+        let start = (last + 1).max(run_end);
         for i in start..end {
             if self.data.get(&i).is_some() {
                 continue;
@@ -398,7 +402,7 @@ impl ServedDisk for MountedDisk {
         }
         let first = offset / self.chunk_size;
         let last = (end - 1) / self.chunk_size;
-        let sequential = self.next_expected.swap(last + 1, Ordering::Relaxed) == first;
+        let run = self.sequential.read(first, last);
         for i in first..=last {
             let start = i * self.chunk_size;
             let from = offset.max(start);
@@ -416,8 +420,8 @@ impl ServedDisk for MountedDisk {
                 .map_err(|e| self.io_error(&format!("chunk {i} at byte {start}"), e))?;
             out.copy_from_slice(&data[(from - start) as usize..(to - start) as usize]);
         }
-        if sequential {
-            self.read_ahead_after(last);
+        if let Some(run) = run {
+            self.read_ahead_after(last, run);
         }
         Ok(())
     }
