@@ -50,6 +50,10 @@ pub struct Global {
     /// No progress bars
     #[arg(long, short, global = true)]
     pub quiet: bool,
+    /// Write Prometheus text-format metrics of this run to FILE (for the node exporter's
+    /// textfile collector): its outcome, duration, and what it read, stored and sent
+    #[arg(long, global = true, env = "VMKEEP_METRICS_FILE", value_name = "FILE")]
+    pub metrics_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

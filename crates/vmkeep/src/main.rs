@@ -3,6 +3,7 @@
 mod args;
 mod commands;
 mod context;
+mod metrics;
 mod output;
 mod progress;
 mod scratch;

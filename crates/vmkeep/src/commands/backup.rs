@@ -15,8 +15,14 @@ use crate::size::human;
 
 pub fn run(g: &Global, b: &BackupCommand) -> Result<u8> {
     match b {
-        BackupCommand::Image(a) => image(g, a),
-        BackupCommand::Vm(a) => vm(g, a),
+        BackupCommand::Image(a) => {
+            crate::metrics::set_vm(&a.vm);
+            image(g, a)
+        }
+        BackupCommand::Vm(a) => {
+            crate::metrics::set_vm(&a.vm);
+            vm(g, a)
+        }
     }
 }
 
@@ -183,6 +189,7 @@ pub fn backup_json(m: &Manifest) -> serde_json::Value {
 }
 
 pub fn report(g: &Global, m: &Manifest) -> Result<u8> {
+    record_metrics(m);
     if g.json {
         print_json(&backup_json(m))?;
         return Ok(0);
@@ -224,4 +231,61 @@ pub fn report(g: &Global, m: &Manifest) -> Result<u8> {
         print_line(&format!("  VM paused {} ms", m.pause_ms))?;
     }
     Ok(0)
+}
+
+/// The restore point's figures for `--metrics-file`.
+fn record_metrics(m: &Manifest) {
+    use crate::metrics::{gauge, set_vm};
+    set_vm(&m.vm);
+    let s = &m.stats;
+    for (name, help, v) in [
+        (
+            "vmkeep_backup_read_bytes",
+            "Bytes read from the VM's disks",
+            s.read_bytes,
+        ),
+        (
+            "vmkeep_backup_changed_bytes",
+            "Bytes that differed from the parent",
+            s.changed_bytes,
+        ),
+        (
+            "vmkeep_backup_new_bytes",
+            "Bytes of chunks the repository lacked",
+            s.new_bytes,
+        ),
+        (
+            "vmkeep_backup_stored_bytes",
+            "Bytes added to the repository (compressed)",
+            s.stored_bytes,
+        ),
+    ] {
+        gauge(name, help, &[], v as f64);
+    }
+    gauge(
+        "vmkeep_backup_pause_seconds",
+        "How long the VM was paused for the capture",
+        &[],
+        m.pause_ms as f64 / 1000.0,
+    );
+    gauge(
+        "vmkeep_backup_timestamp_seconds",
+        "When the restore point was captured (Unix time)",
+        &[],
+        m.time.timestamp_millis() as f64 / 1000.0,
+    );
+    for d in &m.disks {
+        for state in [
+            ChangeTracking::Used,
+            ChangeTracking::Rescan,
+            ChangeTracking::None,
+        ] {
+            gauge(
+                "vmkeep_backup_change_tracking",
+                "1 for the change tracking a disk's backup used (used, rescan, none)",
+                &[("disk", &d.name), ("state", state.as_str())],
+                if d.cbt == state { 1.0 } else { 0.0 },
+            );
+        }
+    }
 }

@@ -23,7 +23,11 @@ pub fn run(g: &Global, a: &ReplicateArgs) -> Result<u8> {
     };
     let plan = source.plan_replication(&dest, &opts)?;
     refuse_points_outside_the_token(&dest, &plan)?;
+    if let Some(vm) = &a.vm {
+        crate::metrics::set_vm(vm);
+    }
     if a.dry_run {
+        record_outstanding(&plan);
         if g.json {
             print_json(&json!({
                 "dry_run": true,
@@ -51,6 +55,18 @@ pub fn run(g: &Global, a: &ReplicateArgs) -> Result<u8> {
     }
     let bars = Bars::new(g.quiet);
     let st = source.replicate(&dest, &plan, &bars)?;
+    crate::metrics::gauge(
+        "vmkeep_replicate_bytes_sent",
+        "Bytes sent to the replica by this run",
+        &[],
+        st.bytes_sent as f64,
+    );
+    crate::metrics::gauge(
+        "vmkeep_replicate_copied_restore_points",
+        "Restore points this run copied",
+        &[],
+        st.copied.len() as f64,
+    );
     if g.json {
         print_json(&json!({
             "copied": st.copied,
@@ -68,6 +84,34 @@ pub fn run(g: &Global, a: &ReplicateArgs) -> Result<u8> {
         ))?;
     }
     Ok(0)
+}
+
+/// Replication lag for `--metrics-file` (a monitoring job runs `replicate --dry-run`): what
+/// the replica lacks, and how old the oldest restore point it lacks is.
+fn record_outstanding(plan: &vmkeep_repo::replicate::ReplicationPlan) {
+    use crate::metrics::gauge;
+    gauge(
+        "vmkeep_replicate_outstanding_restore_points",
+        "Restore points the replica lacks",
+        &[],
+        plan.points.len() as f64,
+    );
+    gauge(
+        "vmkeep_replicate_outstanding_bytes",
+        "Bytes the replica lacks (blobs to send)",
+        &[],
+        plan.bytes_missing as f64,
+    );
+    let oldest = plan.points.iter().map(|m| m.time).min();
+    let lag = oldest.map_or(0.0, |t| {
+        (chrono::Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+    });
+    gauge(
+        "vmkeep_replicate_lag_seconds",
+        "Age of the oldest restore point the replica lacks (0: it lacks none)",
+        &[],
+        lag,
+    );
 }
 
 /// A destination served with a scoped token refuses restore points of VMs outside its globs:

@@ -43,6 +43,13 @@ pub fn run(g: &Global, a: &RestoreArgs) -> Result<u8> {
         Format::Raw => repo.restore(&m, &opts, &bars)?,
         Format::Qcow2 => restore_qcow2(&repo, &BlobIndex::load(&repo)?, &m, &opts, &bars)?,
     };
+    crate::metrics::set_vm(&m.vm);
+    crate::metrics::gauge(
+        "vmkeep_restore_bytes_written",
+        "Bytes written to the restored disks",
+        &[],
+        st.disks.iter().map(|d| d.bytes_written).sum::<u64>() as f64,
+    );
     // What each new image holds, so a later `--onto` can write only the difference.
     for d in &st.disks {
         super::onto::write_record(&repo, &m, &d.name, &d.path)?;
