@@ -4,12 +4,14 @@
 //! only, never wrong bytes. The NBD side is tested in vmkeep-qemu and through the binary.
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use common::*;
 use vmkeep_io::ServedDisk;
 use vmkeep_repo::index::BlobIndex;
 use vmkeep_repo::mount::{MountOptions, MountedDisk};
+use vmkeep_repo::{Manifest, Repository};
 
 fn no_read_ahead() -> MountOptions {
     MountOptions {
@@ -83,16 +85,23 @@ fn reads_at_any_alignment_equal_the_image_and_zeros_are_never_fetched() {
     assert_eq!(past.kind(), std::io::ErrorKind::InvalidInput);
 }
 
+/// A new local repository in `tmp` holding one restore point of a disk `d` of `chunks`
+/// random chunks (seeded): the repository, the disk's content and the restore point.
+fn one_random_disk(tmp: &Path, chunks: u64, seed: u64) -> (Arc<Repository>, Spec, Manifest) {
+    let root = tmp.join("repo");
+    init_repo(&root, false);
+    let repo = Arc::new(open_local(&root, false, 2));
+    let mut rng = Rng::new(seed);
+    let spec = Spec::random(chunks * CS, &mut rng);
+    let img = spec.write(&tmp.join("d.img"));
+    let m = backup(&repo, "vm", &disks(&[("d", &img)])).unwrap();
+    (repo, spec, m)
+}
+
 #[test]
 fn only_the_chunks_read_are_fetched_and_read_ahead_follows_a_sequential_reader() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("repo");
-    init_repo(&root, false);
-    let repo = Arc::new(open_local(&root, false, 2));
-    let mut rng = Rng::new(77);
-    let spec = Spec::random(64 * CS, &mut rng);
-    let img = spec.write(&tmp.path().join("d.img"));
-    let m = backup(&repo, "vm", &disks(&[("d", &img)])).unwrap();
+    let (repo, spec, m) = one_random_disk(tmp.path(), 64, 77);
 
     let disk = MountedDisk::open(repo.clone(), &m, Some("d"), &no_read_ahead()).unwrap();
     let mut buf = vec![0u8; 100];
@@ -232,14 +241,7 @@ fn a_restore_point_with_several_disks_needs_a_disk_name() {
 #[test]
 fn a_sequential_reader_keeps_its_read_ahead_beside_random_reads() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("repo");
-    init_repo(&root, false);
-    let repo = Arc::new(open_local(&root, false, 2));
-    let mut rng = Rng::new(78);
-    let chunks = 1664;
-    let spec = Spec::random(chunks * CS, &mut rng);
-    let img = spec.write(&tmp.path().join("d.img"));
-    let m = backup(&repo, "vm", &disks(&[("d", &img)])).unwrap();
+    let (repo, spec, m) = one_random_disk(tmp.path(), 1664, 78);
     let ahead = MountOptions {
         read_ahead: 8,
         read_ahead_threads: 2,
@@ -278,15 +280,9 @@ fn a_sequential_reader_keeps_its_read_ahead_beside_random_reads() {
 #[test]
 fn a_copy_with_many_readers_fetches_little_more_than_it_reads() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("repo");
-    init_repo(&root, false);
-    let repo = Arc::new(open_local(&root, false, 2));
-    let mut rng = Rng::new(16);
     // 256 MiB: four times the cache, so chunks must be evicted as the copy goes.
     let chunks = 4096;
-    let spec = Spec::random(chunks * CS, &mut rng);
-    let img = spec.write(&tmp.path().join("d.img"));
-    let m = backup(&repo, "vm", &disks(&[("d", &img)])).unwrap();
+    let (repo, _, m) = one_random_disk(tmp.path(), chunks, 16);
     // The default cache (64 MiB) holds 4x what 16 readers have in flight.
     let disk = MountedDisk::open(repo, &m, None, &MountOptions::default()).unwrap();
     let piece = 1u64 << 20;

@@ -11,6 +11,10 @@ use crate::progress::Bars;
 use crate::size::human;
 
 pub fn run(g: &Global, a: &ReplicateArgs) -> Result<u8> {
+    // First: a run that fails is labelled like the runs that succeed.
+    if let Some(vm) = &a.vm {
+        crate::metrics::set_vm(vm);
+    }
     let here = open_repo(g)?;
     let (source, dest) = match (&a.to, &a.from) {
         (Some(to), None) => (here, open_repo_at(g, to)?),
@@ -23,9 +27,6 @@ pub fn run(g: &Global, a: &ReplicateArgs) -> Result<u8> {
     };
     let plan = source.plan_replication(&dest, &opts)?;
     refuse_points_outside_the_token(&dest, &plan)?;
-    if let Some(vm) = &a.vm {
-        crate::metrics::set_vm(vm);
-    }
     if a.dry_run {
         record_outstanding(&plan);
         if g.json {
