@@ -13,6 +13,15 @@ use vmkeep_repo::index::BlobIndex;
 use vmkeep_repo::mount::{MountOptions, MountedDisk};
 use vmkeep_repo::{Manifest, Repository};
 
+/// Eight chunks ahead, two threads: small enough to count what is read ahead.
+fn small_read_ahead() -> MountOptions {
+    MountOptions {
+        read_ahead: 8,
+        read_ahead_threads: 2,
+        ..MountOptions::default()
+    }
+}
+
 fn no_read_ahead() -> MountOptions {
     MountOptions {
         read_ahead: 0,
@@ -109,11 +118,7 @@ fn only_the_chunks_read_are_fetched_and_read_ahead_follows_a_sequential_reader()
     disk.read_at(&mut buf, 50 * CS).unwrap();
     assert_eq!(disk.stats().chunks_fetched, 2, "{:?}", disk.stats());
 
-    let ahead = MountOptions {
-        read_ahead: 8,
-        read_ahead_threads: 2,
-        ..MountOptions::default()
-    };
+    let ahead = small_read_ahead();
     let disk = MountedDisk::open(repo, &m, None, &ahead).unwrap();
     let mut chunk = vec![0u8; CS as usize];
     for i in 0..4 {
@@ -242,11 +247,7 @@ fn a_restore_point_with_several_disks_needs_a_disk_name() {
 fn a_sequential_reader_keeps_its_read_ahead_beside_random_reads() {
     let tmp = tempfile::tempdir().unwrap();
     let (repo, spec, m) = one_random_disk(tmp.path(), 1664, 78);
-    let ahead = MountOptions {
-        read_ahead: 8,
-        read_ahead_threads: 2,
-        ..MountOptions::default()
-    };
+    let ahead = small_read_ahead();
     let disk = MountedDisk::open(repo, &m, None, &ahead).unwrap();
     let mut chunk = vec![0u8; CS as usize];
     let mut small = vec![0u8; 4096];

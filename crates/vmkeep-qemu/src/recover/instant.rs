@@ -132,19 +132,14 @@ impl RunningQemu {
         let mut jobs = Vec::new();
         for (i, image) in images.iter().enumerate() {
             let f = FillNames::of(i);
-            match listed.iter().find(|j| j["device"] == f.job.as_str()) {
-                // An earlier vmkeep's fill that ended: fill again below if data is still
-                // missing (what was copied is not read over NBD again).
-                Some(j) if j["status"] == "concluded" => self.dismiss(&f.job)?,
-                Some(_) => {
-                    tracing::info!(job = f.job, "adopting the fill job already running");
-                    jobs.push(CopyJob {
-                        id: f.job,
-                        image: image.clone(),
-                    });
-                    continue;
-                }
-                None => {}
+            // An earlier vmkeep's fill that ended: fill again below if data is still missing
+            // (what was copied is not read over NBD again).
+            if self.adopt(&listed, &f.job, "fill")? {
+                jobs.push(CopyJob {
+                    id: f.job,
+                    image: image.clone(),
+                });
+                continue;
             }
             let streaming = listed.iter().any(|j| j["device"] == stream_job(i).as_str());
             if streaming || self.backing_of(image)?.is_none() {
@@ -247,17 +242,12 @@ impl RunningQemu {
         let earlier = self.jobs()?;
         for (i, image) in images.iter().enumerate() {
             let job = stream_job(i);
-            match earlier.iter().find(|j| j["device"] == job.as_str()) {
-                Some(j) if j["status"] == "concluded" => self.dismiss(&job)?,
-                Some(_) => {
-                    tracing::info!(job, "adopting the copy job already running");
-                    jobs.push(CopyJob {
-                        id: job,
-                        image: image.clone(),
-                    });
-                    continue;
-                }
-                None => {}
+            if self.adopt(&earlier, &job, "copy")? {
+                jobs.push(CopyJob {
+                    id: job,
+                    image: image.clone(),
+                });
+                continue;
             }
             if self.backing_of(image)?.is_none() {
                 continue; // copied before
@@ -362,6 +352,22 @@ impl RunningQemu {
                 return Ok(());
             }
             std::thread::sleep(POLL);
+        }
+    }
+
+    /// Whether job `id` of an earlier vmkeep (in `listed`) still runs, to be adopted; one
+    /// that concluded is dismissed, so the caller may start it again.
+    fn adopt(&self, listed: &[Value], id: &str, what: &str) -> Result<bool> {
+        match listed.iter().find(|j| j["device"] == id) {
+            Some(j) if j["status"] == "concluded" => {
+                self.dismiss(id)?;
+                Ok(false)
+            }
+            Some(_) => {
+                tracing::info!(job = id, "adopting the {what} job already running");
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 
