@@ -67,7 +67,10 @@ install_rustic() {
   mkdir -p "$root"
   CARGO_TARGET_DIR="$root/build" nice -n 10 cargo install rustic-rs --locked --version "$rustic_version" --root "$root"
 }
-pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd python3 python3-venv strace)
+# libvirt (9.0 from bookworm; the daemons are started by the libvirt tests themselves, since
+# machines without systemd never start them): the `backup vm --libvirt` tests and benchmark.
+pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd python3 python3-venv strace
+  libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu)
 case "$what" in
   test) ;;
   servers) install_servers; exit 0 ;;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs vmkeep's whole test suite: installs what the tests need (QEMU 10, qemu-utils, nbdinfo,
-# busybox, cpio, e2fsprogs; Garage and moto for the object-storage tests), checks formatting and lints (rustfmt, clippy with warnings as
+# busybox, cpio, e2fsprogs, libvirt; Garage and moto for the object-storage tests), checks formatting and lints (rustfmt, clippy with warnings as
 # errors), builds, then runs every test. Prints the time of each phase.
 # Usage: scripts/test.sh [extra cargo test args]
 set -euo pipefail

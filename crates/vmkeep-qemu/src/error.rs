@@ -91,6 +91,10 @@ pub enum Error {
     #[error("the VM was stopped during the memory capture, so its RAM and disks would not be from one instant; the capture was discarded")]
     InstantMoved,
 
+    /// A `virsh` command failed; `message` is libvirt's own error text.
+    #[error("libvirt: virsh {command} failed: {message}")]
+    Libvirt { command: String, message: String },
+
     /// A capture or recovery refused, with what to do about it.
     #[error("{0}")]
     Refused(String),

@@ -7,6 +7,8 @@
 //!   and what a test asks the running VM (status, leftovers of a capture, checkpoint bitmaps).
 //! - [`guest`]: the tiny Linux test guest of tests/guest/build.sh and its seqwrite workload:
 //!   boot configurations and the point-in-time check of a restored disk.
+//! - [`libvirt`]: the system's libvirt daemons (started and stopped by the test when none
+//!   runs) and the test guest as a libvirt domain.
 //! - [`qmp`]: a small blocking QMP client, independent of the client under test.
 //! - [`migration`]: QEMU migration streams: built in QEMU's framing, or taken from a running
 //!   test VM through a pipe (background snapshot).
@@ -23,6 +25,7 @@ pub mod conformance;
 pub mod data;
 pub mod guest;
 pub mod image;
+pub mod libvirt;
 pub mod migration;
 pub mod process;
 pub mod qmp;

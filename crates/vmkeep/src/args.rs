@@ -224,11 +224,22 @@ pub enum FreezeMode {
 #[derive(Args, Debug)]
 pub struct BackupVmArgs {
     /// The VM's QMP socket (a unix socket no other client holds)
-    #[arg(long, value_name = "SOCKET")]
-    pub qmp: PathBuf,
-    /// VM name
-    #[arg(long)]
-    pub vm: String,
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        required_unless_present = "libvirt",
+        conflicts_with = "libvirt"
+    )]
+    pub qmp: Option<PathBuf>,
+    /// A libvirt domain (name or UUID), backed up through libvirt's backup API
+    #[arg(long, value_name = "DOMAIN")]
+    pub libvirt: Option<String>,
+    /// libvirt's connection URI (default: virsh's, usually qemu:///system)
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    pub connect: Option<String>,
+    /// VM name (with --libvirt: the domain's name by default)
+    #[arg(long, required_unless_present = "libvirt")]
+    pub vm: Option<String>,
     /// Ignore change tracking: read every allocated chunk (tracking restarts from this backup)
     #[arg(long)]
     pub full: bool,
@@ -237,12 +248,13 @@ pub struct BackupVmArgs {
     pub freeze: FreezeMode,
     /// Keep the VM stopped from the cut until its disks are read (by default it is paused only
     /// for the milliseconds of the cut)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "libvirt")]
     pub suspend: bool,
     /// Also capture RAM and device state at the same instant (restore point that `recover`
     /// resumes)
     #[arg(long)]
     pub memory: bool,
+
     /// With --memory: limit QEMU's memory stream to RATE per second (e.g. 200M). Default: no
     /// limit, so the guest's RAM is write-protected (its writes slowed) for the shortest time
     #[arg(long, value_name = "RATE", requires = "memory", value_parser = parse_rate)]
@@ -253,11 +265,21 @@ pub struct BackupVmArgs {
     pub scratch_dir: Option<PathBuf>,
     /// The VM's QEMU command line (a JSON array, or one argument per line) when it cannot be
     /// read from the QEMU process (another PID namespace, another user)
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "libvirt")]
     pub vm_config: Option<PathBuf>,
     /// Internal: run as the capture guard of a vmkeep process (state on stdin)
     #[arg(long, hide = true)]
     pub guard: bool,
+}
+
+impl BackupVmArgs {
+    /// The VM's name in the repository: `--vm`, or the libvirt domain's.
+    pub fn vm_name(&self) -> String {
+        self.vm
+            .clone()
+            .or_else(|| self.libvirt.clone())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Args, Debug)]

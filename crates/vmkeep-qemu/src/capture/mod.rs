@@ -4,8 +4,8 @@
 //!
 //! Every driver implements [`vmkeep_io::VmSource`] (the order of calls is documented there):
 //! [`QmpCapture`] for a running VM through its QMP monitor, [`ImageCapture`] for image files
-//! through a qemu-storage-daemon we start. A libvirt driver implements the same trait; what is
-//! QMP-specific stays behind it.
+//! through a qemu-storage-daemon we start, and [`libvirt::LibvirtCapture`] for a domain through
+//! libvirt's backup API. What is QMP-specific stays behind the trait.
 //!
 //! Modules, in the order a capture runs them: [`leftovers`] (dead captures undone),
 //! [`disks`] and [`cbt`] (what to read), [`scratch`] (private directory, fd-passed images),
@@ -21,6 +21,7 @@ pub mod guard;
 pub mod hugepages;
 pub mod image;
 pub mod leftovers;
+pub mod libvirt;
 pub(crate) mod peer;
 pub mod scratch;
 pub mod session;

@@ -209,6 +209,22 @@ pub fn scan(base: &Path) -> (Vec<DeadCapture>, Vec<LiveCapture>) {
     (dead, live)
 }
 
+/// Whether `dir` is a capture's scratch directory whose capture is over: gone, or its lock
+/// free (its vmkeep and guard both dead).
+pub fn is_dead_capture_dir(dir: &Path) -> bool {
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(DIR_PREFIX));
+    if !named {
+        return false;
+    }
+    match OpenOptions::new().write(true).open(dir.join(LOCK_NAME)) {
+        Ok(lock) => flock(&lock, true).is_ok(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound && !dir.exists(),
+    }
+}
+
 /// Whether `socket` still has a listener (a VM behind it).
 pub fn monitor_alive(socket: &Path) -> bool {
     std::os::unix::net::UnixStream::connect(socket).is_ok()

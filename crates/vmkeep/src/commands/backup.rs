@@ -20,8 +20,11 @@ pub fn run(g: &Global, b: &BackupCommand) -> Result<u8> {
             image(g, a)
         }
         BackupCommand::Vm(a) => {
-            crate::metrics::set_vm(&a.vm);
-            vm(g, a)
+            crate::metrics::set_vm(&a.vm_name());
+            match &a.libvirt {
+                Some(domain) => libvirt(g, a, domain),
+                None => vm(g, a),
+            }
         }
     }
 }
@@ -118,8 +121,76 @@ fn capture_backup(
     }
 }
 
+fn freeze_of(mode: FreezeMode) -> vmkeep_qemu::capture::Freeze {
+    use vmkeep_qemu::capture::Freeze;
+    match mode {
+        FreezeMode::Auto => Freeze::Auto,
+        FreezeMode::On => Freeze::On,
+        FreezeMode::Off => Freeze::Off,
+    }
+}
+
+/// `backup vm --libvirt DOMAIN`: the disks through libvirt's backup API.
+fn libvirt(g: &Global, a: &BackupVmArgs, domain: &str) -> Result<u8> {
+    use vmkeep_qemu::capture::libvirt::{self, LibvirtCapture, LibvirtOptions, Virsh};
+    use vmkeep_qemu::capture::GuardCommand;
+    if a.guard {
+        let virsh = Virsh::new(a.connect.clone(), domain);
+        for line in libvirt::run_guard(&virsh, std::io::stdin().lock()) {
+            eprintln!("vmkeep guard: {line}");
+        }
+        return Ok(0);
+    }
+    if a.memory {
+        bail!(
+            "--memory with --libvirt is not supported yet: libvirt has no background-snapshot API, \
+             and vmkeep's path through its QMP passthrough is not built; \
+             back up the disks alone (without --memory)"
+        );
+    }
+    let mut args = vec![
+        "backup".into(),
+        "vm".into(),
+        "--libvirt".into(),
+        domain.into(),
+    ];
+    if let Some(uri) = &a.connect {
+        args.extend(["--connect".into(), uri.clone()]);
+    }
+    args.push("--guard".into());
+    let repo = open_repo(g)?;
+    let opts = LibvirtOptions {
+        domain: domain.to_string(),
+        uri: a.connect.clone(),
+        full: a.full,
+        freeze: freeze_of(a.freeze),
+        guard: Some(GuardCommand {
+            program: PathBuf::from("/proc/self/exe"),
+            args,
+            env: Vec::new(),
+        }),
+        scratch_dir: a.scratch_dir.clone(),
+        chain: chain_of(&repo),
+        chunk_size: repo.config().chunk_size as u64,
+    };
+    let bars = Bars::new(g.quiet);
+    let backup = BackupOptions {
+        vm: a.vm_name(),
+        ..Default::default()
+    };
+    let m = capture_backup(&repo, backup, &bars, &|parent| {
+        Ok(Box::new(LibvirtCapture::start(opts.clone(), parent)?))
+    })?;
+    report(g, &m)
+}
+
 fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
-    use vmkeep_qemu::capture::{run_guard, Freeze, GuardCommand};
+    use vmkeep_qemu::capture::{run_guard, GuardCommand};
+    let qmp = a
+        .qmp
+        .clone()
+        .expect("clap requires --qmp without --libvirt");
+    let vm_name = a.vm_name();
     if a.guard {
         // The guard of another vmkeep process: undo its capture if it dies (see capture::guard).
         for line in run_guard(std::io::stdin().lock()) {
@@ -134,25 +205,21 @@ fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
             "backup".into(),
             "vm".into(),
             "--qmp".into(),
-            a.qmp.display().to_string(),
+            qmp.display().to_string(),
             "--vm".into(),
-            a.vm.clone(),
+            vm_name.clone(),
             "--guard".into(),
         ],
         env: Vec::new(),
     });
     let repo = open_repo(g)?;
     let opts = CaptureOptions {
-        qmp: a.qmp.clone(),
+        qmp,
         full: a.full,
         suspend: a.suspend,
         memory: a.memory,
         memory_bandwidth: a.memory_bandwidth,
-        freeze: match a.freeze {
-            FreezeMode::Auto => Freeze::Auto,
-            FreezeMode::On => Freeze::On,
-            FreezeMode::Off => Freeze::Off,
-        },
+        freeze: freeze_of(a.freeze),
         guard,
         scratch_dir: a.scratch_dir.clone(),
         chain: chain_of(&repo),
@@ -161,7 +228,7 @@ fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
     };
     let bars = Bars::new(g.quiet);
     let backup = BackupOptions {
-        vm: a.vm.clone(),
+        vm: vm_name,
         ..Default::default()
     };
     let m = capture_backup(&repo, backup, &bars, &|parent| {
