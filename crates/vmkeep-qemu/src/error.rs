@@ -17,12 +17,19 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// The monitor accepted the connection but sent no greeting: another client holds it.
+    /// The monitor accepted the connection but sent no greeting: another client holds it
+    /// (`holder`: who, when it can be seen; `advice`: what to do).
     #[error(
-        "QMP socket {} is held by another client (libvirt?): no greeting within {timeout:?}",
-        path.display()
+        "QMP socket {} is held by another client{}: no greeting within {timeout:?}; {advice}",
+        path.display(),
+        holder.as_deref().map(|h| format!(" ({h})")).unwrap_or_default()
     )]
-    QmpBusy { path: PathBuf, timeout: Duration },
+    QmpBusy {
+        path: PathBuf,
+        timeout: Duration,
+        holder: Option<String>,
+        advice: String,
+    },
 
     /// QEMU answered a command with an error reply.
     #[error("QMP command {command} failed: {class}: {desc}")]

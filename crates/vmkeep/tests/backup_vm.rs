@@ -130,7 +130,11 @@ fn a_monitor_held_by_another_client_is_a_clear_error() {
         "took {:?}",
         start.elapsed()
     );
-    eprintln!("{line}");
+    assert!(
+        line.contains(&format!("pid {}", std::process::id())),
+        "the holder (this test) is not named: {line}"
+    );
+    assert!(line.contains("a monitor of its own"), "{line}");
     drop(holder);
     // Free again: the backup works and nothing was stored by the refused one.
     let b = backup_vm(&repo, &vm, &[]);

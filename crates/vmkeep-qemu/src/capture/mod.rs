@@ -8,12 +8,14 @@
 //! libvirt's backup API. What is QMP-specific stays behind the trait.
 //!
 //! Modules, in the order a capture runs them: [`leftovers`] (dead captures undone),
+//! [`coexist`] (another party's block job named),
 //! [`disks`] and [`cbt`] (what to read), [`scratch`] (private directory, fd-passed images),
 //! [`undo`] (the log every step writes first) and [`guard`], [`cut`] (the phases that change
 //! the VM), [`session`] (the driver), [`executor`] (the one undo).
 
 pub mod agent;
 pub mod cbt;
+pub mod coexist;
 pub mod cut;
 pub mod disks;
 pub mod executor;

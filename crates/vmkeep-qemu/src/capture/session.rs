@@ -112,6 +112,10 @@ impl QmpCapture {
                 .for_each(|d| warn!("leftover of an interrupted capture: {d}")),
             Err(e) => warn!(error = %e, "cannot look for leftovers of interrupted captures"),
         }
+        if let Err(e) = rt.block_on(super::coexist::refuse_foreign_jobs(&qmp)) {
+            rt.block_on(qmp.close());
+            return Err(e);
+        }
         let pid = super::peer::listener_pid(&opts.qmp);
         let vm_disks = match rt.block_on(disks::list_disks(&qmp)) {
             Ok(d) => d,

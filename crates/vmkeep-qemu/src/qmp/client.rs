@@ -137,9 +137,14 @@ impl QmpClient {
             read_line(&mut r, &mut line, opts.max_line),
         )
         .await
-        .map_err(|_| Error::QmpBusy {
-            path: path.clone(),
-            timeout: opts.greeting_timeout,
+        .map_err(|_| {
+            let holder = super::holder::monitor_holder(&path);
+            Error::QmpBusy {
+                advice: super::holder::advice(&path, holder.as_ref()),
+                holder: holder.map(|h| format!("{}, pid {}", h.name, h.pid)),
+                path: path.clone(),
+                timeout: opts.greeting_timeout,
+            }
         })??;
         if !got {
             return Err(Error::QmpClosed {

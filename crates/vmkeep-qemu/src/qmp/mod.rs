@@ -14,6 +14,7 @@
 mod client;
 mod commands;
 mod fdpass;
+pub mod holder;
 
 pub use client::{EventStream, QmpClient, QmpEvent, QmpGreeting, QmpOptions};
 pub use commands::{
