@@ -69,7 +69,7 @@ install_rustic() {
 }
 # libvirt (9.0 from bookworm; the daemons are started by the libvirt tests themselves, since
 # machines without systemd never start them): the `backup vm --libvirt` tests and benchmark.
-pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd python3 python3-venv strace iproute2
+pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd python3 python3-venv strace iproute2 systemd
   libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu)
 case "$what" in
   test) ;;

@@ -99,6 +99,112 @@ pub enum Command {
     /// Manage the tokens of `vmkeep serve`
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Scheduled backup jobs as systemd timers: add, list, remove, run
+    #[command(subcommand)]
+    Schedule(ScheduleCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Write a job's systemd service and timer (and enable the timer where systemd runs)
+    Add(Box<ScheduleAddArgs>),
+    /// The jobs: next run, last result and duration
+    List,
+    /// Stop and delete a job's units
+    Remove {
+        /// The job's name
+        name: String,
+    },
+    /// Run a job now, as its timer does: backup, prune, replicate; skipped when the previous
+    /// run still runs, or (with --when-changed) when it is not due
+    Run {
+        /// The job's name
+        name: String,
+        /// Run even if --when-changed finds too little change
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ScheduleAddArgs {
+    /// The job's name (letters, digits, `-`, `_`, `.`): units vmkeep-NAME.service/.timer
+    pub name: String,
+    /// The VM's QMP socket
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        required_unless_present = "libvirt",
+        conflicts_with = "libvirt"
+    )]
+    pub qmp: Option<PathBuf>,
+    /// A libvirt domain
+    #[arg(long, value_name = "DOMAIN")]
+    pub libvirt: Option<String>,
+    /// libvirt's connection URI
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    pub connect: Option<String>,
+    /// VM name (with --libvirt: the domain's name by default)
+    #[arg(long, required_unless_present = "libvirt")]
+    pub vm: Option<String>,
+    /// How often: 15s, 5m, 1h, 1d
+    #[arg(long, value_name = "PERIOD", value_parser = parse_period)]
+    pub every: u64,
+    /// Also back up early once the guest wrote this much since the last backup (the dirty
+    /// bitmaps' counts, checked every --check-every)
+    #[arg(long, value_name = "SIZE", value_parser = crate::size::parse_size)]
+    pub when_changed: Option<u64>,
+    /// With --when-changed: how often to look at the amount of change [default: 1m, or
+    /// --every if shorter]
+    #[arg(long, value_name = "PERIOD", value_parser = parse_period, requires = "when_changed")]
+    pub check_every: Option<u64>,
+    /// Capture RAM and device state too
+    #[arg(long)]
+    pub memory: bool,
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
+    pub keep_last: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
+    pub keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
+    pub keep_daily: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
+    pub keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
+    pub keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
+    pub keep_yearly: Option<u32>,
+    /// After each backup, replicate the VM's restore points to this repository
+    #[arg(long, value_name = "REPO")]
+    pub replicate_to: Option<String>,
+    /// Write each step's --metrics-file here (vmkeep-NAME-backup.prom, ...), e.g. the node
+    /// exporter's textfile directory
+    #[arg(long, value_name = "DIR")]
+    pub metrics_dir: Option<PathBuf>,
+    /// Print the units and write nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `15s`, `5m`, `1h`, `1d` (or plain seconds) to seconds.
+fn parse_period(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a period (try 15s, 5m, 1h, 1d)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?} has an unknown unit (use s, m, h or d)")),
+    };
+    match n.checked_mul(mult) {
+        Some(v) if v >= 15 => Ok(v),
+        Some(_) => Err(format!("{s:?} is shorter than 15 s, the shortest period")),
+        None => Err(format!("{s:?} is too long")),
+    }
 }
 
 #[derive(Args, Debug)]

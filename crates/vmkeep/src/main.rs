@@ -27,8 +27,7 @@ fn main() -> ExitCode {
             if output::is_broken_pipe(&e) {
                 return ExitCode::SUCCESS;
             }
-            // One line: the error and its causes.
-            eprintln!("vmkeep: error: {}", format!("{e:#}").replace('\n', " "));
+            eprintln!("vmkeep: error: {}", output::error_line(&e));
             ExitCode::FAILURE
         }
     }

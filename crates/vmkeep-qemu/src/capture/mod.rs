@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod cbt;
+pub mod changed;
 pub mod coexist;
 pub mod cut;
 pub mod disks;

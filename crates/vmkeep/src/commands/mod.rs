@@ -12,6 +12,7 @@ mod recover;
 mod repair;
 mod replicate;
 mod restore;
+mod schedule;
 mod serve;
 mod snapshots;
 mod verify;
@@ -65,6 +66,7 @@ fn command_name(c: &Command) -> &'static str {
         Command::Repair(_) => "repair",
         Command::Serve(_) => "serve",
         Command::Token(_) => "token",
+        Command::Schedule(_) => "schedule",
     }
 }
 
@@ -90,5 +92,6 @@ fn run_command(cli: Cli) -> Result<u8> {
         Command::Repair(r) => repair::run(g, &r),
         Command::Serve(a) => serve::serve(g, &a),
         Command::Token(c) => serve::token(g, &c),
+        Command::Schedule(c) => schedule::run(g, &c),
     }
 }

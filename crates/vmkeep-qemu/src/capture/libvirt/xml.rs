@@ -165,6 +165,19 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointInfo> {
     })
 }
 
+/// The bytes changed since a checkpoint, summed over its disks (`checkpoint-dumpxml --size`
+/// gives each disk's `size`).
+pub fn checkpoint_size(xml: &str) -> Result<u64> {
+    let doc = parse(xml, "a checkpoint")?;
+    let disks = child(doc.root_element(), "disks");
+    Ok(disks
+        .into_iter()
+        .flat_map(|ds| ds.children())
+        .filter(|d| d.has_tag_name("disk"))
+        .filter_map(|d| d.attribute("size").and_then(|s| s.parse::<u64>().ok()))
+        .sum())
+}
+
 /// A running backup job (`virsh backup-dumpxml`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BackupJob {
@@ -344,6 +357,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.parent.as_deref(), Some("vmkeep-ab-1"));
+        let sized = "<domaincheckpoint><name>c</name><disks><disk name='vda' checkpoint='bitmap' size='65536'/>\
+                     <disk name='vdb' checkpoint='bitmap' size='131072'/></disks></domaincheckpoint>";
+        assert_eq!(checkpoint_size(sized).unwrap(), 196608);
         assert_eq!(c.bitmap_disks, vec!["vda".to_string()]);
         let j = parse_backup_job(
             "<domainbackup mode='pull'><server transport='unix' socket='/tmp/x/nbd.sock'/><disks>\
