@@ -12,6 +12,7 @@
 mod auth;
 mod error;
 pub mod glob;
+mod metrics;
 mod objects;
 mod packlists;
 mod reply;

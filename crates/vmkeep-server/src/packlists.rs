@@ -150,6 +150,25 @@ impl PackLists {
         self.entries.get(name).map(|e| e.vm.as_deref())
     }
 
+    /// Per VM: how many restore points (pack lists) and when the newest was written. Pack
+    /// lists that do not parse are left out.
+    pub(crate) fn per_vm(&self) -> Vec<(String, u64, SystemTime)> {
+        let mut by: HashMap<&str, (u64, SystemTime)> = HashMap::new();
+        for e in self.entries.values() {
+            if let Some(vm) = e.vm.as_deref() {
+                let slot = by.entry(vm).or_insert((0, SystemTime::UNIX_EPOCH));
+                slot.0 += 1;
+                slot.1 = slot.1.max(e.modified);
+            }
+        }
+        let mut out: Vec<_> = by
+            .into_iter()
+            .map(|(vm, (n, t))| (vm.to_string(), n, t))
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Whether a pack list of a VM `in_scope` accepts names `pack`.
     pub(crate) fn names_pack_for(&self, pack: &str, in_scope: impl Fn(&str) -> bool) -> bool {
         self.packs

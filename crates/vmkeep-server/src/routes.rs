@@ -39,16 +39,18 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v1/{repo}/temporaries", any(temporaries))
         .route("/v1/{repo}/temporaries/remove", any(remove_temporaries))
         .route("/v1/{repo}/whoami", any(whoami))
+        .route("/metrics", any(metrics))
         .fallback(fallback)
         .layer(DefaultBodyLimit::disable())
-        .layer(middleware::from_fn(log))
+        .layer(middleware::from_fn_with_state(app.clone(), log))
         .with_state(app)
 }
 
-async fn log(req: Request, next: Next) -> Response {
+async fn log(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let resp = next.run(req).await;
+    app.requests.count(resp.status().as_u16());
     let token = resp
         .extensions()
         .get::<TokenId>()
@@ -454,6 +456,31 @@ async fn whoami(
         },
     )
     .await
+}
+
+/// `GET /metrics` (PROTOCOL.md §4.4): any valid token; its VM scope filters the figures.
+async fn metrics(State(app): State<Arc<App>>, method: Method, headers: HeaderMap) -> Response {
+    let p = match authenticate(&app, &headers) {
+        Ok(p) => p,
+        Err(e) => return respond(None, Err(e)),
+    };
+    if method != Method::GET {
+        return respond(Some(&p), Err(no_route()));
+    }
+    let who = p.clone();
+    let r = blocking(move || {
+        let text = crate::metrics::render(&app, &who).map_err(ApiError::internal)?;
+        Ok((
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response())
+    })
+    .await;
+    respond(Some(&p), r)
 }
 
 async fn fallback(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {

@@ -29,6 +29,8 @@ pub(crate) fn valid_repo_name(name: &str) -> bool {
 pub(crate) struct App {
     pub dir: PathBuf,
     pub tokens: TokenStore,
+    /// Requests answered, for `/metrics`.
+    pub requests: crate::metrics::Requests,
     repos: Mutex<HashMap<String, Arc<Repo>>>,
 }
 
@@ -50,6 +52,7 @@ impl App {
         App {
             dir,
             tokens,
+            requests: Default::default(),
             repos: Mutex::new(HashMap::new()),
         }
     }

@@ -498,3 +498,77 @@ impl OutputAsync for std::process::Command {
         std::thread::spawn(move || child.wait_with_output().unwrap())
     }
 }
+
+/// `GET https://ADDR/metrics` with `token` (curl; the certificate is not what this checks).
+fn scrape(s: &Served, token: Option<&str>) -> (u16, String) {
+    let mut c = std::process::Command::new(vmkeep_testkit::process::require("curl"));
+    c.args(["-sk", "-w", "\n%{http_code}"]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = c
+        .arg(format!("https://{}/metrics", s.addr))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+#[test]
+fn metrics_show_each_token_its_own_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = Served::start(&d.join("srv"));
+    let admin = s.token("*", "admin");
+    let web_read = s.token("web", "read");
+    json(s.client(&s.url("site"), &admin).args(["init", "--encrypt"]));
+    let img = d.join("a.img");
+    write(&img, &random_bytes(MIB, 7));
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    for vm in ["web", "web", "db"] {
+        backup_img(&mut s.client(&s.url("site"), &admin), vm, &img);
+    }
+
+    let (code, text) = scrape(&s, Some(&admin));
+    assert_eq!(code, 200, "{text}");
+    assert!(
+        text.contains("vmkeep_restore_points{repository=\"site\",vm=\"web\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vmkeep_restore_points{repository=\"site\",vm=\"db\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("vmkeep_server_repositories 1"), "{text}");
+    assert!(
+        text.contains("vmkeep_server_requests_total{class=\"2xx\"}"),
+        "{text}"
+    );
+    let newest: f64 = text
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "vmkeep_last_restore_point_timestamp_seconds{repository=\"site\",vm=\"web\"}",
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .expect("the web VM's newest restore point time");
+    assert!(newest >= before.floor() - 1.0, "{newest} < {before}");
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics text ends with # EOF"
+    );
+
+    // A token scoped to one VM sees that VM only; no token, no metrics.
+    let (code, text) = scrape(&s, Some(&web_read));
+    assert_eq!(code, 200);
+    assert!(text.contains("vm=\"web\""), "{text}");
+    assert!(!text.contains("vm=\"db\""), "a web token saw db: {text}");
+    assert_eq!(scrape(&s, None).0, 401);
+    assert_eq!(scrape(&s, Some("vmk_0000000000000000_00")).0, 401);
+}
