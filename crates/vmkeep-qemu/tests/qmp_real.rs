@@ -130,10 +130,10 @@ async fn monitor_held_by_another_client_is_detected() {
     );
     assert!(matches!(e, Error::QmpBusy { .. }), "{e}");
     let msg = e.to_string();
-    assert!(
-        msg.contains("is held by another client (libvirt?)"),
-        "{msg}"
-    );
+    // The holder is this test process itself, which the message does not name (it looks for
+    // a process other than the one connecting); the way out is always there.
+    assert!(msg.contains("is held by another client: "), "{msg}");
+    assert!(msg.contains("a monitor of its own"), "{msg}");
     assert!(msg.contains(&sock.display().to_string()), "{msg}");
     // Once the holder goes away, the monitor is free again.
     first.close().await;

@@ -161,18 +161,8 @@ pub struct ScheduleAddArgs {
     /// Capture RAM and device state too
     #[arg(long)]
     pub memory: bool,
-    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
-    pub keep_last: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
-    pub keep_hourly: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
-    pub keep_daily: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
-    pub keep_weekly: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
-    pub keep_monthly: Option<u32>,
-    #[arg(long, value_name = "N", value_parser = parse_keep_count)]
-    pub keep_yearly: Option<u32>,
+    #[command(flatten)]
+    pub keep: KeepArgs,
     /// After each backup, replicate the VM's restore points to this repository
     #[arg(long, value_name = "REPO")]
     pub replicate_to: Option<String>,
@@ -570,11 +560,9 @@ pub struct ForgetArgs {
     pub snapshots: Vec<String>,
 }
 
-#[derive(Args, Debug)]
-pub struct PruneArgs {
-    /// Only this VM's restore points
-    #[arg(long)]
-    pub vm: Option<String>,
+/// The retention policy's `--keep-*` counts (prune, and scheduled jobs).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct KeepArgs {
     /// Keep the N newest restore points (`unlimited`: all)
     #[arg(long, value_name = "N", value_parser = parse_keep_count)]
     pub keep_last: Option<u32>,
@@ -593,6 +581,15 @@ pub struct PruneArgs {
     /// Keep the newest point of each of the N newest years that have one
     #[arg(long, value_name = "N", value_parser = parse_keep_count)]
     pub keep_yearly: Option<u32>,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Only this VM's restore points
+    #[arg(long)]
+    pub vm: Option<String>,
+    #[command(flatten)]
+    pub keep: KeepArgs,
     /// Print the plan and change nothing
     #[arg(long)]
     pub dry_run: bool,

@@ -80,8 +80,9 @@ fn a_when_changed_job_runs_when_due_and_never_twice() {
     );
 
     // Right after: too little change.
-    let out = stdout(sched(&repo, d).args(["schedule", "run", "hourly"]));
-    assert!(out.contains("not due"), "{out}");
+    let nd = json(sched(&repo, d).args(["schedule", "run", "hourly"]));
+    assert_eq!(nd["status"], "not-due", "{nd}");
+    assert!(nd["changed_bytes"].as_u64().unwrap() < 4 << 20, "{nd}");
     assert_eq!(snapshots(&repo).len(), 1);
 
     // The guest writes 4 KiB per counter step, each dirtying another 64 KiB cluster: 100 steps

@@ -209,14 +209,17 @@ pub fn scan(base: &Path) -> (Vec<DeadCapture>, Vec<LiveCapture>) {
     (dead, live)
 }
 
+/// Whether `dir` is named as a capture's scratch directory.
+pub fn is_capture_dir_name(dir: &Path) -> bool {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with(DIR_PREFIX))
+}
+
 /// Whether `dir` is a capture's scratch directory whose capture is over: gone, or its lock
 /// free (its vmkeep and guard both dead).
 pub fn is_dead_capture_dir(dir: &Path) -> bool {
-    let named = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with(DIR_PREFIX));
-    if !named {
+    if !is_capture_dir_name(dir) {
         return false;
     }
     match OpenOptions::new().write(true).open(dir.join(LOCK_NAME)) {

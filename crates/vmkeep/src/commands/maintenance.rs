@@ -31,12 +31,12 @@ pub fn forget(g: &Global, a: &ForgetArgs) -> Result<u8> {
 pub fn prune(g: &Global, a: &PruneArgs) -> Result<u8> {
     let repo = open_repo(g)?;
     let policy = RetentionPolicy {
-        last: a.keep_last,
-        hourly: a.keep_hourly,
-        daily: a.keep_daily,
-        weekly: a.keep_weekly,
-        monthly: a.keep_monthly,
-        yearly: a.keep_yearly,
+        last: a.keep.keep_last,
+        hourly: a.keep.keep_hourly,
+        daily: a.keep.keep_daily,
+        weekly: a.keep.keep_weekly,
+        monthly: a.keep.keep_monthly,
+        yearly: a.keep.keep_yearly,
     };
     let plan = repo.prune_plan(&PruneOptions {
         vm: a.vm.clone(),

@@ -5,8 +5,8 @@
 //! 1. The domain must be running, with no job of its own. A backup job whose NBD socket lies
 //!    in the scratch directory of a dead vmkeep is that vmkeep's leftover, and is aborted.
 //!    Any other job is someone else's, and the capture refuses, naming it.
-//! 2. A private scratch directory is made, owned by the user QEMU runs as, since QEMU binds
-//!    the NBD socket there itself. The guard is started (see [`super::guard`]).
+//! 2. A private scratch directory is made (see [`open_to_qemu`] for what QEMU's user may do
+//!    in it: QEMU binds the NBD socket itself). The guard is started (see [`super::guard`]).
 //! 3. Each disk's change tracking is decided ([`super::tracking`]).
 //! 4. Cut: `virsh backup-begin` with a pull-mode backup and a new checkpoint of this
 //!    repository's chain. libvirt takes every disk's point in time in one QEMU transaction,
@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::runtime::Runtime;
@@ -112,18 +112,7 @@ impl LibvirtCapture {
         let base = opts.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
         let token = crate::capture::token();
         let scratch = Scratch::create(&base, &token)?;
-        if let Some((uid, gid)) = domain.qemu_user {
-            // QEMU binds the NBD socket in the directory itself, as its own user.
-            std::os::unix::fs::chown(scratch.dir(), Some(uid), Some(gid))
-                .map_err(|e| Error::io("hand the scratch directory to QEMU's user", e))?;
-        }
-        let socket = scratch.dir().join("nbd.sock");
-        if socket.as_os_str().len() >= 100 {
-            return Err(Error::Refused(format!(
-                "the scratch path {} is too long for the NBD socket libvirt creates; choose a shorter one with --scratch-dir",
-                scratch.dir().display()
-            )));
-        }
+        let socket = scratch.dir().join("nbd").join("nbd.sock");
         let guard = opts
             .guard
             .as_ref()
@@ -146,7 +135,8 @@ impl LibvirtCapture {
             ended: false,
         };
         let dir = c.scratch.as_ref().expect("made above").dir().to_path_buf();
-        c.tell(GuardLine::Scratch(dir));
+        c.tell(GuardLine::Scratch(dir.clone()));
+        open_to_qemu(&dir, &c.socket, c.domain.qemu_user)?;
         c.disks = c.plan_disks(parent)?;
         if c.disks.is_empty() {
             return Err(Error::Refused(format!(
@@ -466,6 +456,31 @@ impl LibvirtCapture {
     }
 }
 
+/// What QEMU, running as the domain's user, needs of the scratch directory: to reach the
+/// scratch images libvirt creates in it (the directory becomes 0711: passable, not listable
+/// nor writable), and to bind the NBD socket itself, in a subdirectory of its own. Nothing
+/// else in the directory is QEMU's to change: a compromised QEMU must not be able to replace
+/// the XML libvirt reads as root, nor plant a link where libvirt creates a scratch image.
+fn open_to_qemu(dir: &Path, socket: &Path, user: Option<(u32, u32)>) -> Result<()> {
+    if socket.as_os_str().len() >= 100 {
+        return Err(Error::Refused(format!(
+            "the scratch path {} is too long for the NBD socket libvirt creates; choose a shorter one with --scratch-dir",
+            dir.display()
+        )));
+    }
+    let nbd = socket.parent().expect("the socket is in a folder");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(nbd)
+        .map_err(|e| Error::io("create the NBD socket's folder", e))?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(nbd, Some(uid), Some(gid))
+            .map_err(|e| Error::io("hand the NBD socket's folder to QEMU's user", e))?;
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| Error::io("open the scratch directory to QEMU", e))
+}
+
 /// Deletes a checkpoint, merging its bitmap into its parent's. A checkpoint whose bitmap QEMU
 /// lost can only lose its metadata.
 pub(crate) fn delete_checkpoint(virsh: &Virsh, name: &str) {
@@ -515,11 +530,12 @@ fn settle_running_job(virsh: &Virsh, domain: &str) -> Result<()> {
             socket: None,
             exports: Vec::new(),
         });
+    // The socket is DIR/nbd/nbd.sock in a capture's scratch directory DIR.
     if let Some(dir) = job
         .socket
         .as_deref()
         .map(Path::new)
-        .and_then(Path::parent)
+        .and_then(|s| s.ancestors().find(|a| scratch::is_capture_dir_name(a)))
         .filter(|d| scratch::is_dead_capture_dir(d))
     {
         warn!(dir = %dir.display(), "aborting the backup job a killed vmkeep left on the domain");

@@ -58,12 +58,12 @@ fn add(g: &Global, a: &ScheduleAddArgs) -> Result<u8> {
     // The job must work when the timer fires: the repository opens now, with what it will have.
     crate::context::open_repo(g).context("the job's repository does not open")?;
     let keep: Vec<(String, u32)> = [
-        ("last", a.keep_last),
-        ("hourly", a.keep_hourly),
-        ("daily", a.keep_daily),
-        ("weekly", a.keep_weekly),
-        ("monthly", a.keep_monthly),
-        ("yearly", a.keep_yearly),
+        ("last", a.keep.keep_last),
+        ("hourly", a.keep.keep_hourly),
+        ("daily", a.keep.keep_daily),
+        ("weekly", a.keep.keep_weekly),
+        ("monthly", a.keep.keep_monthly),
+        ("yearly", a.keep.keep_yearly),
     ]
     .into_iter()
     .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))

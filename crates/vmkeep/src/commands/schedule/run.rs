@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 
 use super::job::{self, Job, LastRun};
 use crate::args::Global;
-use crate::output::print_line;
+use crate::output::{print_json, print_line};
 use crate::size::human;
 
 pub fn run(g: &Global, name: &str, force: bool) -> Result<u8> {
@@ -48,7 +48,11 @@ pub fn run(g: &Global, name: &str, force: bool) -> Result<u8> {
             ..Default::default()
         }
         .save(name)?;
-        print_line(&msg)?;
+        say(
+            g,
+            &msg,
+            serde_json::json!({"job": name, "status": "skipped", "message": msg}),
+        )?;
         return Ok(0);
     }
     let trigger = match due(g, &job, previous.as_ref(), now, force)? {
@@ -68,7 +72,7 @@ pub fn run(g: &Global, name: &str, force: bool) -> Result<u8> {
     } else {
         previous.as_ref().and_then(|p| p.last_backup_start.clone())
     };
-    LastRun {
+    let result = LastRun {
         status: status.into(),
         start: stamp,
         seconds,
@@ -76,15 +80,18 @@ pub fn run(g: &Global, name: &str, force: bool) -> Result<u8> {
         restore_point: restore_point.clone(),
         message: message.clone(),
         last_backup_start,
-    }
-    .save(name)?;
-    match outcome {
-        Ok(_) => print_line(&format!(
+    };
+    result.save(name)?;
+    let line = match outcome {
+        Ok(_) => format!(
             "job {name}: restore point {} ({trigger}) in {seconds:.1} s",
             restore_point.as_deref().unwrap_or("?")
-        ))?,
-        Err((_, msg)) => print_line(&format!("job {name} failed: {msg}"))?,
-    }
+        ),
+        Err((_, msg)) => format!("job {name} failed: {msg}"),
+    };
+    let mut v = serde_json::to_value(&result)?;
+    v["job"] = name.into();
+    say(g, &line, v)?;
     drop(lock);
     Ok(code)
 }
@@ -120,16 +127,30 @@ fn due(
     if changed >= threshold {
         return Ok(Some(format!("{} changed", human(changed))));
     }
-    print_line(&format!(
-        "job {}: not due ({} changed of {}, next by time {})",
-        job.name,
-        human(changed),
-        human(threshold),
-        (last + chrono::Duration::seconds(job.every_seconds as i64))
-            .with_timezone(&chrono::Utc)
-            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-    ))?;
+    let next = (last + chrono::Duration::seconds(job.every_seconds as i64))
+        .with_timezone(&chrono::Utc)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    say(
+        g,
+        &format!(
+            "job {}: not due ({} changed of {}, next by time {next})",
+            job.name,
+            human(changed),
+            human(threshold),
+        ),
+        serde_json::json!({"job": job.name, "status": "not-due", "changed_bytes": changed,
+                           "when_changed_bytes": threshold, "next_by_time": next}),
+    )?;
     Ok(None)
+}
+
+/// A line for people, or with --json one document for scripts.
+fn say(g: &Global, line: &str, v: serde_json::Value) -> Result<()> {
+    if g.json {
+        print_json(&v)
+    } else {
+        print_line(line)
+    }
 }
 
 /// Bytes the guest wrote since this repository's latest checkpoint.
