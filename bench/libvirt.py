@@ -7,8 +7,9 @@ and started under the system's libvirt (libvirtd started here, without /dev/kvm,
 
 Per repetition, for each tool in turn (the order rotates each repetition), from a domain with
 no checkpoints:
-  full backup; 1% of the disk rewritten (328 random 64 KiB writes through QEMU's qemu-io, via
-  libvirt's monitor passthrough, identical for every tool); incremental; restore of the latest
+  full backup; 1% of the disk rewritten (328 pieces of 64 KiB of random data at random
+  offsets, through QEMU's qemu-io via libvirt's monitor passthrough; fresh data for every run,
+  the same amount for every tool); incremental; restore of the latest
   point to qcow2; the restored image compared with the live disk (`qemu-img compare -U`).
 Tools: `vmkeep backup vm --libvirt` (a fresh unencrypted repository, zstd; `restore --format
 qcow2`), `virtnbdbackup -l full|inc` and `virtnbdrestore` (default), and the same with `-z`.
@@ -164,13 +165,32 @@ def delete_checkpoints():
             virsh("checkpoint-delete", DOMAIN, n, "--metadata")
 
 
-def random_writes(seed: int):
-    """1% of the disk rewritten in 64 KiB pieces through QEMU's qemu-io (monitor passthrough)."""
+QDEV = "/machine/peripheral/virtio-disk0/virtio-backend"
+
+
+def hmp_qemu_io(command: str) -> str:
+    """qemu-io on the guest's disk device through libvirt's monitor passthrough. HMP reports
+    errors as text with success, so any output but qemu-io's own is an error here."""
+    out = virsh("qemu-monitor-command", DOMAIN, "--hmp", f'qemu-io -d {QDEV} "{command}"').strip()
+    if "rror" in out or "conflict" in out or "failed" in out or "not found" in out:
+        raise RuntimeError(f"qemu-io {command}: {out}")
+    return out
+
+
+def random_writes(seed: int, work: Path):
+    """1% of the disk rewritten with random data in 64 KiB pieces at random offsets, through
+    QEMU's qemu-io (monitor passthrough) reading each piece from a file (`write -s`), so the
+    change is as incompressible and unique as real data."""
     rng = random.Random(seed)
+    src = work / "writes"
+    src.mkdir(exist_ok=True)
+    os.chmod(src, 0o755)
     for i in range(WRITES):
         off = rng.randrange(DISK_SIZE // 65536) * 65536
-        virsh("qemu-monitor-command", DOMAIN, "--hmp",
-              f'qemu-io -d virtio-disk0 "write -P {(seed + i) % 251 + 1} {off} 64k"')
+        piece = src / f"{i}.bin"
+        piece.write_bytes(rng.randbytes(65536))
+        os.chmod(piece, 0o644)  # QEMU runs as libvirt's user
+        hmp_qemu_io(f"write -s {piece} {off} 64k")
 
 
 def define_domain(work: Path, guest: Path, disk: Path):
@@ -208,6 +228,9 @@ def define_domain(work: Path, guest: Path, disk: Path):
 
 
 def same_as_live(restored: Path, live: Path) -> bool:
+    # QEMU keeps qcow2 metadata (new clusters' L2 entries) in its cache: without a flush, a
+    # reader of the image file beside it (-U) sees the new clusters as holes.
+    hmp_qemu_io("flush")
     r = subprocess.run(["qemu-img", "compare", "-U", str(restored), str(live)], capture_output=True, text=True)
     if r.returncode != 0:
         bl.log(f"MISMATCH {restored}: {r.stdout.strip()} {r.stderr.strip()}")
@@ -245,7 +268,9 @@ def one_tool(args, tool: str, rep: int, work: Path, live: Path) -> dict:
         restored = base / "restored" / "vda"
     for step, cmd in steps.items():
         if step == "incremental":
-            random_writes(1000 + rep)
+            # Fresh data for every run: the same seed for two tools of a repetition would
+            # rewrite the second one's disk with bytes its full backup already holds.
+            random_writes(1000 + 10 * rep + TOOLS.index(tool), work)
         before = dir_bytes(stored_dir) if stored_dir.exists() else 0
         r = run_measured(cmd, env=env)
         r["stored_bytes"] = (dir_bytes(stored_dir) - before) if step != "restore" else None
@@ -254,6 +279,9 @@ def one_tool(args, tool: str, rep: int, work: Path, live: Path) -> dict:
             r["read_bytes"] = j["stats"]["read_bytes"]
             r["pause_ms"] = j["pause_ms"]
             r["cbt"] = [d["cbt"] for d in j["disks"]]
+        if tool == "vmkeep" and step == "incremental" and r["rc"] == 0 and not r.get("read_bytes"):
+            r["rc"] = -1
+            r["stderr"] += "\nthe incremental read nothing: the random writes did not land"
         rec[step] = r
         if r["rc"] != 0:
             rec["failed"] = step
@@ -355,7 +383,7 @@ def main(argv=None):
             "libvirt": bl.tool_version(["virsh", "--version"]), "reps": args.reps}
     head = (f"# vmkeep --libvirt vs virtnbdbackup ({time.strftime('%Y-%m-%d %H:%M')}, medians of {args.reps}, "
             f"load {meta['loadavg']})\n\nDomain: 2 GiB qcow2, {bl.fmt_bytes(prep.get('prefill_bytes'))} of data; "
-            f"incremental after {WRITES} x 64 KiB random writes; virtnbdbackup {meta['virtnbdbackup']}, libvirt {meta['libvirt']}.\n\n")
+            f"incremental after {WRITES} x 64 KiB writes of random data; virtnbdbackup {meta['virtnbdbackup']}, libvirt {meta['libvirt']}.\n\n")
     tail = "\n" + ("Targets missed: " + "; ".join(misses) if misses else "All targets met; every restore equals the live disk.") + "\n"
     print(head + md + tail)
     bl.write_results("libvirt", {"meta": meta, "runs": runs, "medians": med, "misses": misses}, head + md + tail)

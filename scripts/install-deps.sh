@@ -74,7 +74,7 @@ pkgs=(e2fsprogs cpio busybox-static libnbd-bin qemu-utils zstd python3 python3-v
 case "$what" in
   test) ;;
   servers) install_servers; exit 0 ;;
-  bench|all) pkgs+=(restic borgbackup time) ;;
+  bench|all) pkgs+=(restic borgbackup time virtnbdbackup) ;;
   *) echo "usage: $0 [test|servers|bench|all]" >&2; exit 2 ;;
 esac
 
