@@ -130,23 +130,8 @@ pub enum ScheduleCommand {
 pub struct ScheduleAddArgs {
     /// The job's name (letters, digits, `-`, `_`, `.`): units vmkeep-NAME.service/.timer
     pub name: String,
-    /// The VM's QMP socket
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        required_unless_present = "libvirt",
-        conflicts_with = "libvirt"
-    )]
-    pub qmp: Option<PathBuf>,
-    /// A libvirt domain
-    #[arg(long, value_name = "DOMAIN")]
-    pub libvirt: Option<String>,
-    /// libvirt's connection URI
-    #[arg(long, value_name = "URI", requires = "libvirt")]
-    pub connect: Option<String>,
-    /// VM name (with --libvirt: the domain's name by default)
-    #[arg(long, required_unless_present = "libvirt")]
-    pub vm: Option<String>,
+    #[command(flatten)]
+    pub source: VmSourceArgs,
     /// How often: 15s, 5m, 1h, 1d
     #[arg(long, value_name = "PERIOD", value_parser = parse_period)]
     pub every: u64,
@@ -319,23 +304,8 @@ pub enum FreezeMode {
 
 #[derive(Args, Debug)]
 pub struct BackupVmArgs {
-    /// The VM's QMP socket (a unix socket no other client holds)
-    #[arg(
-        long,
-        value_name = "SOCKET",
-        required_unless_present = "libvirt",
-        conflicts_with = "libvirt"
-    )]
-    pub qmp: Option<PathBuf>,
-    /// A libvirt domain (name or UUID), backed up through libvirt's backup API
-    #[arg(long, value_name = "DOMAIN")]
-    pub libvirt: Option<String>,
-    /// libvirt's connection URI (default: virsh's, usually qemu:///system)
-    #[arg(long, value_name = "URI", requires = "libvirt")]
-    pub connect: Option<String>,
-    /// VM name (with --libvirt: the domain's name by default)
-    #[arg(long, required_unless_present = "libvirt")]
-    pub vm: Option<String>,
+    #[command(flatten)]
+    pub source: VmSourceArgs,
     /// Ignore change tracking: read every allocated chunk (tracking restarts from this backup)
     #[arg(long)]
     pub full: bool,
@@ -368,7 +338,29 @@ pub struct BackupVmArgs {
     pub guard: bool,
 }
 
-impl BackupVmArgs {
+/// Which running VM: through its QMP monitor, or a libvirt domain (backup vm, schedule add).
+#[derive(Args, Debug, Clone)]
+pub struct VmSourceArgs {
+    /// The VM's QMP socket (a unix socket no other client holds)
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        required_unless_present = "libvirt",
+        conflicts_with = "libvirt"
+    )]
+    pub qmp: Option<PathBuf>,
+    /// A libvirt domain (name or UUID), backed up through libvirt's backup API
+    #[arg(long, value_name = "DOMAIN")]
+    pub libvirt: Option<String>,
+    /// libvirt's connection URI (default: virsh's, usually qemu:///system)
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    pub connect: Option<String>,
+    /// VM name (with --libvirt: the domain's name by default)
+    #[arg(long, required_unless_present = "libvirt")]
+    pub vm: Option<String>,
+}
+
+impl VmSourceArgs {
     /// The VM's name in the repository: `--vm`, or the libvirt domain's.
     pub fn vm_name(&self) -> String {
         self.vm

@@ -20,8 +20,8 @@ pub fn run(g: &Global, b: &BackupCommand) -> Result<u8> {
             image(g, a)
         }
         BackupCommand::Vm(a) => {
-            crate::metrics::set_vm(&a.vm_name());
-            match &a.libvirt {
+            crate::metrics::set_vm(&a.source.vm_name());
+            match &a.source.libvirt {
                 Some(domain) => libvirt(g, a, domain),
                 None => vm(g, a),
             }
@@ -135,7 +135,7 @@ fn libvirt(g: &Global, a: &BackupVmArgs, domain: &str) -> Result<u8> {
     use vmkeep_qemu::capture::libvirt::{self, LibvirtCapture, LibvirtOptions, Virsh};
     use vmkeep_qemu::capture::GuardCommand;
     if a.guard {
-        let virsh = Virsh::new(a.connect.clone(), domain);
+        let virsh = Virsh::new(a.source.connect.clone(), domain);
         for line in libvirt::run_guard(&virsh, std::io::stdin().lock()) {
             eprintln!("vmkeep guard: {line}");
         }
@@ -154,14 +154,14 @@ fn libvirt(g: &Global, a: &BackupVmArgs, domain: &str) -> Result<u8> {
         "--libvirt".into(),
         domain.into(),
     ];
-    if let Some(uri) = &a.connect {
+    if let Some(uri) = &a.source.connect {
         args.extend(["--connect".into(), uri.clone()]);
     }
     args.push("--guard".into());
     let repo = open_repo(g)?;
     let opts = LibvirtOptions {
         domain: domain.to_string(),
-        uri: a.connect.clone(),
+        uri: a.source.connect.clone(),
         full: a.full,
         freeze: freeze_of(a.freeze),
         guard: Some(GuardCommand {
@@ -175,7 +175,7 @@ fn libvirt(g: &Global, a: &BackupVmArgs, domain: &str) -> Result<u8> {
     };
     let bars = Bars::new(g.quiet);
     let backup = BackupOptions {
-        vm: a.vm_name(),
+        vm: a.source.vm_name(),
         ..Default::default()
     };
     let m = capture_backup(&repo, backup, &bars, &|parent| {
@@ -187,10 +187,11 @@ fn libvirt(g: &Global, a: &BackupVmArgs, domain: &str) -> Result<u8> {
 fn vm(g: &Global, a: &BackupVmArgs) -> Result<u8> {
     use vmkeep_qemu::capture::{run_guard, GuardCommand};
     let qmp = a
+        .source
         .qmp
         .clone()
         .expect("clap requires --qmp without --libvirt");
-    let vm_name = a.vm_name();
+    let vm_name = a.source.vm_name();
     if a.guard {
         // The guard of another vmkeep process: undo its capture if it dies (see capture::guard).
         for line in run_guard(std::io::stdin().lock()) {

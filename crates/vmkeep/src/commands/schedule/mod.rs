@@ -71,14 +71,10 @@ fn add(g: &Global, a: &ScheduleAddArgs) -> Result<u8> {
     let job = Job {
         version: 1,
         name: a.name.clone(),
-        vm: a
-            .vm
-            .clone()
-            .or_else(|| a.libvirt.clone())
-            .unwrap_or_default(),
-        qmp: a.qmp.clone(),
-        libvirt: a.libvirt.clone(),
-        connect: a.connect.clone(),
+        vm: a.source.vm_name(),
+        qmp: a.source.qmp.clone(),
+        libvirt: a.source.libvirt.clone(),
+        connect: a.source.connect.clone(),
         memory: a.memory,
         every_seconds: a.every,
         when_changed_bytes: a.when_changed,
