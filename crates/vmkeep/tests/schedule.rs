@@ -101,7 +101,7 @@ fn a_when_changed_job_runs_when_due_and_never_twice() {
     assert!(out.contains("skipped"), "{out}");
     assert_eq!(snapshots(&repo).len(), 2, "never run twice at once");
     let listed = json(sched(&repo, d).args(["schedule", "list"]));
-    assert_eq!(listed[0]["last"]["status"], "skipped");
+    assert_eq!(listed[0]["last_result"], "skipped");
     drop(lock);
 
     let out = stdout(sched(&repo, d).args(["schedule", "run", "hourly", "--force"]));
@@ -109,9 +109,10 @@ fn a_when_changed_job_runs_when_due_and_never_twice() {
     let listed = json(sched(&repo, d).args(["schedule", "list"]));
     let job: &Value = &listed[0];
     assert_eq!(job["name"], "hourly");
-    assert_eq!(job["last"]["status"], "ok");
-    assert!(job["last"]["seconds"].as_f64().unwrap() > 0.0);
-    assert!(job["next_run"].is_string(), "{job}");
+    assert_eq!(job["last_result"], "ok");
+    assert!(job["last_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(job["last"]["trigger"], "forced");
+    assert!(job["next"].is_string(), "{job}");
 
     json(sched(&repo, d).args(["schedule", "remove", "hourly"]));
     assert!(!service.exists() && !timer.exists());

@@ -186,9 +186,13 @@ fn list(g: &Global) -> Result<u8> {
         let v: Vec<_> = rows
             .iter()
             .map(|(j, next, last)| {
+                // cli-contract: name, next, last_result, last_seconds; the rest is detail.
                 json!({
-                    "name": j.name, "vm": j.vm, "every_seconds": j.every_seconds,
-                    "when_changed_bytes": j.when_changed_bytes, "next_run": next, "last": last,
+                    "name": j.name, "next": next,
+                    "last_result": last.as_ref().map(|l| l.status.clone()),
+                    "last_seconds": last.as_ref().map(|l| l.seconds),
+                    "vm": j.vm, "every_seconds": j.every_seconds,
+                    "when_changed_bytes": j.when_changed_bytes, "last": last,
                 })
             })
             .collect();
