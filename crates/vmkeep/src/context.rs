@@ -168,6 +168,12 @@ pub fn tuning() -> Tuning {
 /// Open the repository. A configured passphrase is always handed over, so that a repository
 /// whose config claims to be unencrypted is refused (a user with a passphrase expects
 /// encryption); the prompt is offered only when none is configured and the repository needs one.
+/// The checkpoint chain of this repository in bitmap and checkpoint names: its id's first 8
+/// characters (`vmkeep-<chain>-<token>`).
+pub fn chain_of(repo: &Repository) -> String {
+    repo.config().id.chars().take(8).collect()
+}
+
 pub fn open_repo(g: &Global) -> Result<Repository> {
     open_repo_at(g, repo_location(g)?)
 }

@@ -15,6 +15,14 @@ use crate::qmp::DirtyBitmapInfo;
 /// Prefix of every bitmap vmkeep creates.
 pub const BITMAP_PREFIX: &str = "vmkeep-";
 
+/// Whether the bitmap (or libvirt checkpoint) `name` is of the chain `chain`:
+/// `vmkeep-<chain>-<token>`.
+pub fn of_chain(name: &str, chain: &str) -> bool {
+    name.strip_prefix(BITMAP_PREFIX)
+        .and_then(|rest| rest.strip_prefix(chain))
+        .is_some_and(|rest| rest.starts_with('-'))
+}
+
 /// What to do for one disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
@@ -234,6 +242,14 @@ mod tests {
             not_persistent: None,
             new_bitmap: "vmkeep-c-new",
         }
+    }
+
+    #[test]
+    fn chains_are_told_apart_by_name() {
+        assert!(of_chain("vmkeep-c1-abc", "c1"));
+        assert!(!of_chain("vmkeep-c10-abc", "c1"));
+        assert!(!of_chain("vmkeep-c1", "c1"));
+        assert!(!of_chain("virtnbdbackup.0", "c1"));
     }
 
     #[test]

@@ -10,7 +10,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::libvirt::{tracking, Virsh};
+use super::cbt::of_chain;
+use super::libvirt::Virsh;
 use crate::error::Result;
 use crate::qmp::QmpClient;
 
@@ -26,7 +27,7 @@ pub fn since_checkpoint_qmp(qmp: &Path, chain: &str) -> Result<Option<u64>> {
             for b in n
                 .dirty_bitmaps
                 .iter()
-                .filter(|b| b.recording && !b.inconsistent && tracking::of_chain(&b.name, chain))
+                .filter(|b| b.recording && !b.inconsistent && of_chain(&b.name, chain))
             {
                 let e = per_node.entry(n.node_name.clone()).or_default();
                 *e = (*e).max(b.count);
@@ -38,14 +39,13 @@ pub fn since_checkpoint_qmp(qmp: &Path, chain: &str) -> Result<Option<u64>> {
 
 /// Bytes changed on libvirt domain `virsh.domain` since chain `chain`'s newest checkpoint.
 pub fn since_checkpoint_libvirt(virsh: &Virsh, chain: &str) -> Result<Option<u64>> {
-    let names = virsh.domain_cmd("checkpoint-list", &["--name", "--topological"])?;
-    let Some(newest) = names
-        .lines()
-        .map(str::trim)
-        .rfind(|n| tracking::of_chain(n, chain))
+    let Some(newest) = virsh
+        .checkpoint_names()?
+        .into_iter()
+        .rfind(|n| of_chain(n, chain))
     else {
         return Ok(None);
     };
-    let xml = virsh.domain_cmd("checkpoint-dumpxml", &[newest, "--size", "--no-domain"])?;
+    let xml = virsh.domain_cmd("checkpoint-dumpxml", &[&newest, "--size", "--no-domain"])?;
     Ok(Some(super::libvirt::xml::checkpoint_size(&xml)?))
 }

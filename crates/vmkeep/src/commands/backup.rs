@@ -8,7 +8,7 @@ use vmkeep_qemu::capture::{CaptureOptions, ImageCapture, QmpCapture};
 use vmkeep_repo::{BackupOptions, ImageBackupOptions, Manifest, Repository};
 
 use crate::args::{BackupCommand, BackupImageArgs, BackupVmArgs, FreezeMode, Global};
-use crate::context::open_repo;
+use crate::context::{chain_of, open_repo};
 use crate::output::{print_json, print_line};
 use crate::progress::Bars;
 use crate::size::human;
@@ -78,11 +78,6 @@ fn image(g: &Global, a: &BackupImageArgs) -> Result<u8> {
         repo.backup_image(&opts, &bars)?
     };
     report(g, &m)
-}
-
-/// The checkpoint chain of this repository in bitmap names: its id's first 8 characters.
-fn chain_of(repo: &Repository) -> String {
-    repo.config().id.chars().take(8).collect()
 }
 
 type StartCapture<'a> =

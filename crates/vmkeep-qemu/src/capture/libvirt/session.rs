@@ -184,16 +184,9 @@ impl LibvirtCapture {
                 name: &d.target,
                 size,
                 identity: &identity,
+                bitmaps,
             };
-            let mut decision = tracking::decide(&facts, parent, self.opts.full, &checkpoints);
-            if !bitmaps && decision.cbt == ChangeTracking::Used {
-                decision = Decision {
-                    cbt: ChangeTracking::Rescan,
-                    reason: Some("libvirt keeps checkpoints only in qcow2 images".into()),
-                    since: None,
-                    base: None,
-                };
-            }
+            let decision = tracking::decide(&facts, parent, self.opts.full, &checkpoints);
             out.push(LvDisk {
                 target: d.target.clone(),
                 size,
@@ -218,8 +211,12 @@ impl LibvirtCapture {
         if wanted.is_empty() {
             return Ok(out);
         }
-        let names = self.virsh.domain_cmd("checkpoint-list", &["--name"])?;
-        for name in names.lines().map(str::trim).filter(|n| wanted.contains(n)) {
+        for name in self
+            .virsh
+            .checkpoint_names()?
+            .iter()
+            .filter(|n| wanted.contains(&n.as_str()))
+        {
             let x = self
                 .virsh
                 .domain_cmd("checkpoint-dumpxml", &[name, "--no-domain"])?;
@@ -248,18 +245,22 @@ impl LibvirtCapture {
                     vmkeep_io::kill_point("libvirt-after-begin");
                     return self.read_job();
                 }
-                Err(Error::Libvirt { message, .. }) if virsh::broken_bitmap(&message).is_some() => {
-                    let (checkpoint, disk) = virsh::broken_bitmap(&message).expect("matched");
-                    let Some(d) = self
-                        .disks
-                        .iter_mut()
-                        .find(|d| d.target == disk && d.decision.since.is_some())
-                    else {
-                        return Err(Error::Libvirt {
-                            command: "backup-begin".into(),
-                            message,
-                        });
+                Err(Error::Libvirt { command, message }) => {
+                    // A checkpoint of an incremental disk whose bitmap QEMU lost: read it whole.
+                    let broken = virsh::broken_bitmap(&message).and_then(|(checkpoint, disk)| {
+                        let d = self
+                            .disks
+                            .iter_mut()
+                            .find(|d| d.target == disk && d.decision.since.is_some())?;
+                        Some((checkpoint, d))
+                    });
+                    let Some((checkpoint, d)) = broken else {
+                        return Err(explain_begin_error(
+                            Error::Libvirt { command, message },
+                            &self.domain.name,
+                        ));
                     };
+                    let disk = &d.target;
                     warn!(disk = %disk, checkpoint = %checkpoint, "checkpoint bitmap broken; reading the disk whole");
                     d.decision = Decision::broken(&checkpoint);
                 }
@@ -415,10 +416,10 @@ impl LibvirtCapture {
             vmkeep_io::kill_point("libvirt-after-commit");
             // This chain's older checkpoints belong to restore points no longer the latest;
             // each keeps a bitmap recording every guest write.
-            match self.virsh.domain_cmd("checkpoint-list", &["--name"]) {
+            match self.virsh.checkpoint_names() {
                 Ok(names) => {
-                    for old in names.lines().map(str::trim).filter(|n| {
-                        tracking::of_chain(n, &self.opts.chain) && *n != self.checkpoint
+                    for old in names.iter().filter(|n| {
+                        tracking::of_chain(n, &self.opts.chain) && **n != self.checkpoint
                     }) {
                         delete_checkpoint(&self.virsh, old);
                     }

@@ -18,6 +18,7 @@ use vmkeep_core::manifest::{ChangeTracking, Manifest};
 use vmkeep_core::BlobId;
 
 use super::xml::CheckpointInfo;
+pub use crate::capture::cbt::of_chain;
 
 /// Prefix of every checkpoint vmkeep creates (the same as its QMP bitmaps).
 pub const CHECKPOINT_PREFIX: &str = crate::capture::cbt::BITMAP_PREFIX;
@@ -27,14 +28,6 @@ pub fn source_identity(domain_uuid: &str, source: &str) -> String {
     format!("libvirt:{domain_uuid}:{source}")
 }
 
-/// Whether `checkpoint` is of the chain `chain`.
-pub fn of_chain(checkpoint: &str, chain: &str) -> bool {
-    checkpoint
-        .strip_prefix(CHECKPOINT_PREFIX)
-        .and_then(|rest| rest.strip_prefix(chain))
-        .is_some_and(|rest| rest.starts_with('-'))
-}
-
 /// The facts about one disk.
 #[derive(Clone, Debug)]
 pub struct DiskFacts<'a> {
@@ -42,6 +35,8 @@ pub struct DiskFacts<'a> {
     pub size: u64,
     /// [`source_identity`] of the disk now.
     pub identity: &'a str,
+    /// Whether libvirt can keep a checkpoint bitmap for it (qcow2 images only).
+    pub bitmaps: bool,
 }
 
 /// What to do for one disk.
@@ -119,6 +114,9 @@ pub fn decide(
     if full {
         return Decision::read_all(ChangeTracking::None, "full backup requested (--full)");
     }
+    if !disk.bitmaps {
+        return rescan("libvirt keeps checkpoints only in qcow2 images".into());
+    }
     Decision {
         cbt: ChangeTracking::Used,
         reason: None,
@@ -189,6 +187,7 @@ mod tests {
             name: "vda",
             size,
             identity: ID,
+            bitmaps: true,
         }
     }
 
@@ -283,13 +282,11 @@ mod tests {
         other.disks[0].name = "vdb".into();
         let d = decide(&facts(100), Some(&other), false, &live);
         assert_eq!(d.reason.as_deref(), Some("new disk"));
-    }
-
-    #[test]
-    fn chains_are_told_apart_by_name() {
-        assert!(of_chain("vmkeep-c1-abc", "c1"));
-        assert!(!of_chain("vmkeep-c10-abc", "c1"));
-        assert!(!of_chain("vmkeep-c1", "c1"));
-        assert!(!of_chain("virtnbdbackup.0", "c1"));
+        let raw = DiskFacts {
+            bitmaps: false,
+            ..facts(100)
+        };
+        let d = decide(&raw, Some(&p), false, &live);
+        assert!(d.reason.unwrap().contains("only in qcow2"));
     }
 }

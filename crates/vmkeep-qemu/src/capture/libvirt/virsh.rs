@@ -37,6 +37,17 @@ impl Virsh {
         self.run(&all)
     }
 
+    /// The domain's checkpoint names, oldest first (parents before children).
+    pub fn checkpoint_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .domain_cmd("checkpoint-list", &["--name", "--topological"])?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// Runs `virsh [-c URI] ARGS...` and returns its standard output.
     pub fn run(&self, args: &[&str]) -> Result<String> {
         let mut cmd = Command::new("virsh");

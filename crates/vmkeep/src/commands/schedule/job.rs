@@ -61,8 +61,13 @@ pub fn jobs_dir() -> PathBuf {
     env_dir("VMKEEP_SCHEDULE_DIR", "/etc/vmkeep/schedule")
 }
 
+/// vmkeep's state folder (also where the host id lives).
+fn state_root() -> PathBuf {
+    env_dir("VMKEEP_STATE_DIR", "/var/lib/vmkeep")
+}
+
 pub fn state_dir() -> PathBuf {
-    env_dir("VMKEEP_STATE_DIR", "/var/lib/vmkeep").join("schedule")
+    state_root().join("schedule")
 }
 
 pub fn unit_dir() -> PathBuf {
@@ -153,14 +158,7 @@ impl Job {
         let mut env = String::new();
         for (var, dir, default) in [
             ("VMKEEP_SCHEDULE_DIR", jobs_dir(), "/etc/vmkeep/schedule"),
-            (
-                "VMKEEP_STATE_DIR",
-                state_dir()
-                    .parent()
-                    .map(Path::to_path_buf)
-                    .unwrap_or_default(),
-                "/var/lib/vmkeep",
-            ),
+            ("VMKEEP_STATE_DIR", state_root(), "/var/lib/vmkeep"),
         ] {
             if dir != Path::new(default) {
                 env.push_str(&format!("Environment=\"{var}={}\"\n", dir.display()));

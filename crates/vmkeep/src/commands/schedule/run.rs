@@ -161,7 +161,7 @@ fn measure(g: &Global, job: &Job) -> Result<Option<u64>> {
     settings.token_file = job.token_file.clone();
     settings.tls_fingerprint = job.tls_fingerprint.clone();
     let repo = crate::context::open_repo(&settings)?;
-    let chain: String = repo.config().id.chars().take(8).collect();
+    let chain = crate::context::chain_of(&repo);
     let changed = match (&job.qmp, &job.libvirt) {
         (Some(qmp), _) => vmkeep_qemu::capture::changed::since_checkpoint_qmp(qmp, &chain)?,
         (None, Some(domain)) => {
