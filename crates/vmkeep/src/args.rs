@@ -358,6 +358,10 @@ pub struct VmSourceArgs {
     /// VM name (with --libvirt: the domain's name by default)
     #[arg(long, required_unless_present = "libvirt")]
     pub vm: Option<String>,
+    /// With --libvirt --memory: allow libvirt's QEMU monitor passthrough, which the memory
+    /// snapshot needs (libvirt then marks the domain tainted: "custom-monitor")
+    #[arg(long, requires = "libvirt")]
+    pub allow_qmp_passthrough: bool,
 }
 
 impl VmSourceArgs {
@@ -492,6 +496,16 @@ pub struct RecoverArgs {
     /// Accelerator for the recovered VM (e.g. tcg on a host without KVM); default: the VM's
     #[arg(long)]
     pub accel: Option<String>,
+    /// A restore point of a libvirt domain (`backup vm --libvirt`) as a libvirt domain again:
+    /// defined, then booted, or restored from its memory (libvirt manages it from then on)
+    #[arg(long, conflicts_with_all = ["instant", "qemu"])]
+    pub libvirt: bool,
+    /// With --libvirt: libvirt's connection URI (default: virsh's)
+    #[arg(long, value_name = "URI", requires = "libvirt")]
+    pub connect: Option<String>,
+    /// With --libvirt: the recovered domain's name (default: the original's)
+    #[arg(long, value_name = "NAME", requires = "libvirt")]
+    pub name: Option<String>,
 }
 
 #[derive(Args, Debug)]

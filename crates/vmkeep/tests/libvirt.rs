@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-use vmkeep_testkit::guest::{check_two_disk_cut, counters, guest, make_filled_disks, SEQWRITE};
+use vmkeep_testkit::guest::{
+    check_two_disk_cut, counters, guest, make_filled_disks, wait_serial_log, SEQWRITE,
+};
 use vmkeep_testkit::libvirt::{virsh, virsh_ok, Domain, Libvirtd};
 use vmkeep_testkit::vm::qemu_lock;
 
@@ -462,4 +464,257 @@ fn another_backup_job_is_named_and_two_repositories_keep_exact_chains() {
     let out = sched(&["schedule", "run", "lv"]);
     assert!(out.contains("changed)"), "{out}");
     no_scratch_left(&s);
+}
+
+/// `/proc/sys/vm/unprivileged_userfaultfd` set for the test, put back on drop.
+struct Userfaultfd(String);
+
+impl Userfaultfd {
+    const PATH: &'static str = "/proc/sys/vm/unprivileged_userfaultfd";
+    fn now() -> String {
+        std::fs::read_to_string(Self::PATH)
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+    fn set(value: &str) -> Userfaultfd {
+        let old = Self::now();
+        std::fs::write(Self::PATH, value).unwrap();
+        Userfaultfd(old)
+    }
+}
+
+impl Drop for Userfaultfd {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+/// QEMU's migration capability `name`, through libvirt's passthrough.
+fn capability(dom: &Domain, name: &str) -> bool {
+    let out = virsh_ok(&[
+        "qemu-monitor-command",
+        &dom.name,
+        r#"{"execute":"query-migrate-capabilities"}"#,
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["capability"] == name)
+        .map(|c| c["state"] == true)
+        .unwrap_or(false)
+}
+
+/// After a committed capture: running, no job, one checkpoint, no scratch.
+fn settled_after_commit(s: &Setup) {
+    assert_eq!(virsh_ok(&["domstate", &s.dom.name]).trim(), "running");
+    assert_eq!(s.dom.job_type(), "None");
+    assert_eq!(s.dom.checkpoints().len(), 1, "{:?}", s.dom.checkpoints());
+    no_scratch_left(s);
+}
+
+/// A recovered domain, destroyed and undefined on drop.
+struct Recovered(String);
+
+impl Drop for Recovered {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.0]);
+        let _ = virsh(&["undefine", &self.0, "--nvram"]);
+    }
+}
+
+#[test]
+fn memory_through_the_passthrough_and_recovery_as_a_libvirt_domain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let s = setup(d, "vmkeep-test-mem");
+    let repo = d.join("repo");
+    init(&repo, &[]);
+
+    // Not allowed: refused before libvirt's passthrough is touched (no taint).
+    fails_with(
+        backup_cmd(&s, &repo).arg("--memory"),
+        &["--allow-qmp-passthrough", "tainted"],
+    );
+    let info = || virsh_ok(&["dominfo", &s.dom.name]);
+    assert!(!info().contains("custom monitor"), "{}", info());
+    let memory_cmd = || {
+        let mut c = backup_cmd(&s, &repo);
+        c.args(["--memory", "--allow-qmp-passthrough"]);
+        c
+    };
+    // QEMU as libvirt's user without userfaultfd: one line saying how to allow it, nothing
+    // left changed.
+    {
+        let _off = Userfaultfd::set("0");
+        fails_with(
+            &mut memory_cmd(),
+            &["vm.unprivileged_userfaultfd=1", "without --memory"],
+        );
+        assert!(!capability(&s.dom, "background-snapshot"));
+        assert!(
+            capability(&s.dom, "events"),
+            "libvirt's own capability kept"
+        );
+        assert_eq!(virsh_ok(&["domstate", &s.dom.name]).trim(), "running");
+        assert_eq!(s.dom.job_type(), "None");
+        assert!(s.dom.checkpoints().is_empty(), "{:?}", s.dom.checkpoints());
+        no_scratch_left(&s);
+    }
+    let _on = Userfaultfd::set("1");
+    let settled = || {
+        assert_eq!(virsh_ok(&["domstate", &s.dom.name]).trim(), "running");
+        assert!(
+            !capability(&s.dom, "background-snapshot"),
+            "capabilities put back"
+        );
+        assert_eq!(s.dom.job_type(), "None");
+        assert!(s.dom.checkpoints().is_empty(), "{:?}", s.dom.checkpoints());
+        no_scratch_left(&s);
+    };
+    // vmkeep killed while the domain is suspended: its guard resumes it and puts back the
+    // capabilities, ends the job, deletes the checkpoint.
+    let out = memory_cmd()
+        .env("VMKEEP_KILL_AT", "libvirt-after-migrate-start")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let t0 = Instant::now();
+    while virsh_ok(&["domstate", &s.dom.name]).trim() != "running"
+        || std::fs::read_dir(&s.scratch).unwrap().count() > 0
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the guard did not resume the domain"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    settled();
+    // vmkeep and its guard both killed there: the next capture puts it all back first.
+    let mut child = vmkeep_std(&repo)
+        .args(["backup", "vm", "--libvirt", &s.dom.name, "--scratch-dir"])
+        .arg(&s.scratch)
+        .args(["--memory", "--allow-qmp-passthrough"])
+        .env("VMKEEP_STOP_AT", "libvirt-after-suspend")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_stopped(&mut child);
+    let guard = child_with(child.id(), "--guard").expect("the guard runs");
+    // SAFETY: kill(2) with pids we spawned and a valid signal.
+    unsafe {
+        libc::kill(guard, libc::SIGKILL);
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+    vmkeep_testkit::process::wait_gone(guard);
+    assert_eq!(virsh_ok(&["domstate", &s.dom.name]).trim(), "paused");
+    assert!(capability(&s.dom, "background-snapshot"));
+    let out = ok(&mut memory_cmd());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("a killed vmkeep's memory capture"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("resumed domain"), "{stderr}");
+    settled_after_commit(&s);
+    assert!(!capability(&s.dom, "background-snapshot"));
+    let before = counters(&s.dom.serial()).last().copied().unwrap();
+    let b = json(&mut memory_cmd());
+    let after = counters(&s.dom.serial()).last().copied().unwrap();
+    let id = id_of(&b);
+    let pause = b["pause_ms"].as_u64().unwrap();
+    eprintln!("memory capture through libvirt: paused {pause} ms");
+    assert!(pause > 0 && pause < 5000, "{b}");
+    assert!(
+        info().contains("custom monitor"),
+        "libvirt marks the taint: {}",
+        info()
+    );
+    assert!(
+        !capability(&s.dom, "background-snapshot"),
+        "capabilities put back"
+    );
+    assert_eq!(virsh_ok(&["domstate", &s.dom.name]).trim(), "running");
+    assert_eq!(s.dom.job_type(), "None");
+    no_scratch_left(&s);
+    let snaps = snapshots(&repo);
+    assert_eq!(snaps[0]["memory"], true, "{snaps:?}");
+    // The chain goes on from the memory capture's checkpoint.
+    more_writes(&s.dom, 3);
+    assert_eq!(cbts(&backup(&s, &repo)), ["used", "used"]);
+    let k = restored_cut(&repo, &id, &s.scratch);
+    assert!(before <= k && k <= after, "{before} <= {k} <= {after}");
+
+    // Resumed under libvirt, as a new domain beside the original (stopped: one guest at a
+    // time on CI's two cores).
+    virsh_ok(&["destroy", &s.dom.name]);
+    let name = "vmkeep-test-mem-r";
+    let _rec = Recovered(name.into());
+    let _ = virsh(&["destroy", name]);
+    let _ = virsh(&["undefine", name]);
+    let target = d.join("recovered");
+    let v = json(
+        vmkeep(&repo)
+            .args(["recover", &id, "--libvirt", "--name", name, "--target"])
+            .arg(&target),
+    );
+    assert_eq!(
+        (v["resumed"].as_bool(), v["domain"].as_str()),
+        (Some(true), Some(name)),
+        "{v}"
+    );
+    assert_eq!(virsh_ok(&["domstate", name]).trim(), "running");
+    assert!(virsh_ok(&["dominfo", name]).contains("Persistent:     yes"));
+    let serial = target.join("serial.log");
+    let text = wait_serial_log(&serial, "three counter lines", |t| counters(t).len() >= 3);
+    let c = counters(&text);
+    assert!(
+        c[0] == k || c[0] == k + 1,
+        "the first number ({}) continues from the capture (disks hold SEQ 0..{k}): {text}",
+        c[0]
+    );
+    assert!(c.windows(2).all(|w| w[1] == w[0] + 1), "{text}");
+    assert!(
+        !text.contains("VMKEEP READY"),
+        "it resumed, it did not boot: {text}"
+    );
+    // Its disks are the restored files, not the original's.
+    let xml = virsh_ok(&["dumpxml", name]);
+    assert!(
+        xml.contains(&target.join("vda.qcow2").display().to_string()),
+        "{xml}"
+    );
+    // The name is taken now: refused before anything is written.
+    fails_with(
+        vmkeep(&repo)
+            .args(["recover", &id, "--libvirt", "--name", name, "--target"])
+            .arg(d.join("again")),
+        &["already has a domain named", "--name"],
+    );
+    assert!(!d.join("again").exists());
+    drop(_rec);
+
+    // Cold: booted from the same disks.
+    let cold = Recovered("vmkeep-test-mem-c".into());
+    let v = json(
+        vmkeep(&repo)
+            .args([
+                "recover",
+                &id,
+                "--libvirt",
+                "--cold",
+                "--name",
+                &cold.0,
+                "--target",
+            ])
+            .arg(d.join("cold")),
+    );
+    assert_eq!(v["resumed"], false, "{v}");
+    wait_serial_log(&d.join("cold").join("serial.log"), "a boot", |t| {
+        t.contains("VMKEEP READY")
+    });
 }

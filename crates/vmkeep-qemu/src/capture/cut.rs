@@ -191,39 +191,14 @@ pub async fn prepare_memory(
         .query_migrate()
         .await
         .map_err(|e| Error::Refused(format!("cannot query the migration state: {e}")))?;
-    if matches!(
-        info.status.as_deref(),
-        Some("setup" | "active" | "device" | "cancelling" | "postcopy-active")
-    ) {
-        return Err(Error::Refused(
-            "a migration is already running on this VM (another backup, or a live \
-             migration): run the backup when it has ended. Nothing was changed."
-                .into(),
-        ));
-    }
+    refuse_running_migration(info.status.as_deref())?;
     let caps = qmp
         .execute("query-migrate-capabilities", serde_json::Value::Null)
         .await?;
-    let old: Vec<(String, bool)> = caps
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|c| Some((c["capability"].as_str()?.to_string(), c["state"].as_bool()?)))
-        .collect();
+    let old = parse_capabilities(&caps);
     log.record(Undo::RestoreMigrationCaps { caps: old.clone() });
-    // The full list every time: capabilities persist between migrations, and several (multifd,
-    // mapped-ram, postcopy, xbzrle...) are incompatible with background snapshots.
-    let mut set: Vec<(&str, bool)> = old
-        .iter()
-        .map(|(c, s)| (c.as_str(), *s && SAFE_TO_KEEP.contains(&c.as_str())))
-        .collect();
-    for want in ["background-snapshot", "events"] {
-        match set.iter_mut().find(|(c, _)| *c == want) {
-            Some(e) => e.1 = true,
-            None => set.push((want, true)),
-        }
-    }
-    qmp.migrate_set_capabilities(&set).await?;
+    qmp.migrate_set_capabilities(&background_snapshot_caps(&old))
+        .await?;
     let old = qmp.migrate_max_bandwidth().await?;
     let want = bandwidth.unwrap_or(UNLIMITED_BANDWIDTH);
     if old != want {
@@ -236,6 +211,47 @@ pub async fn prepare_memory(
     });
     qmp.getfd(&fd_name, write_end).await?;
     Ok(MemoryTarget { fd_name })
+}
+
+/// Refuses while a migration runs (`status` from `query-migrate`): QEMU runs one at a time.
+pub(crate) fn refuse_running_migration(status: Option<&str>) -> Result<()> {
+    if matches!(
+        status,
+        Some("setup" | "active" | "device" | "cancelling" | "postcopy-active")
+    ) {
+        return Err(Error::Refused(
+            "a migration is already running on this VM (another backup, or a live \
+             migration): run the backup when it has ended. Nothing was changed."
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `query-migrate-capabilities`' answer as (name, state) pairs.
+pub(crate) fn parse_capabilities(caps: &serde_json::Value) -> Vec<(String, bool)> {
+    caps.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| Some((c["capability"].as_str()?.to_string(), c["state"].as_bool()?)))
+        .collect()
+}
+
+/// The capabilities of a background snapshot, given the ones set now. The full list every
+/// time: capabilities persist between migrations, and several (multifd, mapped-ram, postcopy,
+/// xbzrle...) are incompatible with background snapshots.
+pub(crate) fn background_snapshot_caps(old: &[(String, bool)]) -> Vec<(&str, bool)> {
+    let mut set: Vec<(&str, bool)> = old
+        .iter()
+        .map(|(c, s)| (c.as_str(), *s && SAFE_TO_KEEP.contains(&c.as_str())))
+        .collect();
+    for want in ["background-snapshot", "events"] {
+        match set.iter_mut().find(|(c, _)| *c == want) {
+            Some(e) => e.1 = true,
+            None => set.push((want, true)),
+        }
+    }
+    set
 }
 
 /// "No limit" for QEMU's `max-bandwidth` (the largest whole MiB/s it accepts, as libvirt

@@ -533,7 +533,7 @@ fn scratch_base(opts: &CaptureOptions) -> PathBuf {
     opts.scratch_dir.clone().unwrap_or_else(std::env::temp_dir)
 }
 
-fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array; we take ownership of both.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -557,7 +557,7 @@ const MEMORY_BUFFER: usize = 1 << 20;
 /// The memory stream as the caller reads it: a thread drains the pipe into a bounded queue
 /// (no temporary file: memory holds the guest's secrets). The stream ends when QEMU closes its
 /// end (the migration completed or failed), or with an error when the capture failed.
-struct MemoryStream {
+pub(crate) struct MemoryStream {
     rx: crossbeam_channel::Receiver<std::io::Result<Vec<u8>>>,
     current: Vec<u8>,
     at: usize,
@@ -568,7 +568,7 @@ struct MemoryStream {
 impl MemoryStream {
     /// The stream, and a sender to end it with an error when the capture fails.
     #[allow(clippy::type_complexity)]
-    fn pump(
+    pub(crate) fn pump(
         mut pipe: File,
     ) -> Result<(
         MemoryStream,

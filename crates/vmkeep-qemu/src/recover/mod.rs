@@ -23,6 +23,9 @@
 //! - [`load`] ([`RunningQemu::load_state`]): the migration state through a pipe (no temporary
 //!   file), `cont` when it was captured paused.
 //!
+//! - [`libvirt`]: a libvirt restore point as a libvirt domain again (its XML rewritten,
+//!   defined, started or restored from a save image streamed through a FIFO).
+//!
 //! Every failure after QEMU started leaves no QEMU running. The API is blocking (each
 //! [`RunningQemu`] has a small runtime for its QMP connection).
 
@@ -31,6 +34,7 @@ mod chardev;
 pub mod evidence;
 pub mod instant;
 pub mod launch;
+pub mod libvirt;
 pub mod load;
 pub mod loadable;
 mod network;

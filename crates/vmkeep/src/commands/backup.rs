@@ -136,13 +136,6 @@ fn libvirt(g: &Global, a: &BackupVmArgs, domain: &str) -> Result<u8> {
         }
         return Ok(0);
     }
-    if a.memory {
-        bail!(
-            "--memory with --libvirt is not supported yet: libvirt has no background-snapshot API, \
-             and vmkeep's path through its QMP passthrough is not built; \
-             back up the disks alone (without --memory)"
-        );
-    }
     let mut args = vec![
         "backup".into(),
         "vm".into(),
@@ -167,6 +160,9 @@ fn libvirt(g: &Global, a: &BackupVmArgs, domain: &str) -> Result<u8> {
         scratch_dir: a.scratch_dir.clone(),
         chain: chain_of(&repo),
         chunk_size: repo.config().chunk_size as u64,
+        memory: a.memory,
+        memory_bandwidth: a.memory_bandwidth,
+        allow_qmp_passthrough: a.source.allow_qmp_passthrough,
     };
     let bars = Bars::new(g.quiet);
     let backup = BackupOptions {

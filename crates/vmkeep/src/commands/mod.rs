@@ -9,6 +9,7 @@ mod maintenance;
 mod mount;
 mod onto;
 mod recover;
+mod recover_libvirt;
 mod repair;
 mod replicate;
 mod restore;

@@ -42,6 +42,9 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
     let m = repo.resolve(&a.snapshot)?;
     // Loaded once for every stream and disk read below (each load lists the repository).
     let index = BlobIndex::load(&repo)?;
+    if a.libvirt {
+        return super::recover_libvirt::run(g, a, &repo, &index, &m);
+    }
     let def = definition(&repo, &index, &m)?;
     let has_memory = m.streams.iter().any(|s| s.name == MEMORY_STREAM);
     let mode = match (a.cold, has_memory) {
@@ -259,6 +262,16 @@ pub(super) fn definition(
     index: &BlobIndex,
     m: &Manifest,
 ) -> Result<VmDefinition> {
+    let libvirt = vmkeep_qemu::capture::libvirt::DOMAIN_XML_STREAM;
+    if !m.streams.iter().any(|s| s.name == DEFINITION_STREAM)
+        && m.streams.iter().any(|s| s.name == libvirt)
+    {
+        bail!(
+            "restore point {:#} was taken from a libvirt domain: recover it with --libvirt \
+             (as a libvirt domain again)",
+            m.id
+        );
+    }
     if !m.streams.iter().any(|s| s.name == DEFINITION_STREAM) {
         bail!(
             "restore point {:#} has no VM definition (taken by `backup image`, or by a vmkeep \
@@ -273,7 +286,7 @@ pub(super) fn definition(
 }
 
 /// A Write that refuses to grow past the definition's bound.
-struct Bounded(Vec<u8>);
+pub(super) struct Bounded(pub(super) Vec<u8>);
 
 impl Write for Bounded {
     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {

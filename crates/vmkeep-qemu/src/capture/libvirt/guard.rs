@@ -6,6 +6,9 @@
 //! vmkeep, holds the monitor. Without a `finished` line before the pipe closes, the guard:
 //! - ends the job (`virsh domjobabort`) if the job running is still the one whose NBD socket is
 //!   in this capture's scratch directory;
+//! - with `--memory`, puts back what the memory capture changed: cancels the snapshot, resumes
+//!   the domain it suspended, restores the migration capabilities and bandwidth
+//!   ([`super::memory::undo`]);
 //! - deletes the new checkpoint unless the restore point was committed (then the checkpoint is
 //!   what the next backup starts from);
 //! - removes the scratch directory.
@@ -18,6 +21,7 @@ use std::fmt;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
+use super::memory::{self, MemoryUndo};
 use super::session::delete_checkpoint;
 use super::virsh::Virsh;
 use super::xml;
@@ -32,6 +36,8 @@ pub enum GuardLine {
     /// The checkpoint about to be created.
     Checkpoint(String),
     Committed,
+    /// What the memory capture has left to put back (the whole state, each time it changes).
+    Memory(MemoryUndo),
     Finished,
 }
 
@@ -43,6 +49,11 @@ impl fmt::Display for GuardLine {
             GuardLine::JobEnded => f.write_str("job-ended"),
             GuardLine::Checkpoint(c) => write!(f, "checkpoint {c}"),
             GuardLine::Committed => f.write_str("committed"),
+            GuardLine::Memory(m) => write!(
+                f,
+                "memory {}",
+                serde_json::to_string(m).map_err(|_| fmt::Error)?
+            ),
             GuardLine::Finished => f.write_str("finished"),
         }
     }
@@ -57,6 +68,7 @@ impl GuardLine {
             "job-ended" => GuardLine::JobEnded,
             "checkpoint" => GuardLine::Checkpoint(rest.to_string()),
             "committed" => GuardLine::Committed,
+            "memory" => GuardLine::Memory(serde_json::from_str(rest).ok()?),
             "finished" => GuardLine::Finished,
             _ => return None,
         })
@@ -69,6 +81,7 @@ pub struct Pending {
     pub scratch: Option<PathBuf>,
     pub job: Option<PathBuf>,
     pub checkpoint: Option<String>,
+    pub memory: MemoryUndo,
     pub finished: bool,
 }
 
@@ -82,6 +95,7 @@ impl Pending {
                 Some(GuardLine::JobEnded) => p.job = None,
                 Some(GuardLine::Checkpoint(c)) => p.checkpoint = Some(c),
                 Some(GuardLine::Committed) => p.checkpoint = None,
+                Some(GuardLine::Memory(m)) => p.memory = m,
                 Some(GuardLine::Finished) => p.finished = true,
                 None => {}
             }
@@ -93,11 +107,13 @@ impl Pending {
 /// The guard's main, for the domain `virsh` names: reads `input` to its end, then undoes what
 /// is pending. Returns what it did.
 pub fn run_guard(virsh: &Virsh, input: impl BufRead) -> Vec<String> {
-    let pending = Pending::from_lines(input.lines().map_while(|l| l.ok()));
+    let mut pending = Pending::from_lines(input.lines().map_while(|l| l.ok()));
     let mut done = Vec::new();
     if pending.finished {
         return done;
     }
+    // The guest's pause first.
+    done.extend(memory::undo(virsh, &mut pending.memory));
     if let Some(socket) = &pending.job {
         if job_socket(virsh).as_deref() == Some(socket.as_path()) {
             match virsh.domain_cmd("domjobabort", &[]) {
@@ -138,6 +154,10 @@ mod tests {
             GuardLine::Scratch("/tmp/vmkeep-capture-x".into()),
             GuardLine::Job("/tmp/vmkeep-capture-x/nbd.sock".into()),
             GuardLine::Checkpoint("vmkeep-c-x".into()),
+            GuardLine::Memory(MemoryUndo {
+                suspended: true,
+                ..Default::default()
+            }),
         ];
         for l in &lines {
             assert_eq!(GuardLine::parse(&l.to_string()).as_ref(), Some(l));
@@ -149,6 +169,7 @@ mod tests {
             Some(Path::new("/tmp/vmkeep-capture-x/nbd.sock"))
         );
         assert_eq!(p.checkpoint.as_deref(), Some("vmkeep-c-x"));
+        assert!(p.memory.suspended);
         let mut later = lines.to_vec();
         later.extend([GuardLine::JobEnded, GuardLine::Committed]);
         let p = Pending::from_lines(text(&later).into_iter());

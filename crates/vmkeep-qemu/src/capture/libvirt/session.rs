@@ -17,6 +17,11 @@
 //! 7. Committed: this chain's older checkpoints are deleted. Not committed: the new one is
 //!    deleted. Either way libvirt merges the deleted bitmap into its parent's, so every chain
 //!    stays exact.
+//!
+//! With `--memory` ([`super::memory`]) the migration is prepared in step 2, and the cut becomes
+//! suspend, `backup-begin`, the background snapshot started, resume: the guest stands still
+//! for those milliseconds ([`VmSource::pause_ms`]). No quiesce then: the frozen filesystems
+//! would be in the captured RAM, and a resumed guest would stay frozen.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -29,11 +34,13 @@ use vmkeep_core::manifest::{ChangeTracking, Checkpoint, Manifest};
 use vmkeep_io::{DiskReader, ReadPlan, SourceDisk, SourceError, VmSource};
 
 use super::guard::GuardLine;
+use super::memory::{self, MemoryUndo};
 use super::tracking::{self, Decision, DiskFacts};
 use super::virsh::{self, Virsh};
 use super::xml::{self, BackupJob, CheckpointInfo, DiskBackup, Domain};
 use crate::capture::guard::{Guard, GuardCommand, GuardSink};
 use crate::capture::scratch::{self, Scratch};
+use crate::capture::session::MemoryStream;
 use crate::capture::undo::Sink;
 use crate::capture::Freeze;
 use crate::disk_reader::NbdDisk;
@@ -41,6 +48,10 @@ use crate::error::{Error, Result};
 
 /// The stream holding the domain's definition (`virsh dumpxml --inactive`).
 pub const DOMAIN_XML_STREAM: &str = "libvirt-domain.xml";
+
+/// With `--memory`: the running domain's definition (`virsh dumpxml --migratable`), the one
+/// the memory state loads into.
+pub const RUNNING_XML_STREAM: &str = "libvirt-domain-running.xml";
 
 /// What to capture and how.
 #[derive(Clone, Debug, Default)]
@@ -59,6 +70,12 @@ pub struct LibvirtOptions {
     /// This repository's checkpoint chain (`vmkeep-<chain>-<token>`).
     pub chain: String,
     pub chunk_size: u64,
+    /// Capture RAM and device state too (needs `allow_qmp_passthrough`).
+    pub memory: bool,
+    /// With memory: QEMU's bandwidth for the stream in bytes/s (None: unlimited).
+    pub memory_bandwidth: Option<u64>,
+    /// The user accepts libvirt's monitor passthrough (libvirt then marks the domain tainted).
+    pub allow_qmp_passthrough: bool,
 }
 
 /// One disk taking part.
@@ -91,12 +108,31 @@ pub struct LibvirtCapture {
     checkpoint_created: bool,
     opts: LibvirtOptions,
     ended: bool,
+    /// With memory: the stream, its error end, the pipe's name in QEMU, what to put back.
+    memory: Option<MemoryStream>,
+    memory_abort: Option<crossbeam_channel::Sender<std::io::Result<Vec<u8>>>>,
+    memory_fd: Option<String>,
+    memory_undo: MemoryUndo,
+    /// Where the memory state is recorded for a later capture: (scratch dir, domain UUID).
+    memory_record: Option<(PathBuf, String)>,
+    /// `virsh dumpxml --migratable` taken while suspended (with memory).
+    running_definition: Option<String>,
+    pause_ms: u64,
 }
 
 impl LibvirtCapture {
     /// Prepares the capture of the running domain `opts.domain`; `parent` is the restore point
     /// the backup builds on.
     pub fn start(opts: LibvirtOptions, parent: Option<&Manifest>) -> Result<LibvirtCapture> {
+        if opts.memory && !opts.allow_qmp_passthrough {
+            return Err(Error::Refused(format!(
+                "--memory of libvirt domain {} goes through libvirt's QEMU monitor passthrough \
+                 (libvirt has no API for a background memory snapshot), and libvirt marks a \
+                 domain that used it as tainted (\"custom-monitor\"); allow it with \
+                 --allow-qmp-passthrough, or back up the disks alone (without --memory)",
+                opts.domain
+            )));
+        }
         let virsh = Virsh::new(opts.uri.clone(), opts.domain.clone());
         let state = virsh.domain_cmd("domstate", &[])?;
         let state = state.trim();
@@ -108,8 +144,11 @@ impl LibvirtCapture {
         }
         let domain = xml::parse_domain(&virsh.domain_cmd("dumpxml", &[])?)?;
         let definition = virsh.domain_cmd("dumpxml", &["--inactive"])?;
-        settle_running_job(&virsh, &domain.name)?;
         let base = opts.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+        for done in memory::settle_dead(&virsh, &base, &domain.uuid) {
+            warn!("a killed vmkeep's memory capture: {done}");
+        }
+        settle_running_job(&virsh, &domain.name)?;
         let token = crate::capture::token();
         let scratch = Scratch::create(&base, &token)?;
         let socket = scratch.dir().join("nbd").join("nbd.sock");
@@ -133,6 +172,13 @@ impl LibvirtCapture {
             checkpoint_created: false,
             opts,
             ended: false,
+            memory: None,
+            memory_abort: None,
+            memory_fd: None,
+            memory_undo: MemoryUndo::default(),
+            memory_record: None,
+            running_definition: None,
+            pause_ms: 0,
         };
         let dir = c.scratch.as_ref().expect("made above").dir().to_path_buf();
         c.tell(GuardLine::Scratch(dir.clone()));
@@ -144,7 +190,35 @@ impl LibvirtCapture {
                 c.domain.name
             )));
         }
+        if c.opts.memory {
+            c.memory_record = Some((dir.clone(), c.domain.uuid.clone()));
+            c.prepare_memory(&token)?;
+        }
         Ok(c)
+    }
+
+    /// Step 1 of [`super::memory`]: the pipe, its reader, QEMU's migration settings.
+    fn prepare_memory(&mut self, token: &str) -> Result<()> {
+        let (read, write) = crate::capture::session::pipe()?;
+        let mut undo = std::mem::take(&mut self.memory_undo);
+        let mut sink = self.sink.take();
+        let record = self.memory_record.clone();
+        let r = memory::prepare(
+            &self.virsh,
+            std::os::fd::AsFd::as_fd(&write),
+            token,
+            self.opts.memory_bandwidth,
+            &mut undo,
+            &mut |u| tell_memory(&mut sink, record.as_ref(), u),
+        );
+        self.sink = sink;
+        self.memory_undo = undo;
+        drop(write); // QEMU holds its own copy
+        self.memory_fd = Some(r?);
+        let (stream, abort) = MemoryStream::pump(std::fs::File::from(read))?;
+        self.memory = Some(stream);
+        self.memory_abort = Some(abort);
+        Ok(())
     }
 
     fn tell(&mut self, line: GuardLine) {
@@ -226,8 +300,68 @@ impl LibvirtCapture {
         Ok(out)
     }
 
-    /// The instant: starts libvirt's backup job with this capture's checkpoint.
+    /// The instant: starts libvirt's backup job with this capture's checkpoint (and with
+    /// memory, the background snapshot while the domain is suspended).
     pub fn cut(&mut self) -> Result<()> {
+        let r = self.cut_inner();
+        // The stream ends when QEMU closes the pipe, once this sender is gone too; after a
+        // failure, with an error: the reader must not take a short stream for a whole one.
+        if let Some(tx) = self.memory_abort.take() {
+            if r.is_err() {
+                let _ = tx.send(Err(std::io::Error::other("the capture failed")));
+            }
+        }
+        r
+    }
+
+    fn cut_inner(&mut self) -> Result<()> {
+        let suspended_at = match self.memory_fd.is_some() {
+            true => self.suspend()?,
+            false => None,
+        };
+        self.begin_job()?;
+        if let Some(fd) = self.memory_fd.clone() {
+            let mut undo = std::mem::take(&mut self.memory_undo);
+            let mut sink = self.sink.take();
+            let record = self.memory_record.clone();
+            let r = memory::start_migration(&self.virsh, &fd, &mut undo, &mut |u| {
+                tell_memory(&mut sink, record.as_ref(), u)
+            });
+            self.sink = sink;
+            self.memory_undo = undo;
+            r?;
+            if let Some(t0) = suspended_at {
+                self.virsh.domain_cmd("resume", &[])?;
+                self.pause_ms = t0.elapsed().as_millis() as u64;
+                self.memory_undo.suspended = false;
+                let u = self.memory_undo.clone();
+                tell_memory(&mut self.sink, self.memory_record.as_ref(), &u);
+            }
+        }
+        self.read_job()
+    }
+
+    /// Suspends a running domain (announced to the guard first) and records the definition
+    /// the memory state belongs to; when it started.
+    fn suspend(&mut self) -> Result<Option<std::time::Instant>> {
+        let state = self.virsh.domain_cmd("domstate", &[])?;
+        // Before the pause, which is short by as much (libvirt holds devices steady meanwhile
+        // unless someone hot-plugs in these milliseconds).
+        self.running_definition = Some(self.virsh.domain_cmd("dumpxml", &["--migratable"])?);
+        let t0 = std::time::Instant::now();
+        let suspended = state.trim() == "running";
+        if suspended {
+            self.memory_undo.suspended = true;
+            let u = self.memory_undo.clone();
+            tell_memory(&mut self.sink, self.memory_record.as_ref(), &u);
+            self.virsh.domain_cmd("suspend", &[])?;
+            vmkeep_io::kill_point("libvirt-after-suspend");
+        }
+        Ok(suspended.then_some(t0))
+    }
+
+    /// libvirt's backup job, retried while a broken checkpoint turns into a rescan.
+    fn begin_job(&mut self) -> Result<()> {
         let dir = self
             .scratch
             .as_ref()
@@ -243,7 +377,7 @@ impl LibvirtCapture {
                     self.job_running = true;
                     self.checkpoint_created = true;
                     vmkeep_io::kill_point("libvirt-after-begin");
-                    return self.read_job();
+                    return Ok(());
                 }
                 Err(Error::Libvirt { command, message }) => {
                     // A checkpoint of an incremental disk whose bitmap QEMU lost: read it whole.
@@ -311,6 +445,7 @@ impl LibvirtCapture {
         let b = backup.display().to_string();
         let c = checkpoint.display().to_string();
         let quiesce = match self.opts.freeze {
+            _ if self.opts.memory => false, // see the module docs
             Freeze::Off => false,
             Freeze::On => true,
             Freeze::Auto => self.domain.agent,
@@ -400,6 +535,19 @@ impl LibvirtCapture {
         Ok((Box::new(disk), plan))
     }
 
+    /// After the memory stream ended: the snapshot completed, QEMU's settings put back.
+    pub fn memory_done(&mut self) -> Result<()> {
+        self.memory_abort = None;
+        if self.memory_fd.is_none() {
+            return Ok(());
+        }
+        memory::check_completed(&self.virsh, &mut self.memory_undo)?;
+        memory::undo(&self.virsh, &mut self.memory_undo);
+        let u = self.memory_undo.clone();
+        tell_memory(&mut self.sink, self.memory_record.as_ref(), &u);
+        Ok(())
+    }
+
     /// Ends libvirt's backup job (a pull-mode job ends when it is aborted).
     pub fn release(&mut self) -> Result<()> {
         if self.job_running {
@@ -437,6 +585,13 @@ impl LibvirtCapture {
             return;
         }
         self.ended = true;
+        self.memory = None; // a migration still writing fails at once on a closed pipe
+        self.memory_abort = None;
+        if !self.memory_undo.is_empty() {
+            memory::undo(&self.virsh, &mut self.memory_undo);
+            let u = self.memory_undo.clone();
+            tell_memory(&mut self.sink, self.memory_record.as_ref(), &u);
+        }
         if self.job_running {
             if let Err(e) = self.virsh.domain_cmd("domjobabort", &[]) {
                 warn!(error = %e, "cannot end libvirt's backup job");
@@ -579,6 +734,21 @@ fn is_agent_error(e: &Error) -> bool {
     e.to_string().to_lowercase().contains("agent")
 }
 
+/// Sends the memory state to the guard, if there is one, and records it in the scratch
+/// directory for the next capture in case the guard dies too ([`memory::settle_dead`]).
+fn tell_memory(
+    sink: &mut Option<GuardSink>,
+    record: Option<&(PathBuf, String)>,
+    state: &MemoryUndo,
+) {
+    if let Some((dir, uuid)) = record {
+        memory::save(dir, uuid, state);
+    }
+    if let Some(s) = sink.as_mut() {
+        s.line(&GuardLine::Memory(state.clone()).to_string());
+    }
+}
+
 fn write_file(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     // libvirt reads these as root; nobody else needs them.
@@ -632,16 +802,25 @@ impl VmSource for LibvirtCapture {
             .collect()
     }
     fn take_memory(&mut self) -> Option<Box<dyn Read + Send>> {
-        None
+        self.memory
+            .take()
+            .map(|m| Box::new(m) as Box<dyn Read + Send>)
     }
     fn config_streams(&mut self) -> Vec<(String, Box<dyn Read + Send>)> {
-        vec![(
-            DOMAIN_XML_STREAM.to_string(),
-            Box::new(std::io::Cursor::new(self.definition.clone().into_bytes())),
-        )]
+        let stream = |name: &str, text: &str| -> (String, Box<dyn Read + Send>) {
+            (
+                name.to_string(),
+                Box::new(std::io::Cursor::new(text.as_bytes().to_vec())),
+            )
+        };
+        let mut out = vec![stream(DOMAIN_XML_STREAM, &self.definition)];
+        if let Some(running) = &self.running_definition {
+            out.push(stream(RUNNING_XML_STREAM, running));
+        }
+        out
     }
     fn memory_done(&mut self) -> Result<(), SourceError> {
-        Ok(())
+        LibvirtCapture::memory_done(self).map_err(Into::into)
     }
     fn open_disk(
         &mut self,
@@ -653,7 +832,8 @@ impl VmSource for LibvirtCapture {
         LibvirtCapture::release(self).map_err(Into::into)
     }
     fn pause_ms(&self) -> u64 {
-        0 // libvirt's transaction does not stop the vCPUs
+        // Without memory libvirt's transaction does not stop the vCPUs.
+        self.pause_ms
     }
     fn finish(self: Box<Self>, committed: bool) -> Result<(), SourceError> {
         LibvirtCapture::finish(*self, committed);

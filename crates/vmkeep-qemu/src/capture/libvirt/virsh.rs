@@ -7,6 +7,8 @@
 //! docs/ARCHITECTURE.md records the measurement.
 
 use std::io::Read;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -50,9 +52,27 @@ impl Virsh {
 
     /// Runs `virsh [-c URI] ARGS...` and returns its standard output.
     pub fn run(&self, args: &[&str]) -> Result<String> {
+        self.run_passing(args, None)
+    }
+
+    /// [`Virsh::run`], with `fd` open in virsh under its own number (for `--pass-fds`).
+    pub fn run_passing(&self, args: &[&str], fd: Option<BorrowedFd<'_>>) -> Result<String> {
         let mut cmd = Command::new("virsh");
         if let Some(uri) = &self.uri {
             cmd.args(["-c", uri]);
+        }
+        if let Some(fd) = fd {
+            let raw = fd.as_raw_fd();
+            // SAFETY: between fork and exec only fcntl runs, which is async-signal-safe; it
+            // clears close-on-exec of an fd the parent keeps open for the call's duration.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.args(args)
             .env("LC_ALL", "C")

@@ -51,12 +51,15 @@ impl DomainDisk {
     }
 }
 
-fn parse<'x>(xml: &'x str, what: &str) -> Result<roxmltree::Document<'x>> {
+pub(crate) fn parse<'x>(xml: &'x str, what: &str) -> Result<roxmltree::Document<'x>> {
     roxmltree::Document::parse(xml)
         .map_err(|e| Error::Refused(format!("libvirt returned {what} that is not XML: {e}")))
 }
 
-fn child<'a, 'i>(n: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltree::Node<'a, 'i>> {
+pub(crate) fn child<'a, 'i>(
+    n: roxmltree::Node<'a, 'i>,
+    tag: &str,
+) -> Option<roxmltree::Node<'a, 'i>> {
     n.children().find(|c| c.has_tag_name(tag))
 }
 
@@ -218,7 +221,7 @@ pub fn parse_backup_job(xml: &str) -> Result<BackupJob> {
 }
 
 /// XML attribute text with the five special characters escaped.
-fn attr(s: &str) -> String {
+pub(crate) fn attr(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {

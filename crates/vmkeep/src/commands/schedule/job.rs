@@ -21,6 +21,9 @@ pub struct Job {
     pub libvirt: Option<String>,
     pub connect: Option<String>,
     pub memory: bool,
+    /// `--allow-qmp-passthrough` (libvirt with memory).
+    #[serde(default)]
+    pub allow_qmp_passthrough: bool,
     pub every_seconds: u64,
     pub when_changed_bytes: Option<u64>,
     pub check_every_seconds: Option<u64>,

@@ -76,6 +76,7 @@ fn add(g: &Global, a: &ScheduleAddArgs) -> Result<u8> {
         libvirt: a.source.libvirt.clone(),
         connect: a.source.connect.clone(),
         memory: a.memory,
+        allow_qmp_passthrough: a.source.allow_qmp_passthrough,
         every_seconds: a.every,
         when_changed_bytes: a.when_changed,
         check_every_seconds: a.check_every,

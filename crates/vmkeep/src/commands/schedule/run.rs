@@ -189,6 +189,9 @@ fn steps(job: &Job) -> Result<Option<String>, (u8, String)> {
     backup.extend(["--vm".into(), job.vm.clone()]);
     if job.memory {
         backup.push("--memory".into());
+        if job.allow_qmp_passthrough {
+            backup.push("--allow-qmp-passthrough".into());
+        }
     }
     let out = step(job, "backup", &backup)?;
     let id = serde_json::from_slice::<serde_json::Value>(&out)
