@@ -68,11 +68,13 @@ fn qemu_running_as_another_user() {
     assert!(prefix_k(&img, "run-with") >= 0);
 }
 
-/// Defect 5: a QEMU that already runs an NBD server (libvirt's backup job, another tool):
-/// vmkeep fails before the cut, changes nothing, and never stops that server. A long scratch
-/// path (longer than a unix socket path may be) works.
+/// Defect 5: a QEMU that already runs an NBD server (libvirt's backup job, another tool): vmkeep
+/// shares it (issue 11: an export of its own on their server, found among QEMU's listening
+/// sockets), reads the same data as through a server of its own, and leaves their server
+/// running with none of its exports; a server on TCP is named and refused with nothing changed.
+/// A long scratch path (longer than a unix socket path may be) works.
 #[test]
-fn an_nbd_server_of_someone_else_and_a_long_scratch_path() {
+fn an_nbd_server_of_someone_else_is_shared_and_a_long_scratch_path() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let repo = d.join("repo");
@@ -84,16 +86,44 @@ fn an_nbd_server_of_someone_else_and_a_long_scratch_path() {
         "nbd-server-start",
         j!({"addr": {"type": "unix", "data": {"path": theirs}}}),
     );
+    let shared = backup_vm(&repo, &vm, &["--full"]);
+    assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
+    let exports = vm.execute("query-block-exports", Value::Null);
+    assert_eq!(exports, j!([]), "vmkeep's export removed from their server");
+    // Their server still runs: a second start is refused.
+    let again = vm
+        .connect()
+        .try_execute(
+            "nbd-server-start",
+            j!({"addr": {"type": "unix", "data": {"path": d.join("x.sock")}}}),
+        )
+        .unwrap_err();
+    assert!(again.contains("already running"), "{again}");
+    vm.execute("nbd-server-stop", Value::Null);
+    // The same data as through vmkeep's own server (the guest is idle).
+    let own = backup_vm(&repo, &vm, &["--full"]);
+    let (a, b) = (d.join("via-theirs"), d.join("via-own"));
+    restore(&repo, &id_of(&shared), &a);
+    restore(&repo, &id_of(&own), &b);
+    assert_same_file(&a.join("vd0.raw"), &b.join("vd0.raw"));
+
+    // On TCP: named, refused, nothing changed, never stopped.
+    vm.execute(
+        "nbd-server-start",
+        j!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}}),
+    );
     let err = fails_with(
         vmkeep(&repo)
             .args(["backup", "vm", "--qmp"])
             .arg(&vm.qmp)
             .args(["--vm", "guest"]),
-        &["already runs an NBD server", "Nothing was changed"],
+        &[
+            "already runs an NBD server",
+            "TCP port",
+            "Nothing was changed",
+        ],
     );
     assert!(vm.leftovers().is_empty(), "{err}: {:?}", vm.leftovers());
-    assert!(vm.vmkeep_bitmaps().is_empty(), "{:?}", vm.vmkeep_bitmaps());
-    // Their server still runs: a second start is refused, and it serves.
     let again = vm
         .connect()
         .try_execute(
@@ -114,7 +144,7 @@ fn an_nbd_server_of_someone_else_and_a_long_scratch_path() {
             .arg(&vm.qmp)
             .args(["--vm", "guest"]),
     );
-    assert_eq!(b["disks"][0]["cbt"], "none", "{b}");
+    assert_eq!(b["disks"][0]["cbt"], "used", "{b}");
     assert_eq!(
         std::fs::read_dir(&long).unwrap().count(),
         0,

@@ -76,13 +76,17 @@ impl CutDisk {
     }
 }
 
-/// Phase 1: scratch nodes and our NBD server. Returns the socket to read from.
+/// Phase 1: scratch nodes and our NBD server, or the one QEMU already runs ([`nbd_share`]:
+/// QEMU's process `qemu_pid`, whose monitor `monitor` vmkeep holds). Returns the socket to
+/// read from.
 pub async fn prepare(
     qmp: &QmpClient,
     log: &mut UndoLog,
     scratch: &Scratch,
     disks: &[CutDisk],
     token: &str,
+    qemu_pid: Option<u32>,
+    monitor: &std::path::Path,
 ) -> Result<std::path::PathBuf> {
     let live = disks.iter().any(|d| d.vm.qdev.is_some());
     let fdsets = if live {
@@ -153,12 +157,22 @@ pub async fn prepare(
             Ok(path)
         }
         Err(Error::QmpCommand { desc, .. }) if desc.contains("already running") => {
-            Err(Error::Refused(
-                "QEMU already runs an NBD server (started by libvirt, another backup tool, or \
-                 by hand), and QEMU allows only one: stop it (nbd-server-stop) or wait for \
-                 that job to end, then run the backup again. Nothing was changed."
-                    .into(),
-            ))
+            // Someone else's server: ours is not needed, their server is shared, never stopped.
+            qmp.execute("closefd", json!({ "fdname": fd_name })).await?;
+            log.done(close);
+            let _ = std::fs::remove_file(&path);
+            let Some(pid) = qemu_pid else {
+                return Err(Error::Refused(
+                    "QEMU already runs an NBD server (started by libvirt, another backup tool, \
+                     or by hand), and vmkeep cannot see QEMU's process to find where it \
+                     listens (another PID namespace?): stop it (nbd-server-stop) or wait for \
+                     that job to end, then run the backup again. Nothing was changed."
+                        .into(),
+                ));
+            };
+            let shared = super::nbd_share::find_server(pid, monitor)?;
+            tracing::info!(socket = %shared.display(), "sharing the NBD server QEMU already runs");
+            Ok(shared)
         }
         Err(e) => Err(e),
     }

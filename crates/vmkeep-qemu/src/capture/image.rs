@@ -108,10 +108,8 @@ impl ImageCapture {
             .map_err(|e| Error::io("start qemu-storage-daemon", e))?;
         let mut daemon = Daemon(child);
         let pid = daemon.0.id();
-        wait_for_socket(&qmp_sock, &mut daemon)?;
-
         let rt = runtime()?;
-        let qmp = rt.block_on(QmpClient::connect(&qmp_sock))?;
+        let qmp = connect_daemon(&rt, &qmp_sock, &mut daemon)?;
         let mut vm_disks = Vec::new();
         for (i, (name, path, format, size)) in infos.iter().enumerate() {
             let node = format!("vmkeep-d{i}");
@@ -207,11 +205,24 @@ impl Drop for ImageCapture {
     }
 }
 
-fn wait_for_socket(path: &Path, daemon: &mut Daemon) -> Result<()> {
+/// The daemon's monitor once it accepts connections. The socket's path appears at `bind`,
+/// a moment before `listen`: a connect in between is refused, so that is retried (seen in CI
+/// under load; reproduced with `strace -e inject=listen:delay_enter=300000`).
+fn connect_daemon(
+    rt: &tokio::runtime::Runtime,
+    path: &Path,
+    daemon: &mut Daemon,
+) -> Result<QmpClient> {
     let start = Instant::now();
     loop {
         if path.exists() {
-            return Ok(());
+            match rt.block_on(QmpClient::connect(path)) {
+                Ok(q) => return Ok(q),
+                Err(Error::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::ConnectionRefused
+                        && start.elapsed() < Duration::from_secs(30) => {}
+                Err(e) => return Err(e),
+            }
         }
         if let Ok(Some(st)) = daemon.0.try_wait() {
             let mut err = String::new();

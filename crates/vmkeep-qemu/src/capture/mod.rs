@@ -11,7 +11,7 @@
 //! [`coexist`] (another party's block job named),
 //! [`disks`] and [`cbt`] (what to read), [`scratch`] (private directory, fd-passed images),
 //! [`undo`] (the log every step writes first) and [`guard`], [`cut`] (the phases that change
-//! the VM), [`session`] (the driver), [`executor`] (the one undo).
+//! the VM; [`nbd_share`] when QEMU already runs an NBD server), [`session`] (the driver), [`executor`] (the one undo).
 
 pub mod agent;
 pub mod cbt;
@@ -25,6 +25,7 @@ pub mod hugepages;
 pub mod image;
 pub mod leftovers;
 pub mod libvirt;
+pub mod nbd_share;
 pub(crate) mod peer;
 pub mod scratch;
 pub mod session;

@@ -248,6 +248,8 @@ impl QmpCapture {
             scratch,
             &self.disks,
             &token,
+            self.pid,
+            &self.opts.qmp,
         ))?;
         let memory = if self.opts.memory {
             let (read, write) = pipe()?;
