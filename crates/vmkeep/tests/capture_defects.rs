@@ -68,6 +68,19 @@ fn qemu_running_as_another_user() {
     assert!(prefix_k(&img, "run-with") >= 0);
 }
 
+/// Their NBD server still runs (a second start is refused); then it is stopped.
+fn stop_their_server(vm: &Vm, d: &Path) {
+    let again = vm
+        .connect()
+        .try_execute(
+            "nbd-server-start",
+            j!({"addr": {"type": "unix", "data": {"path": d.join("x.sock")}}}),
+        )
+        .unwrap_err();
+    assert!(again.contains("already running"), "{again}");
+    vm.execute("nbd-server-stop", Value::Null);
+}
+
 /// Defect 5: a QEMU that already runs an NBD server (libvirt's backup job, another tool): vmkeep
 /// shares it (issue 11: an export of its own on their server, found among QEMU's listening
 /// sockets), reads the same data as through a server of its own, and leaves their server
@@ -90,16 +103,7 @@ fn an_nbd_server_of_someone_else_is_shared_and_a_long_scratch_path() {
     assert!(vm.leftovers().is_empty(), "{:?}", vm.leftovers());
     let exports = vm.execute("query-block-exports", Value::Null);
     assert_eq!(exports, j!([]), "vmkeep's export removed from their server");
-    // Their server still runs: a second start is refused.
-    let again = vm
-        .connect()
-        .try_execute(
-            "nbd-server-start",
-            j!({"addr": {"type": "unix", "data": {"path": d.join("x.sock")}}}),
-        )
-        .unwrap_err();
-    assert!(again.contains("already running"), "{again}");
-    vm.execute("nbd-server-stop", Value::Null);
+    stop_their_server(&vm, d);
     // The same data as through vmkeep's own server (the guest is idle).
     let own = backup_vm(&repo, &vm, &["--full"]);
     let (a, b) = (d.join("via-theirs"), d.join("via-own"));
@@ -124,15 +128,7 @@ fn an_nbd_server_of_someone_else_is_shared_and_a_long_scratch_path() {
         ],
     );
     assert!(vm.leftovers().is_empty(), "{err}: {:?}", vm.leftovers());
-    let again = vm
-        .connect()
-        .try_execute(
-            "nbd-server-start",
-            j!({"addr": {"type": "unix", "data": {"path": d.join("x.sock")}}}),
-        )
-        .unwrap_err();
-    assert!(again.contains("already running"), "{again}");
-    vm.execute("nbd-server-stop", Value::Null);
+    stop_their_server(&vm, d);
 
     let long = d.join("s".repeat(110));
     std::fs::create_dir(&long).unwrap();

@@ -263,6 +263,20 @@ fn child_with(parent: u32, needle: &str) -> Option<i32> {
         })
 }
 
+/// Waits until `child` (a vmkeep with VMKEEP_STOP_AT) stops, then SIGKILLs it and its guard
+/// together, as a cgroup kill would.
+fn kill_with_its_guard(mut child: Child) {
+    wait_stopped(&mut child);
+    let guard = child_with(child.id(), "--guard").expect("the guard runs");
+    // SAFETY: kill(2) with pids we spawned and a valid signal.
+    unsafe {
+        libc::kill(guard, libc::SIGKILL);
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+    vmkeep_testkit::process::wait_gone(guard);
+}
+
 fn wait_no_job(dom: &Domain) {
     let t0 = Instant::now();
     while dom.job_type() != "None" {
@@ -311,7 +325,7 @@ fn a_killed_vmkeep_leaves_no_job_and_the_next_backup_is_exact() {
 
     // vmkeep and its guard both killed (a cgroup kill): the next backup ends the job it finds.
     more_writes(&s.dom, 10);
-    let mut child = vmkeep_std(&repo)
+    let child = vmkeep_std(&repo)
         .args(["backup", "vm", "--libvirt", &s.dom.name, "--scratch-dir"])
         .arg(&s.scratch)
         .env("VMKEEP_STOP_AT", "libvirt-after-begin")
@@ -319,15 +333,7 @@ fn a_killed_vmkeep_leaves_no_job_and_the_next_backup_is_exact() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_stopped(&mut child);
-    let guard = child_with(child.id(), "--guard").expect("the guard runs");
-    // SAFETY: kill(2) with pids we spawned and a valid signal.
-    unsafe {
-        libc::kill(guard, libc::SIGKILL);
-        libc::kill(child.id() as i32, libc::SIGKILL);
-    }
-    let _ = child.wait();
-    vmkeep_testkit::process::wait_gone(guard);
+    kill_with_its_guard(child);
     assert_eq!(
         s.dom.job_type(),
         "Unbounded",
@@ -593,7 +599,7 @@ fn memory_through_the_passthrough_and_recovery_as_a_libvirt_domain() {
     }
     settled();
     // vmkeep and its guard both killed there: the next capture puts it all back first.
-    let mut child = vmkeep_std(&repo)
+    let child = vmkeep_std(&repo)
         .args(["backup", "vm", "--libvirt", &s.dom.name, "--scratch-dir"])
         .arg(&s.scratch)
         .args(["--memory", "--allow-qmp-passthrough"])
@@ -602,15 +608,7 @@ fn memory_through_the_passthrough_and_recovery_as_a_libvirt_domain() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_stopped(&mut child);
-    let guard = child_with(child.id(), "--guard").expect("the guard runs");
-    // SAFETY: kill(2) with pids we spawned and a valid signal.
-    unsafe {
-        libc::kill(guard, libc::SIGKILL);
-        libc::kill(child.id() as i32, libc::SIGKILL);
-    }
-    let _ = child.wait();
-    vmkeep_testkit::process::wait_gone(guard);
+    kill_with_its_guard(child);
     assert_eq!(virsh_ok(&["domstate", &s.dom.name]).trim(), "paused");
     assert!(capability(&s.dom, "background-snapshot"));
     let out = ok(&mut memory_cmd());
@@ -670,6 +668,8 @@ fn memory_through_the_passthrough_and_recovery_as_a_libvirt_domain() {
     assert_eq!(virsh_ok(&["domstate", name]).trim(), "running");
     assert!(virsh_ok(&["dominfo", name]).contains("Persistent:     yes"));
     let serial = target.join("serial.log");
+    assert_eq!(v["serial"].as_str(), Some(serial.to_str().unwrap()), "{v}");
+    assert!(v["pid"].as_u64().is_some(), "{v}");
     let text = wait_serial_log(&serial, "three counter lines", |t| counters(t).len() >= 3);
     let c = counters(&text);
     assert!(

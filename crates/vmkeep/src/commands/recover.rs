@@ -68,17 +68,7 @@ pub fn run(g: &Global, a: &RecoverArgs) -> Result<u8> {
     }
     let qemu = recover::qemu_binary(&def, a.qemu.as_deref());
     recover::check_qemu(&qemu, &def, mode)?;
-    if target.exists()
-        && std::fs::read_dir(&target)
-            .with_context(|| format!("read {}", target.display()))?
-            .next()
-            .is_some()
-    {
-        bail!(
-            "{} is not empty: recover into a new or empty folder",
-            target.display()
-        );
-    }
+    refuse_non_empty(&target)?;
 
     let bars = Bars::new(g.quiet);
     let opts = RestoreOptions {
@@ -283,6 +273,22 @@ pub(super) fn definition(
     let mut buf = Bounded(Vec::new());
     repo.read_stream_with(index, m, DEFINITION_STREAM, &mut buf, &NoProgress)?;
     Ok(VmDefinition::from_json(&buf.0)?)
+}
+
+/// Recovery writes into a new or empty folder only.
+pub(super) fn refuse_non_empty(target: &Path) -> Result<()> {
+    if target.exists()
+        && std::fs::read_dir(target)
+            .with_context(|| format!("read {}", target.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{} is not empty: recover into a new or empty folder",
+            target.display()
+        );
+    }
+    Ok(())
 }
 
 /// A Write that refuses to grow past the definition's bound.

@@ -81,17 +81,7 @@ pub fn run(
     };
     let target = std::path::absolute(&a.target)
         .with_context(|| format!("resolve {}", a.target.display()))?;
-    if target.exists()
-        && std::fs::read_dir(&target)
-            .with_context(|| format!("read {}", target.display()))?
-            .next()
-            .is_some()
-    {
-        bail!(
-            "{} is not empty: recover into a new or empty folder",
-            target.display()
-        );
-    }
+    super::recover::refuse_non_empty(&target)?;
     std::fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
     // QEMU runs as libvirt's user: it must reach the disks (libvirt labels the files).
     std::fs::set_permissions(&target, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
@@ -139,8 +129,17 @@ pub fn run(
         )));
     }
     if g.json {
+        // cli-contract's recover fields: libvirt holds the monitor (no "qmp" of ours); the pid
+        // from libvirt's system pid file when it is there; the console log when it is a file.
+        let pid = std::fs::read_to_string(format!("/run/libvirt/qemu/{name}.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let serial = Some(target.join("serial.log")).filter(|p| p.exists());
         print_json(&json!({
             "id": m.id,
+            "pid": pid,
+            "qmp": null,
+            "serial": serial,
             "domain": name,
             "uuid": uuid,
             "resumed": resume,
