@@ -1,7 +1,8 @@
 //! A new qcow2 image as a restore target, written through qemu-nbd.
 //!
 //! [`Qcow2Target::create`] runs `qemu-img create -f qcow2 PATH.partial SIZE`, serves it with a
-//! private `qemu-nbd` (unix socket in a fresh 0700 temporary directory, write-back cache) and
+//! private `qemu-nbd` (unix socket in a fresh 0700 temporary directory, O_DIRECT where the file
+//! system allows: see [`cache_mode`]) and
 //! connects one pipelined [`NbdClient`]. A restore writes its chunks in ascending order from
 //! one thread ([`vmkeep_io::DiskWriter::wants_ascending_writes`]: qcow2 allocates clusters in
 //! the order writes arrive, so the image is laid out in disk order), runs of neighbouring
@@ -161,7 +162,8 @@ impl Qcow2Target {
         // throwaway connection.
         let child = Command::new(qemu_nbd)
             .args(["-f", "qcow2", "-x", EXPORT, "-e", "2"])
-            .args(["--cache=writeback", "--discard=unmap", "--aio=threads"])
+            .arg(cache_mode(&self.partial))
+            .args(["--discard=unmap", "--aio=threads"])
             // Zeros written become unallocated clusters (restore --onto zeroes this way).
             .arg("--detect-zeroes=unmap")
             .arg("-k")
@@ -453,5 +455,23 @@ impl vmkeep_io::ImageAccess for Qcow2Target {
     }
     fn describe(&self) -> String {
         format!("{} (qcow2)", self.path.display())
+    }
+}
+
+/// qemu-nbd's cache mode for `image`: O_DIRECT (`none`) where the file system takes it. A
+/// restore writes each byte once and reads none back, so the page cache gives nothing, and
+/// copying into it was the largest single cost of a qcow2 restore (perf: 30% of all samples,
+/// `copy_folio_from_iter_atomic` in qemu-nbd; restore of 1.1 GB: 2.24 s instead of 3.13 s,
+/// medians of 3). Durability is the same either way: commit flushes and fsyncs. File systems
+/// without O_DIRECT (tmpfs) keep `writeback`.
+fn cache_mode(image: &Path) -> &'static str {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(image)
+    {
+        Ok(_) => "--cache=none",
+        Err(_) => "--cache=writeback",
     }
 }
