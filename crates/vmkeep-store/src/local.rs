@@ -19,6 +19,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+#[path = "local_direct.rs"]
+mod direct;
+
 use crate::error::{Error, Result};
 use crate::key::Key;
 use crate::ObjectKind;
@@ -135,7 +138,9 @@ impl LocalStore {
                 }
                 r => r?,
             };
-            f.write_all(data)?;
+            if key.kind != ObjectKind::Pack || !direct::write(&f, data)? {
+                f.write_all(data)?;
+            }
             f.sync_data()?;
             Ok(())
         })();
