@@ -394,16 +394,8 @@ async fn wait_ram_iteration(qmp: &QmpClient) -> Result<()> {
     loop {
         let m = qmp.query_migrate().await?;
         let ram = m.ram.as_ref().map(|r| r.normal + r.duplicate).unwrap_or(0);
-        match m.status.as_deref() {
-            Some("completed") => return Ok(()),
-            Some("failed" | "cancelled") => {
-                return Err(Error::Refused(format!(
-                    "QEMU's memory snapshot failed to start: {}",
-                    m.error_desc.unwrap_or_else(|| "no reason given".into())
-                )))
-            }
-            _ if ram > 0 => return Ok(()),
-            _ => {}
+        if ram_iterating(m.status.as_deref(), ram, m.error_desc.as_deref())? {
+            return Ok(());
         }
         if start.elapsed() > MIGRATION_START_TIMEOUT {
             return Err(Error::Timeout {
@@ -412,6 +404,23 @@ async fn wait_ram_iteration(qmp: &QmpClient) -> Result<()> {
             });
         }
         tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+}
+
+/// Whether a background snapshot iterates RAM (or is already done), from `query-migrate`'s
+/// status, RAM pages sent and error; an error when it ended without.
+pub(crate) fn ram_iterating(
+    status: Option<&str>,
+    ram_pages: u64,
+    error: Option<&str>,
+) -> Result<bool> {
+    match status {
+        Some("completed") => Ok(true),
+        Some("failed" | "cancelled") => Err(Error::Refused(format!(
+            "QEMU's memory snapshot failed to start: {}",
+            error.unwrap_or("no reason given")
+        ))),
+        _ => Ok(ram_pages > 0),
     }
 }
 

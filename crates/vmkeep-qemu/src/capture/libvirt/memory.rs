@@ -31,7 +31,8 @@ use tracing::warn;
 use super::monitor::Monitor;
 use super::virsh::Virsh;
 use crate::capture::cut::{
-    background_snapshot_caps, parse_capabilities, refuse_running_migration, UNLIMITED_BANDWIDTH,
+    background_snapshot_caps, parse_capabilities, ram_iterating, refuse_running_migration,
+    UNLIMITED_BANDWIDTH,
 };
 use crate::capture::scratch;
 use crate::error::{Error, Result};
@@ -212,16 +213,8 @@ pub fn start_migration(
         let m = mon.execute("query-migrate", Value::Null)?;
         let ram =
             m["ram"]["normal"].as_u64().unwrap_or(0) + m["ram"]["duplicate"].as_u64().unwrap_or(0);
-        match m["status"].as_str() {
-            Some("completed") => return Ok(()),
-            Some("failed" | "cancelled") => {
-                return Err(Error::Refused(format!(
-                    "QEMU's memory snapshot failed to start: {}",
-                    m["error-desc"].as_str().unwrap_or("no reason given")
-                )))
-            }
-            _ if ram > 0 => return Ok(()),
-            _ => {}
+        if ram_iterating(m["status"].as_str(), ram, m["error-desc"].as_str())? {
+            return Ok(());
         }
         if start.elapsed() > RAM_ITERATION_TIMEOUT {
             return Err(Error::Timeout {

@@ -200,19 +200,15 @@ impl LibvirtCapture {
     /// Step 1 of [`super::memory`]: the pipe, its reader, QEMU's migration settings.
     fn prepare_memory(&mut self, token: &str) -> Result<()> {
         let (read, write) = crate::capture::session::pipe()?;
-        let mut undo = std::mem::take(&mut self.memory_undo);
-        let mut sink = self.sink.take();
-        let record = self.memory_record.clone();
+        let (sink, record) = (&mut self.sink, &self.memory_record);
         let r = memory::prepare(
             &self.virsh,
             std::os::fd::AsFd::as_fd(&write),
             token,
             self.opts.memory_bandwidth,
-            &mut undo,
-            &mut |u| tell_memory(&mut sink, record.as_ref(), u),
+            &mut self.memory_undo,
+            &mut |u| tell_memory(sink, record.as_ref(), u),
         );
-        self.sink = sink;
-        self.memory_undo = undo;
         drop(write); // QEMU holds its own copy
         self.memory_fd = Some(r?);
         let (stream, abort) = MemoryStream::pump(std::fs::File::from(read))?;
@@ -321,21 +317,19 @@ impl LibvirtCapture {
         };
         self.begin_job()?;
         if let Some(fd) = self.memory_fd.clone() {
-            let mut undo = std::mem::take(&mut self.memory_undo);
-            let mut sink = self.sink.take();
-            let record = self.memory_record.clone();
-            let r = memory::start_migration(&self.virsh, &fd, &mut undo, &mut |u| {
-                tell_memory(&mut sink, record.as_ref(), u)
-            });
-            self.sink = sink;
-            self.memory_undo = undo;
-            r?;
+            let (sink, record) = (&mut self.sink, &self.memory_record);
+            memory::start_migration(&self.virsh, &fd, &mut self.memory_undo, &mut |u| {
+                tell_memory(sink, record.as_ref(), u)
+            })?;
             if let Some(t0) = suspended_at {
                 self.virsh.domain_cmd("resume", &[])?;
                 self.pause_ms = t0.elapsed().as_millis() as u64;
                 self.memory_undo.suspended = false;
-                let u = self.memory_undo.clone();
-                tell_memory(&mut self.sink, self.memory_record.as_ref(), &u);
+                tell_memory(
+                    &mut self.sink,
+                    self.memory_record.as_ref(),
+                    &self.memory_undo,
+                );
             }
         }
         self.read_job()
@@ -352,8 +346,11 @@ impl LibvirtCapture {
         let suspended = state.trim() == "running";
         if suspended {
             self.memory_undo.suspended = true;
-            let u = self.memory_undo.clone();
-            tell_memory(&mut self.sink, self.memory_record.as_ref(), &u);
+            tell_memory(
+                &mut self.sink,
+                self.memory_record.as_ref(),
+                &self.memory_undo,
+            );
             self.virsh.domain_cmd("suspend", &[])?;
             vmkeep_io::kill_point("libvirt-after-suspend");
         }
@@ -543,8 +540,11 @@ impl LibvirtCapture {
         }
         memory::check_completed(&self.virsh, &mut self.memory_undo)?;
         memory::undo(&self.virsh, &mut self.memory_undo);
-        let u = self.memory_undo.clone();
-        tell_memory(&mut self.sink, self.memory_record.as_ref(), &u);
+        tell_memory(
+            &mut self.sink,
+            self.memory_record.as_ref(),
+            &self.memory_undo,
+        );
         Ok(())
     }
 
@@ -589,8 +589,11 @@ impl LibvirtCapture {
         self.memory_abort = None;
         if !self.memory_undo.is_empty() {
             memory::undo(&self.virsh, &mut self.memory_undo);
-            let u = self.memory_undo.clone();
-            tell_memory(&mut self.sink, self.memory_record.as_ref(), &u);
+            tell_memory(
+                &mut self.sink,
+                self.memory_record.as_ref(),
+                &self.memory_undo,
+            );
         }
         if self.job_running {
             if let Err(e) = self.virsh.domain_cmd("domjobabort", &[]) {
