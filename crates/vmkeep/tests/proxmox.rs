@@ -52,38 +52,48 @@ fn proxmox_keeps_its_monitor_while_vmkeep_backs_up_through_its_own() {
     let (mut vm, pve) = boot_like_proxmox(d);
     vm.wait_progress(20);
 
-    // pvestatd: a short connection per poll, as Proxmox's QMP client makes.
+    // pvestatd: a short connection per poll, as Proxmox's QMP client makes (more often than
+    // pvestatd does, so that a backup of a fraction of a second still meets several polls).
     let stop = Arc::new(AtomicBool::new(false));
+    let backing_up = Arc::new(AtomicBool::new(false));
     let poller = {
         let stop = stop.clone();
+        let backing_up = backing_up.clone();
         let pve = pve.clone();
         std::thread::spawn(move || {
             let mut worst = Duration::ZERO;
-            let mut polls = 0;
+            let mut polls_during_backups = 0;
             while !stop.load(Ordering::Relaxed) {
+                let during = backing_up.load(Ordering::Relaxed);
                 let t0 = Instant::now();
                 let status = Qmp::connect(&pve).execute("query-status", Value::Null);
                 assert!(status["status"].is_string(), "{status}");
                 worst = worst.max(t0.elapsed());
-                polls += 1;
-                std::thread::sleep(Duration::from_millis(100));
+                if during && backing_up.load(Ordering::Relaxed) {
+                    polls_during_backups += 1;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
-            (polls, worst)
+            (polls_during_backups, worst)
         })
     };
     for _ in 0..2 {
+        backing_up.store(true, Ordering::Relaxed);
         json(
             vmkeep(&repo)
                 .args(["backup", "vm", "--qmp"])
                 .arg(&vm.qmp)
                 .args(["--vm", "pve-100"]),
         );
+        backing_up.store(false, Ordering::Relaxed);
         let now = vm.progress();
         vm.wait_progress(now + 10);
     }
     stop.store(true, Ordering::Relaxed);
     let (polls, worst) = poller.join().expect("every poll answered");
-    assert!(polls >= 5, "only {polls} polls");
+    // CI saw two backups end within 4 polls 100 ms apart: the count says the poller ran
+    // while vmkeep held its own monitor, not how long a backup takes.
+    assert!(polls >= 2, "only {polls} polls while vmkeep backed up");
     assert!(
         worst < Duration::from_secs(5),
         "a Proxmox poll waited {worst:?} for the monitor"
