@@ -9,6 +9,13 @@ pub trait DiskReader: Sync {
     fn size(&self) -> u64;
     /// Fill `buf` from `offset`; the range lies inside the disk.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+    /// `len` bytes from `offset` in a buffer of their own. A reader that receives its data in
+    /// a buffer anyway (NBD) hands that over instead of copying it into a zeroed one.
+    fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_at(&mut buf, offset)?;
+        Ok(buf)
+    }
     /// For messages: a path or an export name.
     fn describe(&self) -> String;
     /// How many `read_at` calls may usefully run at once (an NBD export over several

@@ -176,6 +176,28 @@ impl vmkeep_io::DiskReader for NbdDisk {
         fill(pos, end, buf)
     }
 
+    fn read_vec(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let end = offset + len as u64;
+        let i = self.zeros.partition_point(|&(o, l)| o + l <= offset);
+        if self.zeros.get(i).is_some_and(|&(o, _)| o < end) {
+            // Zeros inside: fill those without asking the server.
+            let mut buf = vec![0u8; len];
+            self.read_at(&mut buf, offset)?;
+            return Ok(buf);
+        }
+        let data = self
+            .handle
+            .block_on(self.pick().read(offset, len as u64))
+            .map_err(std::io::Error::other)?;
+        if data.len() != len {
+            return Err(std::io::Error::other(format!(
+                "NBD read of {len} bytes at {offset} returned {}",
+                data.len()
+            )));
+        }
+        Ok(data)
+    }
+
     fn describe(&self) -> String {
         self.what.clone()
     }

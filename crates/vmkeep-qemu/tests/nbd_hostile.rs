@@ -199,6 +199,58 @@ async fn data_outside_request() {
 }
 
 #[tokio::test]
+async fn overlapping_data_chunks() {
+    assert_protocol(
+        read_with_reply(|c, o, l| {
+            let half = l as usize / 2;
+            let mut v = chunk(0, REPLY_TYPE_OFFSET_DATA, c, &data(o, &vec![1; half + 1]));
+            v.extend(chunk(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                c,
+                &data(o + half as u64, &vec![2; half]),
+            ));
+            v
+        })
+        .await,
+    );
+}
+
+#[tokio::test]
+async fn offset_data_without_data() {
+    assert_protocol(
+        read_with_reply(|c, o, _| chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, c, &data(o, b"")))
+            .await,
+    );
+}
+
+/// Data chunks may come in any order; each lands where its offset says (the client reads them
+/// straight into the request's buffer).
+#[tokio::test]
+async fn data_chunks_out_of_order_land_in_place() {
+    let got = read_with_reply(|c, o, l| {
+        let half = l as usize / 2;
+        let mut v = chunk(
+            0,
+            REPLY_TYPE_OFFSET_DATA,
+            c,
+            &data(o + half as u64, &vec![2; l as usize - half]),
+        );
+        v.extend(chunk(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            c,
+            &data(o, &vec![1; half]),
+        ));
+        v
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.len(), 4096);
+    assert!(got[..2048].iter().all(|&b| b == 1) && got[2048..].iter().all(|&b| b == 2));
+}
+
+#[tokio::test]
 async fn oversized_chunk_length() {
     assert_protocol(
         read_with_reply(|c, o, _| {

@@ -586,6 +586,24 @@ fn check_in_request(what: &'static str, req: &Request, offset: u64, len: u64) ->
     }
 }
 
+/// Validates an NBD_REPLY_TYPE_OFFSET_DATA chunk of header `h` (already approved by
+/// [`max_chunk_payload`]) whose payload starts with `offset`; returns the data length. The
+/// client reads the data of such a chunk straight into the request's buffer after this check.
+pub fn check_offset_data(h: &ChunkHeader, req: &Request, offset: u64) -> Result<u64> {
+    if h.chunk_type != REPLY_TYPE_OFFSET_DATA || req.kind != RequestKind::Read {
+        return Err(Error::nbd(
+            "structured reply",
+            format!("offset data in a reply to {}", req.command_name()),
+        ));
+    }
+    if h.len < 9 {
+        return Err(Error::nbd("NBD_REPLY_TYPE_OFFSET_DATA", "no data"));
+    }
+    let len = u64::from(h.len - 8);
+    check_in_request("NBD_REPLY_TYPE_OFFSET_DATA", req, offset, len)?;
+    Ok(len)
+}
+
 /// Parses and validates one chunk payload (`payload.len()` must equal `h.len`, which the
 /// caller read after [`max_chunk_payload`] approved it). `contexts` are the negotiated ids.
 pub fn parse_chunk<'a>(
@@ -617,7 +635,7 @@ pub fn parse_chunk<'a>(
             }
             let offset = be_u64(payload, 0);
             let data = &payload[8..];
-            check_in_request("NBD_REPLY_TYPE_OFFSET_DATA", req, offset, data.len() as u64)?;
+            check_offset_data(h, req, offset)?;
             Ok(Chunk::Data { offset, data })
         }
         REPLY_TYPE_OFFSET_HOLE => {

@@ -236,9 +236,8 @@ fn read_batches(
             }
             let off = i * cs;
             let len = (n * cs).min(size - off);
-            let mut data = vec![0u8; len as usize];
-            reader
-                .read_at(&mut data, off)
+            let data = reader
+                .read_vec(off, len as usize)
                 .map_err(|e| Error::SourceRead {
                     path: reader.describe().into(),
                     cause: e,

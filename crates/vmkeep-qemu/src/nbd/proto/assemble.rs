@@ -74,6 +74,23 @@ impl ReadAssembler {
         Ok(rel as usize)
     }
 
+    /// Claims `[abs, abs+len)` for data the caller reads straight into the buffer, and lends
+    /// the buffer out with the claimed range's start in it. The caller must [`give_back`] the
+    /// buffer before the next chunk of this request (a request without its buffer fails in
+    /// [`finish`]).
+    ///
+    /// [`give_back`]: Self::give_back
+    /// [`finish`]: Self::finish
+    pub fn lend_for(&mut self, abs: u64, len: u64) -> Result<(Vec<u8>, usize)> {
+        let rel = self.cover(abs, len)?;
+        Ok((std::mem::take(&mut self.buf), rel))
+    }
+
+    /// Takes back the buffer lent by [`lend_for`](Self::lend_for).
+    pub fn give_back(&mut self, buf: Vec<u8>) {
+        self.buf = buf;
+    }
+
     /// Applies one validated chunk.
     pub fn apply(&mut self, chunk: &Chunk<'_>) -> Result<()> {
         match chunk {
