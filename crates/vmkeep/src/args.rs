@@ -514,7 +514,8 @@ pub struct VerifyArgs {
     #[arg(value_name = "SNAP", required_unless_present = "all_new")]
     pub snapshots: Vec<String>,
     /// Also every restore point that has no verification record yet (e.g. after each
-    /// replication at a DR site); those without a VM definition are skipped
+    /// replication at a DR site); those without a VM definition or libvirt domain XML are
+    /// skipped
     #[arg(long)]
     pub all_new: bool,
     /// With --all-new: only this VM's restore points
@@ -528,7 +529,9 @@ pub struct VerifyArgs {
     pub serial: Option<String>,
     /// Evidence: this shell command exits 0 (run again every 2 s until the timeout). It gets
     /// VMKEEP_QMP (a QMP socket of the VM), VMKEEP_SERIAL (its console log), VMKEEP_AGENT (its
-    /// guest-agent socket, when it has one), VMKEEP_SNAPSHOT and VMKEEP_VM
+    /// guest-agent socket, when it has one), VMKEEP_SNAPSHOT and VMKEEP_VM; for a libvirt
+    /// restore point VMKEEP_DOMAIN (the sandbox domain's name) and VMKEEP_CONNECT instead of
+    /// VMKEEP_QMP and VMKEEP_AGENT
     #[arg(long, value_name = "CMD")]
     pub probe: Option<String>,
     /// Do not ping the guest agent (by default it must answer when the VM has one)
@@ -550,6 +553,10 @@ pub struct VerifyArgs {
     /// Accelerator for the sandboxed VM (e.g. tcg on a host without KVM); default: the VM's
     #[arg(long)]
     pub accel: Option<String>,
+    /// For restore points of libvirt domains (run in a transient libvirt domain): libvirt's
+    /// connection URI (default: virsh's)
+    #[arg(long, value_name = "URI")]
+    pub connect: Option<String>,
 }
 
 #[derive(Args, Debug)]

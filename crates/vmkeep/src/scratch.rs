@@ -48,6 +48,18 @@ fn lock_now(f: &File) -> std::io::Result<()> {
     }
 }
 
+/// Whether the command that made the folder at `path` is gone: the folder is, or its lock can
+/// be taken. A folder without a lock file is being created: alive.
+pub fn is_dead(path: &Path) -> bool {
+    if !path.exists() {
+        return true;
+    }
+    match File::open(path.join(LOCK_FILE)) {
+        Ok(lock) => lock_now(&lock).is_ok(),
+        Err(_) => false,
+    }
+}
+
 /// Removes `base/<prefix>*` folders whose lock can be taken. A folder without a lock file is
 /// left alone (being created, or not ours).
 fn sweep_dead(base: &Path, prefix: &str) {

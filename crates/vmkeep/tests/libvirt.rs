@@ -698,6 +698,111 @@ fn memory_through_the_passthrough_and_recovery_as_a_libvirt_domain() {
     assert!(!d.join("again").exists());
     drop(_rec);
 
+    // verify: resumed in a transient sandbox domain, watched through libvirt, recorded.
+    let sandboxes = || {
+        virsh_ok(&["list", "--all", "--name"])
+            .lines()
+            .filter(|l| l.starts_with("vmkeep-verify-lv-"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let shots = d.join("shots");
+    let verify = |args: &[&str]| {
+        let mut c = vmkeep(&repo);
+        c.arg("verify")
+            .args(args)
+            .arg("--screenshots")
+            .arg(&shots)
+            .args(["--timeout", "120"]);
+        json(&mut c)
+    };
+    let v = verify(&[&id, "--serial", "^C [0-9]+"]);
+    let r = &v["results"][0];
+    assert_eq!(
+        (r["ok"].as_bool(), r["mode"].as_str()),
+        (Some(true), Some("resume")),
+        "{v}"
+    );
+    assert!(
+        r["evidence"].as_str().unwrap().contains("serial line"),
+        "{v}"
+    );
+    assert!(sandboxes().is_empty(), "{:?}", sandboxes());
+    let listed = snapshots(&repo);
+    let point = listed.iter().find(|p| p["id"] == id.as_str()).unwrap();
+    assert_eq!(point["verified"]["ok"], true, "{point}");
+    // Killed mid-verify: the sandbox domain runs on (libvirt owns it) until the next verify
+    // destroys it.
+    let mut child = vmkeep_std(&repo)
+        .args([
+            "verify",
+            &id,
+            "--cold",
+            "--serial",
+            "NEVER PRINTED",
+            "--timeout",
+            "300",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let running = || {
+        sandboxes()
+            .iter()
+            .any(|n| virsh(&["domstate", n]).is_ok_and(|st| st.trim() == "running"))
+    };
+    while !running() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "no sandbox domain runs"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let orphan = sandboxes();
+    assert_eq!(orphan.len(), 1, "{orphan:?}");
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(virsh_ok(&["domstate", &orphan[0]]).trim(), "running");
+    // A cold boot, with the weakest evidence: it ran 3 s without a sign of failure.
+    let v = verify(&[&id, "--cold", "--settle", "3"]);
+    let r = &v["results"][0];
+    assert_eq!(
+        (r["ok"].as_bool(), r["mode"].as_str()),
+        (Some(true), Some("boot")),
+        "{v}"
+    );
+    assert!(
+        sandboxes().is_empty(),
+        "the killed run's sandbox is gone: {:?}",
+        sandboxes()
+    );
+    // A domain that dies is seen through libvirt: the probe stops it, the run fails with why.
+    let out = vmkeep(&repo)
+        .args([
+            "--json",
+            "verify",
+            &id,
+            "--cold",
+            "--timeout",
+            "120",
+            "--probe",
+        ])
+        .arg(r#"virsh destroy "$VMKEEP_DOMAIN" >/dev/null; exit 1"#)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reason = v["results"][0]["reason"].as_str().unwrap_or_default();
+    // libvirt 9.0 says "destroyed" or, for a domain destroyed while it boots, "unknown".
+    assert!(
+        reason.contains("was destroyed") || reason.contains("stopped (shut off"),
+        "{v}"
+    );
+    assert!(sandboxes().is_empty(), "{:?}", sandboxes());
+
     // Cold: booted from the same disks.
     let cold = Recovered("vmkeep-test-mem-c".into());
     let v = json(

@@ -2,11 +2,13 @@
 //! runs, or fails in a way that says it will not.
 //!
 //! The checks asked for run in order, all against one deadline: a serial line matching a
-//! pattern; a guest-agent ping ([`super::agent`]); a probe command, run again every
-//! [`PROBE_PAUSE`] until it succeeds. With none of them, the VM must run for a settle time.
-//! Throughout, every [`POLL`] the signs of death are looked for: QEMU gone, the
+//! pattern; a guest-agent ping; a probe command, run again every [`PROBE_PAUSE`] until it
+//! succeeds. With none of them, the VM must run for a settle time. Throughout, every [`POLL`]
+//! the signs of death are looked for: a kernel panic on the console, and what the VM's
+//! [`Vitals`] report. A QEMU of vmkeep's own ([`QemuVitals`]): QEMU gone, the
 //! `GUEST_PANICKED`, `SHUTDOWN` and `BLOCK_IO_ERROR` events, a `RESET` of a resumed VM (it had
-//! no reason to reboot), a kernel panic on the console, a run state other than running.
+//! no reason to reboot), a run state other than running. A libvirt domain: its state and
+//! reason (`super::libvirt_vitals`).
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -48,8 +50,8 @@ pub struct Probe {
 /// What counts as evidence of life.
 pub struct Evidence {
     pub serial: Option<SerialPattern>,
-    /// The guest agent's socket on the host, when the VM has one.
-    pub agent: Option<PathBuf>,
+    /// Wait for the guest agent to answer a ping ([`Vitals::ping_agent`]).
+    pub agent: bool,
     pub probe: Option<Probe>,
     /// With no check above: how long the VM must run without a sign of death.
     pub settle: Duration,
@@ -129,34 +131,35 @@ impl SerialTail {
     }
 }
 
-/// The signs of death, watched while the checks run.
-struct Watch<'a> {
-    vm: &'a mut RunningQemu,
-    events: EventStream,
-    serial: SerialTail,
-    resumed: bool,
-    cancel: Option<&'static AtomicBool>,
-    deadline: Instant,
-    started: Instant,
+/// How a running VM shows that it is alive or dead, whoever runs it.
+pub trait Vitals {
+    /// Called every [`POLL`]: `Err(reason)` once the VM is dead or dying.
+    fn signs_of_death(&mut self) -> Result<(), String>;
+    /// `Err(reason)` unless the VM runs now.
+    fn run_state(&mut self) -> Result<(), String>;
+    /// One guest-agent ping within `timeout`.
+    fn ping_agent(&mut self, timeout: Duration) -> Result<(), String>;
 }
 
-impl Watch<'_> {
-    /// Looks at everything once; `Err(reason)` when the VM is dead. Returns new serial lines.
-    fn poll(&mut self) -> Result<Vec<String>, String> {
-        if self.cancelled() {
-            return Err("interrupted".into());
-        }
+/// The vitals of a QEMU started by vmkeep: its process, its QMP events and run state, and the
+/// guest agent's socket.
+pub struct QemuVitals<'a> {
+    pub vm: &'a mut RunningQemu,
+    /// Subscribed before the VM started running, so no event is missed.
+    pub events: EventStream,
+    /// The VM was resumed from memory (a reset is then a crash).
+    pub resumed: bool,
+    /// The guest agent's socket on the host.
+    pub agent: Option<PathBuf>,
+}
+
+impl Vitals for QemuVitals<'_> {
+    fn signs_of_death(&mut self) -> Result<(), String> {
         if let Some(status) = self.vm.exited() {
             return Err(format!(
                 "QEMU exited ({status}); its log: {}",
                 super::launch::log_tail(self.vm.qemu_log())
             ));
-        }
-        let lines = self.serial.read_lines();
-        for line in &lines {
-            if PANIC_TEXT.iter().any(|p| line.contains(p)) {
-                return Err(format!("the guest's kernel panicked: {line:?}"));
-            }
         }
         let events = &mut self.events;
         loop {
@@ -194,6 +197,50 @@ impl Watch<'_> {
                 _ => {}
             }
         }
+        Ok(())
+    }
+
+    fn run_state(&mut self) -> Result<(), String> {
+        let status = self
+            .vm
+            .block_on(self.vm.qmp().query_status())
+            .map_err(|e| format!("QEMU's monitor does not answer: {e}"))?;
+        if status.status != "running" {
+            return Err(format!("the VM is {} (not running)", status.status));
+        }
+        Ok(())
+    }
+
+    fn ping_agent(&mut self, timeout: Duration) -> Result<(), String> {
+        match &self.agent {
+            Some(socket) => super::agent::ping(socket, timeout),
+            None => Err("the VM has no guest agent channel".into()),
+        }
+    }
+}
+
+/// The signs of death, watched while the checks run.
+struct Watch<'a> {
+    vitals: &'a mut dyn Vitals,
+    serial: SerialTail,
+    cancel: Option<&'static AtomicBool>,
+    deadline: Instant,
+    started: Instant,
+}
+
+impl Watch<'_> {
+    /// Looks at everything once; `Err(reason)` when the VM is dead. Returns new serial lines.
+    fn poll(&mut self) -> Result<Vec<String>, String> {
+        if self.cancelled() {
+            return Err("interrupted".into());
+        }
+        let lines = self.serial.read_lines();
+        for line in &lines {
+            if PANIC_TEXT.iter().any(|p| line.contains(p)) {
+                return Err(format!("the guest's kernel panicked: {line:?}"));
+            }
+        }
+        self.vitals.signs_of_death()?;
         Ok(lines)
     }
 
@@ -210,46 +257,51 @@ impl Watch<'_> {
             self.serial.last_line()
         )
     }
+}
 
-    fn run_state(&mut self) -> Result<(), String> {
-        let status = self
-            .vm
-            .block_on(self.vm.qmp().query_status())
-            .map_err(|e| format!("QEMU's monitor does not answer: {e}"))?;
-        if status.status != "running" {
-            return Err(format!("the VM is {} (not running)", status.status));
+/// Waits for `evidence` of life of the VM whose console is written to `serial_log` until
+/// `deadline`.
+pub fn watch_for_life(
+    vitals: &mut dyn Vitals,
+    serial_log: &Path,
+    evidence: &Evidence,
+    deadline: Instant,
+) -> Verdict {
+    let mut w = Watch {
+        vitals,
+        serial: SerialTail::new(serial_log),
+        cancel: evidence.cancel,
+        deadline,
+        started: Instant::now(),
+    };
+    match watch(&mut w, evidence) {
+        Ok(found) => {
+            info!(evidence = %found, "the VM is alive");
+            Verdict::Alive(found)
         }
-        Ok(())
+        Err(_) if w.cancelled() => Verdict::Interrupted,
+        Err(reason) => Verdict::Failed(reason),
     }
 }
 
 impl RunningQemu {
     /// Waits for `evidence` until `deadline`. `events` must have been subscribed before the VM
-    /// started running, so no event is missed.
+    /// started running, so no event is missed; `agent` is the guest agent's socket.
     pub fn watch_for_life(
         &mut self,
         events: EventStream,
+        agent: Option<PathBuf>,
         evidence: &Evidence,
         deadline: Instant,
     ) -> Verdict {
         let serial_log = self.serial_log().to_path_buf();
-        let mut w = Watch {
+        let mut vitals = QemuVitals {
             vm: self,
             events,
-            serial: SerialTail::new(&serial_log),
             resumed: evidence.resumed,
-            cancel: evidence.cancel,
-            deadline,
-            started: Instant::now(),
+            agent,
         };
-        match watch(&mut w, evidence) {
-            Ok(found) => {
-                info!(evidence = %found, "the VM is alive");
-                Verdict::Alive(found)
-            }
-            Err(_) if w.cancelled() => Verdict::Interrupted,
-            Err(reason) => Verdict::Failed(reason),
-        }
+        watch_for_life(&mut vitals, &serial_log, evidence, deadline)
     }
 
     /// A PNG of the VM's display into `path`; `Ok(false)` when the VM has no display.
@@ -273,8 +325,8 @@ fn watch(w: &mut Watch<'_>, ev: &Evidence) -> Result<String, String> {
         wait_serial(w, p)?;
         found.push(format!("a serial line matching {}", p.describe));
     }
-    if let Some(agent) = &ev.agent {
-        wait_agent(w, agent)?;
+    if ev.agent {
+        wait_agent(w)?;
         found.push("the guest agent answered".into());
     }
     if let Some(probe) = &ev.probe {
@@ -293,7 +345,7 @@ fn watch(w: &mut Watch<'_>, ev: &Evidence) -> Result<String, String> {
             w.poll()?;
             std::thread::sleep(POLL);
         }
-        w.run_state()?;
+        w.vitals.run_state()?;
         found.push(format!(
             "it ran {:.0} s without a sign of failure ({} console lines); weak evidence: give \
              --serial or --probe",
@@ -302,7 +354,7 @@ fn watch(w: &mut Watch<'_>, ev: &Evidence) -> Result<String, String> {
         ));
     } else {
         w.poll()?;
-        w.run_state()?;
+        w.vitals.run_state()?;
     }
     Ok(found.join("; "))
 }
@@ -321,7 +373,7 @@ fn wait_serial(w: &mut Watch<'_>, p: &SerialPattern) -> Result<(), String> {
     }
 }
 
-fn wait_agent(w: &mut Watch<'_>, socket: &Path) -> Result<(), String> {
+fn wait_agent(w: &mut Watch<'_>) -> Result<(), String> {
     let mut last_error = String::from("not tried");
     loop {
         w.poll()?;
@@ -335,7 +387,7 @@ fn wait_agent(w: &mut Watch<'_>, socket: &Path) -> Result<(), String> {
                 w.serial.last_line()
             ));
         }
-        match super::agent::ping(socket, left.min(Duration::from_secs(3))) {
+        match w.vitals.ping_agent(left.min(Duration::from_secs(3))) {
             Ok(()) => return Ok(()),
             Err(e) => last_error = e,
         }

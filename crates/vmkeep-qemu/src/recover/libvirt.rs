@@ -18,6 +18,8 @@
 //!   MAC and address, but attached to nothing (`type='ethernet'`, a tap libvirt creates on no
 //!   bridge; a `user` NIC stays `user`), and its link down;
 //! - `domain_type` (`qemu` for TCG, `kvm`) when asked;
+//! - with `console_to_file` (a sandbox): serial ports and consoles on a pseudo-terminal write
+//!   to a file in the target folder instead;
 //! - `<nvram>` moves into the target folder (libvirt fills it from its template: the NVRAM
 //!   contents are not part of a restore point).
 //!
@@ -48,6 +50,9 @@ pub struct LibvirtRecovery {
     pub network: bool,
     /// `<domain type=...>`: `qemu` (TCG) or `kvm`; None keeps the recorded one.
     pub domain_type: Option<String>,
+    /// A serial port or console on a pseudo-terminal writes to `dir/serial.log` instead (a
+    /// sandbox reads its console from there).
+    pub console_to_file: bool,
 }
 
 /// Byte-range edits of an XML text, applied back to front (they must not overlap).
@@ -146,6 +151,11 @@ pub fn rewrite_domain(xml: &str, r: &LibvirtRecovery) -> Result<String> {
     {
         match d.tag_name().name() {
             "disk" => rewrite_disk(&mut e, xml, d, r),
+            "serial" | "console"
+                if r.console_to_file && d.attribute("type").unwrap_or("pty") == "pty" =>
+            {
+                console_to_file(&mut e, xml, d, &r.dir, &mut chardev_paths)
+            }
             "serial" | "console" | "channel" | "parallel" => {
                 rewrite_chardev(&mut e, d, &r.dir, &mut chardev_paths)
             }
@@ -177,6 +187,37 @@ fn rewrite_disk(e: &mut Edits, text: &str, d: roxmltree::Node<'_, '_>, r: &Libvi
     for b in d.children().filter(|c| c.has_tag_name("backingStore")) {
         e.replace(b.range(), "");
     }
+}
+
+/// A pty serial port or console becomes a file: every one of them the same file, which is
+/// `serial.log` unless a file chardev took that name first.
+fn console_to_file(
+    e: &mut Edits,
+    text: &str,
+    d: roxmltree::Node<'_, '_>,
+    dir: &Path,
+    paths: &mut BTreeMap<String, String>,
+) {
+    let n = paths.len();
+    let path = paths
+        .entry("\0pty".into())
+        .or_insert_with(|| {
+            let file = match n {
+                0 => "serial.log".to_string(),
+                n => format!("chardev-{n}.log"),
+            };
+            dir.join(file).display().to_string()
+        })
+        .clone();
+    let source = format!("<source path='{}'/>", attr(&path));
+    if text[d.range()].ends_with("/>") {
+        // Nothing inside to keep: a new element (two edits of one empty element would overlap).
+        let tag = d.tag_name().name();
+        e.replace(d.range(), format!("<{tag} type='file'>{source}</{tag}>"));
+        return;
+    }
+    set_attr(e, d, "type", "file");
+    set_child(e, text, d, "source", source);
 }
 
 /// File and bound-socket chardevs move into `dir`; the same original path keeps one new path

@@ -59,6 +59,7 @@ fn recovery() -> LibvirtRecovery {
         disks: [("vda".to_string(), PathBuf::from("/srv/dr/web1/vda.qcow2"))].into(),
         network: false,
         domain_type: Some("qemu".into()),
+        console_to_file: false,
     }
 }
 
@@ -178,4 +179,57 @@ fn the_save_header_is_libvirts() {
     );
     assert_eq!(h.len(), 92 + 10);
     assert_eq!(&h[92..], b"<domain/>\0");
+}
+
+#[test]
+fn a_sandbox_reads_a_pty_console_from_a_file() {
+    let pty = RUNNING
+        .replace(
+            "<serial type='file'>\n      <source path='/var/log/web1/serial.log'/>",
+            "<serial type='pty'>\n      <source path='/dev/pts/3'/>",
+        )
+        .replace(
+            "<console type='file'>\n      <source path='/var/log/web1/serial.log'/>",
+            "<console type='pty' tty='/dev/pts/3'>",
+        )
+        .replace("</devices>", "<serial type='pty'/></devices>");
+    assert!(pty.contains("<serial type='pty'>"), "the fixture changed");
+    let kept = rewrite_domain(&pty, &recovery()).unwrap();
+    assert!(kept.contains("/dev/pts/3"), "only a sandbox rewrites a pty");
+    let out = rewrite_domain(
+        &pty,
+        &LibvirtRecovery {
+            console_to_file: true,
+            ..recovery()
+        },
+    )
+    .unwrap();
+    let doc = roxmltree::Document::parse(&out).expect("still XML");
+    let devices = child(doc.root_element(), "devices").unwrap();
+    let chardevs: Vec<_> = devices
+        .children()
+        .filter(|c| c.has_tag_name("serial") || c.has_tag_name("console"))
+        .collect();
+    assert_eq!(chardevs.len(), 3, "{out}");
+    for c in chardevs {
+        assert_eq!(c.attribute("type"), Some("file"), "{out}");
+        assert_eq!(
+            child(c, "source").unwrap().attribute("path"),
+            Some("/srv/dr/web1/serial.log"),
+            "{out}"
+        );
+    }
+    assert_eq!(
+        child(
+            devices
+                .children()
+                .find(|c| c.has_tag_name("console"))
+                .unwrap(),
+            "target"
+        )
+        .unwrap()
+        .attribute("type"),
+        Some("serial"),
+        "the console's target is kept"
+    );
 }

@@ -35,6 +35,7 @@ pub mod evidence;
 pub mod instant;
 pub mod launch;
 pub mod libvirt;
+pub mod libvirt_vitals;
 pub mod load;
 pub mod loadable;
 mod network;

@@ -17,6 +17,7 @@ mod schedule;
 mod serve;
 mod snapshots;
 mod verify;
+mod verify_libvirt;
 
 use anyhow::Result;
 

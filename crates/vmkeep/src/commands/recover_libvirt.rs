@@ -104,6 +104,7 @@ pub fn run(
         disks,
         network: a.network,
         domain_type,
+        console_to_file: false,
     };
     let uuid = lv::define(&virsh, &target, &lv::rewrite_domain(&inactive, &place)?)?;
     let started = match &running {
@@ -169,7 +170,12 @@ pub fn run(
 }
 
 /// A recorded XML stream, bounded like the QEMU definition.
-fn read_text(repo: &Repository, index: &BlobIndex, m: &Manifest, name: &str) -> Result<String> {
+pub(super) fn read_text(
+    repo: &Repository,
+    index: &BlobIndex,
+    m: &Manifest,
+    name: &str,
+) -> Result<String> {
     let mut buf = Bounded(Vec::new());
     repo.read_stream_with(index, m, name, &mut buf as &mut dyn Write, &NoProgress)?;
     String::from_utf8(buf.0).with_context(|| format!("stream {name} of {:#} is not UTF-8", m.id))

@@ -138,9 +138,11 @@ fn select(repo: &Repository, a: &VerifyArgs) -> Result<(Vec<Manifest>, Vec<Value
             {
                 continue;
             }
-            if !m.streams.iter().any(|s| s.name == DEFINITION_STREAM) {
+            if !m.streams.iter().any(|s| s.name == DEFINITION_STREAM)
+                && !super::verify_libvirt::is_libvirt(&m)
+            {
                 skipped.push(json!({"id": m.id, "reason":
-                    "no VM definition (an image backup): nothing to start"}));
+                    "no VM definition or libvirt domain XML (an image backup): nothing to start"}));
                 continue;
             }
             out.push(m);
@@ -167,7 +169,11 @@ fn verify_one(
     };
     let mut rec = VerificationRecord::new(m.id, &m.vm, Utc::now(), mode);
     let started = Instant::now();
-    match sandbox(repo, index, m, a, mode, serial, started) {
+    let run = match super::verify_libvirt::is_libvirt(m) {
+        true => super::verify_libvirt::sandbox(repo, index, m, a, mode, serial, started),
+        false => sandbox(repo, index, m, a, mode, serial, started),
+    };
+    match run {
         Ok(run) => {
             match run.verdict {
                 Verdict::Alive(evidence) => {
@@ -195,12 +201,42 @@ fn verify_one(
 }
 
 /// What one sandboxed run found.
-struct Run {
-    verdict: Verdict,
+pub(super) struct Run {
+    pub(super) verdict: Verdict,
     /// Seconds from the start to the verdict.
-    seconds: f64,
+    pub(super) seconds: f64,
     /// The screenshot's bytes (PNG), when the VM has a display.
-    screenshot: Option<Vec<u8>>,
+    pub(super) screenshot: Option<Vec<u8>>,
+}
+
+/// The evidence asked for: `agent` when the VM has a guest agent that must answer; `env` for
+/// the probe, whose output goes to `log`.
+pub(super) fn evidence(
+    a: &VerifyArgs,
+    serial: Option<&regex::Regex>,
+    agent: bool,
+    env: Vec<(String, String)>,
+    log: &Path,
+    resumed: bool,
+) -> Evidence {
+    Evidence {
+        serial: serial.map(|re| {
+            let re = re.clone();
+            SerialPattern {
+                describe: format!("{:?}", re.as_str()),
+                matches: Box::new(move |line: &str| re.is_match(line)),
+            }
+        }),
+        agent,
+        probe: a.probe.as_ref().map(|command| Probe {
+            command: command.clone(),
+            env,
+            log: log.to_path_buf(),
+        }),
+        settle: Duration::from_secs(a.settle),
+        resumed,
+        cancel: Some(&STOP),
+    }
 }
 
 fn sandbox(
@@ -267,26 +303,16 @@ fn sandbox(
     if let Some(s) = &agent_at {
         env.push(("VMKEEP_AGENT".to_string(), path_str(s)));
     }
-    let evidence = Evidence {
-        serial: serial.map(|re| {
-            let re = re.clone();
-            SerialPattern {
-                describe: format!("{:?}", re.as_str()),
-                matches: Box::new(move |line: &str| re.is_match(line)),
-            }
-        }),
-        agent,
-        probe: a.probe.as_ref().map(|command| Probe {
-            command: command.clone(),
-            env,
-            log: dir.path().join("probe.log"),
-        }),
-        settle: Duration::from_secs(a.settle),
-        resumed: start_mode == StartMode::Resume,
-        cancel: Some(&STOP),
-    };
+    let evidence = evidence(
+        a,
+        serial,
+        agent.is_some(),
+        env,
+        &dir.path().join("probe.log"),
+        start_mode == StartMode::Resume,
+    );
     let deadline = started + Duration::from_secs(a.timeout);
-    let verdict = vm.watch_for_life(events, &evidence, deadline);
+    let verdict = vm.watch_for_life(events, agent, &evidence, deadline);
     let seconds = started.elapsed().as_secs_f64();
     let shot = dir.path().join("screen.png");
     let screenshot = match vm.screenshot(&shot) {
@@ -306,7 +332,7 @@ fn sandbox(
     })
 }
 
-fn path_str(p: &Path) -> String {
+pub(super) fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
 
